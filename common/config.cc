@@ -1,0 +1,325 @@
+#include "common/config.h"
+
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#define TOML_EXCEPTIONS 1
+#include <toml++/toml.h>
+
+#include "common/units.h"
+
+namespace siterep {
+namespace {
+
+namespace fs = std::filesystem;
+
+// Reads one table, remembering which keys were used so unknown keys can be refused.
+class TableReader {
+ public:
+  TableReader(const toml::table& table, std::string where) : table_(table), where_(std::move(where)) {}
+
+  std::string Key(std::string_view key) const {
+    return where_.empty() ? std::string(key) : where_ + "." + std::string(key);
+  }
+
+  Status String(std::string_view key, std::string* out, bool required) {
+    used_.insert(std::string(key));
+    const toml::node* node = table_.get(key);
+    if (node == nullptr) {
+      return required ? Status::Invalid(Key(key) + ": required key is missing") : Status::Ok();
+    }
+    auto value = node->value<std::string>();
+    if (!value) return Status::Invalid(Key(key) + ": must be a string");
+    if (value->empty()) return Status::Invalid(Key(key) + ": must not be empty");
+    *out = *value;
+    return Status::Ok();
+  }
+
+  Status Int(std::string_view key, int64_t* out, int64_t min, int64_t max) {
+    used_.insert(std::string(key));
+    const toml::node* node = table_.get(key);
+    if (node == nullptr) return Status::Ok();
+    auto value = node->value_exact<int64_t>();
+    if (!value) return Status::Invalid(Key(key) + ": must be an integer");
+    if (*value < min || *value > max) {
+      return Status::Invalid(Key(key) + ": must be between " + std::to_string(min) + " and " +
+                             std::to_string(max));
+    }
+    *out = *value;
+    return Status::Ok();
+  }
+
+  const toml::table* SubTable(std::string_view key, Status* status) {
+    used_.insert(std::string(key));
+    const toml::node* node = table_.get(key);
+    if (node == nullptr) return nullptr;
+    if (!node->is_table()) *status = Status::Invalid(Key(key) + ": must be a table ([" + Key(key) + "])");
+    return node->as_table();
+  }
+
+  const toml::array* Array(std::string_view key, Status* status) {
+    used_.insert(std::string(key));
+    const toml::node* node = table_.get(key);
+    if (node == nullptr) return nullptr;
+    if (!node->is_array()) {
+      *status = Status::Invalid(Key(key) + ": must be an array of tables ([[" + Key(key) + "]])");
+    }
+    return node->as_array();
+  }
+
+  Status CheckNoUnknownKeys() const {
+    for (const auto& [k, v] : table_) {
+      if (!used_.contains(std::string(k.str()))) {
+        return Status::Invalid(Key(k.str()) + ": unknown key");
+      }
+    }
+    return Status::Ok();
+  }
+
+ private:
+  const toml::table& table_;
+  std::string where_;
+  std::set<std::string> used_;
+};
+
+fs::path Resolve(const fs::path& base, const std::string& p) {
+  fs::path path(p);
+  return path.is_absolute() ? path : (base / path).lexically_normal();
+}
+
+bool ValidName(const std::string& name) {
+  if (name.empty() || name.size() > 64 || name == "." || name == "..") return false;
+  for (char c : name) {
+    if (!(std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.')) {
+      return false;
+    }
+  }
+  return true;
+}
+
+Status CheckName(const TableReader& r, std::string_view key, const std::string& name) {
+  if (!ValidName(name)) {
+    return Status::Invalid(r.Key(key) + ": '" + name +
+                           "' is not a valid name (letters, digits, '-', '_', '.'; at most 64)");
+  }
+  return Status::Ok();
+}
+
+Status ParseDisk(const toml::table& t, const std::string& where, const fs::path& base,
+                 DiskConfig* disk) {
+  TableReader r(t, where);
+  std::string image;
+  SR_RETURN_IF_ERROR(r.String("name", &disk->name, true));
+  SR_RETURN_IF_ERROR(CheckName(r, "name", disk->name));
+  SR_RETURN_IF_ERROR(r.String("image", &image, true));
+  disk->image = Resolve(base, image);
+  return r.CheckNoUnknownKeys();
+}
+
+Status ParseVm(const toml::table& t, const std::string& where, const fs::path& base,
+               VmConfig* vm) {
+  TableReader r(t, where);
+  SR_RETURN_IF_ERROR(r.String("name", &vm->name, true));
+  SR_RETURN_IF_ERROR(CheckName(r, "name", vm->name));
+
+  std::string freq;
+  SR_RETURN_IF_ERROR(r.String("frequency", &freq, false));
+  if (!freq.empty()) {
+    vm->frequency_text = freq;
+    if (freq == "continuous") {
+      vm->frequency = std::chrono::seconds(1);
+    } else if (freq == "30s" || freq == "5m" || freq == "15m") {
+      vm->frequency = ParseDuration(freq).value();
+    } else {
+      return Status::Invalid(r.Key("frequency") + ": '" + freq +
+                             "' is not one of continuous, 30s, 5m, 15m");
+    }
+  }
+
+  int64_t points = vm->recovery_points;
+  SR_RETURN_IF_ERROR(r.Int("recovery_points", &points, 0, 24 * 365));
+  vm->recovery_points = static_cast<int>(points);
+
+  std::string interval;
+  SR_RETURN_IF_ERROR(r.String("recovery_point_interval", &interval, false));
+  if (!interval.empty()) {
+    auto d = ParseDuration(interval);
+    if (!d.ok()) return d.status().WithContext(r.Key("recovery_point_interval"));
+    if (d->count() <= 0) return Status::Invalid(r.Key("recovery_point_interval") + ": must be positive");
+    vm->recovery_point_interval = *d;
+  }
+
+  std::string budget;
+  SR_RETURN_IF_ERROR(r.String("log_budget", &budget, false));
+  if (!budget.empty()) {
+    if (budget.back() == '%') {
+      char* end = nullptr;
+      std::string digits = budget.substr(0, budget.size() - 1);
+      double pct = std::strtod(digits.c_str(), &end);
+      if (digits.empty() || end != digits.c_str() + digits.size() || pct <= 0 || pct > 1000) {
+        return Status::Invalid(r.Key("log_budget") + ": '" + budget +
+                               "' must be a percentage of the disk (e.g. 50%) or a size (e.g. 2GiB)");
+      }
+      vm->log_budget.percent = pct;
+    } else {
+      auto size = ParseSize(budget);
+      if (!size.ok()) return size.status().WithContext(r.Key("log_budget"));
+      vm->log_budget.bytes = *size;
+    }
+  }
+
+  std::string tracking;
+  SR_RETURN_IF_ERROR(r.String("tracking", &tracking, false));
+  if (tracking == "off") vm->tracking = TrackingMode::kOff;
+  else if (tracking.empty() || tracking == "log") vm->tracking = TrackingMode::kLog;
+  else return Status::Invalid(r.Key("tracking") + ": '" + tracking + "' is not one of log, off");
+
+  Status status;
+  const toml::array* disks = r.Array("disks", &status);
+  SR_RETURN_IF_ERROR(status);
+  if (disks == nullptr || disks->empty()) {
+    return Status::Invalid(r.Key("disks") + ": a VM needs at least one [[vms.disks]]");
+  }
+  std::set<std::string> names;
+  for (size_t i = 0; i < disks->size(); ++i) {
+    std::string w = r.Key("disks") + "[" + std::to_string(i) + "]";
+    const toml::table* dt = (*disks)[i].as_table();
+    if (dt == nullptr) return Status::Invalid(w + ": must be a table");
+    DiskConfig disk;
+    SR_RETURN_IF_ERROR(ParseDisk(*dt, w, base, &disk));
+    if (!names.insert(disk.name).second) {
+      return Status::Invalid(w + ".name: disk '" + disk.name + "' appears twice in VM '" + vm->name + "'");
+    }
+    vm->disks.push_back(std::move(disk));
+  }
+  return r.CheckNoUnknownKeys();
+}
+
+}  // namespace
+
+const VmConfig* SiteConfig::FindVm(std::string_view vm_name) const {
+  for (const auto& vm : vms) {
+    if (vm.name == vm_name) return &vm;
+  }
+  return nullptr;
+}
+
+std::string_view TrackingModeName(TrackingMode mode) {
+  return mode == TrackingMode::kOff ? "off" : "log";
+}
+
+Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
+                               std::string_view source) {
+  toml::table root;
+  try {
+    root = toml::parse(text, std::string(source));
+  } catch (const toml::parse_error& e) {
+    std::ostringstream msg;
+    msg << source << ":" << e.source().begin.line << ":" << e.source().begin.column << ": "
+        << e.description();
+    return Status::Invalid(msg.str());
+  }
+  auto fail = [&](const Status& s) { return s.WithContext(source); };
+
+  SiteConfig cfg;
+  TableReader top(root, "");
+  Status status;
+  const toml::table* site = top.SubTable("site", &status);
+  if (!status.ok()) return fail(status);
+  if (site == nullptr) return fail(Status::Invalid("site: the [site] table is missing"));
+  {
+    TableReader r(*site, "site");
+    std::string state_dir, mountpoint, socket;
+    Status s = r.String("name", &cfg.name, true);
+    if (s.ok()) s = CheckName(r, "name", cfg.name);
+    if (s.ok()) s = r.String("state_dir", &state_dir, true);
+    if (s.ok()) s = r.String("mountpoint", &mountpoint, true);
+    if (s.ok()) s = r.String("control_socket", &socket, false);
+    if (s.ok()) s = r.String("listen", &cfg.listen, false);
+    if (s.ok()) s = r.CheckNoUnknownKeys();
+    if (!s.ok()) return fail(s);
+    cfg.state_dir = Resolve(base_dir, state_dir);
+    cfg.mountpoint = Resolve(base_dir, mountpoint);
+    cfg.control_socket = socket.empty() ? cfg.state_dir / "control.sock" : Resolve(base_dir, socket);
+  }
+
+  const toml::table* tls = top.SubTable("tls", &status);
+  if (!status.ok()) return fail(status);
+  if (tls != nullptr) {
+    TableReader r(*tls, "tls");
+    std::string ca, cert, key;
+    Status s = r.String("ca", &ca, true);
+    if (s.ok()) s = r.String("cert", &cert, true);
+    if (s.ok()) s = r.String("key", &key, true);
+    if (s.ok()) s = r.CheckNoUnknownKeys();
+    if (!s.ok()) return fail(s);
+    cfg.tls = {Resolve(base_dir, ca), Resolve(base_dir, cert), Resolve(base_dir, key)};
+  }
+
+  const toml::array* peers = top.Array("peers", &status);
+  if (!status.ok()) return fail(status);
+  if (peers != nullptr) {
+    std::set<std::string> names;
+    for (size_t i = 0; i < peers->size(); ++i) {
+      std::string w = "peers[" + std::to_string(i) + "]";
+      const toml::table* pt = (*peers)[i].as_table();
+      if (pt == nullptr) return fail(Status::Invalid(w + ": must be a table"));
+      TableReader r(*pt, w);
+      PeerConfig peer;
+      Status s = r.String("name", &peer.name, true);
+      if (s.ok()) s = CheckName(r, "name", peer.name);
+      if (s.ok()) s = r.String("address", &peer.address, true);
+      if (s.ok()) s = r.CheckNoUnknownKeys();
+      if (!s.ok()) return fail(s);
+      if (peer.name == cfg.name) {
+        return fail(Status::Invalid(w + ".name: a site cannot be its own peer"));
+      }
+      if (!names.insert(peer.name).second) {
+        return fail(Status::Invalid(w + ".name: peer '" + peer.name + "' appears twice"));
+      }
+      cfg.peers.push_back(std::move(peer));
+    }
+  }
+
+  const toml::array* vms = top.Array("vms", &status);
+  if (!status.ok()) return fail(status);
+  if (vms != nullptr) {
+    std::set<std::string> names;
+    std::set<fs::path> images;
+    for (size_t i = 0; i < vms->size(); ++i) {
+      std::string w = "vms[" + std::to_string(i) + "]";
+      const toml::table* vt = (*vms)[i].as_table();
+      if (vt == nullptr) return fail(Status::Invalid(w + ": must be a table"));
+      VmConfig vm;
+      Status s = ParseVm(*vt, w, base_dir, &vm);
+      if (!s.ok()) return fail(s);
+      if (!names.insert(vm.name).second) {
+        return fail(Status::Invalid(w + ".name: VM '" + vm.name + "' appears twice"));
+      }
+      for (size_t d = 0; d < vm.disks.size(); ++d) {
+        if (!images.insert(vm.disks[d].image).second) {
+          return fail(Status::Invalid(w + ".disks[" + std::to_string(d) + "].image: " +
+                                      vm.disks[d].image.string() + " is used by two disks"));
+        }
+      }
+      cfg.vms.push_back(std::move(vm));
+    }
+  }
+  Status s = top.CheckNoUnknownKeys();
+  if (!s.ok()) return fail(s);
+  return cfg;
+}
+
+Result<SiteConfig> LoadConfig(const fs::path& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::FromErrno(errno, "cannot read config " + path.string());
+  std::stringstream buf;
+  buf << in.rdbuf();
+  fs::path abs = fs::absolute(path);
+  auto cfg = ParseConfig(buf.str(), abs.parent_path(), path.string());
+  if (cfg.ok()) cfg->source = abs;
+  return cfg;
+}
+
+}  // namespace siterep

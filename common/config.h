@@ -1,0 +1,82 @@
+// The site configuration (DESIGN.md section 4): one TOML file per site, read once at
+// start-up by siterepd and by the CLI (to find the control socket).
+//
+// LoadConfig checks every key it knows: a missing required key, a key of the wrong type,
+// an unknown key, a bad unit, or a duplicate name is refused with a message naming the
+// key ("vms[1].disks[0].image: ...") and the file. Relative paths are resolved against
+// the folder of the config file.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "common/status.h"
+
+namespace siterep {
+
+enum class TrackingMode { kLog, kOff };
+
+struct DiskConfig {
+  std::string name;
+  std::filesystem::path image;
+};
+
+// The log budget: a share of the disk size or an absolute size.
+struct LogBudget {
+  double percent = 50.0;           // used when bytes is unset
+  std::optional<uint64_t> bytes;
+  uint64_t BytesFor(uint64_t disk_size) const {
+    return bytes ? *bytes : static_cast<uint64_t>(disk_size * percent / 100.0);
+  }
+};
+
+struct VmConfig {
+  std::string name;
+  std::string frequency_text = "5m";           // as written: continuous | 30s | 5m | 15m
+  std::chrono::milliseconds frequency{300'000};  // continuous == 1 s
+  int recovery_points = 0;
+  std::chrono::milliseconds recovery_point_interval{3'600'000};
+  LogBudget log_budget;
+  TrackingMode tracking = TrackingMode::kLog;
+  std::vector<DiskConfig> disks;
+};
+
+struct PeerConfig {
+  std::string name;
+  std::string address;  // host:port
+};
+
+struct TlsConfig {
+  std::filesystem::path ca;
+  std::filesystem::path cert;
+  std::filesystem::path key;
+};
+
+struct SiteConfig {
+  std::filesystem::path source;  // the file this came from
+  std::string name;
+  std::filesystem::path state_dir;
+  std::filesystem::path mountpoint;
+  std::filesystem::path control_socket;
+  std::string listen;
+  TlsConfig tls;
+  std::vector<PeerConfig> peers;
+  std::vector<VmConfig> vms;
+
+  const VmConfig* FindVm(std::string_view name) const;
+};
+
+// Reads and validates the file at path.
+Result<SiteConfig> LoadConfig(const std::filesystem::path& path);
+// Parses text; base_dir resolves relative paths; source names the text in messages.
+Result<SiteConfig> ParseConfig(std::string_view text, const std::filesystem::path& base_dir,
+                               std::string_view source);
+
+std::string_view TrackingModeName(TrackingMode mode);
+
+}  // namespace siterep

@@ -1,0 +1,140 @@
+#include "common/config.h"
+
+#include <gtest/gtest.h>
+
+namespace siterep {
+namespace {
+
+constexpr const char* kGood = R"(
+[site]
+name = "east"
+state_dir = "state"
+mountpoint = "/run/siterep/east"
+control_socket = "/run/siterep/east.sock"
+listen = "127.0.0.1:7410"
+
+[tls]
+ca = "certs/ca.pem"
+cert = "certs/east.pem"
+key = "certs/east.key"
+
+[[peers]]
+name = "west"
+address = "127.0.0.1:7420"
+
+[[vms]]
+name = "web01"
+frequency = "30s"
+recovery_points = 4
+recovery_point_interval = "1h"
+log_budget = "25%"
+tracking = "log"
+  [[vms.disks]]
+  name = "os"
+  image = "/var/lib/images/web01-os.img"
+  [[vms.disks]]
+  name = "data"
+  image = "images/web01-data.img"
+
+[[vms]]
+name = "db1"
+frequency = "continuous"
+log_budget = "2GiB"
+tracking = "off"
+  [[vms.disks]]
+  name = "os"
+  image = "/var/lib/images/db1.img"
+)";
+
+Result<SiteConfig> Parse(const std::string& text) { return ParseConfig(text, "/etc/siterep", "site.toml"); }
+
+TEST(ConfigTest, ParsesTheDesignExample) {
+  auto cfg = Parse(kGood);
+  ASSERT_TRUE(cfg.ok()) << cfg.status().message();
+  EXPECT_EQ(cfg->name, "east");
+  EXPECT_EQ(cfg->state_dir, "/etc/siterep/state");  // relative to the config's folder
+  EXPECT_EQ(cfg->tls.ca, "/etc/siterep/certs/ca.pem");
+  ASSERT_EQ(cfg->peers.size(), 1u);
+  EXPECT_EQ(cfg->peers[0].address, "127.0.0.1:7420");
+  ASSERT_EQ(cfg->vms.size(), 2u);
+  const VmConfig& web = cfg->vms[0];
+  EXPECT_EQ(web.frequency.count(), 30'000);
+  EXPECT_EQ(web.recovery_points, 4);
+  EXPECT_EQ(web.log_budget.BytesFor(1000), 250u);
+  ASSERT_EQ(web.disks.size(), 2u);
+  EXPECT_EQ(web.disks[1].image, "/etc/siterep/images/web01-data.img");
+  const VmConfig& db = cfg->vms[1];
+  EXPECT_EQ(db.frequency.count(), 1000);  // continuous
+  EXPECT_EQ(db.log_budget.BytesFor(1000), 2ull << 30);
+  EXPECT_EQ(db.tracking, TrackingMode::kOff);
+  EXPECT_EQ(cfg->FindVm("db1"), &cfg->vms[1]);
+  EXPECT_EQ(cfg->FindVm("nope"), nullptr);
+}
+
+TEST(ConfigTest, DefaultsFollowTheDesign) {
+  auto cfg = Parse(R"([site]
+name = "a"
+state_dir = "/s"
+mountpoint = "/m"
+[[vms]]
+name = "v"
+  [[vms.disks]]
+  name = "d"
+  image = "/i.img"
+)");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().message();
+  EXPECT_EQ(cfg->control_socket, "/s/control.sock");
+  EXPECT_EQ(cfg->vms[0].log_budget.BytesFor(1000), 500u);  // 50%
+  EXPECT_EQ(cfg->vms[0].tracking, TrackingMode::kLog);
+}
+
+// Each bad config is refused with a message that names the key.
+struct BadCase {
+  const char* replace_from;
+  const char* replace_to;
+  const char* expect_in_message;
+};
+
+class BadConfigTest : public testing::TestWithParam<BadCase> {};
+
+TEST_P(BadConfigTest, NamesTheKey) {
+  std::string text = kGood;
+  const BadCase& c = GetParam();
+  size_t pos = text.find(c.replace_from);
+  ASSERT_NE(pos, std::string::npos) << c.replace_from;
+  text.replace(pos, std::string(c.replace_from).size(), c.replace_to);
+  auto cfg = Parse(text);
+  ASSERT_FALSE(cfg.ok());
+  EXPECT_NE(cfg.status().message().find(c.expect_in_message), std::string::npos)
+      << cfg.status().message();
+  EXPECT_NE(cfg.status().message().find("site.toml"), std::string::npos);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    All, BadConfigTest,
+    testing::Values(
+        BadCase{"frequency = \"30s\"", "frequency = \"10s\"", "vms[0].frequency"},
+        BadCase{"frequency = \"30s\"", "frequency = 30", "vms[0].frequency: must be a string"},
+        BadCase{"log_budget = \"25%\"", "log_budget = \"lots\"", "vms[0].log_budget"},
+        BadCase{"tracking = \"log\"", "tracking = \"maybe\"", "vms[0].tracking"},
+        BadCase{"recovery_points = 4", "recovery_points = -1", "vms[0].recovery_points"},
+        BadCase{"recovery_point_interval = \"1h\"", "recovery_point_interval = \"1x\"",
+                "vms[0].recovery_point_interval"},
+        BadCase{"name = \"east\"", "nam = \"east\"", "site.name: required key is missing"},
+        BadCase{"listen = \"127.0.0.1:7410\"", "listen = \"x\"\ncolour = \"blue\"",
+                "site.colour: unknown key"},
+        BadCase{"name = \"data\"", "name = \"os\"", "vms[0].disks[1].name"},
+        BadCase{"image = \"images/web01-data.img\"", "", "vms[0].disks[1].image: required"},
+        BadCase{"name = \"db1\"", "name = \"web01\"", "vms[1].name"},
+        BadCase{"name = \"west\"", "name = \"east\"", "peers[0].name"},
+        BadCase{"name = \"web01\"", "name = \"../etc\"", "vms[0].name"},
+        BadCase{"[tls]", "[tls]\nca = 1", "site.toml:11:"}));
+
+TEST(ConfigTest, MissingFileSaysWhich) {
+  auto cfg = LoadConfig("/nonexistent/site.toml");
+  ASSERT_FALSE(cfg.ok());
+  EXPECT_NE(cfg.status().message().find("/nonexistent/site.toml"), std::string::npos);
+}
+
+}  // namespace
+}  // namespace siterep
