@@ -1,0 +1,44 @@
+// SegmentSource: how the shipper takes sealed change-log segments from the tracker.
+//
+// One SegmentSource per protected VM. A segment is sealed when its last record is a cut
+// (or the tracker rolled it at a size limit before a cut); sealed segments are durable
+// and never change. They are offered in log order. The shipper releases segments once
+// the peer has acknowledged them; the tracker then deletes them and lowers the VM's
+// unshipped byte count (which the log budget is measured against).
+// Thread-safe: may be called from any thread.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+
+namespace siterep::tracker {
+
+struct SealedSegment {
+  std::string disk;           // disk name within the VM
+  uint32_t disk_id = 0;
+  uint64_t number = 0;        // segment number within the disk's log
+  uint64_t cycle = 0;         // cycle number of the cut that ends it (0 if rolled by size)
+  uint64_t first_seq = 0;
+  uint64_t last_seq = 0;
+  uint64_t bytes = 0;
+  std::filesystem::path path;
+};
+
+class SegmentSource {
+ public:
+  virtual ~SegmentSource() = default;
+
+  // Sealed, unreleased segments of every disk of the VM, ordered by cycle, then disk.
+  virtual std::vector<SealedSegment> SealedSegments() = 0;
+  // The peer holds every segment of every disk up to and including cycle; they may go.
+  virtual Status ReleaseThrough(uint64_t cycle) = 0;
+  // Called (from a tracker thread; must not block) whenever a cycle is sealed.
+  virtual void SetSealedCallback(std::function<void(uint64_t cycle)> callback) = 0;
+};
+
+}  // namespace siterep::tracker

@@ -1,0 +1,371 @@
+#include "tracker/vm_tracker.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <mutex>
+#include <set>
+#include <shared_mutex>
+#include <thread>
+
+#include "common/time_util.h"
+#include "tracker/disk_log.h"
+#include "tracker/locks.h"
+
+namespace siterep::tracker {
+
+std::string_view DiskTrackingName(DiskTracking t) {
+  switch (t) {
+    case DiskTracking::kLog:
+      return "log";
+    case DiskTracking::kBitmap:
+      return "bitmap";
+  }
+  return "unknown";
+}
+
+class VmTracker::Impl {
+ public:
+  explicit Impl(VmTrackerOptions options) : options_(std::move(options)) {}
+  ~Impl() {
+    StopCutter();
+    // Stop the writers while everything they may call back into is still alive.
+    disks_.clear();
+  }
+
+  Status Open();
+  WriteObserver& observer(size_t i) { return disks_.at(i)->observer; }
+  Result<uint64_t> Cut(bool closing);
+  VmStats Stats() const;
+  Status Close();
+  std::vector<SealedSegment> SealedSegments() const;
+  Status ReleaseThrough(uint64_t cycle);
+  void SetSealedCallback(std::function<void(uint64_t)> callback) {
+    std::lock_guard lk(callback_mu_);
+    callback_ = std::move(callback);
+  }
+
+ private:
+  // What blockdev holds for one disk: forwards to the tracker with the disk's index.
+  class DiskObserver final : public WriteObserver {
+   public:
+    DiskObserver(Impl* impl, size_t index) : impl_(impl), index_(index) {}
+    Status Write(uint64_t offset, std::span<const std::byte> data,
+                 FunctionRef<Status()> apply) override {
+      return impl_->Change(index_, RecordKind::kWrite, offset, data, data.size(), apply);
+    }
+    Status Discard(uint64_t offset, uint64_t length, FunctionRef<Status()> apply) override {
+      return impl_->Change(index_, RecordKind::kDiscard, offset, {}, length, apply);
+    }
+    Status Flush() override { return impl_->disks_[index_]->log->Flush(); }
+
+   private:
+    Impl* const impl_;
+    const size_t index_;
+  };
+
+  struct Disk {
+    Disk(Impl* impl, size_t index, TrackedDisk config)
+        : config(std::move(config)), observer(impl, index) {}
+    const TrackedDisk config;
+    std::unique_ptr<DiskLog> log;
+    RangeLocks ranges;
+    DiskObserver observer;
+  };
+
+  Status Validate() const;
+  Status Change(size_t index, RecordKind kind, uint64_t offset, std::span<const std::byte> data,
+                uint64_t length, FunctionRef<Status()> apply);
+  void CompleteInterruptedCut();
+  void RequestCut();
+  void CutterLoop();
+  void StopCutter();
+
+  const VmTrackerOptions options_;
+  std::vector<std::unique_ptr<Disk>> disks_;  // fixed after Open
+
+  // Serialises Close. Lock order: close_mu_, cut_mu_, cut_lock_, then a disk's locks.
+  std::mutex close_mu_;
+  bool close_done_ = false;  // guarded by close_mu_
+  // Serialises cuts, so cycle numbers are given out in the order cut records are queued
+  // and sealed callbacks fire in cycle order (the callback runs with it held, so it must
+  // not call Cut or Close).
+  std::mutex cut_mu_;
+  // Shared by every change from its sequence number until its apply returns; exclusive
+  // while Cut queues one cut record per disk.
+  CutLock cut_lock_;
+  bool closed_ = false;                  // written with cut_lock_ exclusive, read with it shared
+  std::atomic<uint64_t> last_cycle_{0};  // written with cut_mu_ held
+  std::atomic<int64_t> last_cut_nanos_{0};
+
+  std::mutex callback_mu_;  // protects callback_; a leaf
+  std::function<void(uint64_t)> callback_;
+
+  // The cutter thread: cuts every options_.cycle, and at once when a disk's open segment
+  // passes segment_roll_bytes. cutter_mu_ protects the two flags; never held while cutting.
+  std::mutex cutter_mu_;
+  std::condition_variable cutter_cv_;
+  bool cutter_stop_ = false;
+  bool cut_requested_ = false;
+  std::thread cutter_;
+};
+
+Status VmTracker::Impl::Validate() const {
+  if (options_.vm.empty()) return Status::Invalid("VmTracker: the VM has no name");
+  if (options_.disks.empty())
+    return Status::Invalid("VmTracker: VM " + options_.vm + " has no disks");
+  std::set<std::string> names;
+  std::set<std::filesystem::path> dirs;
+  for (const TrackedDisk& d : options_.disks) {
+    const std::string what = "VmTracker: disk \"" + d.name + "\" of VM " + options_.vm;
+    if (d.name.empty())
+      return Status::Invalid("VmTracker: a disk of VM " + options_.vm + " has no name");
+    if (d.image_fd < 0) return Status::Invalid(what + " has no image file descriptor");
+    if (d.size == 0) return Status::Invalid(what + " has size 0");
+    if (d.log_dir.empty()) return Status::Invalid(what + " has no log folder");
+    if (!names.insert(d.name).second) return Status::Invalid(what + " is listed twice");
+    if (!dirs.insert(d.log_dir.lexically_normal()).second) {
+      return Status::Invalid(what + " shares its log folder " + d.log_dir.string());
+    }
+  }
+  return Status::Ok();
+}
+
+Status VmTracker::Impl::Open() {
+  SR_RETURN_IF_ERROR(Validate());
+  for (size_t i = 0; i < options_.disks.size(); ++i) {
+    const TrackedDisk& config = options_.disks[i];
+    auto disk = std::make_unique<Disk>(this, i, config);
+    DiskLog::Options o;
+    o.name = config.name;
+    o.disk_id = DiskIdFor(options_.vm, config.name);
+    o.epoch = options_.epoch;
+    o.image_fd = config.image_fd;
+    o.size = config.size;
+    o.log_dir = config.log_dir;
+    o.log_budget = config.log_budget;
+    o.segment_roll_bytes = options_.segment_roll_bytes;
+    o.request_cut = [this] { RequestCut(); };
+    Result<std::unique_ptr<DiskLog>> log = DiskLog::Open(std::move(o));
+    if (!log.ok()) return log.status().WithContext("VM " + options_.vm + " disk " + config.name);
+    disk->log = std::move(*log);
+    disks_.push_back(std::move(disk));
+  }
+  for (const auto& d : disks_) {
+    if (d->log->last_cycle() > last_cycle_) {
+      last_cycle_ = d->log->last_cycle();
+      last_cut_nanos_ = d->log->last_cut_unix_nanos();
+    }
+  }
+  CompleteInterruptedCut();
+  cutter_ = std::thread(&Impl::CutterLoop, this);
+  return Status::Ok();
+}
+
+// A crash between queueing the cut records of a cycle and sealing all of them leaves some
+// disks with the cut and others without. A disk without it has every record of the cycle
+// and none after (its records after the cut were queued behind the cut record), so the
+// missing cut goes at the end of its log: then every disk holds the same cycles again.
+void VmTracker::Impl::CompleteInterruptedCut() {
+  const uint64_t cycle = last_cycle_;
+  if (cycle == 0) return;
+  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::Entry>>> cuts;
+  {
+    std::unique_lock vm(cut_lock_);
+    for (const auto& d : disks_) {
+      if (d->log->last_cycle() >= cycle) continue;
+      auto entry = d->log->EnqueueCut(cycle, last_cut_nanos_);
+      if (!entry) continue;
+      spdlog::info("VM {} disk {}: completing the interrupted cut of cycle {}", options_.vm,
+                   d->config.name, cycle);
+      cuts.emplace_back(d->log.get(), std::move(entry));
+    }
+  }
+  for (auto& [log, entry] : cuts) log->WaitSealed(*entry);
+}
+
+Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
+                               std::span<const std::byte> data, uint64_t length,
+                               FunctionRef<Status()> apply) {
+  Disk& disk = *disks_[index];
+  if (offset > disk.config.size || length > disk.config.size - offset) {
+    return Status::Error(EINVAL, std::string(RecordKindName(kind)) + " of [" +
+                                     std::to_string(offset) + ", +" + std::to_string(length) +
+                                     ") is beyond the end of disk " + disk.config.name + " (" +
+                                     std::to_string(disk.config.size) + " bytes)");
+  }
+  std::shared_lock vm(cut_lock_);
+  if (closed_) {
+    return Status::Error(ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name +
+                                        ": change tracking is closed");
+  }
+  RangeLocks::Guard range = disk.ranges.Lock(offset, length);
+  const LogOutcome outcome = kind == RecordKind::kWrite ? disk.log->AppendWrite(offset, data)
+                                                        : disk.log->AppendDiscard(offset, length);
+  if (outcome == LogOutcome::kShutdown) {
+    return Status::Error(
+        ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name + ": change log stopped");
+  }
+  Status applied = apply();
+  if (!applied.ok() && outcome == LogOutcome::kLogged && length > 0) {
+    disk.log->ApplyFailed(applied, offset, length);
+  }
+  return applied;
+}
+
+Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
+  std::lock_guard cut_guard(cut_mu_);
+  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::Entry>>> cuts;
+  uint64_t cycle;
+  int64_t nanos;
+  {
+    std::unique_lock vm(cut_lock_);
+    if (closed_ && !closing) {
+      return Status::Error(ESHUTDOWN, "VM " + options_.vm + ": change tracking is closed");
+    }
+    if (closing) closed_ = true;
+    const bool changed = std::any_of(disks_.begin(), disks_.end(),
+                                     [](const auto& d) { return d->log->ChangedSinceCut(); });
+    if (!changed) return last_cycle_.load();
+    cycle = last_cycle_ + 1;
+    nanos = NowUnixNanos();
+    for (const auto& d : disks_) {
+      auto entry = d->log->EnqueueCut(cycle, nanos);
+      if (entry) cuts.emplace_back(d->log.get(), std::move(entry));
+    }
+    if (cuts.empty()) return last_cycle_.load();
+    last_cycle_ = cycle;
+    last_cut_nanos_ = nanos;
+  }
+  // Outside the VM lock: changes after the cut proceed while the writers seal.
+  bool sealed = false;
+  for (auto& [log, entry] : cuts) sealed = log->WaitSealed(*entry) || sealed;
+  if (sealed) {
+    std::function<void(uint64_t)> callback;
+    {
+      std::lock_guard lk(callback_mu_);
+      callback = callback_;
+    }
+    if (callback) callback(cycle);
+  }
+  return cycle;
+}
+
+VmStats VmTracker::Impl::Stats() const {
+  VmStats stats;
+  stats.last_cycle = last_cycle_;
+  stats.last_cut_unix_nanos = last_cut_nanos_;
+  for (const auto& d : disks_) stats.disks.push_back(d->log->Stats());
+  return stats;
+}
+
+std::vector<SealedSegment> VmTracker::Impl::SealedSegments() const {
+  std::vector<SealedSegment> all;
+  for (const auto& d : disks_) {
+    std::vector<SealedSegment> segs = d->log->SealedSegments();
+    all.insert(all.end(), std::make_move_iterator(segs.begin()),
+               std::make_move_iterator(segs.end()));
+  }
+  // Disks were appended in index order; a stable sort by cycle keeps that within a cycle.
+  std::stable_sort(all.begin(), all.end(), [](const SealedSegment& a, const SealedSegment& b) {
+    return a.cycle < b.cycle;
+  });
+  return all;
+}
+
+Status VmTracker::Impl::ReleaseThrough(uint64_t cycle) {
+  Status result;
+  for (const auto& d : disks_) {
+    Status s = d->log->ReleaseThrough(cycle);
+    if (!s.ok() && result.ok()) result = s;
+  }
+  return result;
+}
+
+void VmTracker::Impl::RequestCut() {
+  {
+    std::lock_guard lk(cutter_mu_);
+    cut_requested_ = true;
+  }
+  cutter_cv_.notify_one();
+}
+
+void VmTracker::Impl::CutterLoop() {
+  using Clock = std::chrono::steady_clock;
+  const auto period = options_.cycle;
+  std::unique_lock lk(cutter_mu_);
+  auto next = Clock::now() + period;
+  while (!cutter_stop_) {
+    auto ready = [&] { return cutter_stop_ || cut_requested_; };
+    if (period.count() > 0) {
+      cutter_cv_.wait_until(lk, next, ready);
+      if (!ready() && Clock::now() < next) continue;
+    } else {
+      cutter_cv_.wait(lk, ready);
+    }
+    if (cutter_stop_) break;
+    cut_requested_ = false;
+    lk.unlock();
+    Result<uint64_t> cycle = Cut(/*closing=*/false);
+    if (!cycle.ok() && cycle.status().code() != ESHUTDOWN) {
+      spdlog::warn("VM {}: cut failed: {}", options_.vm, cycle.status().ToString());
+    }
+    lk.lock();
+    next = Clock::now() + period;
+  }
+}
+
+void VmTracker::Impl::StopCutter() {
+  {
+    std::lock_guard lk(cutter_mu_);
+    cutter_stop_ = true;
+  }
+  cutter_cv_.notify_one();
+  if (cutter_.joinable()) cutter_.join();
+}
+
+Status VmTracker::Impl::Close() {
+  std::lock_guard close_guard(close_mu_);
+  if (close_done_) return Status::Ok();
+  StopCutter();
+  Status result;
+  Result<uint64_t> cycle = Cut(/*closing=*/true);
+  if (!cycle.ok()) result = cycle.status();
+  for (const auto& d : disks_) {
+    Status s = d->log->Stop();
+    if (!s.ok() && result.ok())
+      result = s.WithContext("VM " + options_.vm + " disk " + d->config.name);
+  }
+  close_done_ = true;
+  return result;
+}
+
+// ---------------------------------------------------------------------------------------
+
+VmTracker::VmTracker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+VmTracker::~VmTracker() {
+  Status s = impl_->Close();
+  if (!s.ok()) spdlog::error("closing the change tracker: {}", s.ToString());
+}
+
+Result<std::unique_ptr<VmTracker>> VmTracker::Open(VmTrackerOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(options));
+  SR_RETURN_IF_ERROR(impl->Open());
+  return std::unique_ptr<VmTracker>(new VmTracker(std::move(impl)));
+}
+
+WriteObserver& VmTracker::observer(size_t disk_index) { return impl_->observer(disk_index); }
+Result<uint64_t> VmTracker::Cut() { return impl_->Cut(/*closing=*/false); }
+VmStats VmTracker::Stats() const { return impl_->Stats(); }
+Status VmTracker::Close() { return impl_->Close(); }
+std::vector<SealedSegment> VmTracker::SealedSegments() { return impl_->SealedSegments(); }
+Status VmTracker::ReleaseThrough(uint64_t cycle) { return impl_->ReleaseThrough(cycle); }
+void VmTracker::SetSealedCallback(std::function<void(uint64_t cycle)> callback) {
+  impl_->SetSealedCallback(std::move(callback));
+}
+
+}  // namespace siterep::tracker
