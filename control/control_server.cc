@@ -1,0 +1,154 @@
+#include "control/control_server.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include <spdlog/spdlog.h>
+
+#include "common/control_client.h"
+#include "common/file_util.h"
+
+namespace siterep::control {
+
+nlohmann::json Ok(nlohmann::json result) { return {{"ok", true}, {"result", std::move(result)}}; }
+
+nlohmann::json Refused(std::string_view name, std::string_view message) {
+  return {{"ok", false}, {"error", name}, {"message", message}};
+}
+
+ControlServer::~ControlServer() { Stop(); }
+
+Status ControlServer::Start(const std::filesystem::path& path, Handler handler) {
+  path_ = path;
+  handler_ = std::move(handler);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.native().size() >= sizeof(addr.sun_path)) {
+    return Status::Invalid("control socket path is too long (max " +
+                           std::to_string(sizeof(addr.sun_path) - 1) + "): " + path.string());
+  }
+  std::strcpy(addr.sun_path, path.c_str());
+  SR_RETURN_IF_ERROR(MakeDirs(path.parent_path()));
+
+  // A socket file nobody listens on is left over from a killed daemon: replace it.
+  struct stat st;
+  if (::lstat(path.c_str(), &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) {
+      return Status::Error(EEXIST, "control socket path " + path.string() +
+                                       " exists and is not a socket");
+    }
+    UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    if (::connect(probe.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+      return Status::Error(EADDRINUSE, "control socket " + path.string() +
+                                           " is in use by another siterepd");
+    }
+    ::unlink(path.c_str());
+  }
+
+  listen_fd_.Reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!listen_fd_.valid()) return Status::FromErrno(errno, "socket");
+  // Create the socket file owner-only from the start: no window where others can connect.
+  mode_t old_mask = ::umask(0177);
+  int rc = ::bind(listen_fd_.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr));
+  int bind_errno = errno;
+  ::umask(old_mask);
+  if (rc != 0) return Status::FromErrno(bind_errno, "bind control socket " + path.string());
+  if (::listen(listen_fd_.get(), 16) != 0) return Status::FromErrno(errno, "listen " + path.string());
+
+  int pipe_fds[2];
+  if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return Status::FromErrno(errno, "pipe");
+  wake_read_.Reset(pipe_fds[0]);
+  wake_write_.Reset(pipe_fds[1]);
+  thread_ = std::thread([this] { Serve(); });
+  return Status::Ok();
+}
+
+void ControlServer::Stop() {
+  if (!thread_.joinable()) return;
+  char b = 1;
+  [[maybe_unused]] ssize_t n = ::write(wake_write_.get(), &b, 1);
+  thread_.join();
+  listen_fd_.Reset();
+  ::unlink(path_.c_str());
+}
+
+void ControlServer::Serve() {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      spdlog::error("control socket: poll: {}", std::strerror(errno));
+      return;
+    }
+    if (fds[1].revents != 0) return;
+    if ((fds[0].revents & POLLIN) == 0) continue;
+    UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    if (!conn.valid()) continue;
+    HandleConnection(conn.get());
+  }
+}
+
+namespace {
+
+bool SendAll(int fd, const std::string& data) {
+  size_t off = 0;
+  while (off < data.size()) {
+    ssize_t n = ::send(fd, data.data() + off, data.size() - off, MSG_NOSIGNAL);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return false;
+    }
+    off += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+}  // namespace
+
+void ControlServer::HandleConnection(int fd) {
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
+      (cred.uid != 0 && cred.uid != ::geteuid())) {
+    SendAll(fd, Refused("permission-denied", "the control socket accepts only root").dump() + "\n");
+    return;
+  }
+  // A client that connects and says nothing must not hold the server forever.
+  timeval timeout{5, 0};
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  std::string line;
+  char buf[65536];
+  while (line.find('\n') == std::string::npos) {
+    ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    line.append(buf, static_cast<size_t>(n));
+    if (line.size() > kMaxControlMessage) {
+      SendAll(fd, Refused("bad-request", "request too large").dump() + "\n");
+      return;
+    }
+  }
+  if (auto nl = line.find('\n'); nl != std::string::npos) line.resize(nl);
+  nlohmann::json request = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+  nlohmann::json reply;
+  if (request.is_discarded() || !request.is_object() || !request.contains("op") ||
+      !request["op"].is_string()) {
+    reply = Refused("bad-request", "a request is one JSON object with a string \"op\"");
+  } else {
+    try {
+      reply = handler_(request);
+    } catch (const std::exception& e) {
+      // nlohmann::json throws on a field of the wrong type; that is the client's error.
+      reply = Refused("bad-request", e.what());
+    }
+  }
+  SendAll(fd, reply.dump() + "\n");
+}
+
+}  // namespace siterep::control

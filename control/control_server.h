@@ -1,0 +1,52 @@
+// ControlServer: the daemon's end of the control socket (common/control_client.h has
+// the protocol). One thread accepts connections and answers them one at a time; each
+// request is handed to the handler, whose JSON reply is sent back.
+//
+// The socket file is created with mode 0600 (owner root), and a peer whose uid
+// (SO_PEERCRED) is neither 0 nor the daemon's own is refused before its request is read.
+// A stale socket file (nobody listening) is replaced; a live one means another siterepd
+// uses the path, and Start fails.
+#pragma once
+
+#include <atomic>
+#include <filesystem>
+#include <functional>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "common/status.h"
+#include "common/unique_fd.h"
+
+namespace siterep::control {
+
+class ControlServer {
+ public:
+  // Called on the server thread for each request; returns the whole reply object.
+  using Handler = std::function<nlohmann::json(const nlohmann::json& request)>;
+
+  ControlServer() = default;
+  ~ControlServer();  // Stop()
+  ControlServer(const ControlServer&) = delete;
+  ControlServer& operator=(const ControlServer&) = delete;
+
+  Status Start(const std::filesystem::path& path, Handler handler);
+  // Stops accepting, joins the thread, removes the socket file. Idempotent.
+  void Stop();
+
+ private:
+  void Serve();
+  void HandleConnection(int fd);
+
+  std::filesystem::path path_;
+  Handler handler_;
+  UniqueFd listen_fd_;
+  UniqueFd wake_read_, wake_write_;  // a pipe that wakes poll() on Stop
+  std::thread thread_;
+};
+
+// Reply helpers shared by every handler.
+nlohmann::json Ok(nlohmann::json result);
+nlohmann::json Refused(std::string_view name, std::string_view message);
+
+}  // namespace siterep::control

@@ -1,0 +1,95 @@
+#include "control/protected_disk.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+
+#include <nlohmann/json.hpp>
+
+#include "common/file_util.h"
+
+namespace siterep::control {
+
+namespace fs = std::filesystem;
+
+namespace {
+
+Status OpenImage(const DiskConfig& config, const std::string& vm, ProtectedDisk* disk) {
+  const std::string what = "VM " + vm + " disk " + config.name + ": image " + config.image.string();
+  int fd = ::open(config.image.c_str(), O_RDWR | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno(errno, what);
+  disk->fd.Reset(fd);
+  struct stat st;
+  if (::fstat(fd, &st) != 0) return Status::FromErrno(errno, what);
+  if (!S_ISREG(st.st_mode)) return Status::Invalid(what + " is not a regular file");
+  if (st.st_size == 0 || st.st_size % 512 != 0) {
+    return Status::Invalid(what + " has size " + std::to_string(st.st_size) +
+                           "; a disk image must be a non-zero multiple of 512 bytes");
+  }
+  // One siterepd per image: a second writer would corrupt the log's order.
+  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      return Status::Error(EBUSY, what + " is already protected by another siterepd (file lock held)");
+    }
+    return Status::FromErrno(errno, what + ": flock");
+  }
+  disk->name = config.name;
+  disk->image = config.image;
+  disk->size = static_cast<uint64_t>(st.st_size);
+  return Status::Ok();
+}
+
+// The VM's epoch lives in <state_dir>/vms/<vm>/epoch.json; a new VM starts at epoch 1.
+Result<uint64_t> LoadOrCreateEpoch(const fs::path& state_dir, const std::string& vm) {
+  fs::path dir = state_dir / "vms" / vm;
+  fs::path file = dir / "epoch.json";
+  SR_RETURN_IF_ERROR(MakeDirs(dir));
+  if (!fs::exists(file)) {
+    SR_RETURN_IF_ERROR(WriteFileAtomic(file, nlohmann::json{{"epoch", 1}}.dump() + "\n"));
+    return uint64_t{1};
+  }
+  SR_ASSIGN_OR_RETURN(std::string text, ReadFile(file));
+  auto j = nlohmann::json::parse(text, nullptr, false);
+  if (j.is_discarded() || !j.contains("epoch") || !j["epoch"].is_number_unsigned()) {
+    return Status::Corrupt(file.string() + " is damaged: expected {\"epoch\": N}");
+  }
+  return j["epoch"].get<uint64_t>();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config,
+                                                     const fs::path& state_dir) {
+  auto vm = std::make_unique<ProtectedVm>();
+  vm->config = &config;
+  for (const DiskConfig& dc : config.disks) {
+    ProtectedDisk disk;
+    SR_RETURN_IF_ERROR(OpenImage(dc, config.name, &disk));
+    vm->disks.push_back(std::move(disk));
+  }
+  SR_ASSIGN_OR_RETURN(vm->epoch, LoadOrCreateEpoch(state_dir, config.name));
+
+  if (config.tracking == TrackingMode::kLog) {
+    tracker::VmTrackerOptions options;
+    options.vm = config.name;
+    options.epoch = vm->epoch;
+    options.cycle = config.frequency;
+    for (const ProtectedDisk& disk : vm->disks) {
+      fs::path log_dir = disk.image;
+      log_dir += ".srlog";
+      options.disks.push_back({disk.name, disk.fd.get(), disk.size, log_dir,
+                               config.log_budget.BytesFor(disk.size)});
+    }
+    auto tracker = tracker::VmTracker::Open(std::move(options));
+    if (!tracker.ok()) return tracker.status().WithContext("VM " + config.name);
+    vm->tracker = std::move(tracker).value();
+  }
+  for (size_t i = 0; i < vm->disks.size(); ++i) {
+    ProtectedDisk& disk = vm->disks[i];
+    tracker::WriteObserver* observer = vm->tracker ? &vm->tracker->observer(i) : nullptr;
+    disk.backend = std::make_unique<blockdev::ImageBackend>(disk.fd.get(), disk.size, observer);
+  }
+  return vm;
+}
+
+}  // namespace siterep::control
