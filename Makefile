@@ -1,0 +1,69 @@
+# siterep: top-level entry points. Every target does its own set-up on a fresh Debian 12
+# machine as root: `make deps` installs whatever is missing, the others build on it.
+#
+#   make demo        build, then run tools/demo.sh (one site, one VM, ext4 on a disk)
+#   make test        build, then every test (unit + integration) through ctest
+#   make bench       build, then bench/run.sh (fio: raw image vs FUSE vs FUSE + log)
+#   make check-asan  unit tests built with AddressSanitizer/UBSan in build-asan/
+#   make deps | build | clean
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+export DEBIAN_FRONTEND := noninteractive
+
+BUILD_DIR ?= build
+ASAN_DIR ?= build-asan
+BUILD_TYPE ?= RelWithDebInfo
+JOBS ?= $(shell nproc)
+
+# Everything the build, the tests, the benchmark and the demo use.
+PACKAGES := build-essential cmake pkg-config g++ \
+	libfuse3-dev fuse3 liburing-dev libboost-dev libssl-dev openssl \
+	libgtest-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev \
+	libzstd-dev libisal-dev libxxhash-dev \
+	fio e2fsprogs util-linux mount kmod procps python3 \
+	qemu-utils qemu-system-x86 busybox-static cpio gzip linux-image-amd64
+
+.PHONY: all deps build test demo bench check-asan clean
+
+all: build
+
+deps:
+	@missing=""; \
+	for p in $(PACKAGES); do \
+	  dpkg-query -W -f='$${Status}\n' "$$p" 2>/dev/null | grep -q '^install ok installed$$' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "make deps: installing$$missing"; \
+	  sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+	  $$sudo apt-get update; \
+	  $$sudo apt-get install -y --no-install-recommends $$missing; \
+	fi; \
+	if [ "$$(id -u)" -eq 0 ]; then \
+	  [ -c /dev/fuse ] || modprobe fuse 2>/dev/null || true; \
+	  [ -e /dev/loop-control ] || modprobe loop 2>/dev/null || true; \
+	  [ -c /dev/fuse ] || echo "make deps: warning: /dev/fuse is missing; the FUSE tests will be skipped or fail" >&2; \
+	fi
+
+build: deps
+	cmake -S . -B $(BUILD_DIR) -DCMAKE_BUILD_TYPE=$(BUILD_TYPE)
+	cmake --build $(BUILD_DIR) -j$(JOBS)
+
+# Unit tests run in parallel; integration tests are RUN_SERIAL (see tests/CMakeLists.txt).
+# ctest's own closing lines ("N% tests passed, ...") are the last thing printed.
+test: build
+	ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
+
+demo: build
+	bash tools/demo.sh $(BUILD_DIR)/bin
+
+bench: build
+	bash bench/run.sh $(BUILD_DIR)/bin
+
+check-asan: deps
+	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSITEREP_SANITIZE=ON
+	cmake --build $(ASAN_DIR) -j$(JOBS)
+	ctest --test-dir $(ASAN_DIR) --output-on-failure -j$(JOBS) -L unit
+
+clean:
+	rm -rf $(BUILD_DIR) $(ASAN_DIR) build-int
