@@ -6,6 +6,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <string>
 
 #include "common/file_util.h"
@@ -45,18 +48,57 @@ Status PunchHole(int fd, uint64_t offset, uint64_t length) {
   }
 }
 
+// The calling thread's O_DIRECT bounce buffer, grown on demand (FUSE caps a request at
+// 1 MiB, so a worker's buffer stays at most that; pages are touched only as used).
+std::byte* AlignedBuffer(size_t size) {
+  struct Deleter {
+    void operator()(std::byte* p) const { std::free(p); }
+  };
+  thread_local std::unique_ptr<std::byte, Deleter> buffer;
+  thread_local size_t capacity = 0;
+  if (capacity < size) {
+    void* p = nullptr;
+    if (::posix_memalign(&p, ImageBackend::kDirectAlign, size) != 0) return nullptr;
+    buffer.reset(static_cast<std::byte*>(p));
+    capacity = size;
+  }
+  return buffer.get();
+}
+
 }  // namespace
 
-ImageBackend::ImageBackend(int image_fd, uint64_t size, tracker::WriteObserver* observer)
-    : fd_(image_fd), size_(size), observer_(observer) {}
+ImageBackend::ImageBackend(int image_fd, uint64_t size, tracker::WriteObserver* observer,
+                           int direct_fd)
+    : fd_(image_fd), direct_fd_(direct_fd), size_(size), observer_(observer) {}
+
+Status ImageBackend::WriteImage(uint64_t offset, std::span<const std::byte> data) {
+  if (!UseDirect(offset, data.size())) {
+    return PWriteAll(fd_, data.data(), data.size(), offset, "image");
+  }
+  std::byte* aligned = AlignedBuffer(data.size());
+  if (aligned == nullptr) return Status::Error(ENOMEM, "no buffer for a direct write");
+  std::memcpy(aligned, data.data(), data.size());
+  return PWriteAll(direct_fd_, aligned, data.size(), offset, "image (O_DIRECT)");
+}
 
 Result<size_t> ImageBackend::Read(uint64_t offset, std::span<std::byte> buf) {
   if (offset >= size_) return size_t{0};
   const size_t want = static_cast<size_t>(std::min<uint64_t>(buf.size(), size_ - offset));
+  if (!UseDirect(offset, want)) return ReadImage(fd_, offset, buf.first(want));
+  std::byte* aligned = AlignedBuffer(want);
+  if (aligned == nullptr) return Status::Error(ENOMEM, "no buffer for a direct read");
+  auto got = ReadImage(direct_fd_, offset, std::span<std::byte>(aligned, want));
+  if (got.ok()) std::memcpy(buf.data(), aligned, *got);
+  return got;
+}
+
+// Fills buf from the image at offset through fd; past the end of the file reads zeros.
+Result<size_t> ImageBackend::ReadImage(int fd, uint64_t offset, std::span<std::byte> buf) {
+  const size_t want = buf.size();
   size_t done = 0;
   while (done < want) {
     const ssize_t n =
-        ::pread(fd_, buf.data() + done, want - done, static_cast<off_t>(offset + done));
+        ::pread(fd, buf.data() + done, want - done, static_cast<off_t>(offset + done));
     if (n < 0) {
       if (errno == EINTR) continue;
       return Status::FromErrno(errno, "read " + At(offset + done));
@@ -83,9 +125,7 @@ Status ImageBackend::Write(uint64_t offset, std::span<const std::byte> data) {
                                      At(offset) + " ends past the disk size " +
                                      std::to_string(size_));
   }
-  auto apply = [&]() -> Status {
-    return PWriteAll(fd_, data.data(), data.size(), offset, "image");
-  };
+  auto apply = [&]() -> Status { return WriteImage(offset, data); };
   if (observer_ == nullptr) return apply();
   return observer_->Write(offset, data, apply);
 }

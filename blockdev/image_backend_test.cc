@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -155,6 +156,54 @@ TEST_F(ImageBackendTest, WithoutObserverStraightToTheImage) {
   ASSERT_TRUE(backend.Discard(0, kSize).ok());
   EXPECT_EQ(ImageBytes(100000, data.size()), std::vector<std::byte>(data.size()));
   EXPECT_TRUE(backend.Flush().ok());  // fdatasync
+}
+
+// Pages of the image in [offset, offset + length) that are in the host page cache.
+size_t ResidentPages(int fd, uint64_t offset, size_t length) {
+  void* map = ::mmap(nullptr, length, PROT_READ, MAP_SHARED, fd, static_cast<off_t>(offset));
+  if (map == MAP_FAILED) return SIZE_MAX;
+  std::vector<unsigned char> vec(length / 4096);
+  size_t resident = SIZE_MAX;
+  if (::mincore(map, length, vec.data()) == 0) {
+    resident = 0;
+    for (unsigned char v : vec) resident += v & 1;
+  }
+  ::munmap(map, length);
+  return resident;
+}
+
+TEST_F(ImageBackendTest, AlignedRequestsBypassThePageCache) {
+  UniqueFd direct(::open(path_.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC));
+  if (!direct.valid()) GTEST_SKIP() << "no O_DIRECT on " << path_;
+  ImageBackend backend(fd_.get(), kSize, nullptr, direct.get());
+  const auto data = Pattern(65536, 9);
+  ASSERT_TRUE(backend.Write(262144, data).ok());
+  EXPECT_EQ(ResidentPages(fd_.get(), 262144, 65536), 0u);
+
+  // The same through the buffered path fills the page cache: the check above can fail.
+  ImageBackend buffered(fd_.get(), kSize, nullptr);
+  ASSERT_TRUE(buffered.Write(524288, data).ok());
+  EXPECT_EQ(ResidentPages(fd_.get(), 524288, 65536), 16u);
+}
+
+TEST_F(ImageBackendTest, DirectAndBufferedPathsStayCoherent) {
+  UniqueFd direct(::open(path_.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC));
+  if (!direct.valid()) GTEST_SKIP() << "no O_DIRECT on " << path_;
+  TestObserver observer;
+  ImageBackend backend(fd_.get(), kSize, &observer, direct.get());
+  const auto aligned = Pattern(8192, 2);
+  const auto odd = Pattern(100, 3);
+  ASSERT_TRUE(backend.Write(4096, aligned).ok());  // direct
+  ASSERT_TRUE(backend.Write(5000, odd).ok());      // buffered, inside the same pages
+  auto expect = aligned;
+  std::copy(odd.begin(), odd.end(), expect.begin() + (5000 - 4096));
+  std::vector<std::byte> back(8192);
+  auto got = backend.Read(4096, back);  // direct read sees the buffered write
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(back, expect);
+  ASSERT_TRUE(backend.Write(4096, aligned).ok());  // direct write replaces cached pages
+  EXPECT_EQ(ImageBytes(4096, 8192), aligned);     // buffered read of the image file
+  EXPECT_EQ(observer.applies, 3);
 }
 
 TEST_F(ImageBackendTest, ReadOnlyRefusesWithErofs) {
