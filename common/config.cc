@@ -175,6 +175,12 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
   else if (tracking.empty() || tracking == "log") vm->tracking = TrackingMode::kLog;
   else return Status::Invalid(r.Key("tracking") + ": '" + tracking + "' is not one of log, off");
 
+  std::string cache;
+  SR_RETURN_IF_ERROR(r.String("image_cache", &cache, false));
+  if (cache == "none") vm->image_cache = ImageCache::kNone;
+  else if (cache.empty() || cache == "writeback") vm->image_cache = ImageCache::kWriteback;
+  else return Status::Invalid(r.Key("image_cache") + ": '" + cache + "' is not one of writeback, none");
+
   Status status;
   const toml::array* disks = r.Array("disks", &status);
   SR_RETURN_IF_ERROR(status);

@@ -41,6 +41,7 @@ name = "db1"
 frequency = "continuous"
 log_budget = "2GiB"
 tracking = "off"
+image_cache = "none"
   [[vms.disks]]
   name = "os"
   image = "/var/lib/images/db1.img"
@@ -67,6 +68,8 @@ TEST(ConfigTest, ParsesTheDesignExample) {
   EXPECT_EQ(db.frequency.count(), 1000);  // continuous
   EXPECT_EQ(db.log_budget.BytesFor(1000), 2ull << 30);
   EXPECT_EQ(db.tracking, TrackingMode::kOff);
+  EXPECT_EQ(db.image_cache, ImageCache::kNone);
+  EXPECT_EQ(web.image_cache, ImageCache::kWriteback);  // the default
   EXPECT_EQ(cfg->FindVm("db1"), &cfg->vms[1]);
   EXPECT_EQ(cfg->FindVm("nope"), nullptr);
 }
@@ -117,6 +120,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"frequency = \"30s\"", "frequency = 30", "vms[0].frequency: must be a string"},
         BadCase{"log_budget = \"25%\"", "log_budget = \"lots\"", "vms[0].log_budget"},
         BadCase{"tracking = \"log\"", "tracking = \"maybe\"", "vms[0].tracking"},
+        BadCase{"image_cache = \"none\"", "image_cache = \"unsafe\"", "vms[1].image_cache"},
         BadCase{"recovery_points = 4", "recovery_points = -1", "vms[0].recovery_points"},
         BadCase{"recovery_point_interval = \"1h\"", "recovery_point_interval = \"1x\"",
                 "vms[0].recovery_point_interval"},

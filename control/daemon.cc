@@ -148,6 +148,7 @@ json Daemon::StatusReport(const std::string& vm_filter) const {
                    {"health_reason", reasons},
                    {"frequency", cfg.frequency_text},
                    {"tracking", TrackingModeName(cfg.tracking)},
+                   {"image_cache", cfg.image_cache == ImageCache::kNone ? "none" : "writeback"},
                    {"rpo_seconds", nullptr},
                    {"pending_bytes", pending},
                    {"last_cycle", stats.last_cycle},

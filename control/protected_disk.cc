@@ -17,7 +17,8 @@ namespace fs = std::filesystem;
 
 namespace {
 
-Status OpenImage(const DiskConfig& config, const std::string& vm, ProtectedDisk* disk) {
+Status OpenImage(const DiskConfig& config, const std::string& vm, ImageCache cache,
+                 ProtectedDisk* disk) {
   const std::string what = "VM " + vm + " disk " + config.name + ": image " + config.image.string();
   int fd = ::open(config.image.c_str(), O_RDWR | O_CLOEXEC);
   if (fd < 0) return Status::FromErrno(errno, what);
@@ -36,14 +37,16 @@ Status OpenImage(const DiskConfig& config, const std::string& vm, ProtectedDisk*
     }
     return Status::FromErrno(errno, what + ": flock");
   }
-  // Aligned guest I/O bypasses the host page cache (blockdev/image_backend.h says why).
-  // A file system without O_DIRECT (tmpfs on older kernels) just keeps the cached path.
-  int direct = ::open(config.image.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
-  if (direct >= 0) {
-    disk->direct_fd.Reset(direct);
-  } else {
-    spdlog::warn("{}: no O_DIRECT ({}); guest I/O goes through the page cache", what,
-                 std::strerror(errno));
+  // image_cache = "none": aligned guest I/O bypasses the host page cache
+  // (blockdev/image_backend.h). A file system without O_DIRECT keeps the cached path.
+  if (cache == ImageCache::kNone) {
+    int direct = ::open(config.image.c_str(), O_RDWR | O_DIRECT | O_CLOEXEC);
+    if (direct >= 0) {
+      disk->direct_fd.Reset(direct);
+    } else {
+      spdlog::warn("{}: no O_DIRECT ({}); guest I/O goes through the page cache", what,
+                   std::strerror(errno));
+    }
   }
   disk->name = config.name;
   disk->image = config.image;
@@ -76,7 +79,7 @@ Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config,
   vm->config = &config;
   for (const DiskConfig& dc : config.disks) {
     ProtectedDisk disk;
-    SR_RETURN_IF_ERROR(OpenImage(dc, config.name, &disk));
+    SR_RETURN_IF_ERROR(OpenImage(dc, config.name, config.image_cache, &disk));
     vm->disks.push_back(std::move(disk));
   }
   SR_ASSIGN_OR_RETURN(vm->epoch, LoadOrCreateEpoch(state_dir, config.name));

@@ -20,7 +20,7 @@ struct ProtectedDisk {
   std::string name;
   std::filesystem::path image;
   UniqueFd fd;         // O_RDWR, flock(LOCK_EX) held for the life of the daemon
-  UniqueFd direct_fd;  // the same image O_RDWR|O_DIRECT; invalid where unsupported
+  UniqueFd direct_fd;  // image_cache = "none": the image O_RDWR|O_DIRECT; else invalid
   uint64_t size = 0;
   std::unique_ptr<blockdev::ImageBackend> backend;
 };
