@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
 #include <sys/file.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -20,10 +21,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr std::string_view kLockFileName = "LOCK";
-// A batch is one gather write: at most this many records (two iovecs each, below
-// IOV_MAX) and about this many bytes.
-constexpr size_t kMaxBatchEntries = 256;
-constexpr uint64_t kMaxBatchBytes = 8u << 20;
 
 }  // namespace
 
@@ -40,10 +37,6 @@ Result<std::unique_ptr<DiskLog>> DiskLog::Open(Options options) {
   return log;
 }
 
-std::string DiskLog::SegmentName() const {
-  return SegmentPath(opts_.log_dir, open_number_).string();
-}
-
 Status DiskLog::Init() {
   SR_RETURN_IF_ERROR(MakeDirs(opts_.log_dir));
   SR_ASSIGN_OR_RETURN(lock_fd_, OpenFile(opts_.log_dir / kLockFileName, O_RDWR | O_CREAT, 0644));
@@ -54,14 +47,16 @@ Status DiskLog::Init() {
     }
     return Status::FromErrno(errno, "lock " + (opts_.log_dir / kLockFileName).string());
   }
+  // Every thread that writes the log uses its own ring; check the kernel once, here.
+  SR_ASSIGN_OR_RETURN(sealer_ring_, IoRing::Create("change log sealer of disk " + opts_.name));
   SR_ASSIGN_OR_RETURN(std::optional<DiskState> loaded, LoadDiskState(opts_.log_dir));
   const DiskState state = loaded.value_or(DiskState());
   floors_.last_cycle = state.last_cycle;
   floors_.last_seq = state.last_seq;
   floors_.last_segment = state.last_segment;
   last_cycle_ = state.last_cycle;
-  last_seq_ = written_seq_ = last_cut_seq_ = state.last_seq;
-  open_number_ = state.last_segment;
+  last_seq_ = last_cut_seq_ = state.last_seq;
+  last_segment_ = state.last_segment;
 
   std::error_code ec;
   const bool bitmap_file = fs::exists(opts_.log_dir / kBitmapFileName, ec);
@@ -73,7 +68,8 @@ Status DiskLog::Init() {
     reason_ = state.reason.empty() ? "dirty bitmap found at start" : state.reason;
     const bool lost = !bitmap_file;
     if (lost) reason_ += "; the dirty bitmap was lost, so every block is dirty";
-    bitmap_ = DropLog(lost, {});
+    bitmap_ = OpenBitmap();
+    DropLog(*bitmap_, lost);
     mode_ = Mode::kBitmap;
   } else {
     Status s = OpenLogMode(state);
@@ -84,15 +80,11 @@ Status DiskLog::Init() {
       mode_ = Mode::kSwitching;
       resync_required_ = true;
       reason_ = "change log unreadable: " + s.message();
-      bitmap_ = DropLog(/*mark_all=*/true, {});
+      bitmap_ = OpenBitmap();
+      DropLog(*bitmap_, /*mark_all=*/true);
       mode_ = Mode::kBitmap;
     }
   }
-
-  SR_ASSIGN_OR_RETURN(ring_, IoRing::Create("change log writer of disk " + opts_.name));
-  SR_ASSIGN_OR_RETURN(sealer_ring_, IoRing::Create("change log sealer of disk " + opts_.name));
-  writer_running_ = true;
-  writer_ = std::thread(&DiskLog::WriterLoop, this);
   sealer_ = std::thread(&DiskLog::SealerLoop, this);
   return Status::Ok();
 }
@@ -110,14 +102,17 @@ Status DiskLog::OpenLogMode(const DiskState& state) {
     sealed_bytes_ += seg.bytes;
     sealed_.push_back(std::move(seg));
   }
-  open_number_ = r.open_segment;
-  open_bytes_ = write_offset_ = r.open_bytes;
+  auto seg = std::make_shared<Segment>();
+  seg->number = last_segment_ = r.open_segment;
+  seg->path = SegmentPath(opts_.log_dir, r.open_segment).string();
+  SR_ASSIGN_OR_RETURN(seg->fd, OpenFile(seg->path, O_WRONLY));
+  seg_ = std::move(seg);
+  open_bytes_ = r.open_bytes;
   open_first_seq_ = r.open_first_seq;
-  last_seq_ = written_seq_ = r.last_seq;
+  last_seq_ = r.last_seq;
   last_cut_seq_ = r.last_cut_seq;
   last_cycle_ = r.last_cycle;
   last_cut_nanos_ = r.last_cut_unix_nanos;
-  SR_ASSIGN_OR_RETURN(seg_fd_, OpenFile(SegmentPath(opts_.log_dir, open_number_), O_WRONLY));
   return Status::Ok();
 }
 
@@ -127,150 +122,234 @@ Status DiskLog::OpenLogMode(const DiskState& state) {
 LogOutcome DiskLog::AppendWrite(uint64_t offset, std::span<const std::byte> data) {
   if (data.empty()) return LogOutcome::kLogged;
   const size_t count = (data.size() + kMaxRecordPayload - 1) / kMaxRecordPayload;
-  Entry one;
-  std::vector<Entry> many;
-  std::span<Entry> entries(&one, 1);
+  Record one;
+  std::vector<Record> many;
+  std::span<Record> records(&one, 1);
   if (count > 1) {
     many.resize(count);
-    entries = many;
+    records = many;
   }
   for (size_t i = 0; i < count; ++i) {
-    Entry& e = entries[i];
-    e.kind = RecordKind::kWrite;
-    e.payload =
+    Record& r = records[i];
+    r.kind = RecordKind::kWrite;
+    r.payload =
         data.subspan(i * kMaxRecordPayload,
                      std::min<size_t>(kMaxRecordPayload, data.size() - i * kMaxRecordPayload));
-    e.offset = offset + i * kMaxRecordPayload;
-    e.length = e.payload.size();
+    r.offset = offset + i * kMaxRecordPayload;
+    r.length = r.payload.size();
   }
-  return Append(entries, offset, data.size());
+  return Append(records, offset, data.size());
 }
 
 LogOutcome DiskLog::AppendDiscard(uint64_t offset, uint64_t length) {
   if (length == 0) return LogOutcome::kLogged;
-  Entry e;
-  e.kind = RecordKind::kDiscard;
-  e.offset = offset;
-  e.length = length;
-  return Append(std::span<Entry>(&e, 1), offset, length);
+  Record r;
+  r.kind = RecordKind::kDiscard;
+  r.offset = offset;
+  r.length = length;
+  return Append(std::span<Record>(&r, 1), offset, length);
 }
 
 void DiskLog::RequestFallbackLocked(std::string reason) {
-  if (fallback_request_.empty()) fallback_request_ = std::move(reason);
-  work_cv_.notify_one();
+  if (mode_ != Mode::kLog) return;
+  mode_ = Mode::kSwitching;
+  resync_required_ = true;
+  reason_ = std::move(reason);
+  fallback_pending_.store(true, std::memory_order_release);
+  spdlog::warn("disk {}: falling back to the dirty bitmap: {}", opts_.name, reason_);
 }
 
-LogOutcome DiskLog::Append(std::span<Entry> entries, uint64_t offset, uint64_t length) {
+void DiskLog::MarkWithoutLog(std::unique_lock<std::mutex>& lk, uint64_t offset, uint64_t length) {
+  if (DirtyBitmap* bitmap = bitmap_.get(); bitmap != nullptr) {
+    lk.unlock();
+    bitmap->MarkRange(offset, length);
+    return;
+  }
+  pending_ranges_.push_back(Range{offset, length});
+  lk.unlock();
+  EnsureBitmap();
+}
+
+void DiskLog::EnsureBitmap() {
+  std::lock_guard bitmap_lock(bitmap_mu_);
+  {
+    std::lock_guard lk(mu_);
+    if (bitmap_) return;
+  }
+  std::unique_ptr<DirtyBitmap> bitmap = OpenBitmap();
+  std::lock_guard lk(mu_);
+  for (const Range& r : pending_ranges_) bitmap->MarkRange(r.offset, r.length);
+  pending_ranges_.clear();
+  bitmap_ = std::move(bitmap);
+}
+
+LogOutcome DiskLog::Append(std::span<Record> records, uint64_t offset, uint64_t length) {
   uint64_t bytes = 0;
-  for (const Entry& e : entries) bytes += e.size();
+  for (const Record& r : records) bytes += r.size();
 
   std::unique_lock lk(mu_);
-  if (!writer_running_ || stop_) return LogOutcome::kShutdown;
+  if (stop_) return LogOutcome::kShutdown;
   if (mode_ == Mode::kLog && opts_.log_budget != 0 &&
       UnshippedLocked() + bytes > opts_.log_budget) {
     RequestFallbackLocked("log budget of " + std::to_string(opts_.log_budget) +
                           " bytes exceeded (" + std::to_string(UnshippedLocked()) +
                           " bytes unshipped)");
   }
-  if (mode_ != Mode::kLog || !fallback_request_.empty()) {
-    done_cv_.wait(lk, [&] { return mode_ == Mode::kBitmap || !writer_running_; });
-    if (mode_ != Mode::kBitmap) return LogOutcome::kShutdown;
-    lk.unlock();
-    bitmap_->MarkRange(offset, length);
+  if (mode_ != Mode::kLog) {
+    MarkWithoutLog(lk, offset, length);
     return LogOutcome::kBitmap;
   }
-  // Sequence numbers are taken in queue order, so file order is seq order.
-  for (Entry& e : entries) {
-    e.seq = ++last_seq_;
-    queue_.push_back(&e);
+  // Reserve seqs and bytes together, so file order is seq order. seg_ stays the same
+  // until this change's apply returns: replacing it needs the VM lock exclusively.
+  const Segment& seg = *seg_;
+  const uint64_t at = open_bytes_;
+  open_bytes_ += bytes;
+  for (Record& r : records) r.seq = ++last_seq_;
+  if (open_first_seq_ == 0) open_first_seq_ = records.front().seq;
+  bool roll = false;
+  if (opts_.segment_roll_bytes != 0 && open_bytes_ >= opts_.segment_roll_bytes &&
+      !roll_requested_) {
+    roll = roll_requested_ = true;
   }
-  queued_bytes_ += bytes;
   lk.unlock();
+  if (roll && opts_.request_cut) opts_.request_cut();
 
-  // Encode (CRC over header and payload) outside the mutex, in parallel with other
-  // appenders; the writer only takes entries once they are ready.
-  for (Entry& e : entries) {
+  for (Record& r : records) {
     RecordHeader h;
-    h.kind = e.kind;
+    h.kind = r.kind;
     h.disk_id = opts_.disk_id;
     h.epoch = opts_.epoch;
-    h.seq = e.seq;
-    h.offset = e.offset;
-    h.length = e.length;
-    EncodeHeader(h, e.payload, std::span<std::byte, kHeaderSize>(e.head.data(), kHeaderSize));
+    h.seq = r.seq;
+    h.offset = r.offset;
+    h.length = r.length;
+    EncodeHeader(h, r.payload, std::span<std::byte, kHeaderSize>(r.head, kHeaderSize));
   }
-
+  Status s = WriteRecords(seg, records, at);
+  if (s.ok()) return LogOutcome::kLogged;
+  // The range stays a hole (or a torn record) in the segment; FinishFallback drops it.
   lk.lock();
-  std::condition_variable& written = waiter_slots_[entries.back().seq % kWaiterSlots];
-  entries.back().waiter = &written;
-  bool wake = false;
-  for (Entry& e : entries) {
-    e.ready = true;
-    if (!queue_.empty() && queue_.front() == &e) wake = true;
-  }
-  if (wake) work_cv_.notify_one();
-  // The writer completes entries in queue order, and a fall back completes all at once.
-  written.wait(lk, [&] { return entries.back().state != Entry::State::kPending; });
-  const bool logged = std::all_of(entries.begin(), entries.end(),
-                                  [](const Entry& e) { return e.state == Entry::State::kLogged; });
-  lk.unlock();
-  if (logged) return LogOutcome::kLogged;
-  bitmap_->MarkRange(offset, length);
+  RequestFallbackLocked("log write failed: " + s.message());
+  MarkWithoutLog(lk, offset, length);
   return LogOutcome::kBitmap;
+}
+
+Status DiskLog::WriteRecords(const Segment& seg, std::span<Record> records, uint64_t at) {
+  Result<IoRing*> ring = IoRing::ForThisThread();
+  if (!ring.ok()) return ring.status();
+  // Two iovecs per record; a write is one record unless it is over kMaxRecordPayload.
+  iovec one[2];
+  std::vector<iovec> many;
+  if (records.size() > 1) many.resize(2 * records.size());
+  iovec* out = records.size() > 1 ? many.data() : one;
+  size_t n = 0;
+  for (Record& r : records) {
+    out[n++] = iovec{r.head, r.head_size};
+    if (!r.payload.empty()) {
+      out[n++] = iovec{const_cast<std::byte*>(r.payload.data()), r.payload.size()};
+    }
+  }
+  return (*ring)->WriteAll(seg.fd.get(), std::span<iovec>(out, n), at, seg.path);
 }
 
 void DiskLog::ApplyFailed(const Status& status, uint64_t offset, uint64_t length) {
   std::unique_lock lk(mu_);
-  if (mode_ == Mode::kLog) {
-    RequestFallbackLocked("image write failed at offset " + std::to_string(offset) + ": " +
-                          status.ToString());
-  }
-  done_cv_.wait(lk, [&] { return mode_ == Mode::kBitmap || !writer_running_; });
-  if (mode_ != Mode::kBitmap) return;
-  lk.unlock();
-  bitmap_->MarkRange(offset, length);
+  RequestFallbackLocked("image write failed at offset " + std::to_string(offset) + ": " +
+                        status.ToString());
+  MarkWithoutLog(lk, offset, length);
 }
 
 // ---------------------------------------------------------------------------------------
 // Cuts
 
-std::unique_ptr<DiskLog::Entry> DiskLog::EnqueueCut(uint64_t cycle, int64_t unix_nanos) {
-  std::lock_guard lk(mu_);
-  if (mode_ != Mode::kLog || !fallback_request_.empty() || !writer_running_ || stop_)
-    return nullptr;
-  auto e = std::make_unique<Entry>();
-  e->kind = RecordKind::kCut;
-  e->seq = ++last_seq_;
-  e->cycle = cycle;
-  e->unix_nanos = unix_nanos;
+std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t unix_nanos) {
+  FinishFallback();  // a pending fall back gets no cut; finishing it needs what we hold
+  std::unique_lock lk(mu_);
+  if (mode_ != Mode::kLog || stop_) return nullptr;
+  auto cut = std::make_unique<CutTicket>();
+  cut->cycle = cycle;
+  cut->unix_nanos = unix_nanos;
+  Record r;
+  r.kind = RecordKind::kCut;
+  r.seq = cut->seq = ++last_seq_;
+  r.length = kCutPayloadSize;
+  r.head_size = kHeaderSize + kCutPayloadSize;
+  const uint64_t at = open_bytes_;
+  open_bytes_ += r.size();
+  if (open_first_seq_ == 0) open_first_seq_ = r.seq;
+  last_cut_seq_ = r.seq;
+  std::shared_ptr<Segment> old = seg_;
+  lk.unlock();
+
   RecordHeader h;
   h.kind = RecordKind::kCut;
   h.disk_id = opts_.disk_id;
   h.epoch = opts_.epoch;
-  h.seq = e->seq;
+  h.seq = r.seq;
   h.offset = 0;
   h.length = kCutPayloadSize;
-  std::span<std::byte, kCutPayloadSize> payload(e->head.data() + kHeaderSize, kCutPayloadSize);
+  std::span<std::byte, kCutPayloadSize> payload(r.head + kHeaderSize, kCutPayloadSize);
   EncodeCutPayload(CutPayload{cycle, unix_nanos}, payload);
-  EncodeHeader(h, payload, std::span<std::byte, kHeaderSize>(e->head.data(), kHeaderSize));
-  e->head_size = kHeaderSize + kCutPayloadSize;
-  e->ready = true;
-  queue_.push_back(e.get());
-  queued_bytes_ += e->size();
-  last_cut_seq_ = e->seq;
-  work_cv_.notify_one();
-  return e;
+  EncodeHeader(h, payload, std::span<std::byte, kHeaderSize>(r.head, kHeaderSize));
+  Status s = WriteRecords(*old, std::span<Record>(&r, 1), at);
+  // The cut record is in the file: the segment is complete. Appending goes on at once in
+  // the next segment; the sealer makes the old one durable and publishes it, so a guest
+  // write never waits for a seal's fdatasync. A Flush does wait, because the records it
+  // covers may be in the segment being sealed.
+  auto next = std::make_shared<Segment>();
+  Status failed;
+  if (!s.ok()) {
+    failed = Status::Error(s.code(), "log write failed: " + s.message());
+  } else {
+    next->number = old->number + 1;
+    next->path = SegmentPath(opts_.log_dir, next->number).string();
+    Result<UniqueFd> fd = OpenFile(next->path, O_WRONLY | O_CREAT | O_EXCL, 0644);
+    if (fd.ok()) {
+      next->fd = std::move(*fd);
+    } else {
+      failed = Status::Error(fd.status().code(),
+                             "starting the next segment failed: " + fd.status().message());
+    }
+  }
+  lk.lock();
+  if (!failed.ok()) {
+    RequestFallbackLocked(failed.message());
+    lk.unlock();
+    FinishFallback();
+    return nullptr;
+  }
+  PendingSeal pending;
+  pending.seg = std::move(old);
+  pending.cut = cut.get();
+  SealedSegment& seg = pending.segment;
+  seg.disk = opts_.name;
+  seg.disk_id = opts_.disk_id;
+  seg.cycle = cycle;
+  seg.last_seq = cut->seq;
+  seg.path = pending.seg->path;
+  seg.number = pending.seg->number;
+  seg.first_seq = open_first_seq_;
+  seg.bytes = open_bytes_;
+  sealing_bytes_ += seg.bytes;
+  seg_ = std::move(next);
+  last_segment_ = seg_->number;
+  open_bytes_ = 0;
+  open_first_seq_ = 0;
+  roll_requested_ = false;
+  seals_.push_back(std::move(pending));
+  lk.unlock();
+  seal_cv_.notify_one();
+  return cut;
 }
 
-bool DiskLog::WaitSealed(Entry& cut) {
+bool DiskLog::WaitSealed(CutTicket& cut) {
   std::unique_lock lk(mu_);
-  done_cv_.wait(lk, [&] { return cut.state != Entry::State::kPending; });
-  return cut.state == Entry::State::kLogged;
+  done_cv_.wait(lk, [&] { return cut.state != CutTicket::State::kSealing; });
+  return cut.state == CutTicket::State::kSealed;
 }
 
 bool DiskLog::ChangedSinceCut() const {
   std::lock_guard lk(mu_);
-  return mode_ == Mode::kLog && fallback_request_.empty() && last_seq_ > last_cut_seq_;
+  return mode_ == Mode::kLog && last_seq_ > last_cut_seq_;
 }
 
 uint64_t DiskLog::last_cycle() const {
@@ -284,138 +363,7 @@ int64_t DiskLog::last_cut_unix_nanos() const {
 }
 
 // ---------------------------------------------------------------------------------------
-// Writer thread
-
-void DiskLog::WriterLoop() {
-  std::vector<Entry*> batch;
-  std::vector<iovec> iov;
-  std::unique_lock lk(mu_);
-  for (;;) {
-    work_cv_.wait(lk, [&] {
-      return (mode_ == Mode::kLog && !fallback_request_.empty()) || sync_wanted_ ||
-             (!queue_.empty() && queue_.front()->ready) || (stop_ && queue_.empty());
-    });
-    if (mode_ == Mode::kLog && !fallback_request_.empty()) {
-      const std::string reason = fallback_request_;
-      lk.unlock();
-      FallBack(reason, {});
-      lk.lock();
-      continue;
-    }
-    batch.clear();
-    uint64_t batch_bytes = 0;
-    while (!queue_.empty() && queue_.front()->ready && batch.size() < kMaxBatchEntries &&
-           batch_bytes < kMaxBatchBytes) {
-      Entry* e = queue_.front();
-      queue_.pop_front();
-      batch.push_back(e);
-      batch_bytes += e->size();
-      if (e->kind == RecordKind::kCut) break;  // a cut ends its segment
-    }
-    // A sync generation started here covers every change applied before now: their
-    // records were written before their apply, so only the fdatasyncs remain.
-    uint64_t generation = 0;
-    if (sync_wanted_) {
-      sync_wanted_ = false;
-      generation = ++syncs_started_;
-    }
-    if (batch.empty() && generation == 0) {
-      if (stop_ && queue_.empty()) break;
-      continue;
-    }
-    lk.unlock();
-    if (!batch.empty()) WriteBatch(batch, iov);
-    if (generation != 0) DoSync(generation);
-    lk.lock();
-  }
-  writer_running_ = false;
-  lk.unlock();
-  done_cv_.notify_all();
-}
-
-void DiskLog::WriteBatch(std::vector<Entry*>& batch, std::vector<iovec>& iov) {
-  iov.clear();
-  uint64_t bytes = 0;
-  for (Entry* e : batch) {
-    iov.push_back(iovec{e->head.data(), e->head_size});
-    if (!e->payload.empty()) {
-      iov.push_back(iovec{const_cast<std::byte*>(e->payload.data()), e->payload.size()});
-    }
-    bytes += e->size();
-  }
-  Status s = ring_->WriteAll(seg_fd_.get(), iov, write_offset_, SegmentName());
-  if (!s.ok()) {
-    FallBack("log write failed: " + s.message(), batch);
-    return;
-  }
-  write_offset_ += bytes;
-  Entry* last = batch.back();
-  const bool cut = last->kind == RecordKind::kCut;
-  bool roll = false;
-  {
-    std::lock_guard lk(mu_);
-    open_bytes_ += bytes;
-    queued_bytes_ -= bytes;
-    written_seq_ = last->seq;
-    if (open_first_seq_ == 0) open_first_seq_ = batch.front()->seq;
-    // Wake the appenders after unlocking, so they do not wake into a held mutex.
-    to_wake_.clear();
-    for (Entry* e : batch) {
-      if (e == last && cut) continue;
-      e->state = Entry::State::kLogged;
-      if (e->waiter != nullptr) to_wake_.push_back(e->waiter);
-    }
-    if (!cut && opts_.segment_roll_bytes != 0 && open_bytes_ >= opts_.segment_roll_bytes &&
-        !roll_requested_) {
-      roll = roll_requested_ = true;
-    }
-  }
-  std::sort(to_wake_.begin(), to_wake_.end());
-  to_wake_.erase(std::unique(to_wake_.begin(), to_wake_.end()), to_wake_.end());
-  for (std::condition_variable* cv : to_wake_) cv->notify_all();
-  if (roll && opts_.request_cut) opts_.request_cut();
-  if (cut) Seal(last);
-}
-
-// The cut record is in the file: the segment is complete. Appending goes on at once in
-// the next segment; the sealer thread makes the old one durable and publishes it, so a
-// guest write never waits for a seal's fdatasync. A Flush does wait (DoSync), because the
-// records it covers may be in the segment being sealed.
-void DiskLog::Seal(Entry* cut) {
-  PendingSeal pending;
-  pending.cut = cut;
-  SealedSegment& seg = pending.segment;
-  seg.disk = opts_.name;
-  seg.disk_id = opts_.disk_id;
-  seg.cycle = cut->cycle;
-  seg.last_seq = cut->seq;
-  seg.path = SegmentName();
-  {
-    std::lock_guard lk(mu_);
-    seg.number = open_number_;
-    seg.first_seq = open_first_seq_;
-    seg.bytes = open_bytes_;
-  }
-  const fs::path next = SegmentPath(opts_.log_dir, seg.number + 1);
-  Result<UniqueFd> fd_next = OpenFile(next, O_WRONLY | O_CREAT | O_EXCL, 0644);
-  if (!fd_next.ok()) {
-    FallBack("starting the next segment failed: " + fd_next.status().message(),
-             std::span<Entry* const>(&cut, 1));
-    return;
-  }
-  pending.fd = std::exchange(seg_fd_, std::move(*fd_next));
-  write_offset_ = 0;
-  {
-    std::lock_guard lk(mu_);
-    sealing_bytes_ += seg.bytes;
-    open_bytes_ = 0;
-    open_first_seq_ = 0;
-    open_number_ += 1;
-    roll_requested_ = false;
-    seals_.push_back(std::move(pending));
-  }
-  seal_cv_.notify_one();
-}
+// Sealer thread
 
 void DiskLog::SealerLoop() {
   std::unique_lock lk(mu_);
@@ -428,12 +376,12 @@ void DiskLog::SealerLoop() {
     lk.unlock();
     // fdatasync the sealed segment, then the folder (which makes the next segment's
     // creation durable).
-    const std::string what = p.segment.path.string();
-    const std::string_view whats[1] = {what};
-    const int fds[1] = {p.fd.get()};
+    const std::string_view whats[1] = {p.seg->path};
+    const int fds[1] = {p.seg->fd.get()};
     Status synced[1];
     sealer_ring_->DataSync(fds, whats, synced);
-    p.fd.Reset();
+    const std::string what = p.seg->path;
+    p.seg.reset();
     Status s = synced[0].ok() ? SyncDir(opts_.log_dir) : synced[0];
     lk.lock();
     sealing_ = false;
@@ -443,63 +391,15 @@ void DiskLog::SealerLoop() {
       last_cycle_ = p.cut->cycle;
       last_cut_nanos_ = p.cut->unix_nanos;
       sealed_.push_back(std::move(p.segment));
-      CompleteLocked(p.cut, Entry::State::kLogged);
+      p.cut->state = CutTicket::State::kSealed;
     } else {
-      // Fell back meanwhile (the segment is gone), or the seal failed: then fall back.
-      if (mode_ == Mode::kLog) RequestFallbackLocked("sealing " + what + " failed: " + s.message());
-      CompleteLocked(p.cut, Entry::State::kBitmap);
+      // Falling back meanwhile (the segment goes with the log), or the seal failed: then
+      // fall back (the next change or Flush finishes it).
+      RequestFallbackLocked("sealing " + what + " failed: " + s.message());
+      p.cut->state = CutTicket::State::kDropped;
     }
     done_cv_.notify_all();
   }
-}
-
-void DiskLog::DoSync(uint64_t generation) {
-  Mode mode;
-  std::string fallback;
-  {
-    // Records that this sync covers may be in segments still being sealed.
-    std::unique_lock lk(mu_);
-    done_cv_.wait(lk, [&] { return seals_.empty() && !sealing_; });
-    fallback = mode_ == Mode::kLog ? fallback_request_ : std::string();
-  }
-  if (!fallback.empty()) FallBack(fallback, {});  // e.g. a seal failed: its records may be lost
-  {
-    std::lock_guard lk(mu_);
-    mode = mode_;
-  }
-  const std::string image_what = "image of disk " + opts_.name;
-  Status image_status;
-  if (mode == Mode::kLog) {
-    const std::string seg_what = SegmentName();
-    const int fds[2] = {seg_fd_.get(), opts_.image_fd};
-    const std::string_view whats[2] = {seg_what, image_what};
-    Status results[2];
-    ring_->DataSync(fds, whats, results);
-    image_status = results[1];
-    if (!results[0].ok()) {
-      // The log may have lost records: the bitmap takes over and is synced below.
-      FallBack("log sync failed: " + results[0].message(), {});
-      Status b = bitmap_->Flush();
-      if (!b.ok()) spdlog::error("disk {}: {}", opts_.name, b.ToString());
-    }
-  } else {
-    Status b = bitmap_->Flush();
-    if (!b.ok()) spdlog::error("disk {}: {}", opts_.name, b.ToString());
-    const int fd = opts_.image_fd;
-    const std::string_view what = image_what;
-    ring_->DataSync(std::span<const int>(&fd, 1), std::span<const std::string_view>(&what, 1),
-                    std::span<Status>(&image_status, 1));
-  }
-  {
-    std::lock_guard lk(mu_);
-    syncs_completed_ = generation;
-    ++syncs_done_;
-    if (!image_status.ok()) {
-      sync_error_generation_ = generation;
-      sync_error_ = image_status;
-    }
-  }
-  done_cv_.notify_all();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -507,61 +407,98 @@ void DiskLog::DoSync(uint64_t generation) {
 
 Status DiskLog::Flush() {
   std::unique_lock lk(mu_);
-  if (!writer_running_) {
-    lk.unlock();
-    return SyncNow();
-  }
+  // Every sync that starts after this point covers what the caller completed before it.
   const uint64_t need = syncs_started_ + 1;
-  sync_wanted_ = true;
-  work_cv_.notify_one();
-  done_cv_.wait(lk, [&] { return syncs_completed_ >= need || !writer_running_; });
-  if (syncs_completed_ < need) {
+  while (syncs_completed_ < need) {
+    if (sync_running_) {
+      sync_cv_.wait(lk);
+      continue;
+    }
+    // Become the leader of the next generation.
+    sync_running_ = true;
+    const uint64_t generation = ++syncs_started_;
+    // Records this sync covers may be in segments still being sealed.
+    done_cv_.wait(lk, [&] { return seals_.empty() && !sealing_; });
+    std::shared_ptr<Segment> seg = mode_ != Mode::kBitmap ? seg_ : nullptr;
+    DirtyBitmap* bitmap = bitmap_.get();
     lk.unlock();
-    return SyncNow();
+    bool log_failed = false;
+    Status image_status = SyncFiles(seg.get(), bitmap, &log_failed);
+    lk.lock();
+    // The log may have lost records: the caller finishes the fall back, which marks them.
+    if (log_failed) RequestFallbackLocked("log sync failed");
+    syncs_completed_ = generation;
+    sync_running_ = false;
+    ++syncs_done_;
+    if (!image_status.ok()) {
+      sync_error_generation_ = generation;
+      sync_error_ = image_status;
+    }
+    sync_cv_.notify_all();
   }
   if (sync_error_generation_ >= need) return sync_error_;
   return Status::Ok();
 }
 
-Status DiskLog::SyncNow() {
-  Mode mode;
-  DirtyBitmap* bitmap;
-  {
-    std::lock_guard lk(mu_);
-    mode = mode_;
-    bitmap = bitmap_.get();
-  }
-  Status result;
-  if (mode == Mode::kLog && seg_fd_.valid() && ::fdatasync(seg_fd_.get()) != 0) {
-    result = Status::FromErrno(errno, "fdatasync " + SegmentName());
-  }
+Status DiskLog::SyncFiles(const Segment* seg, DirtyBitmap* bitmap, bool* log_failed) {
+  *log_failed = false;
   if (bitmap != nullptr) {
-    Status s = bitmap->Flush();
-    if (!s.ok() && result.ok()) result = s;
+    Status b = bitmap->Flush();
+    if (!b.ok()) spdlog::error("disk {}: {}", opts_.name, b.ToString());
   }
-  if (::fdatasync(opts_.image_fd) != 0) {
-    return Status::FromErrno(errno, "fdatasync image of disk " + opts_.name);
+  const std::string image_what = "image of disk " + opts_.name;
+  int fds[2];
+  std::string_view whats[2];
+  Status results[2];
+  size_t n = 0;
+  if (seg != nullptr) {
+    fds[n] = seg->fd.get();
+    whats[n++] = seg->path;
   }
-  return result;
+  fds[n] = opts_.image_fd;
+  whats[n++] = image_what;
+  Result<IoRing*> ring = IoRing::ForThisThread();
+  if (ring.ok()) {
+    (*ring)->DataSync(std::span<const int>(fds, n), std::span<const std::string_view>(whats, n),
+                      std::span<Status>(results, n));
+  } else {
+    for (size_t i = 0; i < n; ++i) {
+      if (::fdatasync(fds[i]) != 0) {
+        results[i] = Status::FromErrno(errno, "fdatasync " + std::string(whats[i]));
+      }
+    }
+  }
+  if (seg != nullptr && !results[0].ok()) {
+    spdlog::error("disk {}: {}", opts_.name, results[0].ToString());
+    *log_failed = true;
+  }
+  return results[n - 1];
 }
 
 Status DiskLog::Stop() {
   {
     std::lock_guard lk(mu_);
-    if (stop_ && !writer_.joinable() && !sealer_.joinable()) return Status::Ok();
+    if (stop_ && !sealer_.joinable()) return Status::Ok();
     stop_ = true;
-  }
-  work_cv_.notify_one();
-  if (writer_.joinable()) writer_.join();
-  // The writer queues no more seals; the sealer finishes the queued ones, then exits.
-  {
-    std::lock_guard lk(mu_);
     sealer_stop_ = true;
   }
+  // The sealer finishes the queued seals, then exits.
   seal_cv_.notify_one();
   if (sealer_.joinable()) sealer_.join();
+  // No appender runs now (the caller's guarantee), which is what FinishFallback needs.
+  FinishFallback();
   if (opts_.image_fd < 0) return Status::Ok();
-  return SyncNow();
+  std::shared_ptr<Segment> seg;
+  DirtyBitmap* bitmap;
+  {
+    std::lock_guard lk(mu_);
+    if (mode_ == Mode::kLog) seg = seg_;
+    bitmap = bitmap_.get();
+  }
+  bool log_failed = false;
+  Status image = SyncFiles(seg.get(), bitmap, &log_failed);
+  if (log_failed && image.ok()) return Status::Error(EIO, "fdatasync " + seg->path + " failed");
+  return image;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -607,7 +544,7 @@ DiskStats DiskLog::Stats() const {
   s.resync_required = resync_required_;
   s.resync_reason = reason_;
   s.unshipped_bytes = mode_ == Mode::kLog ? UnshippedLocked() : 0;
-  s.last_seq = mode_ == Mode::kLog ? written_seq_ : last_seq_;
+  s.last_seq = last_seq_;
   s.last_cut_unix_nanos = last_cut_nanos_;
   if (bitmap_) {
     s.dirty_bytes = std::min(bitmap_->dirty_blocks() * DirtyBitmap::kBlockSize, opts_.size);

@@ -1,29 +1,43 @@
 // DiskLog: everything the tracker does inside one disk. VmTracker owns one per disk and
-// does the VM-wide ordering (CutLock, RangeLocks, cycles); DiskLog does the rest:
+// does the VM-wide ordering (CutLock, RangeLocks, cycles); DiskLog does the rest.
 //
-//  - the record queue: appenders (FUSE threads, holding the VM lock shared and their
-//    range locked) take a sequence number, encode their record outside the mutex and wait
-//    until the writer reports it in the segment file;
-//  - the writer thread, the only user of the disk's io_uring and open segment file: it
-//    writes the ready prefix of the queue with one gather write (records point at the
-//    callers' buffers, which stay valid because every caller waits; while one batch is in
-//    flight the next one gathers in the queue), switches to a new segment after a cut
-//    record, and runs group-commit syncs (fdatasync of segment and image, shared by every
-//    Flush that asked before it began; they wait for pending seals);
-//  - the sealer thread (with its own io_uring): makes each finished segment durable
-//    (fdatasync, close, fsync the folder) and only then publishes it as sealed, off the
-//    guest's write path;
-//  - the sealed segment list and its release;
-//  - the fall back to the dirty bitmap (budget exceeded, log I/O error, image write error,
-//    unreadable log at open): done by the writer thread (or Open), never seen by the guest.
+//  - Appends without a hand-off: an appender (a FUSE thread, holding the VM lock shared
+//    and its range locked) reserves, under mu_ for a few instructions, the next seq and
+//    the byte range [off, off + size) at the end of the open segment; then, outside the
+//    mutex, encodes its header and writes header + payload (a 2-entry iovec pointing at
+//    the caller's buffer) at off through its own thread's io_uring (IoRing::ForThisThread)
+//    and returns kLogged; the caller applies. So file order is seq order, and records are
+//    contiguous, but a later range may be complete before an earlier one: the open
+//    segment may hold holes while appenders are in flight (and after a kill -9, which
+//    recovery.h handles).
+//  - Cuts: WriteCut is called with the VM lock exclusive, so no appender is in flight and
+//    every range reserved before the cut record is fully written when the cut record is
+//    written (no hole ever precedes a cut). It writes the cut record the same way, then
+//    switches to a new segment file; the old one goes to the sealer thread (with its own
+//    ring), which makes it durable (fdatasync, close, fsync the folder) and only then
+//    publishes it as sealed, off the guest's write path.
+//  - Group commit (Flush): no thread of its own. The first caller that finds no sync in
+//    flight becomes the leader: it takes the next sync generation, waits for pending seals
+//    and fdatasyncs the open segment and the image through its ring; callers that arrive
+//    meanwhile wait, and then are covered by the next generation, which started after
+//    their call (their records were written before their apply, before the call).
+//  - The fall back to the dirty bitmap (budget exceeded, log write or sync error, failed
+//    apply, unreadable log at open) happens in two steps, because an appender holds the
+//    VM lock shared and must not wait for the others. (1) The appender that hits the cause
+//    sets mode_ to kSwitching, creates the bitmap file at once (EnsureBitmap: its existence
+//    tells the next Open to finish the fall back after a crash) and marks its own range,
+//    then returns kBitmap so the caller still applies; appenders that arrive meanwhile
+//    mark their range and skip the log. (2) FinishFallback, called by VmTracker with the
+//    VM lock exclusive (no appender in flight, as for a cut), marks the blocks of every
+//    record of the unshipped log (holes skipped), persists state.json as bitmap mode and
+//    deletes the segments. The guest never sees an error.
 //
 // Thread-safety: every public method may be called from any thread, with the preconditions
-// stated on each. Lock order: VmTracker's locks, then release_mu_, then state_mu_, then
-// mu_. The writer thread never takes a VmTracker lock, so appenders that hold one may wait
-// for it.
+// stated on each. Lock order: VmTracker's locks, then release_mu_, then bitmap_mu_, then
+// state_mu_, then mu_. No DiskLog thread takes a VmTracker lock.
 #pragma once
 
-#include <array>
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -52,7 +66,7 @@ inline constexpr uint64_t kMaxRecordPayload = 1u << 20;
 
 enum class LogOutcome {
   kLogged,    // the change's records are in the segment file
-  kBitmap,    // the disk tracks with the bitmap; the change's blocks are marked
+  kBitmap,    // the disk tracks with the bitmap (or is switching); its blocks are marked
   kShutdown,  // the log is stopped
 };
 
@@ -67,64 +81,64 @@ class DiskLog {
     std::filesystem::path log_dir;
     uint64_t log_budget = 0;          // 0: no budget
     uint64_t segment_roll_bytes = 0;  // 0: never ask for an early cut
-    // Called from the writer thread, at most once per segment, when the open segment
-    // passes segment_roll_bytes. Must not block (VmTracker wakes its cutter thread).
+    // Called from an appender, at most once per segment, when the open segment passes
+    // segment_roll_bytes. Must not block (VmTracker wakes its cutter thread).
     std::function<void()> request_cut;
   };
 
-  // One record on its way to the segment file. Its owner (an appender, or Cut) keeps it
-  // alive until its state is no longer kPending; the writer reads it until then.
-  struct Entry {
-    enum class State { kPending, kLogged, kBitmap };
-    RecordKind kind = RecordKind::kWrite;
-    uint64_t seq = 0;
-    uint64_t offset = 0;  // write / discard: the disk range the record covers
-    uint64_t length = 0;
-    uint64_t cycle = 0;  // cut only
+  // A cut record written by WriteCut, until its segment is sealed (or dropped).
+  struct CutTicket {
+    enum class State { kSealing, kSealed, kDropped };
+    uint64_t cycle = 0;
     int64_t unix_nanos = 0;
-    std::array<std::byte, kHeaderSize + kCutPayloadSize> head{};  // header (+ cut payload)
-    size_t head_size = kHeaderSize;
-    std::span<const std::byte> payload;  // write data, borrowed from the caller
-    bool ready = false;                  // encoded; guarded by mu_
-    State state = State::kPending;       // guarded by mu_
-    // Notified when state leaves kPending: one of the DiskLog's waiter slots (never freed
-    // while the log lives, so it may be notified after the lock is released); null for
-    // entries nobody waits on individually.
-    std::condition_variable* waiter = nullptr;
-    uint64_t size() const { return head_size + payload.size(); }
+    uint64_t seq = 0;
+    State state = State::kSealing;  // guarded by mu_
   };
 
   // Opens the log folder (created if missing; locked against a second tracker), recovers
-  // it (recovery.h) or reopens the bitmap, and starts the writer thread.
+  // it (recovery.h) or reopens the bitmap (finishing a fall back a crash interrupted), and
+  // starts the sealer thread.
   static Result<std::unique_ptr<DiskLog>> Open(Options options);
   ~DiskLog();  // Stop()s if needed
   DiskLog(const DiskLog&) = delete;
   DiskLog& operator=(const DiskLog&) = delete;
 
   // Records a change. The caller holds the VM lock shared and the range locked, and calls
-  // apply only after this returns kLogged or kBitmap.
+  // apply only after this returns kLogged or kBitmap; then, with no lock held, it calls
+  // FinishFallback (VM lock exclusive) if fallback_pending().
   LogOutcome AppendWrite(uint64_t offset, std::span<const std::byte> data);
   LogOutcome AppendDiscard(uint64_t offset, uint64_t length);
   // The apply of a logged change failed, so the image may not hold what the log says:
-  // fall back to the bitmap (resync will reconcile). Same caller context as Append*.
+  // start the fall back to the bitmap (resync will reconcile). Same caller context as
+  // Append*.
   void ApplyFailed(const Status& status, uint64_t offset, uint64_t length);
 
-  // Queues a cut record behind every change so far. The caller holds the VM lock
-  // exclusively. Returns null when the disk is not logging (bitmap mode, stopped).
-  std::unique_ptr<Entry> EnqueueCut(uint64_t cycle, int64_t unix_nanos);
-  // Waits until the writer has sealed the segment at cut (true), or the disk fell back to
-  // the bitmap instead (false). Call without the VM lock.
-  bool WaitSealed(Entry& cut);
+  // A fall back was started and FinishFallback has not run yet.
+  bool fallback_pending() const { return fallback_pending_.load(std::memory_order_acquire); }
+  // Second step of the fall back (see above). The caller holds the VM lock exclusively.
+  // No-op when none is pending.
+  void FinishFallback();
+
+  // Writes a cut record behind every change so far and switches to a new segment; the old
+  // one is sealed in the background. The caller holds the VM lock exclusively. Returns
+  // null when the disk is not logging (bitmap mode, stopped, or the write failed: then it
+  // has fallen back).
+  std::unique_ptr<CutTicket> WriteCut(uint64_t cycle, int64_t unix_nanos);
+  // Waits until the segment ending at cut is sealed (true), or was dropped by a fall back
+  // (false). Call without the VM lock.
+  bool WaitSealed(CutTicket& cut);
   // A write or discard was logged since the last cut.
   bool ChangedSinceCut() const;
   uint64_t last_cycle() const;
   int64_t last_cut_unix_nanos() const;
 
   // Group commit: returns when every record appended and every change applied before the
-  // call are durable (log and image, or bitmap and image). The Status is the image's.
+  // call are durable (log and image, or bitmap and image). The Status is the image's. If
+  // the log sync fails, a fall back is started (the caller finishes it, then flushes again).
   Status Flush();
-  // Stops the writer once the queue is empty and syncs log and image. Idempotent. The
-  // caller guarantees no Append* after it (VmTracker refuses changes once closed).
+  // Stops the sealer once the queued seals are done and syncs log and image. Idempotent.
+  // The caller guarantees that no Append* or WriteCut runs during or after it (VmTracker
+  // refuses changes once closed).
   Status Stop();
 
   std::vector<SealedSegment> SealedSegments() const;
@@ -133,108 +147,118 @@ class DiskLog {
   DiskStats Stats() const;
 
  private:
+  // kSwitching: a fall back is pending (step 1 done or under way, FinishFallback not yet).
   enum class Mode { kLog, kSwitching, kBitmap };
 
-  explicit DiskLog(Options options);
-  Status Init();
-  Status OpenLogMode(const DiskState& state);
-  LogOutcome Append(std::span<Entry> entries, uint64_t offset, uint64_t length);
-  void RequestFallbackLocked(std::string reason);
-  // Sets e's final state and wakes its waiter. mu_ must be held.
-  static void CompleteLocked(Entry* e, Entry::State state) {
-    e->state = state;
-    if (e->waiter != nullptr) e->waiter->notify_all();
-  }
-
-  // Writer thread.
-  void WriterLoop();
-  void WriteBatch(std::vector<Entry*>& batch, std::vector<iovec>& iov);
-  void Seal(Entry* cut);
-  // Sealer thread.
-  void SealerLoop();
-  void DoSync(uint64_t generation);
-  void FallBack(const std::string& reason, std::span<Entry* const> unlogged);
-
-  // Makes the bitmap, marks the blocks of the log (all blocks if mark_all) and of extra,
-  // persists the bitmap state and deletes the segments. Never fails: problems are logged
-  // and tracking carries on with what it has. mode_ must be kSwitching.
+  // A segment file appenders write to. The fd and path are fixed for its life; it is
+  // shared with a Flush leader or the sealer, which may still sync it after a cut or a
+  // fall back has moved on.
+  struct Segment {
+    UniqueFd fd;
+    uint64_t number = 0;
+    std::string path;
+  };
   struct Range {
     uint64_t offset;
     uint64_t length;
   };
-  std::unique_ptr<DirtyBitmap> DropLog(bool mark_all, std::span<const Range> extra);
+  // One record on its way to the file: its header, and the payload it borrows.
+  struct Record {
+    RecordKind kind = RecordKind::kWrite;
+    uint64_t seq = 0;
+    uint64_t offset = 0;
+    uint64_t length = 0;
+    std::span<const std::byte> payload;
+    std::byte head[kHeaderSize + kCutPayloadSize];
+    size_t head_size = kHeaderSize;
+    uint64_t size() const { return head_size + payload.size(); }
+  };
+
+  explicit DiskLog(Options options);
+  Status Init();
+  Status OpenLogMode(const DiskState& state);
+  LogOutcome Append(std::span<Record> records, uint64_t offset, uint64_t length);
+  // Writes the records (consecutive, starting at file offset at) into seg.
+  Status WriteRecords(const Segment& seg, std::span<Record> records, uint64_t at);
+  // Step 1 of the fall back: mode_ kLog -> kSwitching, with the reason. mu_ must be held.
+  void RequestFallbackLocked(std::string reason);
+  // Marks [offset, offset + length) without the log: in the bitmap, or in pending_ranges_
+  // and then EnsureBitmap. Unlocks lk (which holds mu_).
+  void MarkWithoutLog(std::unique_lock<std::mutex>& lk, uint64_t offset, uint64_t length);
+  // Creates (or opens) the bitmap if it does not exist yet, marking pending_ranges_.
+  void EnsureBitmap();
+  // Sealer thread.
+  void SealerLoop();
+  // Syncs what the mode needs (segment, bitmap, image); returns the image's status and
+  // sets *log_failed when the segment's sync failed.
+  Status SyncFiles(const Segment* seg, DirtyBitmap* bitmap, bool* log_failed);
+
+  // Marks the blocks of every record of the log (all blocks if mark_all) in bitmap,
+  // persists the bitmap state and deletes the segments. Never fails: problems are logged
+  // and tracking carries on with what it has. mode_ must not be kLog.
+  void DropLog(DirtyBitmap& bitmap, bool mark_all);
+  std::unique_ptr<DirtyBitmap> OpenBitmap();
   Status PersistState();
-  Status SyncNow();
-  uint64_t UnshippedLocked() const {
-    return sealed_bytes_ + sealing_bytes_ + open_bytes_ + queued_bytes_;
-  }
-  std::string SegmentName() const;
+  uint64_t UnshippedLocked() const { return sealed_bytes_ + sealing_bytes_ + open_bytes_; }
 
   const Options opts_;
   UniqueFd lock_fd_;  // flock on "<log dir>/LOCK" while open
 
-  // Writer-thread state (touched by Init before the thread starts and after it is joined).
-  std::unique_ptr<IoRing> ring_;
-  UniqueFd seg_fd_;            // the open segment
-  uint64_t write_offset_ = 0;  // its size
-  std::thread writer_;
-
-  // A segment handed from the writer to the sealer thread: complete (it ends in the cut
+  // A segment handed from WriteCut to the sealer thread: complete (it ends in the cut
   // record), but not yet durable or published.
   struct PendingSeal {
-    UniqueFd fd;
+    std::shared_ptr<Segment> seg;
     SealedSegment segment;
-    Entry* cut = nullptr;
+    CutTicket* cut = nullptr;
   };
   std::unique_ptr<IoRing> sealer_ring_;  // used only by the sealer thread
   std::thread sealer_;
 
   // Serialises ReleaseThrough against itself and against DropLog's scan of the folder.
   std::mutex release_mu_;
+  // Serialises the creation of the bitmap (EnsureBitmap, and FinishFallback's use of it).
+  std::mutex bitmap_mu_;
   // Serialises writes of state.json.
   std::mutex state_mu_;
 
+  // Mirrors mode_ == kSwitching, so the write path can check it without mu_.
+  std::atomic<bool> fallback_pending_{false};
+
   // Protects everything below.
   mutable std::mutex mu_;
-  std::condition_variable work_cv_;  // the writer waits for work
-  std::condition_variable done_cv_;  // Flush, cuts, seals and mode changes are waited for here
-  // Appenders wait on the slot of their last record's seq, so that a batch wakes only its
-  // own appenders (a few others may share a slot and wake spuriously).
-  static constexpr size_t kWaiterSlots = 64;
-  std::array<std::condition_variable, kWaiterSlots> waiter_slots_;
-  std::vector<std::condition_variable*> to_wake_;  // writer thread only
+  std::condition_variable done_cv_;  // seals and mode changes are waited for here
+  std::condition_variable sync_cv_;  // Flush callers wait here for the leader's sync
   Mode mode_ = Mode::kLog;
   bool resync_required_ = false;
   std::string reason_;
-  std::string fallback_request_;         // non-empty: the writer should fall back (why)
-  std::unique_ptr<DirtyBitmap> bitmap_;  // set once, with mode_ = kBitmap; never reset
-  std::deque<Entry*> queue_;             // in seq order; the writer takes the ready prefix
-  uint64_t last_seq_ = 0;                // last seq given out
-  uint64_t written_seq_ = 0;             // last seq in the segment file
-  uint64_t last_cut_seq_ = 0;
-  uint64_t queued_bytes_ = 0;  // of entries queued or being written
-  uint64_t open_bytes_ = 0;    // written to the open segment
+  std::unique_ptr<DirtyBitmap> bitmap_;  // set once (kSwitching or kBitmap); never reset
+  std::vector<Range> pending_ranges_;    // kSwitching, before the bitmap exists
+  // The open segment; replaced only with the VM lock exclusive (WriteCut, FinishFallback),
+  // so an appender may use the one it reserved in after unlocking mu_. Null in bitmap mode.
+  std::shared_ptr<Segment> seg_;
+  uint64_t open_bytes_ = 0;  // reserved in the open segment: the next record goes there
   uint64_t open_first_seq_ = 0;
-  uint64_t open_number_ = 0;
+  uint64_t last_seq_ = 0;  // last seq given out
+  uint64_t last_cut_seq_ = 0;
   uint64_t sealed_bytes_ = 0;
   std::deque<SealedSegment> sealed_;
   std::condition_variable seal_cv_;  // the sealer waits for seals_
-  std::deque<PendingSeal> seals_;    // from the writer to the sealer, in segment order
+  std::deque<PendingSeal> seals_;    // from WriteCut to the sealer, in segment order
   bool sealing_ = false;             // the sealer holds one taken from seals_
   bool sealer_stop_ = false;
   uint64_t sealing_bytes_ = 0;  // of segments in seals_ or being sealed
   DiskState floors_;            // numbering floors: released and dropped segments
+  uint64_t last_segment_ = 0;   // number of the open segment (or the last one, in bitmap mode)
   uint64_t last_cycle_ = 0;
   int64_t last_cut_nanos_ = 0;
   bool roll_requested_ = false;
-  bool sync_wanted_ = false;
+  bool sync_running_ = false;   // a Flush leader is syncing
   uint64_t syncs_started_ = 0;  // generations: a Flush waits for one started after it
   uint64_t syncs_completed_ = 0;
   uint64_t sync_error_generation_ = 0;  // the last generation whose image sync failed
   Status sync_error_;
   uint64_t syncs_done_ = 0;  // for DiskStats::flush_syncs
   bool stop_ = false;
-  bool writer_running_ = false;
 };
 
 }  // namespace siterep::tracker

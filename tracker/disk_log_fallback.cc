@@ -14,66 +14,70 @@
 namespace siterep::tracker {
 namespace fs = std::filesystem;
 
-void DiskLog::FallBack(const std::string& reason, std::span<Entry* const> unlogged) {
-  std::vector<Entry*> pending(unlogged.begin(), unlogged.end());
+void DiskLog::FinishFallback() {
+  if (!fallback_pending()) return;
+  std::vector<CutTicket*> dropped;
+  std::string reason;
   {
     std::lock_guard lk(mu_);
-    if (mode_ != Mode::kLog) {
-      // Already tracking with the bitmap: the callers mark their own blocks.
-      for (Entry* e : pending) CompleteLocked(e, Entry::State::kBitmap);
-      done_cv_.notify_all();
-      return;
-    }
-    mode_ = Mode::kSwitching;
-    resync_required_ = true;
-    reason_ = reason;
-    fallback_request_.clear();
-    pending.insert(pending.end(), queue_.begin(), queue_.end());
-    queue_.clear();
+    if (mode_ != Mode::kSwitching) return;
+    reason = reason_;
     // Segments waiting for the sealer are dropped with the rest; their cuts did not seal.
     // (One the sealer is working on sees the mode when it is done.)
-    for (PendingSeal& p : seals_) pending.push_back(p.cut);
+    for (PendingSeal& p : seals_) dropped.push_back(p.cut);
     seals_.clear();
   }
   spdlog::warn("disk {}: change log dropped, tracking with the dirty bitmap (resync required): {}",
                opts_.name, reason);
-  std::vector<Range> extra;
-  for (Entry* e : pending) {
-    if (e->kind != RecordKind::kCut) extra.push_back(Range{e->offset, e->length});
-  }
-  std::unique_ptr<DirtyBitmap> bitmap = DropLog(/*mark_all=*/false, extra);
+  // The bitmap usually exists already (step 1), unless the cause was a sync or a seal.
+  EnsureBitmap();
+  DirtyBitmap* bitmap;
   {
     std::lock_guard lk(mu_);
-    bitmap_ = std::move(bitmap);
+    bitmap = bitmap_.get();
+  }
+  DropLog(*bitmap, /*mark_all=*/false);
+  {
+    std::lock_guard lk(mu_);
     mode_ = Mode::kBitmap;
+    fallback_pending_.store(false, std::memory_order_release);
+    seg_.reset();
     sealed_.clear();
-    sealed_bytes_ = sealing_bytes_ = open_bytes_ = queued_bytes_ = 0;
+    sealed_bytes_ = sealing_bytes_ = open_bytes_ = 0;
     open_first_seq_ = 0;
-    for (Entry* e : pending) CompleteLocked(e, Entry::State::kBitmap);
+    for (CutTicket* c : dropped) c->state = CutTicket::State::kDropped;
   }
   done_cv_.notify_all();
 }
 
-std::unique_ptr<DirtyBitmap> DiskLog::DropLog(bool mark_all, std::span<const Range> extra) {
-  std::lock_guard release(release_mu_);
+std::unique_ptr<DirtyBitmap> DiskLog::OpenBitmap() {
   const fs::path bitmap_path = opts_.log_dir / kBitmapFileName;
-  std::unique_ptr<DirtyBitmap> bitmap;
   Result<std::unique_ptr<DirtyBitmap>> opened = DirtyBitmap::Open(bitmap_path, opts_.size);
-  if (opened.ok()) {
-    bitmap = std::move(*opened);
-  } else {
-    spdlog::error("disk {}: cannot keep a dirty bitmap file, tracking in memory only: {}",
-                  opts_.name, opened.status().ToString());
-    bitmap = DirtyBitmap::InMemory(opts_.size);
-  }
+  if (opened.ok()) return std::move(*opened);
+  spdlog::error("disk {}: cannot keep a dirty bitmap file, tracking in memory only: {}", opts_.name,
+                opened.status().ToString());
+  return DirtyBitmap::InMemory(opts_.size);
+}
 
+void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
+  std::lock_guard release(release_mu_);
   // Every block that a record of the unshipped log touches is dirty: those records will
   // never be shipped now. The scan also finds the highest numbers, which state.json keeps
   // as floors once the segments are gone.
-  if (mark_all) bitmap->MarkAll();
+  if (mark_all) bitmap.MarkAll();
   uint64_t max_seq = 0;
   uint64_t max_cycle = 0;
   uint64_t max_segment = 0;
+  auto take = [&](const RecordHeader& h, std::span<const std::byte> payload) {
+    max_seq = std::max(max_seq, h.seq);
+    if (h.kind == RecordKind::kCut) {
+      if (payload.size() >= kCutPayloadSize) {
+        max_cycle = std::max(max_cycle, DecodeCutPayload(payload.first<kCutPayloadSize>()).cycle);
+      }
+    } else if (!mark_all) {
+      bitmap.MarkRange(h.offset, h.length);
+    }
+  };
   Result<LogScanner> scanner = LogScanner::Open(opts_.log_dir);
   Status scan_status = scanner.status();
   if (scanner.ok() && !scanner->segments().empty()) max_segment = scanner->segments().back().number;
@@ -85,33 +89,42 @@ std::unique_ptr<DirtyBitmap> DiskLog::DropLog(bool mark_all, std::span<const Ran
       break;
     }
     if (!*more) break;
-    max_seq = std::max(max_seq, rec.header.seq);
-    if (rec.header.kind == RecordKind::kCut) {
-      max_cycle = std::max(max_cycle, DecodeCutPayload(rec.payload.first<kCutPayloadSize>()).cycle);
-    } else if (!mark_all) {
-      bitmap->MarkRange(rec.header.offset, rec.header.length);
+    take(rec.header, rec.payload);
+  }
+  if (scan_status.ok() && scanner->torn_tail() && !mark_all) {
+    // The open segment may have holes (failed or unfinished appends): the records after
+    // them reached the log, and maybe the image, so they count too.
+    const TornTail& torn = *scanner->torn_tail();
+    Result<std::vector<FoundRecord>> found = FindRecordsPastHoles(
+        SegmentPath(opts_.log_dir, torn.segment), torn.file_offset, opts_.disk_id, 0);
+    if (found.ok()) {
+      for (const FoundRecord& f : *found) take(f.header, {});
+    } else {
+      scan_status = found.status();
     }
   }
   if (!scan_status.ok() && !mark_all) {
     spdlog::error("disk {}: cannot read the change log to mark its blocks, marking all: {}",
                   opts_.name, scan_status.ToString());
-    bitmap->MarkAll();
+    bitmap.MarkAll();
   }
   {
     std::lock_guard lk(mu_);
     last_seq_ = std::max(last_seq_, max_seq);
     last_cycle_ = std::max(last_cycle_, max_cycle);
-    open_number_ = std::max(open_number_, max_segment);
+    last_segment_ = std::max(last_segment_, max_segment);
   }
-  for (const Range& r : extra) bitmap->MarkRange(r.offset, r.length);
-  Status flushed = bitmap->Flush();
+  Status flushed = bitmap.Flush();
   if (!flushed.ok()) spdlog::error("disk {}: {}", opts_.name, flushed.ToString());
 
   // Crash order: bitmap (its file marks the switch), then state.json, then the segments.
   // Without a bitmap file, delete first: the segments may be what fills the folder, and a
   // state.json saying "bitmap" with no bitmap file marks every block at the next start.
   auto delete_segments = [&] {
-    seg_fd_.Reset();
+    {
+      std::lock_guard lk(mu_);
+      seg_.reset();  // a Flush leader may still hold it; the file goes anyway
+    }
     Result<std::vector<SegmentFile>> files = ListSegments(opts_.log_dir);
     if (!files.ok()) {
       spdlog::error("disk {}: {}", opts_.name, files.status().ToString());
@@ -125,7 +138,7 @@ std::unique_ptr<DirtyBitmap> DiskLog::DropLog(bool mark_all, std::span<const Ran
     Status s = SyncDir(opts_.log_dir);
     if (!s.ok()) spdlog::error("disk {}: {}", opts_.name, s.ToString());
   };
-  if (bitmap->persistent()) {
+  if (bitmap.persistent()) {
     Status s = PersistState();
     if (!s.ok()) spdlog::error("disk {}: {}", opts_.name, s.ToString());
     delete_segments();
@@ -134,7 +147,6 @@ std::unique_ptr<DirtyBitmap> DiskLog::DropLog(bool mark_all, std::span<const Ran
     Status s = PersistState();
     if (!s.ok()) spdlog::error("disk {}: {}", opts_.name, s.ToString());
   }
-  return bitmap;
 }
 
 Status DiskLog::PersistState() {
@@ -152,7 +164,7 @@ Status DiskLog::PersistState() {
       // No segment will remain to carry the numbers.
       st.last_cycle = std::max(st.last_cycle, last_cycle_);
       st.last_seq = std::max(st.last_seq, last_seq_);
-      st.last_segment = std::max(st.last_segment, open_number_);
+      st.last_segment = std::max(st.last_segment, last_segment_);
     }
   }
   return SaveDiskState(opts_.log_dir, st);

@@ -21,24 +21,39 @@ void BackOff(int attempt) {
 
 }  // namespace
 
+// Checks once per process that the kernel supports every opcode we use.
+static Status ProbeOpcodes() {
+  static const Status probed = [] {
+    io_uring_probe* probe = io_uring_get_probe();
+    if (probe == nullptr) return Status::Error(ENOSYS, "the kernel cannot probe io_uring opcodes");
+    const bool writev = io_uring_opcode_supported(probe, IORING_OP_WRITEV);
+    const bool fsync = io_uring_opcode_supported(probe, IORING_OP_FSYNC);
+    io_uring_free_probe(probe);
+    if (!writev || !fsync) {
+      return Status::Error(ENOSYS, std::string("the kernel's io_uring lacks ") +
+                                       (!writev ? "IORING_OP_WRITEV" : "IORING_OP_FSYNC"));
+    }
+    return Status::Ok();
+  }();
+  return probed;
+}
+
 Result<std::unique_ptr<IoRing>> IoRing::Create(std::string_view owner) {
+  Status probed = ProbeOpcodes();
+  if (!probed.ok()) return probed.WithContext(std::string(owner));
   std::unique_ptr<IoRing> ring(new IoRing());
   int rc = io_uring_queue_init(kRingEntries, &ring->ring_, 0);
   if (rc < 0) return Status::FromErrno(-rc, std::string(owner) + ": io_uring_queue_init");
   ring->initialized_ = true;
-
-  io_uring_probe* probe = io_uring_get_probe_ring(&ring->ring_);
-  if (probe == nullptr) {
-    return Status::Error(ENOSYS, std::string(owner) + ": the kernel cannot probe io_uring opcodes");
-  }
-  const bool writev = io_uring_opcode_supported(probe, IORING_OP_WRITEV);
-  const bool fsync = io_uring_opcode_supported(probe, IORING_OP_FSYNC);
-  io_uring_free_probe(probe);
-  if (!writev || !fsync) {
-    return Status::Error(ENOSYS, std::string(owner) + ": the kernel's io_uring lacks " +
-                                     (!writev ? "IORING_OP_WRITEV" : "IORING_OP_FSYNC"));
-  }
   return ring;
+}
+
+Result<IoRing*> IoRing::ForThisThread() {
+  thread_local std::unique_ptr<IoRing> ring;
+  if (!ring) {
+    SR_ASSIGN_OR_RETURN(ring, Create("change log ring of this thread"));
+  }
+  return ring.get();
 }
 
 IoRing::~IoRing() {
@@ -83,7 +98,11 @@ Status IoRing::WriteAll(int fd, std::span<iovec> iov, uint64_t offset, std::stri
     io_uring_prep_writev(sqe, fd, &iov[first], count, offset);
     const uint64_t want = ++next_tag_;
     io_uring_sqe_set_data64(sqe, want);
-    int rc = io_uring_submit(&ring_);
+    // One system call submits and waits (a buffered write usually completes inline).
+    int rc;
+    do {
+      rc = io_uring_submit_and_wait(&ring_, 1);
+    } while (rc == -EINTR);
     if (rc < 0) return Status::FromErrno(-rc, "io_uring_submit (write " + std::string(what) + ")");
     uint64_t tag = 0;
     int res = 0;

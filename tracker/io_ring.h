@@ -1,8 +1,10 @@
-// IoRing: the io_uring of one change-log writer thread, with the two operations the
-// writer needs: write a gather list completely, and fdatasync several files at once.
+// IoRing: a small io_uring with the two operations the change log needs: write a gather
+// list completely, and fdatasync several files at once.
 //
-// One owner: created before the writer thread starts, then used only by that thread
-// (a ring is never shared between threads). Both calls block until their completions
+// One ring per thread, never shared: appenders (FUSE threads), cutters and group-commit
+// leaders each use their own thread's ring through IoRing::ForThisThread(), created on the
+// thread's first use; the sealer thread owns one made with Create(). The kernel's support
+// for the opcodes is probed once per process. Both calls block until their completions
 // are in, handling every completion fully: a negative result is an error Status with
 // context, -EINTR and -EAGAIN are resubmitted, a short write is resubmitted for the rest.
 #pragma once
@@ -24,6 +26,8 @@ class IoRing {
   // Creates a ring and checks that the kernel supports IORING_OP_WRITEV and
   // IORING_OP_FSYNC; fails with a message naming what is missing.
   static Result<std::unique_ptr<IoRing>> Create(std::string_view owner);
+  // The calling thread's ring, created on first use (and destroyed at thread exit).
+  static Result<IoRing*> ForThisThread();
   ~IoRing();
   IoRing(const IoRing&) = delete;
   IoRing& operator=(const IoRing&) = delete;

@@ -1,10 +1,12 @@
 // The two locks that order guest changes in VmTracker.
 //
 // CutLock: the VM-wide reader/writer lock. Every change holds it shared from "take a
-// sequence number" until its apply returns; Cut() holds it exclusively while it appends
-// the cut record to every disk. It prefers the cutter: once Cut() waits, new changes wait
-// behind it, so a steady stream of overlapping guest writes cannot starve the cycle timer
-// (glibc's default rwlock, behind std::shared_mutex, prefers readers). Not recursive.
+// sequence number" until its apply returns; Cut() holds it exclusively while it writes
+// the cut record to every disk, and so does the last step of a disk's fall back to the
+// bitmap (no change in flight, so no record is half written). It prefers the cutter:
+// once Cut() waits, new changes wait behind it, so a steady stream of overlapping guest
+// writes cannot starve the cycle timer (glibc's default rwlock, behind std::shared_mutex,
+// prefers readers). Not recursive.
 //
 // RangeLocks: per disk, serialise changes whose byte ranges overlap, so that overlapping
 // changes reach the image in the same order as their records reach the log, while

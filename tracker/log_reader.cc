@@ -200,4 +200,62 @@ Result<bool> LogScanner::Next(ScannedRecord* out) {
   }
 }
 
+// ---------------------------------------------------------------------------------------
+// Holes in the open segment
+
+namespace {
+
+// Offset of the first record magic at or after pos in a file of size bytes, if any.
+Result<std::optional<uint64_t>> FindMagic(int fd, const std::filesystem::path& path, uint64_t pos,
+                                          uint64_t size) {
+  constexpr size_t kChunk = 1u << 20;
+  std::byte magic[4];
+  for (int i = 0; i < 4; ++i) magic[i] = static_cast<std::byte>((kRecordMagic >> (8 * i)) & 0xff);
+  std::vector<std::byte> buf(kChunk + sizeof(magic) - 1);
+  while (pos + kHeaderSize <= size) {
+    const size_t want = static_cast<size_t>(std::min<uint64_t>(buf.size(), size - pos));
+    SR_RETURN_IF_ERROR(PReadAll(fd, buf.data(), want, pos, path.string()));
+    const void* hit = ::memmem(buf.data(), want, magic, sizeof(magic));
+    if (hit != nullptr) {
+      return std::optional<uint64_t>(pos + (static_cast<const std::byte*>(hit) - buf.data()));
+    }
+    if (want < buf.size()) break;  // searched to the end
+    pos += kChunk;                 // the last 3 bytes are searched again with the next chunk
+  }
+  return std::optional<uint64_t>();
+}
+
+}  // namespace
+
+Result<std::vector<FoundRecord>> FindRecordsPastHoles(const std::filesystem::path& path,
+                                                      uint64_t from, uint32_t disk_id,
+                                                      uint64_t after_seq) {
+  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(path, O_RDONLY));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path.string());
+  const uint64_t size = static_cast<uint64_t>(st.st_size);
+  std::vector<FoundRecord> found;
+  uint64_t last_seq = after_seq;
+  uint64_t pos = from;  // the next offset that may start a record
+  while (pos + kHeaderSize <= size) {
+    SR_ASSIGN_OR_RETURN(std::optional<uint64_t> candidate, FindMagic(fd.get(), path, pos, size));
+    if (!candidate) break;
+    SR_ASSIGN_OR_RETURN(SegmentReader reader, SegmentReader::Open(path, *candidate));
+    bool any = false;
+    for (;;) {
+      ParsedRecord rec;
+      SR_ASSIGN_OR_RETURN(ReadStatus rs, reader.Next(&rec));
+      if (rs != ReadStatus::kRecord || rec.header.disk_id != disk_id ||
+          rec.header.seq <= last_seq) {
+        break;
+      }
+      found.push_back(FoundRecord{reader.offset() - rec.size, rec.size, rec.header});
+      last_seq = rec.header.seq;
+      any = true;
+    }
+    pos = any ? reader.offset() : *candidate + 1;
+  }
+  return found;
+}
+
 }  // namespace siterep::tracker

@@ -135,6 +135,60 @@ Status TruncateTornTail(const RecoveryInput& in, const SegmentFile& file, const 
   return Status::Ok();
 }
 
+// Rewrites the open segment as its good prefix [0, keep) followed by the records found past
+// holes, renumbered from first_seq on (they were never shipped, so renumbering is safe).
+// The new file is built beside the segment and renamed over it, so a crash during the
+// rewrite leaves either the old file (recovered again the same way) or the new one; an
+// in-place rewrite could leave stale copies of moved records behind the new tail.
+Result<uint64_t> CompactPastHoles(const RecoveryInput& in, const SegmentFile& file, uint64_t keep,
+                                  const std::vector<FoundRecord>& found, uint64_t first_seq) {
+  fs::path tmp = file.path;
+  tmp += ".compact";
+  SR_ASSIGN_OR_RETURN(UniqueFd src, OpenFile(file.path, O_RDONLY));
+  SR_ASSIGN_OR_RETURN(UniqueFd dst, OpenFile(tmp, O_WRONLY | O_CREAT | O_TRUNC, 0644));
+  uint64_t out = 0;
+  std::vector<std::byte> buf(1u << 20);
+  while (out < keep) {
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(buf.size(), keep - out));
+    SR_RETURN_IF_ERROR(PReadAll(src.get(), buf.data(), n, out, file.path.string()));
+    SR_RETURN_IF_ERROR(PWriteAll(dst.get(), buf.data(), n, out, tmp.string()));
+    out += n;
+  }
+  uint64_t seq = first_seq;
+  for (const FoundRecord& f : found) {
+    SR_ASSIGN_OR_RETURN(SegmentReader reader, SegmentReader::Open(file.path, f.file_offset));
+    ParsedRecord rec;
+    SR_ASSIGN_OR_RETURN(ReadStatus st, reader.Next(&rec));
+    if (st != ReadStatus::kRecord) {
+      return Status::Error(EIO, file.path.string() + " changed during recovery at offset " +
+                                    std::to_string(f.file_offset));
+    }
+    RecordHeader h = rec.header;
+    h.seq = seq++;
+    std::byte head[kHeaderSize];
+    EncodeHeader(h, rec.payload, std::span<std::byte, kHeaderSize>(head, kHeaderSize));
+    SR_RETURN_IF_ERROR(PWriteAll(dst.get(), head, kHeaderSize, out, tmp.string()));
+    SR_RETURN_IF_ERROR(PWriteAll(dst.get(), rec.payload.data(), rec.payload.size(),
+                                 out + kHeaderSize, tmp.string()));
+    out += kHeaderSize + rec.payload.size();
+  }
+  if (::fdatasync(dst.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp.string());
+  if (::rename(tmp.c_str(), file.path.c_str()) != 0) {
+    return Status::FromErrno(errno, "rename " + tmp.string() + " to " + file.path.string());
+  }
+  SR_RETURN_IF_ERROR(SyncDir(in.log_dir));
+  const uint64_t tail = found.back().file_offset + found.back().size;
+  if (tail < file.size) {
+    spdlog::warn("disk {}: dropping the torn tail of {}: {} bytes from offset {}", in.disk_name,
+                 file.path.string(), file.size - tail, tail);
+  }
+  spdlog::warn(
+      "disk {}: {} had holes from offset {} (appends that never finished): kept {} "
+      "complete records after them, renumbered from seq {}; {} bytes dropped",
+      in.disk_name, file.path.string(), keep, found.size(), first_seq, file.size - out);
+  return out;
+}
+
 // Redoes the records in [from, to) of the segment into the image.
 Result<uint64_t> Redo(const RecoveryInput& in, const SegmentFile& file, uint64_t from,
                       uint64_t to) {
@@ -182,6 +236,13 @@ Result<uint64_t> CreateSegment(const fs::path& log_dir, uint64_t number) {
 
 Result<RecoveredLog> RecoverLog(const RecoveryInput& in) {
   SR_ASSIGN_OR_RETURN(std::vector<SegmentFile> files, ListSegments(in.log_dir));
+  if (!files.empty()) {
+    // Left by a crash during CompactPastHoles; the segment itself is still the old one.
+    fs::path tmp = files.back().path;
+    tmp += ".compact";
+    std::error_code ec;
+    fs::remove(tmp, ec);
+  }
   RecoveredLog r;
   r.last_seq = in.floors.last_seq;
   r.last_cut_seq = in.floors.last_seq;
@@ -214,10 +275,25 @@ Result<RecoveredLog> RecoverLog(const RecoveryInput& in) {
     r.sealed.push_back(std::move(info->segment));
   }
 
-  const SegmentFile& last = files.back();
+  SegmentFile last = files.back();
   std::optional<uint64_t> expected_seq;
   if (sealed_status.ok() && !r.sealed.empty()) expected_seq = r.sealed.back().last_seq + 1;
   SR_ASSIGN_OR_RETURN(TailScan scan, ScanLastSegment(in, last, expected_seq));
+  if (!scan.torn_why.empty()) {
+    // Appenders write their reserved ranges concurrently, so a bad record may be a hole
+    // with complete records after it, whose image writes may have happened: keep those.
+    // (Not before the last cut: a cut is written only when every earlier range is.)
+    const uint64_t good_seq = scan.records > 0 ? scan.last_seq
+                              : expected_seq   ? *expected_seq - 1
+                                               : in.floors.last_seq;
+    SR_ASSIGN_OR_RETURN(std::vector<FoundRecord> found,
+                        FindRecordsPastHoles(last.path, scan.valid_end, in.disk_id, good_seq));
+    if (!found.empty()) {
+      SR_ASSIGN_OR_RETURN(last.size,
+                          CompactPastHoles(in, last, scan.valid_end, found, good_seq + 1));
+      SR_ASSIGN_OR_RETURN(scan, ScanLastSegment(in, last, expected_seq));
+    }
+  }
   if (scan.valid_end < last.size) {
     SR_RETURN_IF_ERROR(TruncateTornTail(in, last, scan));
     r.truncated_bytes = last.size - scan.valid_end;

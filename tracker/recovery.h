@@ -1,7 +1,15 @@
 // Recovery of one disk's change log when the tracker opens it (after a clean stop, a
 // kill -9 or a crash):
-//  1. the last segment (the one that was open) is scanned; at the first short record, bad
-//     CRC or out-of-sequence record the file is truncated (the torn tail; logged);
+//  1. the last segment (the one that was open) is scanned. Appenders write their records
+//     concurrently into ranges reserved in seq order, so after a kill -9 the segment may
+//     hold holes: ranges never (or partly) written, with complete records after them. At
+//     the first short, bad or out-of-sequence record, the rest of the file is searched for
+//     complete records of this disk with greater seqs (FindRecordsPastHoles). Those are
+//     kept: their image writes may have happened. The holes are dropped: their records'
+//     image writes never started (a record is written before its apply). If any are kept,
+//     the segment is rewritten compactly (good prefix, then the kept records renumbered to
+//     consecutive seqs; unshipped, so renumbering is safe) by write-then-rename; otherwise
+//     it is truncated at the first bad record (the torn tail). Both are logged;
 //  2. every write and discard after the last cut is redone into the image, which is then
 //     fdatasynced. A change holds the VM lock until its apply returns and a cut takes it
 //     exclusively, so every change before the last cut is already in the image; changes

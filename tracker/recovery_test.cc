@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <random>
 #include <thread>
 
@@ -140,6 +141,29 @@ TEST_F(RecoveryTest, ARecordAfterTheLastCutThatMissedTheImageIsRedone) {
   EXPECT_EQ(std::memcmp(image.data() + 5 * kBlock, lost.data(), kBlock), 0);
   ASSERT_TRUE(tracker->Close().ok());
   ExpectReplayEqualsImage(0);
+}
+
+// Where the record of the write at block `block` starts in a segment, and its size.
+std::pair<uint64_t, uint64_t> FindRecordOf(const fs::path& segment, uint64_t block) {
+  Result<SegmentReader> reader = SegmentReader::Open(segment);
+  EXPECT_TRUE(reader.ok());
+  for (;;) {
+    ParsedRecord rec;
+    Result<ReadStatus> st = reader->Next(&rec);
+    if (!st.ok() || *st != ReadStatus::kRecord) break;
+    if (rec.header.kind == RecordKind::kWrite && rec.header.offset == block * kBlock) {
+      return {reader->offset() - rec.size, rec.size};
+    }
+  }
+  ADD_FAILURE() << "no record of block " << block << " in " << segment;
+  return {0, 0};
+}
+
+void ZeroBytes(const fs::path& path, uint64_t offset, uint64_t length) {
+  std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+  f.seekp(static_cast<std::streamoff>(offset));
+  const std::vector<char> zeros(length, 0);
+  f.write(zeros.data(), static_cast<std::streamsize>(length));
 }
 
 TEST_F(RecoveryTest, RedoWorksThroughAnODirectImageDescriptor) {
@@ -323,6 +347,83 @@ TEST_F(RecoveryTest, KilledDuringWritesThenRecoveredImageEqualsReplay) {
   ASSERT_TRUE(tracker->Close().ok());
   ExpectReplayEqualsImage(0);
   ExpectReplayEqualsImage(1);
+}
+
+// Appenders write their reserved ranges concurrently: after kill -9, an earlier range may
+// be a hole (never or partly written, so never applied) while later records are complete
+// (applied or not). Recovery keeps and redoes the later ones, drops the hole and
+// renumbers, so the log still replays to the image.
+class HoleTest : public RecoveryTest {
+ protected:
+  using Damage = std::function<void(const fs::path& segment, uint64_t at, uint64_t size)>;
+
+  // Blocks 0-1, a cut, then blocks 2-6 in the open segment. The record of hole_block is
+  // damaged by `damage` (given its offset and size) and was never applied; block 6's
+  // record reached the log but not the image.
+  void Run(uint64_t hole_block, const Damage& damage) {
+    AddDisk("a", 1 << 20);
+    auto tracker = Open(Options());
+    ASSERT_TRUE(tracker);
+    WriteBlocks(*tracker, 0, 0, 2);
+    ASSERT_EQ(*tracker->Cut(), 1u);
+    auto not_applied = [] { return Status::Ok(); };
+    for (uint64_t b = 2; b <= 6; ++b) {
+      if (b == hole_block || b == 6) {
+        ASSERT_TRUE(tracker->observer(0).Write(b * kBlock, Pattern(kBlock, b), not_applied).ok());
+      } else {
+        WriteBlocks(*tracker, 0, b, 1);
+      }
+    }
+    Crash(tracker);
+    const fs::path open_segment = LastSegment(0);
+    const uint64_t size_before = fs::file_size(open_segment);
+    const auto [at, size] = FindRecordOf(open_segment, hole_block);
+    damage(open_segment, at, size);
+
+    tracker = Open(Options());
+    ASSERT_TRUE(tracker);
+    EXPECT_EQ(fs::file_size(open_segment), size_before - size) << "the hole is gone";
+    EXPECT_EQ(tracker->Stats().disks[0].tracking, DiskTracking::kLog);
+    EXPECT_EQ(tracker->Stats().disks[0].last_seq, 7u) << "cut 3, then 4 of 5 records";
+    const std::vector<std::byte> image = testing::ReadWhole(disks_[0].image);
+    const std::vector<std::byte> pre = testing::ReadWhole(disks_[0].pre_image);
+    EXPECT_EQ(
+        std::memcmp(image.data() + hole_block * kBlock, pre.data() + hole_block * kBlock, kBlock),
+        0);
+    EXPECT_EQ(std::memcmp(image.data() + 6 * kBlock, Pattern(kBlock, 6).data(), kBlock), 0)
+        << "the record after the hole is redone";
+    WriteBlocks(*tracker, 0, 9, 1);
+    ASSERT_TRUE(tracker->Close().ok());
+    std::vector<Rec> recs = ReadLog(disks_[0].log_dir);
+    ASSERT_EQ(recs.size(), 9u);  // 2 + cut, 4 + 1 + cut
+    std::vector<uint64_t> blocks;
+    for (uint64_t b = 2; b <= 6; ++b) {
+      if (b != hole_block) blocks.push_back(b);
+    }
+    blocks.push_back(9);
+    for (size_t i = 0; i < blocks.size(); ++i) {
+      EXPECT_EQ(recs[3 + i].header.seq, 4 + i);
+      EXPECT_EQ(recs[3 + i].header.offset, blocks[i] * kBlock);
+    }
+    ExpectReplayEqualsImage(0);
+  }
+};
+
+TEST_F(HoleTest, AZeroedHoleIsDroppedAndTheRecordsAfterItAreKept) {
+  Run(3, [](const fs::path& seg, uint64_t at, uint64_t size) { ZeroBytes(seg, at, size); });
+}
+
+TEST_F(HoleTest, APartlyWrittenRecordIsDroppedAndTheRecordsAfterItAreKept) {
+  Run(3, [](const fs::path& seg, uint64_t at, uint64_t size) {
+    ZeroBytes(seg, at + kHeaderSize + 1000, size - kHeaderSize - 1000);
+  });
+}
+
+TEST_F(HoleTest, AHoleAtTheStartOfTheOpenSegmentIsDropped) {
+  Run(2, [](const fs::path& seg, uint64_t at, uint64_t size) {
+    ASSERT_EQ(at, 0u);
+    ZeroBytes(seg, at, size);
+  });
 }
 
 }  // namespace

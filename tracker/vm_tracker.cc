@@ -32,7 +32,7 @@ class VmTracker::Impl {
   explicit Impl(VmTrackerOptions options) : options_(std::move(options)) {}
   ~Impl() {
     StopCutter();
-    // Stop the writers while everything they may call back into is still alive.
+    // Stop the sealers while everything they may call back into is still alive.
     disks_.clear();
   }
 
@@ -60,7 +60,7 @@ class VmTracker::Impl {
     Status Discard(uint64_t offset, uint64_t length, FunctionRef<Status()> apply) override {
       return impl_->Change(index_, RecordKind::kDiscard, offset, {}, length, apply);
     }
-    Status Flush() override { return impl_->disks_[index_]->log->Flush(); }
+    Status Flush() override { return impl_->FlushDisk(index_); }
 
    private:
     Impl* const impl_;
@@ -79,6 +79,10 @@ class VmTracker::Impl {
   Status Validate() const;
   Status Change(size_t index, RecordKind kind, uint64_t offset, std::span<const std::byte> data,
                 uint64_t length, FunctionRef<Status()> apply);
+  Status FlushDisk(size_t index);
+  // Runs the second step of a pending bitmap fall back of disk i. Takes the VM lock
+  // exclusively, so the caller holds none of the VmTracker's locks.
+  void FinishFallback(size_t index);
   void CompleteInterruptedCut();
   void RequestCut();
   void CutterLoop();
@@ -165,19 +169,20 @@ Status VmTracker::Impl::Open() {
   return Status::Ok();
 }
 
-// A crash between queueing the cut records of a cycle and sealing all of them leaves some
+// A crash between writing the cut records of a cycle and writing all of them leaves some
 // disks with the cut and others without. A disk without it has every record of the cycle
-// and none after (its records after the cut were queued behind the cut record), so the
-// missing cut goes at the end of its log: then every disk holds the same cycles again.
+// and none after (changes after the cut waited for the VM lock, which Cut held until every
+// cut record was written), so the missing cut goes at the end of its log: then every disk
+// holds the same cycles again.
 void VmTracker::Impl::CompleteInterruptedCut() {
   const uint64_t cycle = last_cycle_;
   if (cycle == 0) return;
-  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::Entry>>> cuts;
+  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::CutTicket>>> cuts;
   {
     std::unique_lock vm(cut_lock_);
     for (const auto& d : disks_) {
       if (d->log->last_cycle() >= cycle) continue;
-      auto entry = d->log->EnqueueCut(cycle, last_cut_nanos_);
+      auto entry = d->log->WriteCut(cycle, last_cut_nanos_);
       if (!entry) continue;
       spdlog::info("VM {} disk {}: completing the interrupted cut of cycle {}", options_.vm,
                    d->config.name, cycle);
@@ -197,28 +202,52 @@ Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
                                      ") is beyond the end of disk " + disk.config.name + " (" +
                                      std::to_string(disk.config.size) + " bytes)");
   }
-  std::shared_lock vm(cut_lock_);
-  if (closed_) {
-    return Status::Error(ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name +
-                                        ": change tracking is closed");
+  LogOutcome outcome;
+  Status applied;
+  {
+    std::shared_lock vm(cut_lock_);
+    if (closed_) {
+      return Status::Error(ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name +
+                                          ": change tracking is closed");
+    }
+    RangeLocks::Guard range = disk.ranges.Lock(offset, length);
+    outcome = kind == RecordKind::kWrite ? disk.log->AppendWrite(offset, data)
+                                         : disk.log->AppendDiscard(offset, length);
+    if (outcome == LogOutcome::kShutdown) {
+      return Status::Error(
+          ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name + ": change log stopped");
+    }
+    applied = apply();
+    if (!applied.ok() && outcome == LogOutcome::kLogged && length > 0) {
+      disk.log->ApplyFailed(applied, offset, length);
+    }
   }
-  RangeLocks::Guard range = disk.ranges.Lock(offset, length);
-  const LogOutcome outcome = kind == RecordKind::kWrite ? disk.log->AppendWrite(offset, data)
-                                                        : disk.log->AppendDiscard(offset, length);
-  if (outcome == LogOutcome::kShutdown) {
-    return Status::Error(
-        ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name + ": change log stopped");
-  }
-  Status applied = apply();
-  if (!applied.ok() && outcome == LogOutcome::kLogged && length > 0) {
-    disk.log->ApplyFailed(applied, offset, length);
-  }
+  // This change (or another) started a fall back to the bitmap: finish it now, so the disk
+  // is in bitmap mode when the change returns.
+  if (disk.log->fallback_pending()) FinishFallback(index);
   return applied;
+}
+
+void VmTracker::Impl::FinishFallback(size_t index) {
+  std::unique_lock vm(cut_lock_);
+  disks_[index]->log->FinishFallback();
+}
+
+Status VmTracker::Impl::FlushDisk(size_t index) {
+  DiskLog& log = *disks_[index]->log;
+  if (log.fallback_pending()) FinishFallback(index);
+  Status s = log.Flush();
+  if (log.fallback_pending()) {
+    // The log sync failed: the bitmap takes over (with the log's blocks), then is synced.
+    FinishFallback(index);
+    s = log.Flush();
+  }
+  return s;
 }
 
 Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
   std::lock_guard cut_guard(cut_mu_);
-  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::Entry>>> cuts;
+  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::CutTicket>>> cuts;
   uint64_t cycle;
   int64_t nanos;
   {
@@ -227,20 +256,22 @@ Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
       return Status::Error(ESHUTDOWN, "VM " + options_.vm + ": change tracking is closed");
     }
     if (closing) closed_ = true;
+    // No change is in flight: finish pending fall backs, so those disks get no cut.
+    for (const auto& d : disks_) d->log->FinishFallback();
     const bool changed = std::any_of(disks_.begin(), disks_.end(),
                                      [](const auto& d) { return d->log->ChangedSinceCut(); });
     if (!changed) return last_cycle_.load();
     cycle = last_cycle_ + 1;
     nanos = NowUnixNanos();
     for (const auto& d : disks_) {
-      auto entry = d->log->EnqueueCut(cycle, nanos);
+      auto entry = d->log->WriteCut(cycle, nanos);
       if (entry) cuts.emplace_back(d->log.get(), std::move(entry));
     }
     if (cuts.empty()) return last_cycle_.load();
     last_cycle_ = cycle;
     last_cut_nanos_ = nanos;
   }
-  // Outside the VM lock: changes after the cut proceed while the writers seal.
+  // Outside the VM lock: changes after the cut proceed while the sealers seal.
   bool sealed = false;
   for (auto& [log, entry] : cuts) sealed = log->WaitSealed(*entry) || sealed;
   if (sealed) {

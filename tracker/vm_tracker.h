@@ -3,23 +3,28 @@
 // WriteObserver; the shipper sees only the SegmentSource.
 //
 // Per disk: a log folder next to the image ("<image>.srlog/") with segment files in the
-// format of tracker/log_format.h, written by one writer thread per disk that owns that
-// disk's io_uring. Guest changes are write-ahead: a record reaches the log file (kernel
-// page cache, via io_uring) before the image is changed, so after kill -9 the recovery
-// scan can redo the records after the last cut into the image, and image and log agree.
-// Flush syncs log and image (io_uring fdatasync); flushes that arrive while a sync is in
-// flight share the next one (group commit).
+// format of tracker/log_format.h. Guest changes are write-ahead: the thread that serves a
+// guest write reserves the next seq and byte range of the open segment, writes its record
+// there itself (its own thread's io_uring; no hand-off to another thread) and only then
+// changes the image, so after kill -9 the recovery scan can redo the records after the
+// last cut into the image, and image and log agree. Concurrent appenders may complete out
+// of order, so a crash can leave holes in the open segment: recovery keeps the complete
+// records after a hole and drops the hole (recovery.h). Flush syncs log and image; flushes
+// that arrive while a sync is in flight share the next one (group commit, leader/follower).
 //
 // Cuts: a VM-wide lock is held shared by every change from "take a sequence number"
-// until apply returns, and exclusively by Cut() while it appends one cut record to every
-// disk's log, so no change straddles a cut and every change before it is in the image.
-// A cycle timer cuts every `cycle`; an open segment past segment_roll_bytes asks for an
-// early cut. Each disk's segment is sealed (synced, closed) at its cut record.
+// until apply returns, and exclusively by Cut() while it writes one cut record to every
+// disk's log, so no change straddles a cut, every change before it is in the image, and
+// every record before it is completely in the log. A cycle timer cuts every `cycle`; an
+// open segment past segment_roll_bytes asks for an early cut. Each disk's segment is
+// sealed (synced, closed) at its cut record by a sealer thread, off the write path.
 //
 // Log budget: when a disk's unshipped log passes log_budget bytes, or the log cannot be
-// written (ENOSPC, EIO), the disk falls back to a persistent dirty bitmap (dirty_bitmap.h):
-// the blocks of its unshipped log are marked, the log is dropped, the disk is marked
-// "resync required" (persisted in "<log dir>/state.json"), and guest I/O carries on.
+// written (ENOSPC, EIO), or an apply fails, the disk falls back to a persistent dirty
+// bitmap (dirty_bitmap.h): the change that hits it marks its blocks in the bitmap and is
+// applied, and once no change is in flight (VM lock exclusive) the blocks of the unshipped
+// log are marked, the log is dropped, the disk is marked "resync required" (persisted in
+// "<log dir>/state.json"), and guest I/O carries on.
 //
 // Thread-safety: observer(i) may be called from any number of threads; Cut, Stats,
 // Close and the SegmentSource methods from any thread.
@@ -61,12 +66,12 @@ struct DiskStats {
   std::string name;
   DiskTracking tracking = DiskTracking::kLog;
   bool resync_required = false;
-  std::string resync_reason;      // why, for status ("log budget exceeded", ...)
-  uint64_t unshipped_bytes = 0;   // log bytes not yet released (sealed + open)
-  uint64_t last_seq = 0;          // last sequence number written
+  std::string resync_reason;     // why, for status ("log budget exceeded", ...)
+  uint64_t unshipped_bytes = 0;  // log bytes not yet released (sealed + open)
+  uint64_t last_seq = 0;         // last sequence number written
   int64_t last_cut_unix_nanos = 0;
-  uint64_t dirty_bytes = 0;       // bitmap mode: bytes marked dirty
-  uint64_t flush_syncs = 0;       // group-commit syncs issued (each serves many Flush calls)
+  uint64_t dirty_bytes = 0;  // bitmap mode: bytes marked dirty
+  uint64_t flush_syncs = 0;  // group-commit syncs issued (each serves many Flush calls)
 };
 
 struct VmStats {
@@ -77,9 +82,10 @@ struct VmStats {
 
 class VmTracker : public SegmentSource {
  public:
-  // Opens or creates the log of every disk and recovers it: scans the open segment,
-  // truncates a torn tail (short record, bad CRC), and redoes the records after the last
-  // cut into the image. Then starts the writer threads and the cycle timer.
+  // Opens or creates the log of every disk and recovers it: scans the open segment, drops
+  // holes and a torn tail (short record, bad CRC) but keeps complete records after a hole
+  // (recovery.h), and redoes the records after the last cut into the image. Then starts the sealer
+  // threads and the cycle timer.
   static Result<std::unique_ptr<VmTracker>> Open(VmTrackerOptions options);
   ~VmTracker() override;
 
@@ -95,7 +101,7 @@ class VmTracker : public SegmentSource {
 
   VmStats Stats() const;
 
-  // Stops the timer, cuts and seals what is open, syncs logs and images, stops the writer
+  // Stops the timer, cuts and seals what is open, syncs logs and images, stops the sealer
   // threads. Changes after Close are refused with ESHUTDOWN. Idempotent.
   Status Close();
 
