@@ -114,14 +114,20 @@ bool SendAll(int fd, const std::string& data) {
 void ControlServer::HandleConnection(int fd) {
   ucred cred{};
   socklen_t len = sizeof(cred);
-  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
-      (cred.uid != 0 && cred.uid != ::geteuid())) {
-    SendAll(fd, Refused("permission-denied", "the control socket accepts only root").dump() + "\n");
-    return;
-  }
   // A client that connects and says nothing must not hold the server forever.
   timeval timeout{5, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
+      (cred.uid != 0 && cred.uid != ::geteuid())) {
+    SendAll(fd, Refused("permission-denied", "the control socket accepts only root").dump() + "\n");
+    // Closing with the unread request still queued would reset the connection before the
+    // client reads the refusal: end our side, then discard what it sent until it closes.
+    ::shutdown(fd, SHUT_WR);
+    char sink[4096];
+    while (::recv(fd, sink, sizeof(sink), 0) > 0) {
+    }
+    return;
+  }
   std::string line;
   char buf[65536];
   while (line.find('\n') == std::string::npos) {

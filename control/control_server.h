@@ -3,7 +3,7 @@
 // request is handed to the handler, whose JSON reply is sent back.
 //
 // The socket file is created with mode 0600 (owner root), and a peer whose uid
-// (SO_PEERCRED) is neither 0 nor the daemon's own is refused before its request is read.
+// (SO_PEERCRED) is neither 0 nor the daemon's own is refused; its request is never parsed.
 // A stale socket file (nobody listening) is replaced; a live one means another siterepd
 // uses the path, and Start fails.
 #pragma once
