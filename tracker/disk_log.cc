@@ -193,7 +193,8 @@ LogOutcome DiskLog::Append(std::span<Record> records, uint64_t offset, uint64_t 
       UnshippedLocked() + bytes > opts_.log_budget) {
     RequestFallbackLocked("log budget of " + std::to_string(opts_.log_budget) +
                           " bytes exceeded (" + std::to_string(UnshippedLocked()) +
-                          " bytes unshipped)");
+                          " bytes unshipped, a change of " + std::to_string(bytes) +
+                          " more)");
   }
   if (mode_ != Mode::kLog) {
     MarkWithoutLog(lk, offset, length);
