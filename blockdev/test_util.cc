@@ -104,20 +104,12 @@ std::vector<fs::path> MountsUnder(const fs::path& dir) {
   return out;
 }
 
-TempDir::TempDir() {
-  std::string templ = (fs::temp_directory_path() / "siterep-blockdev-XXXXXX").string();
-  if (::mkdtemp(templ.data()) == nullptr) std::abort();
-  path_ = templ;
-}
-
 TempDir::~TempDir() {
   // Deepest first; a test that failed half-way may have left its mounts here.
-  std::vector<fs::path> mounts = MountsUnder(path_);
+  std::vector<fs::path> mounts = MountsUnder(path());
   std::sort(mounts.begin(), mounts.end(),
             [](const fs::path& a, const fs::path& b) { return a.string() > b.string(); });
   for (const fs::path& mp : mounts) ::umount2(mp.c_str(), MNT_DETACH);
-  std::error_code ec;
-  fs::remove_all(path_, ec);
 }
 
 RunningFs::RunningFs(const fs::path& mountpoint, std::vector<ExportedDisk> disks,

@@ -3,6 +3,8 @@
 // FuseFs whose loop runs on a thread.
 #pragma once
 
+#include "common/testing/temp_dir.h"
+
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
@@ -59,18 +61,18 @@ class MemBackend : public DiskBackend {
   int fail_code_ = 0;
 };
 
-// mkdtemp under /tmp. The destructor lazily unmounts anything still mounted under it (only
-// mounts made by the test can be there) and removes it.
+// A common TempDir whose destructor first lazily unmounts anything still mounted under
+// it (only mounts made by the test can be there), then removes it.
 class TempDir {
  public:
-  TempDir();
+  TempDir() = default;
   ~TempDir();
   TempDir(const TempDir&) = delete;
   TempDir& operator=(const TempDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
+  const std::filesystem::path& path() const { return dir_.path(); }
 
  private:
-  std::filesystem::path path_;
+  siterep::testing::TempDir dir_;
 };
 
 // Mount points (from /proc/self/mountinfo) at or below dir.

@@ -216,14 +216,7 @@ LogOutcome DiskLog::Append(std::span<Record> records, uint64_t offset, uint64_t 
   if (roll && opts_.request_cut) opts_.request_cut();
 
   for (Record& r : records) {
-    RecordHeader h;
-    h.kind = r.kind;
-    h.disk_id = opts_.disk_id;
-    h.epoch = opts_.epoch;
-    h.seq = r.seq;
-    h.offset = r.offset;
-    h.length = r.length;
-    EncodeHeader(h, r.payload, std::span<std::byte, kHeaderSize>(r.head, kHeaderSize));
+    EncodeHead(r, r.payload);
   }
   Status s = WriteRecords(seg, records, at);
   if (s.ok()) return LogOutcome::kLogged;
@@ -232,6 +225,17 @@ LogOutcome DiskLog::Append(std::span<Record> records, uint64_t offset, uint64_t 
   RequestFallbackLocked("log write failed: " + s.message());
   MarkWithoutLog(lk, offset, length);
   return LogOutcome::kBitmap;
+}
+
+void DiskLog::EncodeHead(Record& r, std::span<const std::byte> payload) const {
+  RecordHeader h;
+  h.kind = r.kind;
+  h.disk_id = opts_.disk_id;
+  h.epoch = opts_.epoch;
+  h.seq = r.seq;
+  h.offset = r.offset;
+  h.length = r.length;
+  EncodeHeader(h, payload, std::span<std::byte, kHeaderSize>(r.head, kHeaderSize));
 }
 
 Status DiskLog::WriteRecords(const Segment& seg, std::span<Record> records, uint64_t at) {
@@ -281,16 +285,9 @@ std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t un
   std::shared_ptr<Segment> old = seg_;
   lk.unlock();
 
-  RecordHeader h;
-  h.kind = RecordKind::kCut;
-  h.disk_id = opts_.disk_id;
-  h.epoch = opts_.epoch;
-  h.seq = r.seq;
-  h.offset = 0;
-  h.length = kCutPayloadSize;
   std::span<std::byte, kCutPayloadSize> payload(r.head + kHeaderSize, kCutPayloadSize);
   EncodeCutPayload(CutPayload{cycle, unix_nanos}, payload);
-  EncodeHeader(h, payload, std::span<std::byte, kHeaderSize>(r.head, kHeaderSize));
+  EncodeHead(r, payload);
   Status s = WriteRecords(*old, std::span<Record>(&r, 1), at);
   // The cut record is in the file: the segment is complete. Appending goes on at once in
   // the next segment; the sealer makes the old one durable and publishes it, so a guest

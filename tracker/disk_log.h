@@ -178,6 +178,9 @@ class DiskLog {
   Status Init();
   Status OpenLogMode(const DiskState& state);
   LogOutcome Append(std::span<Record> records, uint64_t offset, uint64_t length);
+  // Encodes r's header (this disk's id and epoch, r's kind, seq, offset, length and the
+  // CRC over header and payload) into r.head.
+  void EncodeHead(Record& r, std::span<const std::byte> payload) const;
   // Writes the records (consecutive, starting at file offset at) into seg.
   Status WriteRecords(const Segment& seg, std::span<Record> records, uint64_t at);
   // Step 1 of the fall back: mode_ kLog -> kSwitching, with the reason. mu_ must be held.

@@ -15,19 +15,6 @@
 namespace siterep::tracker::testing {
 namespace fs = std::filesystem;
 
-TempDir::TempDir() {
-  const char* base = std::getenv("TMPDIR");
-  std::string templ = std::string(base != nullptr ? base : "/tmp") + "/tracker_test.XXXXXX";
-  char* made = ::mkdtemp(templ.data());
-  if (made == nullptr) std::abort();
-  path_ = made;
-}
-
-TempDir::~TempDir() {
-  std::error_code ec;
-  fs::remove_all(path_, ec);
-}
-
 std::vector<std::byte> Pattern(size_t size, uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<std::byte> out(size);

@@ -10,24 +10,14 @@
 
 #include "common/function_ref.h"
 #include "common/status.h"
+#include "common/testing/temp_dir.h"
 #include "common/unique_fd.h"
 #include "tracker/log_format.h"
 #include "tracker/write_observer.h"
 
 namespace siterep::tracker::testing {
 
-// A fresh folder under $TMPDIR (or /tmp), removed with everything in it on destruction.
-class TempDir {
- public:
-  TempDir();
-  ~TempDir();
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const std::filesystem::path& path() const { return path_; }
-
- private:
-  std::filesystem::path path_;
-};
+using siterep::testing::TempDir;
 
 // Deterministic pseudo-random bytes.
 std::vector<std::byte> Pattern(size_t size, uint64_t seed);
