@@ -17,7 +17,8 @@ namespace fs = std::filesystem;
 // Reads one table, remembering which keys were used so unknown keys can be refused.
 class TableReader {
  public:
-  TableReader(const toml::table& table, std::string where) : table_(table), where_(std::move(where)) {}
+  TableReader(const toml::table& table, std::string where)
+      : table_(table), where_(std::move(where)) {}
 
   std::string Key(std::string_view key) const {
     return where_.empty() ? std::string(key) : where_ + "." + std::string(key);
@@ -50,11 +51,30 @@ class TableReader {
     return Status::Ok();
   }
 
+  // A size in bytes, written as an integer or as a string with a unit ("50MiB").
+  Status Size(std::string_view key, uint64_t* out) {
+    used_.insert(std::string(key));
+    const toml::node* node = table_.get(key);
+    if (node == nullptr) return Status::Ok();
+    if (auto i = node->value_exact<int64_t>()) {
+      if (*i < 0) return Status::Invalid(Key(key) + ": must not be negative");
+      *out = static_cast<uint64_t>(*i);
+      return Status::Ok();
+    }
+    auto text = node->value<std::string>();
+    if (!text) return Status::Invalid(Key(key) + ": must be a size (an integer or e.g. \"50MiB\")");
+    auto size = ParseSize(*text);
+    if (!size.ok()) return size.status().WithContext(Key(key));
+    *out = *size;
+    return Status::Ok();
+  }
+
   const toml::table* SubTable(std::string_view key, Status* status) {
     used_.insert(std::string(key));
     const toml::node* node = table_.get(key);
     if (node == nullptr) return nullptr;
-    if (!node->is_table()) *status = Status::Invalid(Key(key) + ": must be a table ([" + Key(key) + "])");
+    if (!node->is_table())
+      *status = Status::Invalid(Key(key) + ": must be a table ([" + Key(key) + "])");
     return node->as_table();
   }
 
@@ -117,8 +137,7 @@ Status ParseDisk(const toml::table& t, const std::string& where, const fs::path&
   return r.CheckNoUnknownKeys();
 }
 
-Status ParseVm(const toml::table& t, const std::string& where, const fs::path& base,
-               VmConfig* vm) {
+Status ParseVm(const toml::table& t, const std::string& where, const fs::path& base, VmConfig* vm) {
   TableReader r(t, where);
   SR_RETURN_IF_ERROR(r.String("name", &vm->name, true));
   SR_RETURN_IF_ERROR(CheckName(r, "name", vm->name));
@@ -146,7 +165,8 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
   if (!interval.empty()) {
     auto d = ParseDuration(interval);
     if (!d.ok()) return d.status().WithContext(r.Key("recovery_point_interval"));
-    if (d->count() <= 0) return Status::Invalid(r.Key("recovery_point_interval") + ": must be positive");
+    if (d->count() <= 0)
+      return Status::Invalid(r.Key("recovery_point_interval") + ": must be positive");
     vm->recovery_point_interval = *d;
   }
 
@@ -158,8 +178,9 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
       std::string digits = budget.substr(0, budget.size() - 1);
       double pct = std::strtod(digits.c_str(), &end);
       if (digits.empty() || end != digits.c_str() + digits.size() || pct <= 0 || pct > 1000) {
-        return Status::Invalid(r.Key("log_budget") + ": '" + budget +
-                               "' must be a percentage of the disk (e.g. 50%) or a size (e.g. 2GiB)");
+        return Status::Invalid(
+            r.Key("log_budget") + ": '" + budget +
+            "' must be a percentage of the disk (e.g. 50%) or a size (e.g. 2GiB)");
       }
       vm->log_budget.percent = pct;
     } else {
@@ -171,15 +192,22 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
 
   std::string tracking;
   SR_RETURN_IF_ERROR(r.String("tracking", &tracking, false));
-  if (tracking == "off") vm->tracking = TrackingMode::kOff;
-  else if (tracking.empty() || tracking == "log") vm->tracking = TrackingMode::kLog;
-  else return Status::Invalid(r.Key("tracking") + ": '" + tracking + "' is not one of log, off");
+  if (tracking == "off")
+    vm->tracking = TrackingMode::kOff;
+  else if (tracking.empty() || tracking == "log")
+    vm->tracking = TrackingMode::kLog;
+  else
+    return Status::Invalid(r.Key("tracking") + ": '" + tracking + "' is not one of log, off");
 
   std::string cache;
   SR_RETURN_IF_ERROR(r.String("image_cache", &cache, false));
-  if (cache == "none") vm->image_cache = ImageCache::kNone;
-  else if (cache.empty() || cache == "writeback") vm->image_cache = ImageCache::kWriteback;
-  else return Status::Invalid(r.Key("image_cache") + ": '" + cache + "' is not one of writeback, none");
+  if (cache == "none")
+    vm->image_cache = ImageCache::kNone;
+  else if (cache.empty() || cache == "writeback")
+    vm->image_cache = ImageCache::kWriteback;
+  else
+    return Status::Invalid(r.Key("image_cache") + ": '" + cache +
+                           "' is not one of writeback, none");
 
   Status status;
   const toml::array* disks = r.Array("disks", &status);
@@ -195,7 +223,8 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
     DiskConfig disk;
     SR_RETURN_IF_ERROR(ParseDisk(*dt, w, base, &disk));
     if (!names.insert(disk.name).second) {
-      return Status::Invalid(w + ".name: disk '" + disk.name + "' appears twice in VM '" + vm->name + "'");
+      return Status::Invalid(w + ".name: disk '" + disk.name + "' appears twice in VM '" +
+                             vm->name + "'");
     }
     vm->disks.push_back(std::move(disk));
   }
@@ -247,7 +276,8 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
     if (!s.ok()) return fail(s);
     cfg.state_dir = Resolve(base_dir, state_dir);
     cfg.mountpoint = Resolve(base_dir, mountpoint);
-    cfg.control_socket = socket.empty() ? cfg.state_dir / "control.sock" : Resolve(base_dir, socket);
+    cfg.control_socket =
+        socket.empty() ? cfg.state_dir / "control.sock" : Resolve(base_dir, socket);
   }
 
   const toml::table* tls = top.SubTable("tls", &status);
@@ -276,6 +306,15 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
       Status s = r.String("name", &peer.name, true);
       if (s.ok()) s = CheckName(r, "name", peer.name);
       if (s.ok()) s = r.String("address", &peer.address, true);
+      if (s.ok()) s = r.Size("bandwidth_limit", &peer.bandwidth_limit);
+      std::string compression;
+      if (s.ok()) s = r.String("compression", &compression, false);
+      if (s.ok() && compression == "none")
+        peer.compress = false;
+      else if (s.ok() && !compression.empty() && compression != "zstd") {
+        s = Status::Invalid(r.Key("compression") + ": '" + compression +
+                            "' is not one of zstd, none");
+      }
       if (s.ok()) s = r.CheckNoUnknownKeys();
       if (!s.ok()) return fail(s);
       if (peer.name == cfg.name) {
@@ -314,6 +353,12 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
   }
   Status s = top.CheckNoUnknownKeys();
   if (!s.ok()) return fail(s);
+  // Replication runs over mutual TLS only: a site that talks to peers needs certificates.
+  if (tls == nullptr && (!cfg.listen.empty() || !cfg.peers.empty())) {
+    return fail(Status::Invalid(
+        "tls: the [tls] table (ca, cert, key) is required when the site has a listen address "
+        "or peers; make certificates with siterep-certs"));
+  }
   return cfg;
 }
 

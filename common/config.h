@@ -34,7 +34,7 @@ struct DiskConfig {
 
 // The log budget: a share of the disk size or an absolute size.
 struct LogBudget {
-  double percent = 50.0;           // used when bytes is unset
+  double percent = 50.0;  // used when bytes is unset
   std::optional<uint64_t> bytes;
   uint64_t BytesFor(uint64_t disk_size) const {
     return bytes ? *bytes : static_cast<uint64_t>(disk_size * percent / 100.0);
@@ -43,7 +43,7 @@ struct LogBudget {
 
 struct VmConfig {
   std::string name;
-  std::string frequency_text = "5m";           // as written: continuous | 30s | 5m | 15m
+  std::string frequency_text = "5m";             // as written: continuous | 30s | 5m | 15m
   std::chrono::milliseconds frequency{300'000};  // continuous == 1 s
   int recovery_points = 0;
   std::chrono::milliseconds recovery_point_interval{3'600'000};
@@ -55,7 +55,9 @@ struct VmConfig {
 
 struct PeerConfig {
   std::string name;
-  std::string address;  // host:port
+  std::string address;           // host:port
+  uint64_t bandwidth_limit = 0;  // bytes/s on the link to this peer; 0: unlimited
+  bool compress = true;          // "compression": zstd (default) or none
 };
 
 struct TlsConfig {

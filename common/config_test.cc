@@ -21,6 +21,8 @@ key = "certs/east.key"
 [[peers]]
 name = "west"
 address = "127.0.0.1:7420"
+bandwidth_limit = "50MiB"
+compression = "zstd"
 
 [[vms]]
 name = "web01"
@@ -57,6 +59,8 @@ TEST(ConfigTest, ParsesTheDesignExample) {
   EXPECT_EQ(cfg->tls.ca, "/etc/siterep/certs/ca.pem");
   ASSERT_EQ(cfg->peers.size(), 1u);
   EXPECT_EQ(cfg->peers[0].address, "127.0.0.1:7420");
+  EXPECT_EQ(cfg->peers[0].bandwidth_limit, 50ull << 20);
+  EXPECT_TRUE(cfg->peers[0].compress);
   ASSERT_EQ(cfg->vms.size(), 2u);
   const VmConfig& web = cfg->vms[0];
   EXPECT_EQ(web.frequency.count(), 30'000);
@@ -132,7 +136,13 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"name = \"db1\"", "name = \"web01\"", "vms[1].name"},
         BadCase{"name = \"west\"", "name = \"east\"", "peers[0].name"},
         BadCase{"name = \"web01\"", "name = \"../etc\"", "vms[0].name"},
-        BadCase{"[tls]", "[tls]\nca = 1", "site.toml:11:"}));
+        BadCase{"[tls]", "[tls]\nca = 1", "site.toml:11:"},
+        BadCase{"bandwidth_limit = \"50MiB\"", "bandwidth_limit = \"fast\"",
+                "peers[0].bandwidth_limit"},
+        BadCase{"bandwidth_limit = \"50MiB\"", "bandwidth_limit = -5", "peers[0].bandwidth_limit"},
+        BadCase{"compression = \"zstd\"", "compression = \"lz4\"", "peers[0].compression"},
+        BadCase{"[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/east.pem\"\nkey = \"certs/east.key\"",
+                "", "tls: the [tls] table"}));
 
 TEST(ConfigTest, MissingFileSaysWhich) {
   auto cfg = LoadConfig("/nonexistent/site.toml");

@@ -62,6 +62,9 @@ int Dump(const fs::path& log_dir) {
       const CutPayload cut = DecodeCutPayload(rec.payload.first<kCutPayloadSize>());
       std::printf(" cycle=%llu time=%s", static_cast<unsigned long long>(cut.cycle),
                   FormatUtc(cut.unix_nanos).c_str());
+      if (cut.first_change_unix_nanos != 0) {
+        std::printf(" first_change=%s", FormatUtc(cut.first_change_unix_nanos).c_str());
+      }
     }
     std::printf("\n");
   }

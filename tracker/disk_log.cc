@@ -113,6 +113,7 @@ Status DiskLog::OpenLogMode(const DiskState& state) {
   last_cut_seq_ = r.last_cut_seq;
   last_cycle_ = r.last_cycle;
   last_cut_nanos_ = r.last_cut_unix_nanos;
+  last_cut_first_change_ = r.last_cut_first_change_unix_nanos;
   return Status::Ok();
 }
 
@@ -193,8 +194,7 @@ LogOutcome DiskLog::Append(std::span<Record> records, uint64_t offset, uint64_t 
       UnshippedLocked() + bytes > opts_.log_budget) {
     RequestFallbackLocked("log budget of " + std::to_string(opts_.log_budget) +
                           " bytes exceeded (" + std::to_string(UnshippedLocked()) +
-                          " bytes unshipped, a change of " + std::to_string(bytes) +
-                          " more)");
+                          " bytes unshipped, a change of " + std::to_string(bytes) + " more)");
   }
   if (mode_ != Mode::kLog) {
     MarkWithoutLog(lk, offset, length);
@@ -266,13 +266,15 @@ void DiskLog::ApplyFailed(const Status& status, uint64_t offset, uint64_t length
 // ---------------------------------------------------------------------------------------
 // Cuts
 
-std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t unix_nanos) {
+std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t unix_nanos,
+                                                      int64_t first_change_unix_nanos) {
   FinishFallback();  // a pending fall back gets no cut; finishing it needs what we hold
   std::unique_lock lk(mu_);
   if (mode_ != Mode::kLog || stop_) return nullptr;
   auto cut = std::make_unique<CutTicket>();
   cut->cycle = cycle;
   cut->unix_nanos = unix_nanos;
+  cut->first_change_unix_nanos = first_change_unix_nanos;
   Record r;
   r.kind = RecordKind::kCut;
   r.seq = cut->seq = ++last_seq_;
@@ -286,7 +288,7 @@ std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t un
   lk.unlock();
 
   std::span<std::byte, kCutPayloadSize> payload(r.head + kHeaderSize, kCutPayloadSize);
-  EncodeCutPayload(CutPayload{cycle, unix_nanos}, payload);
+  EncodeCutPayload(CutPayload{cycle, unix_nanos, first_change_unix_nanos}, payload);
   EncodeHead(r, payload);
   Status s = WriteRecords(*old, std::span<Record>(&r, 1), at);
   // The cut record is in the file: the segment is complete. Appending goes on at once in
@@ -322,6 +324,8 @@ std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t un
   seg.disk = opts_.name;
   seg.disk_id = opts_.disk_id;
   seg.cycle = cycle;
+  seg.cut_unix_nanos = unix_nanos;
+  seg.first_change_unix_nanos = first_change_unix_nanos;
   seg.last_seq = cut->seq;
   seg.path = pending.seg->path;
   seg.number = pending.seg->number;
@@ -353,6 +357,11 @@ bool DiskLog::ChangedSinceCut() const {
 uint64_t DiskLog::last_cycle() const {
   std::lock_guard lk(mu_);
   return last_cycle_;
+}
+
+int64_t DiskLog::last_cut_first_change_unix_nanos() const {
+  std::lock_guard lk(mu_);
+  return last_cut_first_change_;
 }
 
 int64_t DiskLog::last_cut_unix_nanos() const {
@@ -388,6 +397,7 @@ void DiskLog::SealerLoop() {
       sealed_bytes_ += p.segment.bytes;
       last_cycle_ = p.cut->cycle;
       last_cut_nanos_ = p.cut->unix_nanos;
+      last_cut_first_change_ = p.cut->first_change_unix_nanos;
       sealed_.push_back(std::move(p.segment));
       p.cut->state = CutTicket::State::kSealed;
     } else {
@@ -525,11 +535,21 @@ Status DiskLog::ReleaseThrough(uint64_t cycle) {
   // The floors must be durable before the segments that carry the numbers go.
   Status result = PersistState();
   if (!result.ok()) return result.WithContext("release change log of disk " + opts_.name);
+  if (!opts_.archive_dir.empty()) {
+    Status made = MakeDirs(opts_.archive_dir);
+    if (!made.ok()) return made.WithContext("archive of disk " + opts_.name);
+  }
   for (const SealedSegment& seg : gone) {
-    if (::unlink(seg.path.c_str()) != 0 && errno != ENOENT && result.ok()) {
+    if (!opts_.archive_dir.empty()) {
+      const std::filesystem::path to = opts_.archive_dir / seg.path.filename();
+      if (::rename(seg.path.c_str(), to.c_str()) != 0 && result.ok()) {
+        result = Status::FromErrno(errno, "archive " + seg.path.string() + " to " + to.string());
+      }
+    } else if (::unlink(seg.path.c_str()) != 0 && errno != ENOENT && result.ok()) {
       result = Status::FromErrno(errno, "delete " + seg.path.string());
     }
   }
+  if (!opts_.archive_dir.empty() && result.ok()) result = SyncDir(opts_.archive_dir);
   Status synced = SyncDir(opts_.log_dir);
   return result.ok() ? synced : result;
 }

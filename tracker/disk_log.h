@@ -81,6 +81,7 @@ class DiskLog {
     std::filesystem::path log_dir;
     uint64_t log_budget = 0;          // 0: no budget
     uint64_t segment_roll_bytes = 0;  // 0: never ask for an early cut
+    std::filesystem::path archive_dir;  // released segments are moved here; empty: deleted
     // Called from an appender, at most once per segment, when the open segment passes
     // segment_roll_bytes. Must not block (VmTracker wakes its cutter thread).
     std::function<void()> request_cut;
@@ -91,6 +92,7 @@ class DiskLog {
     enum class State { kSealing, kSealed, kDropped };
     uint64_t cycle = 0;
     int64_t unix_nanos = 0;
+    int64_t first_change_unix_nanos = 0;
     uint64_t seq = 0;
     State state = State::kSealing;  // guarded by mu_
   };
@@ -123,7 +125,8 @@ class DiskLog {
   // one is sealed in the background. The caller holds the VM lock exclusively. Returns
   // null when the disk is not logging (bitmap mode, stopped, or the write failed: then it
   // has fallen back).
-  std::unique_ptr<CutTicket> WriteCut(uint64_t cycle, int64_t unix_nanos);
+  std::unique_ptr<CutTicket> WriteCut(uint64_t cycle, int64_t unix_nanos,
+                                      int64_t first_change_unix_nanos);
   // Waits until the segment ending at cut is sealed (true), or was dropped by a fall back
   // (false). Call without the VM lock.
   bool WaitSealed(CutTicket& cut);
@@ -131,6 +134,7 @@ class DiskLog {
   bool ChangedSinceCut() const;
   uint64_t last_cycle() const;
   int64_t last_cut_unix_nanos() const;
+  int64_t last_cut_first_change_unix_nanos() const;
 
   // Group commit: returns when every record appended and every change applied before the
   // call are durable (log and image, or bitmap and image). The Status is the image's. If
@@ -254,6 +258,7 @@ class DiskLog {
   uint64_t last_segment_ = 0;   // number of the open segment (or the last one, in bitmap mode)
   uint64_t last_cycle_ = 0;
   int64_t last_cut_nanos_ = 0;
+  int64_t last_cut_first_change_ = 0;
   bool roll_requested_ = false;
   bool sync_running_ = false;   // a Flush leader is syncing
   uint64_t syncs_started_ = 0;  // generations: a Flush waits for one started after it

@@ -4,6 +4,7 @@
 #include <string>
 
 #include "common/crc32c.h"
+#include "common/endian.h"
 
 namespace siterep::tracker {
 namespace {
@@ -18,23 +19,6 @@ constexpr size_t kEpochAt = 16;
 constexpr size_t kSeqAt = 24;
 constexpr size_t kOffsetAt = 32;
 constexpr size_t kLengthAt = 40;
-
-// Explicit little-endian stores and loads, so the format does not depend on the host.
-template <typename T>
-void StoreLe(std::byte* out, T value) {
-  for (size_t i = 0; i < sizeof(T); ++i) {
-    out[i] = static_cast<std::byte>(static_cast<uint64_t>(value) >> (8 * i));
-  }
-}
-
-template <typename T>
-T LoadLe(const std::byte* in) {
-  uint64_t value = 0;
-  for (size_t i = 0; i < sizeof(T); ++i) {
-    value |= static_cast<uint64_t>(std::to_integer<uint8_t>(in[i])) << (8 * i);
-  }
-  return static_cast<T>(value);
-}
 
 bool KnownKind(uint16_t kind) {
   return kind == static_cast<uint16_t>(RecordKind::kWrite) ||
@@ -88,12 +72,14 @@ void EncodeHeader(const RecordHeader& header, std::span<const std::byte> payload
 void EncodeCutPayload(const CutPayload& cut, std::span<std::byte, kCutPayloadSize> out) {
   StoreLe<uint64_t>(out.data(), cut.cycle);
   StoreLe<int64_t>(out.data() + 8, cut.unix_nanos);
+  StoreLe<int64_t>(out.data() + 16, cut.first_change_unix_nanos);
 }
 
 CutPayload DecodeCutPayload(std::span<const std::byte, kCutPayloadSize> in) {
   CutPayload cut;
   cut.cycle = LoadLe<uint64_t>(in.data());
   cut.unix_nanos = LoadLe<int64_t>(in.data() + 8);
+  cut.first_change_unix_nanos = LoadLe<int64_t>(in.data() + 16);
   return cut;
 }
 

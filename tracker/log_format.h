@@ -15,7 +15,7 @@
 //   16     8    epoch          the VM's epoch (generation) when the record was written
 //   24     8    seq            per-disk sequence number, +1 per record, never reused
 //   32     8    offset         write/discard: byte offset in the disk; cut: 0
-//   40     8    length         write: payload bytes; discard: bytes discarded; cut: 16
+//   40     8    length         write: payload bytes; discard: bytes discarded; cut: 24
 //   48     ..   payload        write: the data; discard: none; cut: CutPayload
 //
 // All integers little-endian. A cut record ends a replication cycle: every record before
@@ -49,10 +49,13 @@ struct RecordHeader {
 
 // The payload of a cut record.
 struct CutPayload {
-  uint64_t cycle = 0;       // cycle number, +1 per cut of the VM
-  int64_t unix_nanos = 0;   // wall-clock time of the cut
+  uint64_t cycle = 0;      // cycle number, +1 per cut of the VM
+  int64_t unix_nanos = 0;  // wall-clock time of the cut
+  // Wall-clock time of the first change of the cycle in any disk of the VM (0: none known).
+  // The replica's RPO is the age of the oldest change it has not applied.
+  int64_t first_change_unix_nanos = 0;
 };
-inline constexpr size_t kCutPayloadSize = 16;
+inline constexpr size_t kCutPayloadSize = 24;
 
 // Bytes of payload that follow a header of this kind and length.
 uint64_t PayloadSize(const RecordHeader& header);

@@ -62,6 +62,8 @@ Result<SealedInfo> ReadSealed(const RecoveryInput& in, const SegmentFile& file) 
   seg.disk_id = in.disk_id;
   seg.number = file.number;
   seg.cycle = payload.cycle;
+  seg.cut_unix_nanos = payload.unix_nanos;
+  seg.first_change_unix_nanos = payload.first_change_unix_nanos;
   seg.first_seq = first.header.seq;
   seg.last_seq = cut.header.seq;
   seg.bytes = file.size;
@@ -272,6 +274,7 @@ Result<RecoveredLog> RecoverLog(const RecoveryInput& in) {
       break;
     }
     r.last_cut_unix_nanos = info->cut_unix_nanos;
+    r.last_cut_first_change_unix_nanos = info->segment.first_change_unix_nanos;
     r.sealed.push_back(std::move(info->segment));
   }
 
@@ -316,6 +319,7 @@ Result<RecoveredLog> RecoverLog(const RecoveryInput& in) {
     r.last_cycle = std::max(r.last_cycle, scan.last_cut->cycle);
     r.last_cut_seq = std::max(r.last_cut_seq, scan.last_cut_seq);
     r.last_cut_unix_nanos = scan.last_cut->unix_nanos;
+    r.last_cut_first_change_unix_nanos = scan.last_cut->first_change_unix_nanos;
   }
 
   if (scan.ends_in_cut) {
@@ -328,6 +332,8 @@ Result<RecoveredLog> RecoverLog(const RecoveryInput& in) {
     seg.disk_id = in.disk_id;
     seg.number = last.number;
     seg.cycle = scan.last_cut->cycle;
+    seg.cut_unix_nanos = scan.last_cut->unix_nanos;
+    seg.first_change_unix_nanos = scan.last_cut->first_change_unix_nanos;
     seg.first_seq = scan.first_seq;
     seg.last_seq = scan.last_seq;
     seg.bytes = scan.valid_end;

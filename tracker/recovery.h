@@ -50,6 +50,7 @@ struct RecoveredLog {
   uint64_t last_cut_seq = 0;          // seq of the last cut record (or the floor)
   uint64_t last_cycle = 0;
   int64_t last_cut_unix_nanos = 0;
+  int64_t last_cut_first_change_unix_nanos = 0;
   uint64_t truncated_bytes = 0;  // torn tail dropped from the last segment
   uint64_t redone = 0;           // records redone into the image
 };

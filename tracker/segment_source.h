@@ -1,8 +1,8 @@
 // SegmentSource: how the shipper takes sealed change-log segments from the tracker.
 //
 // One SegmentSource per protected VM. A segment is sealed when its last record is a cut
-// (or the tracker rolled it at a size limit before a cut); sealed segments are durable
-// and never change. They are offered in log order. The shipper releases segments once
+// (a full segment asks for an early cut, so every segment holds one disk's share of one
+// cycle); sealed segments are durable and never change. They are offered in log order. The shipper releases segments once
 // the peer has acknowledged them; the tracker then deletes them and lowers the VM's
 // unshipped byte count (which the log budget is measured against).
 // Thread-safe: may be called from any thread.
@@ -22,10 +22,13 @@ struct SealedSegment {
   std::string disk;           // disk name within the VM
   uint32_t disk_id = 0;
   uint64_t number = 0;        // segment number within the disk's log
-  uint64_t cycle = 0;         // cycle number of the cut that ends it (0 if rolled by size)
+  uint64_t cycle = 0;         // cycle number of the cut that ends it
   uint64_t first_seq = 0;
   uint64_t last_seq = 0;
   uint64_t bytes = 0;
+  int64_t cut_unix_nanos = 0;           // time of the cut that ends it
+  int64_t first_change_unix_nanos = 0;  // first change of the cycle in any disk of the VM
+                                        // (0: the cycle holds no change)
   std::filesystem::path path;
 };
 

@@ -104,6 +104,9 @@ class VmTracker::Impl {
   bool closed_ = false;                  // written with cut_lock_ exclusive, read with it shared
   std::atomic<uint64_t> last_cycle_{0};  // written with cut_mu_ held
   std::atomic<int64_t> last_cut_nanos_{0};
+  // Wall-clock time of the first change since the last cut (0: none). Set by the first
+  // change with cut_lock_ shared, taken and reset by Cut with it exclusive.
+  std::atomic<int64_t> open_first_change_{0};
 
   std::mutex callback_mu_;  // protects callback_; a leaf
   std::function<void(uint64_t)> callback_;
@@ -152,6 +155,7 @@ Status VmTracker::Impl::Open() {
     o.log_dir = config.log_dir;
     o.log_budget = config.log_budget;
     o.segment_roll_bytes = options_.segment_roll_bytes;
+    if (!options_.archive_dir.empty()) o.archive_dir = options_.archive_dir / config.name;
     o.request_cut = [this] { RequestCut(); };
     Result<std::unique_ptr<DiskLog>> log = DiskLog::Open(std::move(o));
     if (!log.ok()) return log.status().WithContext("VM " + options_.vm + " disk " + config.name);
@@ -165,6 +169,12 @@ Status VmTracker::Impl::Open() {
     }
   }
   CompleteInterruptedCut();
+  // Changes recovered after the last cut: when they were made is not recorded, so the
+  // last cut stands in for it (the oldest they can be), keeping the RPO an upper bound.
+  if (std::any_of(disks_.begin(), disks_.end(),
+                  [](const auto& d) { return d->log->ChangedSinceCut(); })) {
+    open_first_change_ = last_cut_nanos_ != 0 ? last_cut_nanos_.load() : NowUnixNanos();
+  }
   cutter_ = std::thread(&Impl::CutterLoop, this);
   return Status::Ok();
 }
@@ -177,12 +187,16 @@ Status VmTracker::Impl::Open() {
 void VmTracker::Impl::CompleteInterruptedCut() {
   const uint64_t cycle = last_cycle_;
   if (cycle == 0) return;
+  int64_t first_change = 0;  // as the disks that have the cut recorded it
+  for (const auto& d : disks_) {
+    if (d->log->last_cycle() == cycle) first_change = d->log->last_cut_first_change_unix_nanos();
+  }
   std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::CutTicket>>> cuts;
   {
     std::unique_lock vm(cut_lock_);
     for (const auto& d : disks_) {
       if (d->log->last_cycle() >= cycle) continue;
-      auto entry = d->log->WriteCut(cycle, last_cut_nanos_);
+      auto entry = d->log->WriteCut(cycle, last_cut_nanos_, first_change);
       if (!entry) continue;
       spdlog::info("VM {} disk {}: completing the interrupted cut of cycle {}", options_.vm,
                    d->config.name, cycle);
@@ -209,6 +223,10 @@ Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
     if (closed_) {
       return Status::Error(ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name +
                                           ": change tracking is closed");
+    }
+    if (open_first_change_.load(std::memory_order_relaxed) == 0) {
+      int64_t none = 0;
+      open_first_change_.compare_exchange_strong(none, NowUnixNanos());
     }
     RangeLocks::Guard range = disk.ranges.Lock(offset, length);
     outcome = kind == RecordKind::kWrite ? disk.log->AppendWrite(offset, data)
@@ -263,8 +281,9 @@ Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
     if (!changed) return last_cycle_.load();
     cycle = last_cycle_ + 1;
     nanos = NowUnixNanos();
+    const int64_t first_change = open_first_change_.exchange(0);
     for (const auto& d : disks_) {
-      auto entry = d->log->WriteCut(cycle, nanos);
+      auto entry = d->log->WriteCut(cycle, nanos, first_change);
       if (entry) cuts.emplace_back(d->log.get(), std::move(entry));
     }
     if (cuts.empty()) return last_cycle_.load();
@@ -289,6 +308,7 @@ VmStats VmTracker::Impl::Stats() const {
   VmStats stats;
   stats.last_cycle = last_cycle_;
   stats.last_cut_unix_nanos = last_cut_nanos_;
+  stats.open_first_change_unix_nanos = open_first_change_;
   for (const auto& d : disks_) stats.disks.push_back(d->log->Stats());
   return stats;
 }

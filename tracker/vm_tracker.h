@@ -60,6 +60,9 @@ struct VmTrackerOptions {
   std::vector<TrackedDisk> disks;
   std::chrono::milliseconds cycle{1000};  // zero: no timer, cuts only through Cut()
   uint64_t segment_roll_bytes = 64ull << 20;
+  // Where released segments go ("<archive_dir>/<disk>/<number>.seg"), for checkers and
+  // debugging; empty: released segments are deleted. Must be on the logs' file system.
+  std::filesystem::path archive_dir;
 };
 
 struct DiskStats {
@@ -77,6 +80,7 @@ struct DiskStats {
 struct VmStats {
   uint64_t last_cycle = 0;
   int64_t last_cut_unix_nanos = 0;
+  int64_t open_first_change_unix_nanos = 0;  // first change since the last cut (0: none)
   std::vector<DiskStats> disks;
 };
 

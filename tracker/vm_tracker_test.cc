@@ -14,6 +14,7 @@
 #include <thread>
 
 #include "common/file_util.h"
+#include "common/time_util.h"
 #include "tracker/dirty_bitmap.h"
 #include "tracker/disk_state.h"
 #include "tracker/log_reader.h"
@@ -534,6 +535,61 @@ TEST_F(VmTrackerTest, ALogFolderServesOneTrackerAtATime) {
   ASSERT_FALSE(second.ok());
   EXPECT_EQ(second.status().code(), EBUSY);
   EXPECT_NE(second.status().message().find("in use"), std::string::npos);
+}
+
+
+TEST_F(VmTrackerTest, SealedSegmentsCarryCutAndFirstChangeTimes) {
+  AddDisk("a", 1 << 20);
+  AddDisk("b", 1 << 20);
+  auto tracker = Open(Options());
+  ASSERT_TRUE(tracker);
+  EXPECT_EQ(tracker->Stats().open_first_change_unix_nanos, 0);
+  const int64_t before = NowUnixNanos();
+  ASSERT_TRUE(WriteVia(tracker->observer(1), disks_[1].fd.get(), 0, Pattern(kBlock, 1)).ok());
+  const int64_t first = tracker->Stats().open_first_change_unix_nanos;
+  EXPECT_GE(first, before);
+  std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), 0, Pattern(kBlock, 2)).ok());
+  EXPECT_EQ(tracker->Stats().open_first_change_unix_nanos, first);  // the first one stays
+  ASSERT_EQ(*tracker->Cut(), 1u);
+  EXPECT_EQ(tracker->Stats().open_first_change_unix_nanos, 0);
+
+  std::vector<SealedSegment> sealed = tracker->SealedSegments();
+  ASSERT_EQ(sealed.size(), 2u);
+  for (const SealedSegment& s : sealed) {
+    EXPECT_EQ(s.first_change_unix_nanos, first) << s.disk;  // VM-wide, in every disk
+    EXPECT_GE(s.cut_unix_nanos, first);
+    EXPECT_EQ(s.cut_unix_nanos, tracker->Stats().last_cut_unix_nanos);
+  }
+  ASSERT_TRUE(tracker->Close().ok());
+  tracker.reset();
+
+  // The times are in the cut records, so a reopened tracker lists the same.
+  tracker = Open(Options());
+  ASSERT_TRUE(tracker);
+  std::vector<SealedSegment> again = tracker->SealedSegments();
+  ASSERT_EQ(again.size(), 2u);
+  EXPECT_EQ(again[0].first_change_unix_nanos, first);
+  EXPECT_EQ(again[0].cut_unix_nanos, sealed[0].cut_unix_nanos);
+}
+
+TEST_F(VmTrackerTest, ReleasedSegmentsGoToTheArchiveWhenOneIsSet) {
+  AddDisk("a", 1 << 20);
+  VmTrackerOptions o = Options();
+  o.archive_dir = tmp_.path() / "archive";
+  auto tracker = Open(o);
+  ASSERT_TRUE(tracker);
+  ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), 0, Pattern(kBlock, 1)).ok());
+  ASSERT_EQ(*tracker->Cut(), 1u);
+  std::vector<SealedSegment> sealed = tracker->SealedSegments();
+  ASSERT_EQ(sealed.size(), 1u);
+  const std::string before = *ReadFile(sealed[0].path);
+  ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
+  EXPECT_FALSE(fs::exists(sealed[0].path));
+  const fs::path archived = o.archive_dir / "a" / sealed[0].path.filename();
+  ASSERT_TRUE(fs::exists(archived));
+  EXPECT_EQ(*ReadFile(archived), before);
+  ASSERT_TRUE(tracker->Close().ok());
 }
 
 }  // namespace
