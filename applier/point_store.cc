@@ -1,0 +1,317 @@
+#include "applier/point_store.h"
+
+#include <fcntl.h>
+#include <spdlog/spdlog.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <limits>
+
+#include "common/file_util.h"
+#include "tracker/replay.h"
+
+namespace siterep::applier {
+namespace fs = std::filesystem;
+using tracker::RecordKind;
+
+namespace {
+
+bool AllZeros(std::span<const std::byte> data) {
+  return std::all_of(data.begin(), data.end(), [](std::byte b) { return b == std::byte{0}; });
+}
+
+int64_t IntervalNanos(int64_t interval_ms) {
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max() / 1000000;
+  return interval_ms >= kMax ? std::numeric_limits<int64_t>::max() : interval_ms * 1000000;
+}
+
+}  // namespace
+
+fs::path PointStore::ImagePath(const fs::path& dir, const std::string& disk) {
+  return dir / (disk + ".img");
+}
+
+Result<std::shared_ptr<PointStore>> PointStore::Open(const fs::path& dir,
+                                                     std::vector<DiskDefinition> disks,
+                                                     uint64_t applied_cycle,
+                                                     int64_t applied_cut_unix_nanos,
+                                                     bool images_partial) {
+  std::shared_ptr<PointStore> store(new PointStore());
+  std::vector<uint32_t> ids;
+  for (DiskDefinition& def : disks) {
+    Disk d;
+    d.path = ImagePath(dir, def.name);
+    SR_ASSIGN_OR_RETURN(d.fd, OpenFile(d.path, O_RDWR));
+    struct stat st {};
+    if (::fstat(d.fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + d.path.string());
+    if (static_cast<uint64_t>(st.st_size) != def.size) {
+      return Status::Error(EINVAL, "replica image " + d.path.string() + " is " +
+                                       std::to_string(st.st_size) + " bytes; disk " + def.name +
+                                       " is " + std::to_string(def.size) + " bytes");
+    }
+    ids.push_back(def.disk_id);
+    d.def = std::move(def);
+    store->disks_.push_back(std::move(d));
+  }
+  SR_ASSIGN_OR_RETURN(store->journal_, UndoJournal::Open(dir / "undo", std::move(ids)));
+  store->latest_cycle_ = applied_cycle;
+  store->latest_cut_unix_nanos_ = applied_cut_unix_nanos;
+  store->images_partial_ = images_partial;
+  std::unique_lock lock(store->mu_);
+  // Points that only views pinned (views do not survive a restart).
+  SR_RETURN_IF_ERROR(store->CollectLocked());
+  return store;
+}
+
+PointStore::Writer PointStore::BeginCycle() {
+  Writer w(this, std::unique_lock(mu_));
+  images_partial_ = true;
+  return w;
+}
+
+Status PointStore::ReadImageBlock(size_t disk, uint64_t block, std::span<std::byte> out) const {
+  const Disk& d = disks_[disk];
+  const uint64_t at = block * kUndoBlockSize;
+  const uint64_t n = std::min<uint64_t>(kUndoBlockSize, d.def.size - at);
+  if (n < kUndoBlockSize) std::memset(out.data() + n, 0, kUndoBlockSize - n);
+  return PReadAll(d.fd.get(), out.data(), n, at, d.path.string());
+}
+
+Status PointStore::SaveBlock(size_t disk, uint64_t block, bool skip_zeros,
+                             std::span<std::byte> scratch) {
+  if (journal_->NewestHas(disk, block)) return Status::Ok();
+  SR_RETURN_IF_ERROR(ReadImageBlock(disk, block, scratch));
+  if (skip_zeros && AllZeros(scratch)) return Status::Ok();
+  return journal_->Save(disk, block, scratch);
+}
+
+Status PointStore::Writer::Save(size_t disk, const tracker::RecordHeader& h) {
+  PointStore& s = *store_;
+  if (s.journal_->empty() || h.kind == RecordKind::kCut || h.length == 0) return Status::Ok();
+  std::vector<std::byte> scratch(kUndoBlockSize);
+  const uint64_t first = h.offset / kUndoBlockSize;
+  const uint64_t end = (h.offset + h.length + kUndoBlockSize - 1) / kUndoBlockSize;
+  if (h.kind == RecordKind::kWrite) {
+    for (uint64_t b = first; b < end; ++b) SR_RETURN_IF_ERROR(s.SaveBlock(disk, b, false, scratch));
+    return Status::Ok();
+  }
+  // A discard only changes blocks that hold data; skip the holes of the image (a discard
+  // can span a whole disk) and save only blocks that do not read as zeros.
+  const int fd = s.disks_[disk].fd.get();
+  uint64_t b = first;
+  while (b < end) {
+    const off_t data = ::lseek(fd, static_cast<off_t>(b * kUndoBlockSize), SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break;  // only a hole from here on
+      if (errno != EINVAL && errno != EOPNOTSUPP) {
+        return Status::FromErrno(errno, "seek data in " + s.disks_[disk].path.string());
+      }
+      // No SEEK_DATA here: look at every block.
+      for (; b < end; ++b) SR_RETURN_IF_ERROR(s.SaveBlock(disk, b, true, scratch));
+      break;
+    }
+    const off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) return Status::FromErrno(errno, "seek hole in " + s.disks_[disk].path.string());
+    // data >= b * kUndoBlockSize, and hole > data, so this advances.
+    b = static_cast<uint64_t>(data) / kUndoBlockSize;
+    const uint64_t stop = std::min<uint64_t>(
+        end, (static_cast<uint64_t>(hole) + kUndoBlockSize - 1) / kUndoBlockSize);
+    for (; b < stop; ++b) SR_RETURN_IF_ERROR(s.SaveBlock(disk, b, true, scratch));
+  }
+  return Status::Ok();
+}
+
+Status PointStore::Writer::SyncUndo() { return store_->journal_->Sync(); }
+
+Status PointStore::Writer::WriteRecord(size_t disk, const tracker::RecordHeader& header,
+                                       std::span<const std::byte> payload) {
+  const Disk& d = store_->disks_[disk];
+  Status s = tracker::ApplyRecord(d.fd.get(), d.def.size, header, payload);
+  if (!s.ok()) return s.WithContext("replica image " + d.path.string());
+  return s;
+}
+
+Status PointStore::Writer::SyncImages() {
+  for (const Disk& d : store_->disks_) {
+    if (::fdatasync(d.fd.get()) != 0)
+      return Status::FromErrno(errno, "fdatasync " + d.path.string());
+  }
+  return Status::Ok();
+}
+
+void PointStore::Writer::Finish(uint64_t cycle, int64_t cut_unix_nanos) {
+  store_->latest_cycle_ = cycle;
+  store_->latest_cut_unix_nanos_ = cut_unix_nanos;
+  store_->images_partial_ = false;
+}
+
+Status PointStore::AfterApplied(uint64_t cycle, int64_t cut_unix_nanos, const PointPolicy& policy) {
+  std::unique_lock lock(mu_);
+  if (policy.recovery_points > 0 && cycle != 0) {
+    const UndoPoint* newest_retained = nullptr;
+    for (size_t i = journal_->size(); i-- > 0;) {
+      if (journal_->point(i).retained) {
+        newest_retained = &journal_->point(i);
+        break;
+      }
+    }
+    bool take = newest_retained == nullptr;
+    if (!take && cycle > newest_retained->cycle &&
+        cut_unix_nanos >= newest_retained->cut_unix_nanos) {
+      take = cut_unix_nanos - newest_retained->cut_unix_nanos >= IntervalNanos(policy.interval_ms);
+    }
+    if (take) {
+      if (!journal_->empty() && journal_->point(journal_->size() - 1).cycle == cycle) {
+        // A view pinned the latest point before it became a recovery point.
+        SR_RETURN_IF_ERROR(journal_->SetRetained(journal_->size() - 1, true));
+      } else if (journal_->empty() || journal_->point(journal_->size() - 1).cycle < cycle) {
+        SR_RETURN_IF_ERROR(journal_->AddPoint(cycle, cut_unix_nanos, true));
+      }
+    }
+  }
+  return PruneLocked(policy.recovery_points);
+}
+
+Status PointStore::Prune(int recovery_points) {
+  std::unique_lock lock(mu_);
+  return PruneLocked(recovery_points);
+}
+
+Status PointStore::PruneLocked(int recovery_points) {
+  size_t retained = 0;
+  for (size_t i = 0; i < journal_->size(); ++i) retained += journal_->point(i).retained ? 1 : 0;
+  for (size_t i = 0; i < journal_->size() && retained > static_cast<size_t>(recovery_points); ++i) {
+    if (!journal_->point(i).retained) continue;
+    SR_RETURN_IF_ERROR(journal_->SetRetained(i, false));
+    --retained;
+  }
+  return CollectLocked();
+}
+
+Status PointStore::CollectLocked() {
+  // Oldest first: dropping the oldest point is a plain delete, no merge.
+  for (size_t i = 0; i < journal_->size();) {
+    const UndoPoint& p = journal_->point(i);
+    if (p.retained || pins_.count(p.cycle) != 0) {
+      ++i;
+      continue;
+    }
+    const uint64_t cycle = p.cycle;
+    SR_RETURN_IF_ERROR(journal_->RemovePoint(i));
+    spdlog::debug("replica undo: point {} removed", cycle);
+  }
+  return Status::Ok();
+}
+
+std::vector<RecoveryPoint> PointStore::Points() const {
+  std::shared_lock lock(mu_);
+  std::vector<RecoveryPoint> out;
+  for (size_t i = 0; i < journal_->size(); ++i) {
+    const UndoPoint& p = journal_->point(i);
+    if (p.retained)
+      out.push_back(RecoveryPoint{p.cycle, p.cut_unix_nanos, p.cycle == latest_cycle_});
+  }
+  if (latest_cycle_ != 0 && (out.empty() || out.back().id != latest_cycle_)) {
+    out.push_back(RecoveryPoint{latest_cycle_, latest_cut_unix_nanos_, true});
+  }
+  return out;
+}
+
+uint64_t PointStore::undo_bytes() const {
+  std::shared_lock lock(mu_);
+  return journal_->bytes();
+}
+
+std::string PointStore::PointList() const {
+  std::string list;
+  for (size_t i = 0; i < journal_->size(); ++i) {
+    if (!journal_->point(i).retained) continue;
+    list += (list.empty() ? "" : ", ") + std::to_string(journal_->point(i).cycle);
+  }
+  if (latest_cycle_ != 0)
+    list += (list.empty() ? "" : ", ") + std::to_string(latest_cycle_) + " (latest)";
+  return list.empty() ? "none" : list;
+}
+
+Result<RecoveryPoint> PointStore::Pin(uint64_t point_id) {
+  std::unique_lock lock(mu_);
+  const uint64_t cycle = point_id == kLatestPoint ? latest_cycle_ : point_id;
+  if (cycle == 0) {
+    return Status::Error(ENOENT, "the replica has no recovery point yet (no cycle applied)");
+  }
+  const std::optional<size_t> at = journal_->Find(cycle);
+  if (at && (journal_->point(*at).retained || cycle == latest_cycle_)) {
+    ++pins_[cycle];
+    return RecoveryPoint{cycle, journal_->point(*at).cut_unix_nanos, cycle == latest_cycle_};
+  }
+  if (cycle != latest_cycle_) {
+    return Status::Error(
+        ENOENT, "no recovery point " + std::to_string(point_id) + " (points: " + PointList() + ")");
+  }
+  if (images_partial_) {
+    return Status::Error(EBUSY, "the latest recovery point (" + std::to_string(cycle) +
+                                    ") cannot be read while the images are between cycles; it "
+                                    "can once the next cycle is applied");
+  }
+  SR_RETURN_IF_ERROR(journal_->AddPoint(cycle, latest_cut_unix_nanos_, /*retained=*/false));
+  ++pins_[cycle];
+  return RecoveryPoint{cycle, latest_cut_unix_nanos_, true};
+}
+
+void PointStore::Unpin(uint64_t cycle) {
+  std::unique_lock lock(mu_);
+  auto it = pins_.find(cycle);
+  if (it == pins_.end()) return;
+  if (--it->second > 0) return;
+  pins_.erase(it);
+  Status s = CollectLocked();
+  if (!s.ok())
+    spdlog::warn("replica undo: dropping point {} after its last view: {}", cycle, s.ToString());
+}
+
+Status PointStore::Read(uint64_t cycle, size_t disk, uint64_t offset,
+                        std::span<std::byte> out) const {
+  std::shared_lock lock(mu_);
+  if (disk >= disks_.size()) return Status::Invalid("no disk " + std::to_string(disk));
+  const Disk& d = disks_[disk];
+  if (offset > d.def.size || out.size() > d.def.size - offset) {
+    return Status::Invalid("read of [" + std::to_string(offset) + ", +" +
+                           std::to_string(out.size()) + ") is beyond the end of disk " +
+                           d.def.name + " (" + std::to_string(d.def.size) + " bytes)");
+  }
+  const std::optional<size_t> at = journal_->Find(cycle);
+  if (!at) return Status::Error(ENOENT, "recovery point " + std::to_string(cycle) + " is gone");
+  // Blocks the undo files do not hold come from the image; consecutive ones in one pread.
+  uint64_t run_start = offset;  // disk offset where the pending image run starts
+  size_t run_len = 0;
+  auto flush_run = [&]() -> Status {
+    if (run_len == 0) return Status::Ok();
+    Status s = PReadAll(d.fd.get(), out.data() + (run_start - offset), run_len, run_start,
+                        d.path.string());
+    run_len = 0;
+    return s;
+  };
+  std::vector<std::byte> block(kUndoBlockSize);
+  uint64_t pos = offset;
+  const uint64_t end = offset + out.size();
+  while (pos < end) {
+    const uint64_t b = pos / kUndoBlockSize;
+    const uint64_t in_block = pos - b * kUndoBlockSize;
+    const size_t n = static_cast<size_t>(std::min<uint64_t>(kUndoBlockSize - in_block, end - pos));
+    SR_ASSIGN_OR_RETURN(bool from_undo, journal_->ReadAsOf(*at, disk, b, block));
+    if (from_undo) {
+      SR_RETURN_IF_ERROR(flush_run());
+      std::memcpy(out.data() + (pos - offset), block.data() + in_block, n);
+    } else {
+      if (run_len == 0) run_start = pos;
+      run_len += n;
+    }
+    pos += n;
+  }
+  return flush_run();
+}
+
+}  // namespace siterep::applier

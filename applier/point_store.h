@@ -1,0 +1,142 @@
+// PointStore: the replica images plus the undo journal, i.e. everything recovery points
+// are made of; the one place that writes the images. Owned (shared) by applier::Replica
+// and by every PointView open on it, so a view stays readable even if the Replica goes.
+//
+// Threads: the applier writes a cycle through a Writer, which holds images_mu_
+// exclusively from the first undo save to the images' fdatasync, so readers (views, one
+// shared hold per Read) never see half a cycle. Pins, point changes and pruning also take
+// it exclusively. Points() and reads take it shared.
+//
+// Points: the latest point is the cycle the images are at. Retained points (at most
+// recovery_points, spaced recovery_point_interval_ms apart by cut time) and points pinned
+// by open views are the undo journal's chain (undo_journal.h). A view of the latest
+// point adds a chain point for it (not retained) so that it stays readable while the
+// applier moves on; the point goes (its undo blocks merged into the previous point) when
+// the last view of it closes. A retained point pruned while a view has it pinned leaves
+// the list at once but stays in the chain until the view closes.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <span>
+#include <vector>
+
+#include "applier/segment_sink.h"
+#include "applier/undo_journal.h"
+#include "common/status.h"
+#include "common/unique_fd.h"
+#include "tracker/log_format.h"
+
+namespace siterep::applier {
+
+struct RecoveryPoint {
+  uint64_t id = 0;  // the cycle; stable while the point exists; the same for every disk
+  int64_t cut_unix_nanos = 0;
+  bool latest = false;
+};
+
+// For OpenView / ExportPoint: whatever point is the latest when the view opens.
+inline constexpr uint64_t kLatestPoint = ~uint64_t{0};
+
+// How new recovery points are taken and old ones dropped.
+struct PointPolicy {
+  int recovery_points = 0;
+  int64_t interval_ms = 0;
+};
+
+class PointStore {
+ public:
+  // Opens the images <dir>/<disk>.img (which must exist with their disk's size) and the
+  // journal <dir>/undo/. The images are at applied_cycle, or - images_partial - somewhere
+  // between it and the next cycle (an apply was interrupted; no view of the latest point
+  // until the next cycle is applied). Removes chain points no view can pin any more.
+  static Result<std::shared_ptr<PointStore>> Open(const std::filesystem::path& dir,
+                                                  std::vector<DiskDefinition> disks,
+                                                  uint64_t applied_cycle,
+                                                  int64_t applied_cut_unix_nanos,
+                                                  bool images_partial);
+
+  static std::filesystem::path ImagePath(const std::filesystem::path& dir, const std::string& disk);
+
+  size_t disk_count() const { return disks_.size(); }
+  const DiskDefinition& disk(size_t i) const { return disks_[i].def; }
+
+  // Writes one cycle: Save what the cycle will overwrite (every record, before any image
+  // write), SyncUndo, then WriteRecord each record, SyncImages, Finish. Until Finish the
+  // images count as partial. One Writer at a time (the applier).
+  class Writer {
+   public:
+    Writer(Writer&&) = default;
+    // Saves into the newest point's undo file the blocks (4 KiB, whole covering blocks)
+    // that the record changes and that the point does not hold yet. A discard does not
+    // save blocks that read as zeros (it does not change them). No-op without points.
+    Status Save(size_t disk, const tracker::RecordHeader& header);
+    Status SyncUndo();
+    Status WriteRecord(size_t disk, const tracker::RecordHeader& header,
+                       std::span<const std::byte> payload);
+    Status SyncImages();
+    // The images are now exactly cycle.
+    void Finish(uint64_t cycle, int64_t cut_unix_nanos);
+
+   private:
+    friend class PointStore;
+    Writer(PointStore* store, std::unique_lock<std::shared_mutex> lock)
+        : store_(store), lock_(std::move(lock)) {}
+    PointStore* store_;
+    std::unique_lock<std::shared_mutex> lock_;
+  };
+  Writer BeginCycle();
+
+  // After cycle was applied and recorded: makes it a retained point if the policy says so,
+  // then drops retained points beyond policy.recovery_points. Idempotent (also run at
+  // Open for the applied cycle, in case a crash came between the two).
+  Status AfterApplied(uint64_t cycle, int64_t cut_unix_nanos, const PointPolicy& policy);
+  // Drops retained points beyond recovery_points (oldest first).
+  Status Prune(int recovery_points);
+
+  // Retained points, oldest first, then the latest (marked latest; it may be retained).
+  std::vector<RecoveryPoint> Points() const;
+  uint64_t undo_bytes() const;
+
+  // Keeps point_id (or kLatestPoint) readable until Unpin. ENOENT when there is no such
+  // point; EBUSY for the latest point while the images are partial.
+  Result<RecoveryPoint> Pin(uint64_t point_id);
+  void Unpin(uint64_t cycle);
+
+  // Reads [offset, offset + out.size()) of disk as of the pinned point cycle.
+  Status Read(uint64_t cycle, size_t disk, uint64_t offset, std::span<std::byte> out) const;
+
+ private:
+  struct Disk {
+    DiskDefinition def;
+    std::filesystem::path path;
+    UniqueFd fd;
+  };
+
+  PointStore() = default;
+  // The block's content in the image (zeros past its end).
+  Status ReadImageBlock(size_t disk, uint64_t block, std::span<std::byte> out) const;
+  // Saves block unless the newest point holds it; skip_zeros: not if it reads as zeros.
+  Status SaveBlock(size_t disk, uint64_t block, bool skip_zeros, std::span<std::byte> scratch);
+  // Removes chain points that are neither retained nor pinned. Needs mu_ exclusive.
+  Status CollectLocked();
+  Status PruneLocked(int recovery_points);
+  std::string PointList() const;
+
+  std::vector<Disk> disks_;
+  // Protects the images' contents, journal_, latest_*, images_partial_ and pins_.
+  // Exclusive: the applier's Writer, pins, point changes. Shared: reads, Points().
+  // Taken after Replica's locks (Replica never holds its mu_ while taking it).
+  mutable std::shared_mutex mu_;
+  std::unique_ptr<UndoJournal> journal_;
+  uint64_t latest_cycle_ = 0;
+  int64_t latest_cut_unix_nanos_ = 0;
+  bool images_partial_ = false;
+  std::map<uint64_t, int> pins_;  // cycle -> open views
+};
+
+}  // namespace siterep::applier

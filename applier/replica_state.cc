@@ -1,0 +1,216 @@
+#include "applier/replica_state.h"
+
+#include <nlohmann/json.hpp>
+#include <set>
+
+#include "common/file_util.h"
+
+namespace siterep::applier {
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+namespace {
+
+bool UsableFileName(const std::string& name) {
+  if (name.empty() || name == "." || name == ".." || name.size() > 200) return false;
+  for (char c : name) {
+    if (c == '/' || c == '\0') return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+Status ValidateDefinition(const ReplicaDefinition& def) {
+  if (def.vm.empty()) return Status::Invalid("replica definition: the VM has no name");
+  if (!UsableFileName(def.vm)) {
+    return Status::Invalid("replica definition: VM name \"" + def.vm + "\" is not a file name");
+  }
+  if (def.disks.empty())
+    return Status::Invalid("replica definition: VM " + def.vm + " has no disks");
+  if (def.epoch == 0) return Status::Invalid("replica definition: VM " + def.vm + " has epoch 0");
+  if (def.recovery_points < 0 || def.recovery_point_interval_ms < 0) {
+    return Status::Invalid("replica definition: VM " + def.vm +
+                           ": recovery points and their interval must not be negative");
+  }
+  std::set<std::string> names;
+  std::set<uint32_t> ids;
+  for (const DiskDefinition& d : def.disks) {
+    const std::string what = "replica definition: disk \"" + d.name + "\" of VM " + def.vm;
+    if (!UsableFileName(d.name)) return Status::Invalid(what + ": the name is not a file name");
+    if (d.size == 0) return Status::Invalid(what + " has size 0");
+    if (!names.insert(d.name).second) return Status::Invalid(what + " is listed twice");
+    if (!ids.insert(d.disk_id).second) {
+      return Status::Invalid(what + " has the disk id of another disk (" +
+                             std::to_string(d.disk_id) + ")");
+    }
+  }
+  return Status::Ok();
+}
+
+bool SameVmAndDisks(const ReplicaDefinition& a, const ReplicaDefinition& b) {
+  if (a.vm != b.vm || a.disks.size() != b.disks.size()) return false;
+  for (size_t i = 0; i < a.disks.size(); ++i) {
+    const DiskDefinition& x = a.disks[i];
+    const DiskDefinition& y = b.disks[i];
+    if (x.name != y.name || x.disk_id != y.disk_id || x.size != y.size) return false;
+  }
+  return true;
+}
+
+std::string DefinitionToJson(const ReplicaDefinition& def) {
+  json disks = json::array();
+  for (const DiskDefinition& d : def.disks) {
+    disks.push_back({{"name", d.name}, {"disk_id", d.disk_id}, {"size", d.size}});
+  }
+  json j = {{"vm", def.vm},
+            {"primary_site", def.primary_site},
+            {"epoch", def.epoch},
+            {"disks", disks},
+            {"recovery_points", def.recovery_points},
+            {"recovery_point_interval_ms", def.recovery_point_interval_ms},
+            {"frequency_ms", def.frequency_ms}};
+  return j.dump(2) + "\n";
+}
+
+Result<ReplicaDefinition> DefinitionFromJson(const std::string& text, const std::string& where) {
+  try {
+    const json j = json::parse(text);
+    ReplicaDefinition def;
+    def.vm = j.at("vm").get<std::string>();
+    def.primary_site = j.value("primary_site", std::string());
+    def.epoch = j.at("epoch").get<uint64_t>();
+    for (const json& d : j.at("disks")) {
+      def.disks.push_back(DiskDefinition{d.at("name").get<std::string>(),
+                                         d.at("disk_id").get<uint32_t>(),
+                                         d.at("size").get<uint64_t>()});
+    }
+    def.recovery_points = j.value("recovery_points", 0);
+    def.recovery_point_interval_ms = j.value("recovery_point_interval_ms", int64_t{3600000});
+    def.frequency_ms = j.value("frequency_ms", int64_t{300000});
+    Status valid = ValidateDefinition(def);
+    if (!valid.ok()) return Status::Corrupt(where + ": " + valid.message());
+    return def;
+  } catch (const json::exception& e) {
+    return Status::Corrupt(where + ": " + e.what());
+  }
+}
+
+std::string PositionToJson(const PositionState& s, const ReplicaDefinition& def) {
+  json disks = json::array();
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    disks.push_back({{"name", def.disks[i].name},
+                     {"last_segment", s.disks[i].last_segment},
+                     {"last_seq", s.disks[i].last_seq}});
+  }
+  json pending = json::array();
+  for (const PendingCycle& c : s.pending) {
+    json segments = json::array();
+    for (size_t i = 0; i < def.disks.size(); ++i) {
+      const PendingSegment& seg = c.segments[i];
+      segments.push_back({{"disk", def.disks[i].name},
+                          {"number", seg.number},
+                          {"bytes", seg.bytes},
+                          {"first_seq", seg.first_seq},
+                          {"last_seq", seg.last_seq}});
+    }
+    pending.push_back({{"cycle", c.info.cycle},
+                       {"cut_unix_nanos", c.info.cut_unix_nanos},
+                       {"first_change_unix_nanos", c.info.first_change_unix_nanos},
+                       {"min_epoch", c.min_epoch},
+                       {"segments", segments}});
+  }
+  json j = {{"received_cycle", s.received_cycle},
+            {"applying_cycle", s.applying_cycle},
+            {"applied_cycle", s.applied_cycle},
+            {"applied_cut_unix_nanos", s.applied_cut_unix_nanos},
+            {"applied_first_change_unix_nanos", s.applied_first_change_unix_nanos},
+            {"apply_error", s.apply_error},
+            {"disks", disks},
+            {"pending", pending}};
+  return j.dump(2) + "\n";
+}
+
+Result<PositionState> PositionFromJson(const std::string& text, const ReplicaDefinition& def,
+                                       const std::string& where) {
+  // Disks are found by name, so the file stays readable if the definition lists them in
+  // another order one day.
+  auto index_of = [&](const std::string& name) -> int {
+    for (size_t i = 0; i < def.disks.size(); ++i) {
+      if (def.disks[i].name == name) return static_cast<int>(i);
+    }
+    return -1;
+  };
+  try {
+    const json j = json::parse(text);
+    PositionState s;
+    s.received_cycle = j.at("received_cycle").get<uint64_t>();
+    s.applying_cycle = j.value("applying_cycle", uint64_t{0});
+    s.applied_cycle = j.at("applied_cycle").get<uint64_t>();
+    s.applied_cut_unix_nanos = j.value("applied_cut_unix_nanos", int64_t{0});
+    s.applied_first_change_unix_nanos = j.value("applied_first_change_unix_nanos", int64_t{0});
+    s.apply_error = j.value("apply_error", std::string());
+    s.disks.resize(def.disks.size());
+    std::vector<bool> seen(def.disks.size());
+    for (const json& d : j.at("disks")) {
+      const int i = index_of(d.at("name").get<std::string>());
+      if (i < 0) continue;
+      s.disks[i].last_segment = d.at("last_segment").get<uint64_t>();
+      s.disks[i].last_seq = d.at("last_seq").get<uint64_t>();
+      seen[i] = true;
+    }
+    for (size_t i = 0; i < seen.size(); ++i) {
+      if (!seen[i]) return Status::Corrupt(where + ": disk " + def.disks[i].name + " is missing");
+    }
+    for (const json& c : j.at("pending")) {
+      PendingCycle p;
+      p.info.cycle = c.at("cycle").get<uint64_t>();
+      p.info.cut_unix_nanos = c.value("cut_unix_nanos", int64_t{0});
+      p.info.first_change_unix_nanos = c.value("first_change_unix_nanos", int64_t{0});
+      p.min_epoch = c.at("min_epoch").get<uint64_t>();
+      p.segments.resize(def.disks.size());
+      std::vector<bool> have(def.disks.size());
+      for (const json& seg : c.at("segments")) {
+        const int i = index_of(seg.at("disk").get<std::string>());
+        if (i < 0) continue;
+        p.segments[i] =
+            PendingSegment{seg.at("number").get<uint64_t>(), seg.at("bytes").get<uint64_t>(),
+                           seg.at("first_seq").get<uint64_t>(), seg.at("last_seq").get<uint64_t>()};
+        have[i] = true;
+      }
+      for (size_t i = 0; i < have.size(); ++i) {
+        if (!have[i]) {
+          return Status::Corrupt(where + ": pending cycle " + std::to_string(p.info.cycle) +
+                                 " has no segment of disk " + def.disks[i].name);
+        }
+      }
+      s.pending.push_back(std::move(p));
+    }
+    return s;
+  } catch (const json::exception& e) {
+    return Status::Corrupt(where + ": " + e.what());
+  }
+}
+
+Result<ReplicaDefinition> LoadDefinition(const fs::path& dir) {
+  const fs::path path = dir / kDefinitionFile;
+  SR_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  return DefinitionFromJson(text, path.string());
+}
+
+Status StoreDefinition(const fs::path& dir, const ReplicaDefinition& def) {
+  return WriteFileAtomic(dir / kDefinitionFile, DefinitionToJson(def));
+}
+
+Result<PositionState> LoadPosition(const fs::path& dir, const ReplicaDefinition& def) {
+  const fs::path path = dir / kPositionFile;
+  SR_ASSIGN_OR_RETURN(std::string text, ReadFile(path));
+  return PositionFromJson(text, def, path.string());
+}
+
+Status StorePosition(const fs::path& dir, const PositionState& state,
+                     const ReplicaDefinition& def) {
+  return WriteFileAtomic(dir / kPositionFile, PositionToJson(state, def));
+}
+
+}  // namespace siterep::applier

@@ -1,0 +1,86 @@
+// The replica's small durable state files: replica.json (the ReplicaDefinition) and
+// position.json (what was received and what was applied), with their JSON encodings.
+//
+// Used by applier::Replica only (replica.cc, replica_apply.cc); the functions here do no
+// locking and hold no state. Both files are written with WriteFileAtomic (temp file,
+// fsync, rename, fsync of the folder), so a crash leaves the old or the new version.
+//
+// position.json holds both sides of the replica in one file, written by whoever changes
+// it (the receiver in CommitCycle, the applier after a cycle) under Replica's persist lock:
+//   received_cycle   every segment through this cycle is durable (what may be acked)
+//   disks[]          per disk: last committed segment number and last seq (continuity)
+//   pending[]        committed cycles not yet applied, oldest first: their CycleInfo, the
+//                    epoch they were received under, and per disk the segment's number,
+//                    byte count and seq range (the applier checks them again)
+//   applying_cycle   set before the applier first writes a cycle's blocks to the images and
+//                    cleared with applied_cycle: after a crash it says that the images may
+//                    hold part of that cycle (no view of the latest point until re-applied)
+//   applied_cycle, applied_cut_unix_nanos, applied_first_change_unix_nanos
+//   apply_error      a bad record stopped the apply (kept across restarts)
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "applier/segment_sink.h"
+#include "common/status.h"
+
+namespace siterep::applier {
+
+inline constexpr char kDefinitionFile[] = "replica.json";
+inline constexpr char kPositionFile[] = "position.json";
+
+// Checks what a definition must hold before a replica is made from it: a VM name, at least
+// one disk, disk names usable as file names, unique names and ids, sizes > 0.
+Status ValidateDefinition(const ReplicaDefinition& def);
+
+std::string DefinitionToJson(const ReplicaDefinition& def);
+// `where` names the file for error messages.
+Result<ReplicaDefinition> DefinitionFromJson(const std::string& text, const std::string& where);
+
+// Same VM and the same disks (name, id, size, in order)?
+bool SameVmAndDisks(const ReplicaDefinition& a, const ReplicaDefinition& b);
+
+struct DiskReceived {
+  uint64_t last_segment = 0;  // number of the last committed segment (0: none yet)
+  uint64_t last_seq = 0;      // seq of its last record
+};
+
+struct PendingSegment {
+  uint64_t number = 0;
+  uint64_t bytes = 0;
+  uint64_t first_seq = 0;
+  uint64_t last_seq = 0;
+};
+
+struct PendingCycle {
+  CycleInfo info;
+  uint64_t min_epoch = 0;                // the replica's epoch when it was received
+  std::vector<PendingSegment> segments;  // one per disk, in definition order
+};
+
+struct PositionState {
+  uint64_t received_cycle = 0;
+  uint64_t applying_cycle = 0;  // 0: the images are exactly applied_cycle
+  uint64_t applied_cycle = 0;
+  int64_t applied_cut_unix_nanos = 0;
+  int64_t applied_first_change_unix_nanos = 0;
+  std::string apply_error;
+  std::vector<DiskReceived> disks;    // one per disk, in definition order
+  std::vector<PendingCycle> pending;  // oldest first
+};
+
+std::string PositionToJson(const PositionState& state, const ReplicaDefinition& def);
+// Disks are matched by name; a disk of def missing from the file is an error.
+Result<PositionState> PositionFromJson(const std::string& text, const ReplicaDefinition& def,
+                                       const std::string& where);
+
+Result<ReplicaDefinition> LoadDefinition(const std::filesystem::path& dir);
+Status StoreDefinition(const std::filesystem::path& dir, const ReplicaDefinition& def);
+Result<PositionState> LoadPosition(const std::filesystem::path& dir, const ReplicaDefinition& def);
+Status StorePosition(const std::filesystem::path& dir, const PositionState& state,
+                     const ReplicaDefinition& def);
+
+}  // namespace siterep::applier

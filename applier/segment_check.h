@@ -1,0 +1,59 @@
+// Checking a received segment file record by record: the one place that decides whether a
+// segment from the primary may be kept (Replica::WriteSegment, when its last chunk arrives)
+// and may be applied (the applier checks every segment of a cycle again before it writes
+// anything, so a byte that flipped on the replica's disk after reception is caught).
+//
+// A segment is accepted when every record parses (magic, version, kind, length, CRC;
+// tracker::ParseRecord), carries the segment's disk id, has an epoch not older than
+// the replica's, keeps write/discard ranges inside the disk, numbers its records seq + 1
+// each (the first one as expected, when given), and the last record - and only it - is a
+// cut. Stateless; thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <optional>
+
+#include "common/function_ref.h"
+#include "common/status.h"
+#include "tracker/log_format.h"
+
+namespace siterep::applier {
+
+// Largest segment a replica accepts (the tracker rolls segments at 64 MiB by default).
+inline constexpr uint64_t kMaxSegmentBytes = 1ull << 30;
+
+struct SegmentRules {
+  uint32_t disk_id = 0;
+  uint64_t disk_size = 0;
+  uint64_t min_epoch = 0;
+  std::optional<uint64_t> first_seq;  // the seq the first record must carry; nullopt: any
+  std::optional<uint64_t> last_seq;   // the seq the last record must carry; nullopt: any
+  std::optional<uint64_t> cycle;      // the cycle the cut must carry; nullopt: any
+};
+
+struct SegmentSummary {
+  uint64_t records = 0;
+  uint64_t bytes = 0;  // file size
+  uint64_t first_seq = 0;
+  uint64_t last_seq = 0;
+  tracker::CutPayload cut;
+};
+
+// One checked record, handed to ScanSegment's visitor.
+struct CheckedRecord {
+  const tracker::ParsedRecord& record;
+  uint64_t file_offset;
+};
+
+// Reads the segment at path and checks every record against rules. The visitor, if any, is
+// called for each record right after that record passed its checks (so a visitor
+// sees the records of a segment whose later part may still turn out bad; callers that
+// must not act on a bad segment scan it once without a visitor first). A refusal is an
+// EBADMSG Status naming the file, offset, seq and what was wrong; a visitor's error is
+// returned as it is; a read error is the read's Status.
+Result<SegmentSummary> ScanSegment(const std::filesystem::path& path, const SegmentRules& rules,
+                                   FunctionRef<Status(const CheckedRecord&)> visit);
+Result<SegmentSummary> ScanSegment(const std::filesystem::path& path, const SegmentRules& rules);
+
+}  // namespace siterep::applier
