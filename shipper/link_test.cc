@@ -1,0 +1,747 @@
+// End-to-end tests of the replication link: a real tracker::VmTracker on temp images as the
+// source, a Shipper and a Receiver talking real TLS on 127.0.0.1, and RecordingSink, a test
+// double of the applier that stores what it gets in files and checks the order of chunks
+// and commits (no gap, no duplicate).
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+
+#include <atomic>
+#include <chrono>
+#include <functional>
+#include <map>
+#include <mutex>
+#include <set>
+#include <thread>
+
+#include "applier/replica.h"
+#include "common/failpoint.h"
+#include "common/file_util.h"
+#include "shipper/receiver.h"
+#include "shipper/shipper.h"
+#include "shipper/testing/test_certs.h"
+#include "shipper/wire_format.h"
+#include "tracker/log_format.h"
+#include "tracker/tracker_fixture.h"
+
+namespace siterep::shipper {
+namespace {
+
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using tracker::testing::Pattern;
+using tracker::testing::ReadWhole;
+using tracker::testing::WriteVia;
+
+// Test double of applier::Replica. Keeps each complete segment in a file, and refuses (and
+// records as a violation) chunks out of order, a segment that does not parse or end in a
+// cut, a commit of a cycle it already has (duplicate) or that skips one (gap), and a commit
+// without every disk's segment of the cycle.
+class RecordingSink : public applier::SegmentSink {
+ public:
+  RecordingSink(fs::path dir, applier::ReplicaDefinition definition)
+      : dir_(std::move(dir)), def_(std::move(definition)) {
+    fs::create_directories(dir_);
+  }
+
+  Status WriteSegment(uint32_t disk_id, uint64_t number, uint64_t offset,
+                      std::span<const std::byte> data, bool last) override {
+    std::lock_guard lk(mu_);
+    ++write_calls_;
+    Partial& p = partial_[disk_id];
+    if (offset == 0) {
+      p = Partial{number, {}};
+    } else if (p.number != number || p.data.size() != offset) {
+      return Violation("chunk of segment " + std::to_string(number) + " at offset " +
+                       std::to_string(offset) + " out of order");
+    }
+    p.data.insert(p.data.end(), data.begin(), data.end());
+    if (!last) return Status::Ok();
+    if (number <= committed_segment_[disk_id]) {
+      return Violation("segment " + std::to_string(number) + " of a committed cycle sent again");
+    }
+    // The whole segment must parse and end in a cut: what the applier will check.
+    std::span<const std::byte> rest(p.data);
+    uint64_t cut_cycle = 0;
+    while (!rest.empty()) {
+      tracker::ParsedRecord rec;
+      if (tracker::ParseRecord(rest, &rec) != tracker::ParseStatus::kOk) {
+        return Violation("segment " + std::to_string(number) + " does not parse");
+      }
+      cut_cycle = 0;
+      if (rec.header.kind == tracker::RecordKind::kCut) {
+        cut_cycle = tracker::DecodeCutPayload(rec.payload.first<tracker::kCutPayloadSize>()).cycle;
+      }
+      rest = rest.subspan(rec.size);
+    }
+    if (cut_cycle == 0) return Violation("segment " + std::to_string(number) + " has no cut");
+    SR_RETURN_IF_ERROR(WriteFileAtomic(
+        PathOf(disk_id, number),
+        std::string_view(reinterpret_cast<const char*>(p.data.data()), p.data.size())));
+    complete_[disk_id] = Complete{number, cut_cycle};
+    p = Partial{};
+    return Status::Ok();
+  }
+
+  Status CommitCycle(const applier::CycleInfo& cycle) override {
+    std::lock_guard lk(mu_);
+    if (cycle.cycle <= received_) {
+      return Violation("duplicate commit of cycle " + std::to_string(cycle.cycle));
+    }
+    if (cycle.cycle != received_ + 1) {
+      return Violation("gap: cycle " + std::to_string(cycle.cycle) + " after " +
+                       std::to_string(received_));
+    }
+    for (const applier::DiskDefinition& d : def_.disks) {
+      auto it = complete_.find(d.disk_id);
+      if (it == complete_.end() || it->second.cycle != cycle.cycle) {
+        return Violation("commit of cycle " + std::to_string(cycle.cycle) + " without disk " +
+                         d.name);
+      }
+    }
+    for (const applier::DiskDefinition& d : def_.disks) {
+      committed_segment_[d.disk_id] = complete_[d.disk_id].number;
+    }
+    received_ = cycle.cycle;
+    cut_nanos_ = cycle.cut_unix_nanos;
+    commits_.push_back(cycle);
+    return Status::Ok();
+  }
+
+  applier::ReplicaPosition Position() const override {
+    std::lock_guard lk(mu_);
+    applier::ReplicaPosition p;
+    p.epoch = def_.epoch;
+    p.received_cycle = received_;
+    p.applied_cycle = received_;  // this double "applies" at once
+    p.applied_cut_unix_nanos = cut_nanos_;
+    return p;
+  }
+
+  fs::path PathOf(uint32_t disk_id, uint64_t number) const {
+    return dir_ / (std::to_string(disk_id) + "-" + std::to_string(number) + ".seg");
+  }
+  std::vector<uint64_t> Commits() const {
+    std::lock_guard lk(mu_);
+    std::vector<uint64_t> out;
+    for (const applier::CycleInfo& c : commits_) out.push_back(c.cycle);
+    return out;
+  }
+  std::vector<applier::CycleInfo> CommitInfos() const {
+    std::lock_guard lk(mu_);
+    return commits_;
+  }
+  std::vector<std::string> Violations() const {
+    std::lock_guard lk(mu_);
+    return violations_;
+  }
+  uint64_t write_calls() const {
+    std::lock_guard lk(mu_);
+    return write_calls_;
+  }
+  uint64_t received() const {
+    std::lock_guard lk(mu_);
+    return received_;
+  }
+
+ private:
+  struct Partial {
+    uint64_t number = 0;
+    std::vector<std::byte> data;
+  };
+  struct Complete {
+    uint64_t number = 0;
+    uint64_t cycle = 0;
+  };
+  Status Violation(std::string what) {
+    violations_.push_back(what);
+    return Status::Error(EPROTO, "RecordingSink: " + what);
+  }
+
+  const fs::path dir_;
+  const applier::ReplicaDefinition def_;
+  mutable std::mutex mu_;
+  std::map<uint32_t, Partial> partial_;
+  std::map<uint32_t, Complete> complete_;
+  std::map<uint32_t, uint64_t> committed_segment_;
+  uint64_t received_ = 0;
+  int64_t cut_nanos_ = 0;
+  std::vector<applier::CycleInfo> commits_;
+  std::vector<std::string> violations_;
+  uint64_t write_calls_ = 0;
+};
+
+// A TCP forwarder between shipper and receiver that a test can cut (close every
+// connection) or freeze (stop forwarding, sockets left open, as a dead link looks).
+class TcpProxy {
+ public:
+  explicit TcpProxy(uint16_t target) : target_(target) {
+    Result<std::unique_ptr<TcpListener>> l = TcpListener::Listen("127.0.0.1:0");
+    EXPECT_TRUE(l.ok()) << l.status().ToString();
+    listener_ = std::move(*l);
+    accept_ = std::thread([this] { AcceptLoop(); });
+  }
+  ~TcpProxy() {
+    stop_ = true;
+    listener_->Stop();
+    accept_.join();
+    std::lock_guard lk(mu_);
+    for (std::thread& t : pumps_) t.join();
+  }
+  uint16_t port() const { return listener_->port(); }
+  void CutAll() { ++cut_generation_; }
+  void FreezeAll() { ++freeze_generation_; }
+  int accepted() const { return accepted_; }
+
+ private:
+  void AcceptLoop() {
+    while (true) {
+      Result<UniqueFd> fd = listener_->Accept();
+      if (!fd.ok()) return;
+      ++accepted_;
+      UniqueFd out(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+      sockaddr_in addr{};
+      addr.sin_family = AF_INET;
+      addr.sin_port = htons(target_);
+      addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+      if (::connect(out.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) continue;
+      std::lock_guard lk(mu_);
+      pumps_.emplace_back([this, in = std::move(*fd), out = std::move(out)]() mutable {
+        Pump(std::move(in), std::move(out));
+      });
+    }
+  }
+  void Pump(UniqueFd a, UniqueFd b) {
+    const int cut_at = cut_generation_;
+    const int freeze_at = freeze_generation_;
+    std::vector<char> buf(64 << 10);
+    while (!stop_ && cut_generation_ == cut_at) {
+      if (freeze_generation_ != freeze_at) {  // a dead link: hold the sockets, move nothing
+        std::this_thread::sleep_for(10ms);
+        continue;
+      }
+      pollfd p[2] = {{a.get(), POLLIN, 0}, {b.get(), POLLIN, 0}};
+      if (::poll(p, 2, 20) <= 0) continue;
+      for (int i = 0; i < 2; ++i) {
+        if (p[i].revents == 0) continue;
+        const int from = i == 0 ? a.get() : b.get();
+        const int to = i == 0 ? b.get() : a.get();
+        const ssize_t n = ::read(from, buf.data(), buf.size());
+        if (n <= 0) return;
+        if (!PWriteAllSocket(to, buf.data(), static_cast<size_t>(n))) return;
+      }
+    }
+  }
+  static bool PWriteAllSocket(int fd, const char* data, size_t n) {
+    while (n > 0) {
+      const ssize_t w = ::send(fd, data, n, MSG_NOSIGNAL);
+      if (w <= 0) return false;
+      data += w;
+      n -= static_cast<size_t>(w);
+    }
+    return true;
+  }
+
+  const uint16_t target_;
+  std::unique_ptr<TcpListener> listener_;
+  std::thread accept_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> cut_generation_{0};
+  std::atomic<int> freeze_generation_{0};
+  std::atomic<int> accepted_{0};
+  std::mutex mu_;
+  std::vector<std::thread> pumps_;
+};
+
+bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeout = 20s) {
+  const auto until = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < until) {
+    if (done()) return true;
+    std::this_thread::sleep_for(10ms);
+  }
+  return done();
+}
+
+class LinkTest : public tracker::testing::TrackerFixture {
+ protected:
+  void SetUp() override {
+    Result<testing::TestPki> pki = testing::TestPki::Create(tmp_.path() / "pki");
+    ASSERT_TRUE(pki.ok()) << pki.status().ToString();
+    pki_.emplace(std::move(*pki));
+    east_ = Context(pki_->Site("east"));
+    west_ = Context(pki_->Site("west"));
+  }
+  void TearDown() override {
+    failpoint::DisarmAll();
+    shipper_.reset();
+    receiver_.reset();
+  }
+
+  static std::shared_ptr<const TlsContext> Context(const TlsIdentity& id) {
+    Result<std::shared_ptr<TlsContext>> c = TlsContext::Create(id);
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    return c.ok() ? std::shared_ptr<const TlsContext>(*c) : nullptr;
+  }
+
+  applier::ReplicaDefinition Definition() const {
+    applier::ReplicaDefinition d;
+    d.vm = "vm1";
+    d.primary_site = "east";
+    d.epoch = 3;
+    for (const DiskFiles& f : disks_) {
+      d.disks.push_back({f.name, tracker::DiskIdFor("vm1", f.name), f.size});
+    }
+    return d;
+  }
+
+  // Two disks and an open tracker without a cycle timer.
+  void OpenTracker(uint64_t size = 8 << 20) {
+    AddDisk("os", size);
+    AddDisk("data", size / 2);
+    tracker_ = Open(Options());
+    ASSERT_TRUE(tracker_);
+    sink_ = std::make_unique<RecordingSink>(tmp_.path() / "sink", Definition());
+  }
+
+  // Writes data to disk i at offset.
+  void Write(size_t i, uint64_t offset, const std::vector<std::byte>& data) {
+    ASSERT_TRUE(WriteVia(tracker_->observer(i), disks_[i].fd.get(), offset, data).ok());
+  }
+  uint64_t Cut() {
+    Result<uint64_t> c = tracker_->Cut();
+    EXPECT_TRUE(c.ok()) << c.status().ToString();
+    return c.ok() ? *c : 0;
+  }
+  // Remembers every sealed segment's bytes, to compare with what the sink got.
+  void SnapshotSealed() {
+    for (const tracker::SealedSegment& s : tracker_->SealedSegments()) {
+      expected_[{s.disk_id, s.number}] = ReadWhole(s.path);
+    }
+  }
+  void ExpectSinkHasEverySegment() {
+    ASSERT_FALSE(expected_.empty());
+    for (const auto& [key, bytes] : expected_) {
+      const fs::path p = sink_->PathOf(key.first, key.second);
+      ASSERT_TRUE(fs::exists(p)) << p;
+      EXPECT_TRUE(ReadWhole(p) == bytes)
+          << "segment " << key.second << " of disk " << key.first << " differs at the sink";
+    }
+  }
+
+  void StartReceiver(std::vector<std::string> allowed = {"east"},
+                     std::chrono::milliseconds io_timeout = 15s) {
+    ReceiverOptions o;
+    o.site = "west";
+    o.listen = "127.0.0.1:0";
+    o.tls = west_;
+    o.allowed_peers = std::move(allowed);
+    o.io_timeout = io_timeout;
+    o.provider = [this](const std::string& peer,
+                        const applier::ReplicaDefinition& def) -> Result<applier::SegmentSink*> {
+      ++provider_calls_;
+      {
+        std::lock_guard lk(refusal_mu_);
+        if (!refusal_.ok()) return refusal_;
+      }
+      EXPECT_EQ(peer, "east");
+      EXPECT_EQ(def.vm, "vm1");
+      if (replica_) return static_cast<applier::SegmentSink*>(replica_.get());
+      return sink_.get();
+    };
+    Result<std::unique_ptr<Receiver>> r = Receiver::Start(std::move(o));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    receiver_ = std::move(*r);
+  }
+
+  ShipperOptions ShipperOpts(uint16_t port) {
+    ShipperOptions o;
+    o.site = "east";
+    o.peer = "west";
+    o.peer_address = "127.0.0.1:" + std::to_string(port);
+    o.tls = east_;
+    o.definition = Definition();
+    o.source = tracker_.get();
+    o.heartbeat = 100ms;
+    o.min_backoff = 20ms;
+    o.max_backoff = 200ms;
+    o.io_timeout = 5s;
+    return o;
+  }
+  void StartShipper(ShipperOptions o) {
+    Result<std::unique_ptr<Shipper>> s = Shipper::Start(std::move(o));
+    ASSERT_TRUE(s.ok()) << s.status().ToString();
+    shipper_ = std::move(*s);
+  }
+  bool WaitAcked(uint64_t cycle, std::chrono::milliseconds timeout = 30s) {
+    const bool ok = WaitFor([&] { return shipper_->Stats().acked_cycle >= cycle; }, timeout);
+    if (!ok) ADD_FAILURE() << "not acked: " << shipper_->Stats().last_error;
+    return ok;
+  }
+
+  std::optional<testing::TestPki> pki_;
+  std::shared_ptr<const TlsContext> east_, west_;
+  std::unique_ptr<tracker::VmTracker> tracker_;
+  std::unique_ptr<RecordingSink> sink_;
+  std::unique_ptr<applier::Replica> replica_;  // when set, the provider hands out this one
+  std::unique_ptr<Receiver> receiver_;
+  std::unique_ptr<Shipper> shipper_;
+  std::map<std::pair<uint32_t, uint64_t>, std::vector<std::byte>> expected_;
+  std::atomic<int> provider_calls_{0};
+  std::mutex refusal_mu_;
+  Status refusal_;  // what the provider answers when not ok; guarded by refusal_mu_
+  void SetRefusal(Status s) {
+    std::lock_guard lk(refusal_mu_);
+    refusal_ = std::move(s);
+  }
+};
+
+// (a) Cycles arrive in order, byte-identical, and the source is released through the ack.
+TEST_F(LinkTest, ShipsCyclesInOrderAndReleasesTheSource) {
+  OpenTracker();
+  Write(0, 0, Pattern(3 << 20, 1));  // several chunks
+  Write(1, 4096, Pattern(1000, 2));
+  EXPECT_EQ(Cut(), 1u);
+  Write(1, 0, Pattern(200 << 10, 3));
+  EXPECT_EQ(Cut(), 2u);
+  Write(0, 100, Pattern(10, 4));
+  EXPECT_EQ(Cut(), 3u);
+  SnapshotSealed();
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(3));
+  // Live: a cycle sealed while connected goes out through the sealed callback.
+  Write(1, 8192, Pattern(5000, 5));
+  EXPECT_EQ(Cut(), 4u);
+  SnapshotSealed();
+  ASSERT_TRUE(WaitAcked(4));
+
+  EXPECT_EQ(sink_->Commits(), (std::vector<uint64_t>{1, 2, 3, 4}));
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+  ExpectSinkHasEverySegment();
+  EXPECT_TRUE(WaitFor([&] { return tracker_->SealedSegments().empty(); }))
+      << "acknowledged segments are released";
+  const std::vector<applier::CycleInfo> infos = sink_->CommitInfos();
+  for (const applier::CycleInfo& c : infos) EXPECT_GT(c.cut_unix_nanos, 0);
+  EXPECT_GT(infos[0].first_change_unix_nanos, 0);
+  EXPECT_LE(infos[0].first_change_unix_nanos, infos[0].cut_unix_nanos);
+
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_TRUE(s.connected);
+  EXPECT_EQ(s.connects, 1u);
+  EXPECT_EQ(s.sent_cycle, 4u);
+  EXPECT_EQ(s.applied_cycle, 4u);
+  EXPECT_EQ(s.pending_bytes, 0u);
+  EXPECT_EQ(s.oldest_unapplied_change_unix_nanos, 0) << "everything applied";
+  EXPECT_GT(s.bytes_raw, 3u << 20);
+  EXPECT_TRUE(s.last_error.empty()) << s.last_error;
+  EXPECT_GT(s.last_contact_unix_nanos, 0);
+  const std::vector<ReceiverVmStats> rs = receiver_->Stats();
+  ASSERT_EQ(rs.size(), 1u);
+  EXPECT_EQ(rs[0].vm, "vm1");
+  EXPECT_EQ(rs[0].peer, "east");
+  EXPECT_TRUE(rs[0].connected);
+  EXPECT_EQ(rs[0].bytes_raw, s.bytes_raw);
+  EXPECT_EQ(rs[0].received_cycle, 4u);
+  EXPECT_EQ(provider_calls_, 1);
+}
+
+// With the real applier: after shipping and applying, the replica images equal the
+// primary's images.
+TEST_F(LinkTest, TheRealReplicaEndsEqualToThePrimary) {
+  OpenTracker();
+  const fs::path dir = tmp_.path() / "replica";
+  fs::create_directories(dir);
+  for (const DiskFiles& d : disks_) fs::copy_file(d.pre_image, dir / (d.name + ".img"));  // seed
+  Result<std::unique_ptr<applier::Replica>> replica = applier::Replica::Create(dir, Definition());
+  ASSERT_TRUE(replica.ok()) << replica.status().ToString();
+  replica_ = std::move(*replica);
+  ASSERT_TRUE(replica_->Start().ok());
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  for (int c = 0; c < 5; ++c) {
+    Write(0, (c * 700) << 10, Pattern((c + 1) * (300 << 10), 10 + c));
+    Write(1, c * 4096 + 17, Pattern(5000, 20 + c));
+    ASSERT_EQ(Cut(), static_cast<uint64_t>(c + 1));
+  }
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().applied_cycle >= 5; }, 30s))
+      << shipper_->Stats().last_error << " / " << shipper_->Stats().peer_apply_error;
+  EXPECT_TRUE(shipper_->Stats().peer_apply_error.empty());
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    EXPECT_TRUE(ReadWhole(replica_->ImagePath(i)) == ReadWhole(disks_[i].image))
+        << "replica of disk " << disks_[i].name << " differs from the primary";
+  }
+  shipper_.reset();
+  receiver_.reset();
+  replica_->Stop();
+}
+
+// (b) The link is cut mid-stream, twice: the shipper reconnects and resumes after the
+// replica's received cycle; the sink sees no gap and no duplicate.
+TEST_F(LinkTest, ResumesAfterTheLinkIsCutWithoutGapOrDuplicate) {
+  OpenTracker(16 << 20);
+  constexpr int kCycles = 8;
+  for (int c = 0; c < kCycles; ++c) {
+    Write(c % 2, (c % 4) << 20, Pattern(1 << 20, 100 + c));
+    ASSERT_EQ(Cut(), static_cast<uint64_t>(c + 1));
+  }
+  SnapshotSealed();
+  StartReceiver();
+  TcpProxy proxy(receiver_->port());
+  ShipperOptions o = ShipperOpts(proxy.port());
+  o.compress = false;
+  o.bandwidth_limit = 4 << 20;  // ~2 s in all, so the cuts land mid-stream
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitAcked(2));
+  proxy.CutAll();
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().connects >= 2; }));
+  ASSERT_TRUE(WaitAcked(5));
+  proxy.CutAll();
+  ASSERT_TRUE(WaitAcked(kCycles));
+  EXPECT_GE(shipper_->Stats().connects, 3u);
+  std::vector<uint64_t> want;
+  for (uint64_t c = 1; c <= kCycles; ++c) want.push_back(c);
+  EXPECT_EQ(sink_->Commits(), want);
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+  ExpectSinkHasEverySegment();
+}
+
+// A dead link (no FIN, no RST): the shipper times out and reconnects, and the receiver
+// lets the new connection take the VM over from the stalled one at once, long before its
+// own io_timeout.
+TEST_F(LinkTest, ANewConnectionReplacesAStalledOne) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver({"east"}, /*io_timeout=*/60s);
+  TcpProxy proxy(receiver_->port());
+  ShipperOptions o = ShipperOpts(proxy.port());
+  o.io_timeout = 1s;
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitAcked(1));
+  proxy.FreezeAll();
+  Write(1, 0, Pattern(4096, 2));
+  ASSERT_EQ(Cut(), 2u);
+  SnapshotSealed();
+  const auto start = std::chrono::steady_clock::now();
+  ASSERT_TRUE(WaitAcked(2, 20s));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 30s);
+  EXPECT_GE(proxy.accepted(), 2);
+  EXPECT_EQ(sink_->Commits(), (std::vector<uint64_t>{1, 2}));
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+}
+
+// The replica commits a cycle but the Ack is lost: after reconnecting, the HelloReply's
+// received cycle keeps the shipper from sending it again.
+TEST_F(LinkTest, ACommittedCycleWhoseAckWasLostIsNotSentAgain) {
+  OpenTracker();
+  Write(0, 0, Pattern(100 << 10, 1));
+  ASSERT_EQ(Cut(), 1u);
+  Write(1, 0, Pattern(100 << 10, 2));
+  ASSERT_EQ(Cut(), 2u);
+  SnapshotSealed();
+  ASSERT_TRUE(failpoint::Arm("receiver.before_ack=error*1").ok());
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(2));
+  EXPECT_EQ(shipper_->Stats().connects, 2u);
+  EXPECT_EQ(sink_->Commits(), (std::vector<uint64_t>{1, 2}));
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+  ExpectSinkHasEverySegment();
+}
+
+// (c) A frame damaged after decryption fails its CRC: it is refused, nothing of it reaches
+// the sink, and the shipper reconnects and completes delivery.
+TEST_F(LinkTest, ACorruptFrameIsRefusedAndDeliveryCompletesAfterReconnect) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  SnapshotSealed();
+  // The receiver's first frame after Hello is the shipper's first Heartbeat; the second is
+  // the first chunk.
+  ASSERT_TRUE(failpoint::Arm("receiver.corrupt_frame=trigger@1*1").ok());
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(1));
+  EXPECT_EQ(shipper_->Stats().connects, 2u);
+  // One chunk per disk, each written once: the corrupt copy never reached the sink.
+  EXPECT_EQ(sink_->write_calls(), 2u);
+  EXPECT_EQ(sink_->Commits(), (std::vector<uint64_t>{1}));
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+  ExpectSinkHasEverySegment();
+  const std::vector<ReceiverVmStats> rs = receiver_->Stats();
+  ASSERT_EQ(rs.size(), 1u);
+  // The refused connection's reason stays until a later connection ends badly.
+  EXPECT_NE(rs[0].last_error.find("CRC mismatch"), std::string::npos) << rs[0].last_error;
+}
+
+// (d) A certificate from another CA is refused in the handshake: no Hello, no sink.
+TEST_F(LinkTest, APeerWithACertificateFromAnotherCaIsRefused) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  Result<testing::TestPki> other = testing::TestPki::Create(tmp_.path() / "other-pki");
+  ASSERT_TRUE(other.ok());
+  TlsIdentity forged = other->Site("east");
+  forged.ca = pki_->ca_cert();  // it trusts the real CA, so only the receiver can object
+  StartReceiver();
+  ShipperOptions o = ShipperOpts(receiver_->port());
+  o.tls = Context(forged);
+  ASSERT_TRUE(o.tls);
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().refused; }));
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_FALSE(s.connected);
+  EXPECT_FALSE(s.last_error.empty());
+  EXPECT_EQ(s.acked_cycle, 0u);
+  EXPECT_TRUE(WaitFor([&] { return !receiver_->RefusedPeers().empty(); }));
+  EXPECT_EQ(provider_calls_, 0);
+  EXPECT_EQ(sink_->write_calls(), 0u);
+  EXPECT_TRUE(receiver_->Stats().empty());
+}
+
+TEST_F(LinkTest, AHelloFromAnotherSiteThanTheCertificateIsRefused) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver();
+  ShipperOptions o = ShipperOpts(receiver_->port());
+  o.site = "north";  // the certificate says "east"
+  o.definition.primary_site = "north";
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().refused; }));
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.refusal, "unknown_site");
+  EXPECT_NE(s.last_error.find("certificate names site east"), std::string::npos) << s.last_error;
+  EXPECT_EQ(provider_calls_, 0);
+  EXPECT_EQ(sink_->write_calls(), 0u);
+}
+
+// (g) The provider's refusal reaches the shipper's stats, name and message.
+TEST_F(LinkTest, AProviderRefusalReachesTheShipper) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  SetRefusal(Status::Error(ESTALE, "the replica of vm1 is at epoch 9"));
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().refused; }));
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.refusal, "epoch_older");
+  EXPECT_NE(s.last_error.find("the replica of vm1 is at epoch 9"), std::string::npos)
+      << s.last_error;
+  EXPECT_FALSE(s.connected);
+  EXPECT_EQ(sink_->write_calls(), 0u);
+  EXPECT_FALSE(tracker_->SealedSegments().empty()) << "nothing released";
+  // Once the replica accepts, replication starts on the next (slow) retry.
+  SetRefusal(Status::Ok());
+  ASSERT_TRUE(WaitAcked(1));
+  EXPECT_FALSE(shipper_->Stats().refused);
+  EXPECT_TRUE(shipper_->Stats().last_error.empty());
+}
+
+// (e) The bandwidth limit holds: 2 MiB at 1 MiB/s cannot take less than ~1.5 s.
+TEST_F(LinkTest, TheBandwidthLimitIsHonoured) {
+  OpenTracker();
+  Write(0, 0, Pattern(2 << 20, 1));  // pseudo-random: no help from compression
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver();
+  ShipperOptions o = ShipperOpts(receiver_->port());
+  o.bandwidth_limit = 1 << 20;
+  const auto start = std::chrono::steady_clock::now();
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitAcked(1));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  EXPECT_GE(seconds, 1.5);
+  EXPECT_GE(shipper_->Stats().bytes_wire, 2u << 20);
+}
+
+// (f) Compressible data shrinks on the wire; incompressible data goes raw (never grows).
+TEST_F(LinkTest, CompressionShrinksWhatItCanAndSendsTheRestRaw) {
+  OpenTracker();
+  Write(0, 0, std::vector<std::byte>(2 << 20, std::byte{0x5a}));
+  ASSERT_EQ(Cut(), 1u);
+  SnapshotSealed();
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(1));
+  ShipperStats s = shipper_->Stats();
+  EXPECT_LT(s.bytes_wire * 20, s.bytes_raw) << s.bytes_wire << " of " << s.bytes_raw;
+  ExpectSinkHasEverySegment();
+  ASSERT_EQ(receiver_->Stats().size(), 1u);
+  EXPECT_EQ(receiver_->Stats()[0].bytes_wire, s.bytes_wire);
+
+  const uint64_t raw_before = s.bytes_raw, wire_before = s.bytes_wire;
+  Write(0, 0, Pattern(2 << 20, 7));
+  ASSERT_EQ(Cut(), 2u);
+  SnapshotSealed();
+  ASSERT_TRUE(WaitAcked(2));
+  s = shipper_->Stats();
+  const uint64_t raw = s.bytes_raw - raw_before, wire = s.bytes_wire - wire_before;
+  EXPECT_GE(raw, 2u << 20);
+  EXPECT_LE(wire, raw) << "a chunk that does not shrink goes raw";
+  EXPECT_GT(wire, raw - 4096) << "random data cannot shrink";
+  ExpectSinkHasEverySegment();
+}
+
+TEST_F(LinkTest, PauseHoldsSegmentsAndResumeSendsThem) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver();
+  ShipperOptions o = ShipperOpts(receiver_->port());
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitAcked(1));
+  shipper_->Pause();
+  Write(0, 0, Pattern(4096, 2));
+  ASSERT_EQ(Cut(), 2u);
+  std::this_thread::sleep_for(500ms);
+  ShipperStats s = shipper_->Stats();
+  EXPECT_TRUE(s.paused);
+  EXPECT_TRUE(s.connected) << "heartbeats keep the connection";
+  EXPECT_EQ(s.acked_cycle, 1u);
+  EXPECT_GT(s.pending_bytes, 0u);
+  EXPECT_GT(s.oldest_unapplied_change_unix_nanos, 0) << "cycle 2 is not applied: RPO grows";
+  ASSERT_EQ(receiver_->Stats().size(), 1u);
+  EXPECT_GT(receiver_->Stats()[0].primary_oldest_unapplied_change_unix_nanos, 0)
+      << "the heartbeat carries it";
+  shipper_->Resume();
+  ASSERT_TRUE(WaitAcked(2));
+  EXPECT_EQ(shipper_->Stats().oldest_unapplied_change_unix_nanos, 0);
+}
+
+TEST_F(LinkTest, StopIsPromptAndTheReceiverSeesAGoodbye) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(1));
+  const auto start = std::chrono::steady_clock::now();
+  shipper_->Stop();
+  shipper_->Stop();  // idempotent
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 3s);
+  ASSERT_TRUE(WaitFor([&] { return !receiver_->Stats()[0].connected; }));
+  EXPECT_TRUE(receiver_->Stats()[0].last_error.empty()) << receiver_->Stats()[0].last_error;
+}
+
+TEST_F(LinkTest, AnUnreachablePeerIsNotARefusal) {
+  OpenTracker();
+  // A port nobody listens on: bind one, then close it.
+  uint16_t port;
+  {
+    Result<std::unique_ptr<TcpListener>> l = TcpListener::Listen("127.0.0.1:0");
+    ASSERT_TRUE(l.ok());
+    port = (*l)->port();
+  }
+  StartShipper(ShipperOpts(port));
+  ASSERT_TRUE(WaitFor([&] { return !shipper_->Stats().last_error.empty(); }));
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_FALSE(s.refused);
+  EXPECT_FALSE(s.connected);
+}
+
+}  // namespace
+}  // namespace siterep::shipper

@@ -1,0 +1,100 @@
+// Receiver: the receiving end of the replication link, one per siterepd on the secondary.
+//
+// control/ starts one Receiver per daemon, listening on [site] listen. Each primary that
+// replicates a VM here connects (TLS 1.3, mutual certificates; the peer's certificate must
+// name one of allowed_peers), says Hello with the VM's definition, and streams the VM's
+// sealed segments (wire format: shipper/wire_format.h). The receiver hands them to the VM's
+// applier::SegmentSink, which control/ provides through SinkProvider (creating the replica
+// when it does not exist yet), and acknowledges each cycle once the sink has committed it.
+//
+// Refusals: a TLS peer that is not allowed is closed during the handshake, before any byte
+// is read. A Hello whose "from" is not the certificate's site, whose "to" is not our site,
+// or that the provider refuses (its Status's errno names the refusal, its message is sent)
+// gets a HelloReply "refused" and the connection is closed. A bad frame (header, CRC, an
+// undecodable or out-of-order payload) is answered with an Error frame and the connection
+// is closed; nothing of that frame reaches the sink.
+//
+// One connection per VM: a new connection for a VM from the same peer replaces the old one
+// (the old stream is cancelled and its thread waited for before the new one touches the
+// sink), so a primary reconnecting after a network cut does not wait for the old one's
+// timeout. A connection for the VM from another peer is refused ("vm_busy").
+//
+// Failpoints: "receiver.corrupt_frame" (trigger: one byte of the next frame's payload is
+// flipped after decryption, before the CRC check), "receiver.before_ack" (error: the
+// connection drops after a CommitCycle, before its Ack; abort: crash there).
+//
+// Threads: an accept thread, plus one thread per connection (each owns its TLS stream and
+// is the only caller of its sink while it runs). Public methods may be called from any
+// thread. The provider is called from connection threads, possibly concurrently for
+// different VMs.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "applier/segment_sink.h"
+#include "common/status.h"
+#include "shipper/tls.h"
+
+namespace siterep::shipper {
+
+// Returns the VM's sink (creating the replica if needed; the sink must outlive the
+// Receiver or at least every connection using it), or a refusal: ESTALE "epoch_older",
+// EACCES "unknown_site", EBUSY "vm_busy", EINVAL "definition_mismatch", ... (RefusalName in
+// wire_format.h); the message is sent to the primary and shown there.
+using SinkProvider = std::function<Result<applier::SegmentSink*>(
+    const std::string& peer_site, const applier::ReplicaDefinition& definition)>;
+
+struct ReceiverOptions {
+  std::string site;    // our site name (Hello.to must equal it)
+  std::string listen;  // host:port, port 0 for tests
+  std::shared_ptr<const TlsContext> tls;
+  std::vector<std::string> allowed_peers;  // site names from [[peers]]
+  SinkProvider provider;
+  std::chrono::milliseconds io_timeout{15000};         // no frame this long: close
+  std::chrono::milliseconds handshake_timeout{10000};  // TLS handshake + Hello
+};
+
+struct ReceiverVmStats {
+  std::string vm, peer;
+  bool connected = false;
+  int64_t last_contact_unix_nanos = 0;
+  uint64_t bytes_raw = 0;   // segment bytes received, decompressed (total)
+  uint64_t bytes_wire = 0;  // segment bytes received as sent (total)
+  double throughput_bytes_per_s = 0;
+  int64_t primary_oldest_unapplied_change_unix_nanos = 0;  // from the last Heartbeat
+  uint64_t primary_pending_bytes = 0;
+  uint64_t received_cycle = 0;  // last cycle committed through this receiver
+  std::string last_error;       // why the last connection of this VM ended badly; "" if fine
+};
+
+class Receiver {
+ public:
+  // Listens and starts the accept thread; fails when the address cannot be bound.
+  static Result<std::unique_ptr<Receiver>> Start(ReceiverOptions options);
+  ~Receiver();  // Stop()
+  Receiver(const Receiver&) = delete;
+  Receiver& operator=(const Receiver&) = delete;
+
+  // Stops accepting, cancels every connection (handshakes included) and joins every
+  // thread. Idempotent. No sink is called after it returns.
+  void Stop();
+  uint16_t port() const;
+  // One entry per VM that has connected since Start, ordered by VM name.
+  std::vector<ReceiverVmStats> Stats() const;
+  // The most recent refused handshakes and Hellos (at most 16, oldest first), one line
+  // each: "peer or address: reason".
+  std::vector<std::string> RefusedPeers() const;
+
+  class Impl;
+
+ private:
+  explicit Receiver(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace siterep::shipper

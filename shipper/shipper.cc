@@ -1,0 +1,664 @@
+#include "shipper/shipper.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <vector>
+
+#include "common/failpoint.h"
+#include "common/file_util.h"
+#include "common/time_util.h"
+#include "common/unique_fd.h"
+#include "shipper/rate_limiter.h"
+#include "shipper/wire_format.h"
+
+namespace siterep::shipper {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+// What the tracker's sealed callback may touch. Shared with the callback, which the tracker
+// may still be running (it calls a copy outside its lock) after Stop cleared it, so the
+// Shipper itself must not be captured.
+struct Waker {
+  UniqueFd fd;                              // eventfd: written to wake the shipper's thread
+  std::atomic<uint64_t> sealed_through{0};  // highest cycle the tracker reported sealed
+
+  void Wake() const {
+    const uint64_t one = 1;
+    // Non-blocking; a full counter (never in practice) already means "wake up".
+    [[maybe_unused]] ssize_t n = ::write(fd.get(), &one, sizeof(one));
+  }
+  void Drain() const {
+    uint64_t value;
+    [[maybe_unused]] ssize_t n = ::read(fd.get(), &value, sizeof(value));
+  }
+};
+
+// A TLS failure that means "the peer does not accept us" rather than "cannot reach it".
+bool IsTlsRefusal(const Status& s) {
+  switch (s.code()) {
+    case EACCES:
+    case EPERM:
+    case EPROTO:
+    case EKEYREJECTED:
+    case EKEYEXPIRED:
+    case EKEYREVOKED:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// One cycle ready to go: every disk's sealed segment of it.
+struct CycleBatch {
+  uint64_t cycle = 0;
+  int64_t cut_unix_nanos = 0;
+  int64_t first_change_unix_nanos = 0;
+  std::vector<tracker::SealedSegment> segments;
+};
+
+}  // namespace
+
+class Shipper::Impl {
+ public:
+  explicit Impl(ShipperOptions options) : opts_(std::move(options)) {}
+  ~Impl() { Stop(); }
+
+  Status Init();
+  void Stop();
+  void Pause() {
+    paused_ = true;
+    waker_->Wake();
+  }
+  void Resume() {
+    paused_ = false;
+    waker_->Wake();
+  }
+  ShipperStats Stats() const;
+
+ private:
+  class Connection;
+  friend class Connection;
+
+  struct Backlog {
+    int64_t oldest_unapplied_change_unix_nanos = 0;
+    uint64_t pending_bytes = 0;
+  };
+
+  void Run();
+  // Connects, says Hello, and ships until an error or Stop. *accepted tells whether the
+  // peer accepted the Hello (the backoff then starts again from min_backoff).
+  Status RunConnection(bool* accepted);
+  // Waits until `until` or Stop.
+  void Sleep(Clock::time_point until) const;
+  // Backlog for RPO and pending bytes, from the source and what the replica told us.
+  Backlog ComputeBacklog() const;
+  void SetError(const Status& s, bool refused, std::string refusal = "");
+
+  const ShipperOptions opts_;
+  std::shared_ptr<Waker> waker_;
+  std::atomic<bool> stopping_{false};
+  std::atomic<bool> paused_{false};
+  std::thread thread_;
+  ChunkCompressor compressor_;  // used only by thread_
+
+  // Protects the stream pointer, so Stop can cancel a connection that is blocked in I/O.
+  std::mutex stream_mu_;
+  TlsStream* stream_ = nullptr;
+  bool finished_ = false;  // the thread is done (guarded by stream_mu_)
+  std::condition_variable finished_cv_;
+
+  // Protects stats_, meter_ and unapplied_; a leaf (nothing is called with it held).
+  mutable std::mutex mu_;
+  ShipperStats stats_;
+  ThroughputMeter meter_;
+  // First-change time of each cycle sent but not yet applied on the replica: after the ack
+  // the source no longer has its segments, but the cycle still counts for the RPO.
+  std::map<uint64_t, int64_t> unapplied_;
+};
+
+// One accepted connection: the state of the conversation. Lives on the thread's stack.
+class Shipper::Impl::Connection {
+ public:
+  Connection(Impl& impl, TlsStream& stream, const applier::ReplicaPosition& position)
+      : impl_(impl),
+        opts_(impl.opts_),
+        stream_(stream),
+        bucket_(impl.opts_.bandwidth_limit),
+        acked_(position.received_cycle),
+        sent_through_(position.received_cycle) {
+    last_contact_ = Clock::now();
+    last_heartbeat_ = Clock::time_point();  // send one at once
+  }
+
+  // Ships until an error or Stop (then says goodbye and returns ECANCELED).
+  Status Run();
+
+ private:
+  // Reads every frame the peer has sent, sends a heartbeat when one is due, and checks the
+  // peer is alive; then waits until `until` for a frame or a wake-up (returning early on
+  // either). until <= now: does not wait.
+  Status Service(Clock::time_point until);
+  Status HandleFrame();
+  Status HandleAck(const Ack& ack);
+  Status SendHeartbeat();
+  Status SendFrame(FrameType type, std::span<const std::byte> payload);
+  // The lowest cycle above sent_through_ whose segments are all sealed, if any.
+  std::optional<CycleBatch> NextCycle();
+  Status SendCycle(const CycleBatch& batch);
+  Status SendSegment(const tracker::SealedSegment& seg);
+  // Waits for the bandwidth limit to allow `bytes`, serving the connection meanwhile.
+  Status Throttle(uint64_t bytes);
+  Deadline IoDeadline() const { return Clock::now() + opts_.io_timeout; }
+
+  Impl& impl_;
+  const ShipperOptions& opts_;
+  TlsStream& stream_;
+  TokenBucket bucket_;
+  uint64_t acked_;         // the replica holds every cycle through this one durably
+  uint64_t sent_through_;  // CycleEnd sent for every cycle through this one
+  Clock::time_point last_contact_;
+  Clock::time_point last_heartbeat_;
+  std::vector<std::byte> in_;  // payload of the frame being read
+  std::vector<std::byte> raw_;
+  std::vector<std::byte> packed_;
+};
+
+// ---------------------------------------------------------------------------------------
+
+Status Shipper::Impl::Init() {
+  if (opts_.source == nullptr) return Status::Invalid("Shipper: no segment source");
+  if (opts_.tls == nullptr) return Status::Invalid("Shipper: no TLS context");
+  if (opts_.site.empty() || opts_.peer.empty() || opts_.peer_address.empty()) {
+    return Status::Invalid("Shipper: site, peer and peer_address are required");
+  }
+  if (opts_.definition.vm.empty()) return Status::Invalid("Shipper: the definition has no VM");
+  if (opts_.definition.disks.empty()) {
+    return Status::Invalid("Shipper: VM " + opts_.definition.vm + " has no disks");
+  }
+  if (opts_.window_cycles == 0 || opts_.heartbeat.count() <= 0 || opts_.io_timeout.count() <= 0 ||
+      opts_.min_backoff.count() <= 0 || opts_.max_backoff < opts_.min_backoff) {
+    return Status::Invalid("Shipper: window, heartbeat, io_timeout and backoffs must be positive");
+  }
+  waker_ = std::make_shared<Waker>();
+  waker_->fd = UniqueFd(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  if (!waker_->fd.valid()) return Status::FromErrno(errno, "Shipper: eventfd");
+  opts_.source->SetSealedCallback([waker = waker_](uint64_t cycle) {
+    uint64_t seen = waker->sealed_through.load();
+    while (cycle > seen && !waker->sealed_through.compare_exchange_weak(seen, cycle)) {
+    }
+    waker->Wake();
+  });
+  thread_ = std::thread(&Impl::Run, this);
+  return Status::Ok();
+}
+
+void Shipper::Impl::Stop() {
+  if (!thread_.joinable()) return;
+  stopping_ = true;
+  waker_->Wake();
+  {
+    // Give the thread a moment to say goodbye cleanly; then cut whatever it is blocked in.
+    std::unique_lock lk(stream_mu_);
+    if (!finished_cv_.wait_for(lk, milliseconds(500), [&] { return finished_; }) &&
+        stream_ != nullptr) {
+      stream_->Cancel();
+    }
+  }
+  thread_.join();
+  opts_.source->SetSealedCallback(nullptr);
+}
+
+void Shipper::Impl::Sleep(Clock::time_point until) const {
+  // Only Stop ends the wait early: a sealed cycle must not cut a backoff short, or a busy
+  // VM would hammer an unreachable or refusing peer at every cut.
+  while (!stopping_) {
+    const auto now = Clock::now();
+    if (now >= until) return;
+    const auto ms = std::chrono::ceil<milliseconds>(until - now).count();
+    pollfd p{waker_->fd.get(), POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(std::min<int64_t>(ms, 60000))) > 0) waker_->Drain();
+  }
+}
+
+void Shipper::Impl::SetError(const Status& s, bool refused, std::string refusal) {
+  std::lock_guard lk(mu_);
+  stats_.connected = false;
+  stats_.refused = refused;
+  stats_.refusal = std::move(refusal);
+  stats_.last_error = s.message();
+}
+
+void Shipper::Impl::Run() {
+  milliseconds backoff = opts_.min_backoff;
+  while (!stopping_) {
+    bool accepted = false;
+    Status s = RunConnection(&accepted);
+    if (stopping_) break;
+    bool refused;
+    {
+      std::lock_guard lk(mu_);
+      stats_.connected = false;
+      refused = stats_.refused;
+    }
+    spdlog::warn("VM {}: replication to {} ({}): {}", opts_.definition.vm, opts_.peer,
+                 opts_.peer_address, s.ToString());
+    if (accepted) backoff = opts_.min_backoff;
+    // A refusal will not go away by itself soon: retry slowly.
+    Sleep(Clock::now() + (refused ? opts_.max_backoff : backoff));
+    backoff = std::min(backoff * 2, opts_.max_backoff);
+  }
+  std::lock_guard lk(stream_mu_);
+  finished_ = true;
+  finished_cv_.notify_all();
+}
+
+Status Shipper::Impl::RunConnection(bool* accepted) {
+  Result<std::unique_ptr<TlsStream>> connected =
+      TlsConnect(*opts_.tls, opts_.peer_address, opts_.peer, Clock::now() + opts_.io_timeout);
+  if (!connected.ok()) {
+    Status s =
+        connected.status().WithContext("connect to " + opts_.peer + " at " + opts_.peer_address);
+    SetError(s, IsTlsRefusal(connected.status()));
+    return s;
+  }
+  std::unique_ptr<TlsStream> stream = std::move(*connected);
+  {
+    std::lock_guard lk(stream_mu_);
+    if (stopping_) return Status::Error(ECANCELED, "stopping");
+    stream_ = stream.get();
+  }
+  // Unregisters the stream before it is destroyed, whatever way this function returns.
+  struct Unregister {
+    Impl* impl;
+    ~Unregister() {
+      std::lock_guard lk(impl->stream_mu_);
+      impl->stream_ = nullptr;
+    }
+  } unregister{this};
+
+  Hello hello;
+  hello.from = opts_.site;
+  hello.to = opts_.peer;
+  hello.definition = opts_.definition;
+  if (hello.definition.primary_site.empty()) hello.definition.primary_site = opts_.site;
+  const std::vector<std::byte> frame = EncodeFrame(FrameType::kHello, EncodeHello(hello));
+  Status s = stream->WriteAll(frame, Clock::now() + opts_.io_timeout);
+  std::vector<std::byte> payload;
+  Result<FrameHeader> header = Status::Ok();
+  if (s.ok()) {
+    const Deadline deadline = Clock::now() + opts_.io_timeout;
+    header = ReadFrame([&](std::span<std::byte> out) { return stream->ReadExact(out, deadline); },
+                       &payload);
+    if (!header.ok()) s = header.status();
+  }
+  if (s.ok()) s = VerifyFrame(*header, payload);
+  if (!s.ok()) {
+    // TLS 1.3 clients finish the handshake first; a server that rejects our certificate
+    // says so in an alert that arrives here.
+    SetError(s.WithContext("hello to " + opts_.peer), IsTlsRefusal(s));
+    return s.WithContext("hello to " + opts_.peer);
+  }
+  if (header->type == FrameType::kError) {
+    Result<ErrorFrame> e = DecodeError(payload);
+    s = Status::Error(EPROTO, opts_.peer + " closed the connection: " +
+                                  (e.ok() ? e->reason : e.status().message()));
+    SetError(s, false);
+    return s;
+  }
+  if (header->type != FrameType::kHelloReply) {
+    s = Status::Error(
+        EPROTO, opts_.peer + " answered Hello with " + std::string(FrameTypeName(header->type)));
+    SetError(s, false);
+    return s;
+  }
+  Result<HelloReply> reply = DecodeHelloReply(payload);
+  if (!reply.ok()) {
+    SetError(reply.status(), false);
+    return reply.status();
+  }
+  if (!reply->accepted) {
+    s = Status::Error(RefusalCode(reply->error), opts_.peer + " refused VM " + opts_.definition.vm +
+                                                     " (" + reply->error + "): " + reply->message);
+    SetError(s, true, reply->error);
+    return s;
+  }
+  *accepted = true;
+  const applier::ReplicaPosition& pos = reply->position;
+  spdlog::info("VM {}: connected to {} ({}); replica has received cycle {}, applied {}",
+               opts_.definition.vm, opts_.peer, opts_.peer_address, pos.received_cycle,
+               pos.applied_cycle);
+  if (pos.received_cycle > 0) {
+    Status released = opts_.source->ReleaseThrough(pos.received_cycle);
+    if (!released.ok()) {
+      spdlog::warn("VM {}: releasing segments through cycle {}: {}", opts_.definition.vm,
+                   pos.received_cycle, released.ToString());
+    }
+  }
+  {
+    std::lock_guard lk(mu_);
+    stats_.connected = true;
+    stats_.refused = false;
+    stats_.refusal.clear();
+    stats_.last_error.clear();
+    stats_.connects++;
+    stats_.acked_cycle = pos.received_cycle;
+    stats_.sent_cycle = pos.received_cycle;
+    stats_.applied_cycle = pos.applied_cycle;
+    stats_.applied_cut_unix_nanos = pos.applied_cut_unix_nanos;
+    stats_.peer_apply_error = pos.apply_error;
+    stats_.last_contact_unix_nanos = NowUnixNanos();
+    unapplied_.erase(unapplied_.begin(), unapplied_.upper_bound(pos.applied_cycle));
+  }
+  Connection connection(*this, *stream, pos);
+  s = connection.Run();
+  if (!s.ok() && !stopping_) {
+    std::lock_guard lk(mu_);
+    stats_.last_error = s.message();
+  }
+  return s;
+}
+
+Shipper::Impl::Backlog Shipper::Impl::ComputeBacklog() const {
+  Backlog b;
+  uint64_t acked, applied;
+  int64_t applied_cut;
+  std::vector<int64_t> firsts;
+  {
+    std::lock_guard lk(mu_);
+    acked = stats_.acked_cycle;
+    applied = stats_.applied_cycle;
+    applied_cut = stats_.applied_cut_unix_nanos;
+    for (const auto& [cycle, first] : unapplied_) {
+      if (cycle > applied) firsts.push_back(first);
+    }
+    // Received but unapplied cycles we did not send (a restart came between): their first
+    // change is no older than the applied cut, which is the cautious bound.
+    if (acked > applied && unapplied_.lower_bound(applied + 1) == unapplied_.end() &&
+        applied_cut > 0) {
+      firsts.push_back(applied_cut);
+    }
+  }
+  for (const tracker::SealedSegment& seg : opts_.source->SealedSegments()) {
+    if (seg.cycle <= acked) continue;
+    b.pending_bytes += seg.bytes;
+    if (seg.cycle > applied) firsts.push_back(seg.first_change_unix_nanos);
+  }
+  if (opts_.open_cycle_first_change) firsts.push_back(opts_.open_cycle_first_change());
+  for (int64_t t : firsts) {
+    if (t > 0 &&
+        (b.oldest_unapplied_change_unix_nanos == 0 || t < b.oldest_unapplied_change_unix_nanos)) {
+      b.oldest_unapplied_change_unix_nanos = t;
+    }
+  }
+  return b;
+}
+
+ShipperStats Shipper::Impl::Stats() const {
+  const Backlog backlog = ComputeBacklog();
+  std::lock_guard lk(mu_);
+  ShipperStats s = stats_;
+  s.paused = paused_;
+  s.pending_bytes = backlog.pending_bytes;
+  s.oldest_unapplied_change_unix_nanos = backlog.oldest_unapplied_change_unix_nanos;
+  s.throughput_bytes_per_s = meter_.Rate(Clock::now());
+  return s;
+}
+
+// ---------------------------------------------------------------------------------------
+// Connection
+
+Status Shipper::Impl::Connection::Run() {
+  while (!impl_.stopping_) {
+    SR_RETURN_IF_ERROR(Service(Clock::now()));
+    if (!impl_.paused_ && sent_through_ - acked_ < opts_.window_cycles) {
+      if (std::optional<CycleBatch> next = NextCycle()) {
+        Status s = SendCycle(*next);
+        if (!s.ok() && !impl_.stopping_) return s;
+        continue;  // stopping mid-cycle still says goodbye below
+      }
+    }
+    // Nothing to send (or the window is full): wait for an ack, a sealed cycle, Resume or
+    // the next heartbeat.
+    SR_RETURN_IF_ERROR(Service(last_heartbeat_ + opts_.heartbeat));
+  }
+  // Best effort: the peer learns this is a goodbye, not a failure.
+  const std::vector<std::byte> bye = EncodeError(ErrorFrame{0, "shipper stopping"});
+  (void)stream_.WriteAll(EncodeFrame(FrameType::kError, bye), Clock::now() + milliseconds(200));
+  return Status::Error(ECANCELED, "stopping");
+}
+
+Status Shipper::Impl::Connection::Service(Clock::time_point until) {
+  while (true) {
+    bool handled = false;
+    while (stream_.WaitReadable(Clock::now())) {
+      SR_RETURN_IF_ERROR(HandleFrame());
+      handled = true;
+    }
+    auto now = Clock::now();
+    if (now - last_contact_ > opts_.io_timeout) {
+      return Status::Error(ETIMEDOUT, "no frame from " + opts_.peer + " for " +
+                                          std::to_string(opts_.io_timeout.count()) + " ms");
+    }
+    if (now - last_heartbeat_ >= opts_.heartbeat) {
+      SR_RETURN_IF_ERROR(SendHeartbeat());
+      now = Clock::now();
+    }
+    // A frame may have opened the window: the caller looks again.
+    if (now >= until || impl_.stopping_ || handled) return Status::Ok();
+    const auto wake_at =
+        std::min({until, last_heartbeat_ + opts_.heartbeat, last_contact_ + opts_.io_timeout});
+    const auto ms = std::max<int64_t>(0, std::chrono::ceil<milliseconds>(wake_at - now).count());
+    pollfd p[2] = {{impl_.waker_->fd.get(), POLLIN, 0}, {stream_.fd(), POLLIN, 0}};
+    const int n = ::poll(p, 2, static_cast<int>(std::min<int64_t>(ms, 60000)));
+    if (n < 0 && errno != EINTR) return Status::FromErrno(errno, "poll");
+    if (n > 0 && (p[0].revents & POLLIN) != 0) {
+      impl_.waker_->Drain();
+      return Status::Ok();  // something changed: the caller looks again
+    }
+    if (n > 0 && p[1].revents != 0) {
+      // Socket bytes that are not (yet) a whole application record, such as a TLS session
+      // ticket or half a record, are absorbed here instead of spinning on poll.
+      (void)stream_.WaitReadable(std::min(until, Clock::now() + milliseconds(20)));
+    }
+  }
+}
+
+Status Shipper::Impl::Connection::HandleFrame() {
+  const Deadline deadline = IoDeadline();
+  SR_ASSIGN_OR_RETURN(
+      FrameHeader header,
+      ReadFrame([&](std::span<std::byte> out) { return stream_.ReadExact(out, deadline); }, &in_));
+  SR_RETURN_IF_ERROR(VerifyFrame(header, in_));
+  last_contact_ = Clock::now();
+  {
+    std::lock_guard lk(impl_.mu_);
+    impl_.stats_.last_contact_unix_nanos = NowUnixNanos();
+  }
+  switch (header.type) {
+    case FrameType::kAck: {
+      SR_ASSIGN_OR_RETURN(Ack ack, DecodeAck(in_));
+      return HandleAck(ack);
+    }
+    case FrameType::kError: {
+      SR_ASSIGN_OR_RETURN(ErrorFrame e, DecodeError(in_));
+      return Status::Error(e.code != 0 ? static_cast<int>(e.code) : ECONNRESET,
+                           opts_.peer + " closed the connection: " + e.reason);
+    }
+    default:
+      return Status::Error(EPROTO, opts_.peer + " sent an unexpected " +
+                                       std::string(FrameTypeName(header.type)) + " frame");
+  }
+}
+
+Status Shipper::Impl::Connection::HandleAck(const Ack& ack) {
+  if (ack.received_cycle > sent_through_ || ack.received_cycle < acked_) {
+    return Status::Error(EPROTO, opts_.peer + " acknowledged cycle " +
+                                     std::to_string(ack.received_cycle) + ", but cycles " +
+                                     std::to_string(acked_) + ".." + std::to_string(sent_through_) +
+                                     " are in flight");
+  }
+  if (ack.received_cycle > acked_) {
+    acked_ = ack.received_cycle;
+    Status released = opts_.source->ReleaseThrough(acked_);
+    if (!released.ok()) {
+      spdlog::warn("VM {}: releasing segments through cycle {}: {}", opts_.definition.vm, acked_,
+                   released.ToString());
+    }
+  }
+  std::lock_guard lk(impl_.mu_);
+  ShipperStats& s = impl_.stats_;
+  s.acked_cycle = acked_;
+  s.applied_cycle = ack.applied_cycle;
+  s.applied_cut_unix_nanos = ack.applied_cut_unix_nanos;
+  s.peer_apply_error = ack.apply_error;
+  impl_.unapplied_.erase(impl_.unapplied_.begin(), impl_.unapplied_.upper_bound(ack.applied_cycle));
+  return Status::Ok();
+}
+
+Status Shipper::Impl::Connection::SendFrame(FrameType type, std::span<const std::byte> payload) {
+  const std::vector<std::byte> frame = EncodeFrame(type, payload);
+  SR_RETURN_IF_ERROR(stream_.WriteAll(frame, IoDeadline()));
+  std::lock_guard lk(impl_.mu_);
+  impl_.meter_.Add(frame.size(), Clock::now());
+  return Status::Ok();
+}
+
+Status Shipper::Impl::Connection::SendHeartbeat() {
+  const Backlog backlog = impl_.ComputeBacklog();
+  Heartbeat hb;
+  hb.unix_nanos = NowUnixNanos();
+  hb.oldest_unapplied_change_unix_nanos = backlog.oldest_unapplied_change_unix_nanos;
+  hb.pending_bytes = backlog.pending_bytes;
+  last_heartbeat_ = Clock::now();
+  return SendFrame(FrameType::kHeartbeat, EncodeHeartbeat(hb));
+}
+
+std::optional<CycleBatch> Shipper::Impl::Connection::NextCycle() {
+  std::vector<tracker::SealedSegment> all = opts_.source->SealedSegments();
+  std::optional<CycleBatch> batch;
+  bool later_cycle_sealed = false;
+  for (tracker::SealedSegment& seg : all) {
+    if (seg.cycle <= sent_through_) continue;
+    if (!batch) {
+      batch.emplace();
+      batch->cycle = seg.cycle;
+      batch->cut_unix_nanos = seg.cut_unix_nanos;
+      batch->first_change_unix_nanos = seg.first_change_unix_nanos;
+    }
+    if (seg.cycle != batch->cycle) {
+      later_cycle_sealed = true;
+      break;
+    }
+    batch->segments.push_back(std::move(seg));
+  }
+  if (!batch) return std::nullopt;
+  // Each disk's segment is sealed by its own sealer thread, so right after a cut a listing
+  // may hold some disks of the newest cycle but not yet the others. The cycle is complete
+  // when the tracker has reported it sealed, a later cycle exists (the tracker cuts cycle
+  // C+1 only after every segment of C is sealed), or every disk of the VM is there.
+  const bool complete = batch->cycle <= impl_.waker_->sealed_through.load() || later_cycle_sealed ||
+                        batch->segments.size() >= opts_.definition.disks.size();
+  if (!complete) return std::nullopt;
+  return batch;
+}
+
+Status Shipper::Impl::Connection::SendCycle(const CycleBatch& batch) {
+  for (const tracker::SealedSegment& seg : batch.segments) SR_RETURN_IF_ERROR(SendSegment(seg));
+  applier::CycleInfo info;
+  info.cycle = batch.cycle;
+  info.cut_unix_nanos = batch.cut_unix_nanos;
+  info.first_change_unix_nanos = batch.first_change_unix_nanos;
+  SR_RETURN_IF_ERROR(SendFrame(FrameType::kCycleEnd, EncodeCycleEnd(info)));
+  sent_through_ = batch.cycle;
+  std::lock_guard lk(impl_.mu_);
+  impl_.stats_.sent_cycle = sent_through_;
+  if (batch.first_change_unix_nanos > 0) {
+    impl_.unapplied_[batch.cycle] = batch.first_change_unix_nanos;
+  }
+  return Status::Ok();
+}
+
+Status Shipper::Impl::Connection::SendSegment(const tracker::SealedSegment& seg) {
+  const std::string what = "segment " + seg.path.string();
+  Result<UniqueFd> fd = OpenFile(seg.path, O_RDONLY | O_CLOEXEC);
+  if (!fd.ok()) return fd.status().WithContext("VM " + opts_.definition.vm);
+  uint64_t offset = 0;
+  do {
+    // Pausing holds the cycle where it is; it continues from here on Resume.
+    while (impl_.paused_ && !impl_.stopping_) {
+      SR_RETURN_IF_ERROR(Service(last_heartbeat_ + opts_.heartbeat));
+    }
+    if (impl_.stopping_) return Status::Error(ECANCELED, "stopping");
+    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(kMaxChunkRaw, seg.bytes - offset));
+    raw_.resize(n);
+    SR_RETURN_IF_ERROR(PReadAll(fd->get(), raw_.data(), n, offset, what));
+    SegmentChunk chunk;
+    chunk.disk_id = seg.disk_id;
+    chunk.segment = seg.number;
+    chunk.cycle = seg.cycle;
+    chunk.offset = offset;
+    chunk.raw_length = n;
+    chunk.flags = offset + n == seg.bytes ? kChunkLast : 0;
+    if (opts_.compress && impl_.compressor_.Compress(raw_, &packed_)) {
+      chunk.flags |= kChunkZstd;
+      chunk.data = packed_;
+    } else {
+      chunk.data = raw_;
+    }
+    const std::vector<std::byte> payload = EncodeSegmentChunk(chunk);
+    SR_RETURN_IF_ERROR(Throttle(kFrameHeaderSize + payload.size()));
+    SR_RETURN_IF_ERROR(SendFrame(FrameType::kSegmentChunk, payload));
+    {
+      std::lock_guard lk(impl_.mu_);
+      impl_.stats_.bytes_raw += n;
+      impl_.stats_.bytes_wire += chunk.data.size();
+    }
+    if (failpoint::Check("shipper.after_send") == failpoint::Action::kError) {
+      return Status::Error(EIO, "failpoint shipper.after_send");
+    }
+    offset += n;
+    SR_RETURN_IF_ERROR(Service(Clock::now()));  // acks and heartbeats between chunks
+  } while (offset < seg.bytes);
+  return Status::Ok();
+}
+
+Status Shipper::Impl::Connection::Throttle(uint64_t bytes) {
+  const auto wait = bucket_.Take(bytes, Clock::now());
+  if (wait.count() <= 0) return Status::Ok();
+  const auto until = Clock::now() + wait;
+  while (Clock::now() < until) {
+    if (impl_.stopping_) return Status::Error(ECANCELED, "stopping");
+    SR_RETURN_IF_ERROR(Service(until));
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------
+
+Shipper::Shipper(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Shipper::~Shipper() { Stop(); }
+
+Result<std::unique_ptr<Shipper>> Shipper::Start(ShipperOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(options));
+  SR_RETURN_IF_ERROR(impl->Init());
+  return std::unique_ptr<Shipper>(new Shipper(std::move(impl)));
+}
+
+void Shipper::Stop() { impl_->Stop(); }
+void Shipper::Pause() { impl_->Pause(); }
+void Shipper::Resume() { impl_->Resume(); }
+ShipperStats Shipper::Stats() const { return impl_->Stats(); }
+
+}  // namespace siterep::shipper

@@ -1,0 +1,224 @@
+// The replication link's wire format, shared by the shipper (sender, on the primary) and
+// the receiver (on the secondary). One header, one truth: every frame is described here.
+//
+// The link is a TLS 1.3 stream (shipper/tls.h) carrying frames. Every frame is a fixed
+// header followed by its payload; all integers are little-endian:
+//
+//   offset size field
+//   0      4    magic          kFrameMagic ("SRWF" on the wire)
+//   4      2    version        kProtocolVersion; any other value is refused
+//   6      2    type           FrameType
+//   8      4    flags          reserved, zero (a non-zero value is refused)
+//   12     4    length         payload bytes, at most kMaxFramePayload (refused before any
+//                              buffer is allocated for it)
+//   16     4    crc            CRC32C over bytes [0, kFrameHeaderSize) with this field zero,
+//                              followed by the payload
+//   20     ..   payload
+//
+// A conversation, after the TLS handshake (which authenticates both sites):
+//
+//   shipper                                   receiver
+//   Hello ------------------------------------>
+//         <------------------------------------ HelloReply (accepted + position, or refused)
+//   SegmentChunk ... (every disk's segment of cycle C, each from offset 0, last chunk flagged)
+//   CycleEnd(C) ------------------------------>  (sink->CommitCycle)
+//         <------------------------------------ Ack (after the commit returned Ok)
+//   Heartbeat -------------------------------->
+//         <------------------------------------ Ack
+//   Error (either side, before closing; code 0 is a clean goodbye)
+//
+// The epoch fences split brain (DESIGN.md invariant 5) without a field in every frame: a
+// connection is bound to the epoch its Hello carries (the receiver refuses an epoch older
+// than the replica's), and every record inside a segment carries its own epoch, which the
+// applier checks again.
+//
+// Payloads:
+//   Hello (JSON object; rare and small):
+//     {"version": 1, "from": site, "to": site, "vm": name, "epoch": n,
+//      "definition": {"primary_site", "disks": [{"name", "disk_id", "size"}],
+//                     "recovery_points", "recovery_point_interval_ms", "frequency_ms"}}
+//   HelloReply (JSON object):
+//     accepted: {"accepted": true, "position": {"epoch", "received_cycle",
+//                "applied_cycle", "applied_cut_unix_nanos", "pending_bytes", "apply_error"}}
+//     refused:  {"accepted": false, "error": name, "message": one line}
+//     Refusal names (RefusalName): "epoch_older", "unknown_site", "vm_busy",
+//     "definition_mismatch", "protocol", "no_space", "not_permitted", "refused".
+//   SegmentChunk (binary; bytes [offset, offset + raw_length) of one sealed segment):
+//     0  4 disk_id   4  4 chunk flags (kChunkLast, kChunkZstd)   8  8 segment number
+//     16 8 cycle     24 8 offset within the segment                32 4 raw_length
+//     36 .. data: raw_length bytes, or one zstd frame that decompresses to raw_length
+//     raw_length <= kMaxChunkRaw. A segment's chunks are sent in order from offset 0.
+//   CycleEnd (binary, 24 bytes): cycle u64, cut_unix_nanos i64, first_change_unix_nanos i64
+//   Ack (binary): received_cycle u64, applied_cycle u64, applied_cut_unix_nanos i64,
+//     pending_bytes u64, error_length u16, error text (at most kMaxErrorText bytes)
+//   Heartbeat (binary, 24 bytes): primary unix_nanos i64,
+//     oldest_unapplied_change_unix_nanos i64 (0: none), pending_bytes u64
+//   Error (binary): code u32 (errno value; 0 = clean goodbye), length u16, reason text
+//
+// Every function here is pure (no I/O, no global state) except ReadFrame, which reads only
+// through the callback it is given; each decoder checks lengths before it reads, so any
+// byte string can be fed to it (a fuzzer may call them). Thread-safe.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "applier/segment_sink.h"
+#include "common/function_ref.h"
+#include "common/status.h"
+
+namespace siterep::shipper {
+
+inline constexpr uint32_t kFrameMagic = 0x46575253;  // "SRWF" on the wire
+inline constexpr uint16_t kProtocolVersion = 1;
+inline constexpr size_t kFrameHeaderSize = 20;
+// Largest raw (uncompressed) chunk of a segment.
+inline constexpr uint32_t kMaxChunkRaw = 1u << 20;
+inline constexpr size_t kChunkHeaderSize = 36;
+// Largest payload of any frame: a chunk whose zstd frame came out larger than raw is sent
+// raw, so 1 MiB + header is the real bound; the rest is headroom for future frames.
+inline constexpr uint32_t kMaxFramePayload = (4u << 20) + 4096;
+// Longest reason or apply error text carried in Ack and Error frames.
+inline constexpr size_t kMaxErrorText = 4096;
+inline constexpr size_t kCycleEndSize = 24;
+inline constexpr size_t kHeartbeatSize = 24;
+inline constexpr size_t kAckFixedSize = 34;
+
+enum class FrameType : uint16_t {
+  kHello = 1,
+  kHelloReply = 2,
+  kSegmentChunk = 3,
+  kCycleEnd = 4,
+  kAck = 5,
+  kHeartbeat = 6,
+  kError = 7,
+};
+std::string_view FrameTypeName(FrameType type);
+
+struct FrameHeader {
+  FrameType type = FrameType::kError;
+  uint32_t payload_length = 0;
+  uint32_t crc = 0;
+};
+
+// Parses the first kFrameHeaderSize bytes of in. Refuses (EBADMSG, saying why) a short
+// input, bad magic, another version, an unknown type, non-zero flags or a length above
+// kMaxFramePayload.
+Result<FrameHeader> ParseFrameHeader(std::span<const std::byte> in);
+// Checks that payload has the header's length and that the CRC matches (EBADMSG if not).
+Status VerifyFrame(const FrameHeader& header, std::span<const std::byte> payload);
+// A whole frame: header (with its CRC) followed by payload. payload.size() must not exceed
+// kMaxFramePayload.
+std::vector<std::byte> EncodeFrame(FrameType type, std::span<const std::byte> payload);
+
+// Reads one frame through read_exact (which must fill its whole span or fail): the header,
+// then the payload into *payload (resized). Checks the header but NOT the CRC, so a caller
+// can inject a fault between reading and verifying; call VerifyFrame before using it.
+Result<FrameHeader> ReadFrame(FunctionRef<Status(std::span<std::byte>)> read_exact,
+                              std::vector<std::byte>* payload);
+
+// --- Hello / HelloReply -----------------------------------------------------------------
+
+struct Hello {
+  uint32_t protocol_version = kProtocolVersion;
+  std::string from;                       // the shipper's site
+  std::string to;                         // the receiver's site
+  applier::ReplicaDefinition definition;  // carries vm and epoch
+};
+std::vector<std::byte> EncodeHello(const Hello& hello);
+// Refuses malformed JSON, missing or mistyped fields, and names that are not valid site,
+// VM or disk names (letters, digits, '-', '_', '.'; at most 64; not "." or "..").
+Result<Hello> DecodeHello(std::span<const std::byte> payload);
+
+struct HelloReply {
+  bool accepted = false;
+  applier::ReplicaPosition position;  // when accepted
+  std::string error;                  // refusal name, when refused
+  std::string message;                // one line, when refused
+};
+std::vector<std::byte> EncodeHelloReply(const HelloReply& reply);
+Result<HelloReply> DecodeHelloReply(std::span<const std::byte> payload);
+
+// The refusal name sent for a Status code, and back: ESTALE "epoch_older", EACCES
+// "unknown_site", EBUSY "vm_busy", EINVAL "definition_mismatch", EPROTO "protocol",
+// ENOSPC "no_space", EPERM "not_permitted"; anything else "refused" (ECONNREFUSED).
+std::string_view RefusalName(int code);
+int RefusalCode(std::string_view name);
+
+// --- SegmentChunk ------------------------------------------------------------------------
+
+inline constexpr uint32_t kChunkLast = 1;  // the segment ends with this chunk
+inline constexpr uint32_t kChunkZstd = 2;  // data is one zstd frame
+
+struct SegmentChunk {
+  uint32_t disk_id = 0;
+  uint32_t flags = 0;
+  uint64_t segment = 0;  // segment number within the disk's log
+  uint64_t cycle = 0;
+  uint64_t offset = 0;  // within the segment
+  uint32_t raw_length = 0;
+  std::span<const std::byte> data;  // as sent (compressed or not); borrows the input
+
+  bool last() const { return (flags & kChunkLast) != 0; }
+  bool compressed() const { return (flags & kChunkZstd) != 0; }
+};
+// chunk.data is what goes on the wire; flags must say whether it is compressed.
+std::vector<std::byte> EncodeSegmentChunk(const SegmentChunk& chunk);
+// Refuses a short payload, unknown flags, raw_length above kMaxChunkRaw, an offset that
+// overflows with raw_length, and uncompressed data whose size is not raw_length.
+Result<SegmentChunk> DecodeSegmentChunk(std::span<const std::byte> payload);
+
+// Chunk compression (zstd level 1). A ChunkCompressor keeps its zstd context between
+// chunks; one per thread.
+class ChunkCompressor {
+ public:
+  ChunkCompressor();
+  ~ChunkCompressor();
+  ChunkCompressor(const ChunkCompressor&) = delete;
+  ChunkCompressor& operator=(const ChunkCompressor&) = delete;
+  // Compresses raw into *out; returns false (out unspecified) when the result would not be
+  // smaller than raw, so the caller sends raw.
+  bool Compress(std::span<const std::byte> raw, std::vector<std::byte>* out);
+
+ private:
+  void* cctx_;  // ZSTD_CCtx
+};
+// The chunk's bytes, decompressed if needed, into *out (resized to raw_length). Refuses
+// (EBADMSG) a zstd frame that is malformed or whose content is not exactly raw_length.
+Status ChunkData(const SegmentChunk& chunk, std::vector<std::byte>* out);
+
+// --- CycleEnd, Ack, Heartbeat, Error ------------------------------------------------------
+
+std::vector<std::byte> EncodeCycleEnd(const applier::CycleInfo& cycle);
+Result<applier::CycleInfo> DecodeCycleEnd(std::span<const std::byte> payload);
+
+struct Ack {
+  uint64_t received_cycle = 0;
+  uint64_t applied_cycle = 0;
+  int64_t applied_cut_unix_nanos = 0;
+  uint64_t pending_bytes = 0;  // received, not yet applied, on the replica
+  std::string apply_error;     // truncated to kMaxErrorText
+};
+std::vector<std::byte> EncodeAck(const Ack& ack);
+Result<Ack> DecodeAck(std::span<const std::byte> payload);
+
+struct Heartbeat {
+  int64_t unix_nanos = 0;                          // the primary's clock
+  int64_t oldest_unapplied_change_unix_nanos = 0;  // 0: everything applied
+  uint64_t pending_bytes = 0;                      // sealed, unacknowledged, on the primary
+};
+std::vector<std::byte> EncodeHeartbeat(const Heartbeat& heartbeat);
+Result<Heartbeat> DecodeHeartbeat(std::span<const std::byte> payload);
+
+struct ErrorFrame {
+  uint32_t code = 0;   // errno value; 0: a clean goodbye
+  std::string reason;  // truncated to kMaxErrorText
+};
+std::vector<std::byte> EncodeError(const ErrorFrame& error);
+Result<ErrorFrame> DecodeError(std::span<const std::byte> payload);
+
+}  // namespace siterep::shipper
