@@ -74,7 +74,8 @@ Result<uint64_t> LoadOrCreateEpoch(const fs::path& state_dir, const std::string&
 }  // namespace
 
 Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config,
-                                                     const fs::path& state_dir) {
+                                                     const fs::path& state_dir,
+                                                     const fs::path& archive_dir) {
   auto vm = std::make_unique<ProtectedVm>();
   vm->config = &config;
   for (const DiskConfig& dc : config.disks) {
@@ -89,6 +90,7 @@ Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config,
     options.vm = config.name;
     options.epoch = vm->epoch;
     options.cycle = config.frequency;
+    if (!archive_dir.empty()) options.archive_dir = archive_dir / config.name;
     for (const ProtectedDisk& disk : vm->disks) {
       fs::path log_dir = disk.image;
       log_dir += ".srlog";

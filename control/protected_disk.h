@@ -35,8 +35,10 @@ struct ProtectedVm {
 // Opens and locks every image of vm, reads or creates the VM's persisted epoch under
 // state_dir, opens the tracker (which recovers the logs), and builds the backends.
 // Refuses a missing image, an image that is not a regular file, a size that is zero or
-// not a multiple of 512, and an image locked by another process.
+// not a multiple of 512, and an image locked by another process. archive_dir (may be
+// empty): where shipped log segments go instead of being deleted.
 Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& vm,
-                                                     const std::filesystem::path& state_dir);
+                                                     const std::filesystem::path& state_dir,
+                                                     const std::filesystem::path& archive_dir = {});
 
 }  // namespace siterep::control

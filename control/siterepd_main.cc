@@ -1,14 +1,15 @@
 // siterepd: the siterep daemon, one per host. Foreground; logs to stderr; SIGTERM or
 // SIGINT stops it cleanly (requests drained, logs synced, mount removed).
 #include <signal.h>
+#include <spdlog/fmt/ranges.h>
+#include <spdlog/spdlog.h>
 
+#include <CLI/CLI.hpp>
 #include <cstdio>
 #include <thread>
 
-#include <CLI/CLI.hpp>
-#include <spdlog/spdlog.h>
-
 #include "common/config.h"
+#include "common/failpoint.h"
 #include "common/logging.h"
 #include "control/daemon.h"
 
@@ -22,12 +23,24 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   app.add_flag("--discard-sealed", options.discard_sealed,
                "benchmarks only: drop sealed log segments at once (no replication)");
+  std::string archive;
+  app.add_option("--archive-logs", archive,
+                 "tests and checkers: keep shipped log segments under DIR/<vm>/<disk>/ "
+                 "(same file system as the images)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e) == 0 ? 0 : 2;
   }
   siterep::SetupLogging(log_level);
+  options.archive_logs = archive;
+  if (siterep::Status fp = siterep::failpoint::ArmFromEnvironment(); !fp.ok()) {
+    std::fprintf(stderr, "siterepd: %s\n", fp.message().c_str());
+    return 2;
+  }
+  if (!siterep::failpoint::Armed().empty()) {
+    spdlog::warn("failpoints armed: {}", fmt::join(siterep::failpoint::Armed(), ", "));
+  }
 
   auto config = siterep::LoadConfig(config_path);
   if (!config.ok()) {

@@ -26,6 +26,7 @@ SITEREP=$BIN/siterep
 SITEREP_LOG=$BIN/siterep-log
 TEST_NAME=$(basename "$0" .sh)
 
+TESTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 T=$(mktemp -d "/tmp/siterep-${TEST_NAME}.XXXXXX")
 cd "$T"   # tools that drop files in the working folder (fio's verify state) drop them here
 START_SECONDS=$SECONDS
@@ -334,4 +335,131 @@ expect_output_has() {
 # fill_random FILE OFFSET_MIB COUNT_MIB: writes random data into a plain file (no truncate).
 fill_random() {
   dd if=/dev/urandom of="$1" bs=1M seek="$2" count="$3" conv=notrunc status=none
+}
+
+# ---------------------------------------------------------------------------------------
+# Two sites: certificates, listen addresses, peers, a TCP proxy.
+
+# free_port: prints a TCP port on 127.0.0.1 that nothing listens on now.
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+
+# make_certs DIR SITE...: a CA in DIR and a certificate for every SITE (bin/siterep-certs).
+make_certs() {
+  local dir=$1 site
+  shift
+  "$BIN/siterep-certs" "$dir" ca >/dev/null
+  for site in "$@"; do "$BIN/siterep-certs" "$dir" site "$site" >/dev/null; done
+}
+
+# new_repl_site NAME PORT CERT_DIR: new_site plus listen = 127.0.0.1:PORT and a [tls] table
+# with CERT_DIR/ca.pem and CERT_DIR/NAME.{pem,key}.
+new_repl_site() {
+  local name=$1 port=$2 certs=$3
+  new_site "$name"
+  sed -i "/^control_socket = /a listen = \"127.0.0.1:$port\"" "$CONF"
+  cat >>"$CONF" <<EOT
+
+[tls]
+ca = "$certs/ca.pem"
+cert = "$certs/$name.pem"
+key = "$certs/$name.key"
+EOT
+}
+
+# add_peer CONF NAME ADDRESS [key = value lines...]
+add_peer() {
+  local conf=$1 name=$2 address=$3 line
+  shift 3
+  {
+    echo
+    echo "[[peers]]"
+    echo "name = \"$name\""
+    echo "address = \"$address\""
+    for line in "$@"; do echo "$line"; done
+  } >>"$conf"
+}
+
+# two_sites [EAST_TO_WEST_PORT]: certificates for east and west (in $CERTS), and two site
+# configs with each other as peers: west listens on WEST_PORT; east on EAST_PORT, and
+# reaches west at 127.0.0.1:EAST_TO_WEST_PORT (default WEST_PORT; a proxy's port for the
+# link tests). Sets CERTS, EAST_PORT, WEST_PORT, EAST_CONF, EAST_MNT, WEST_CONF, WEST_STATE.
+two_sites() {
+  CERTS=$T/certs
+  make_certs "$CERTS" east west
+  EAST_PORT=$(free_port)
+  WEST_PORT=$(free_port)
+  new_repl_site west "$WEST_PORT" "$CERTS"
+  WEST_CONF=$CONF WEST_STATE=$STATE
+  add_peer "$WEST_CONF" east "127.0.0.1:$EAST_PORT"
+  new_repl_site east "$EAST_PORT" "$CERTS"
+  EAST_CONF=$CONF EAST_MNT=$MNT
+  add_peer "$EAST_CONF" west "127.0.0.1:${1:-$WEST_PORT}"
+}
+
+# vm_field CONF VM EXPR: a Python expression over the VM's status object (bound to v).
+vm_field() {
+  status_json "$1" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+vs = [v for v in d["vms"] if v["name"] == sys.argv[1]]
+if not vs:
+    print("")
+    sys.exit(0)
+v = vs[0]
+r = eval(sys.argv[2], {"v": v})
+print(r if isinstance(r, str) else json.dumps(r))
+' "$2" "$3"
+}
+
+# wait_caught_up PRIMARY_CONF VM [TIMEOUT_S]: cuts the VM, then waits until the replica has
+# applied that cycle (the primary's applied_cycle) and nothing is pending.
+wait_caught_up() {
+  local conf=$1 vm=$2 timeout=${3:-120} target i applied
+  target=$("$SITEREP" -c "$conf" cut "$vm" --json | jq_py "d['cycle']")
+  for ((i = 0; i < timeout * 5; i++)); do
+    [[ $(vm_field "$conf" "$vm" "v['state']") != "resync required" ]] ||
+      fail "VM $vm needs a resync: $(vm_field "$conf" "$vm" "v['health_reason']")"
+    applied=$(vm_field "$conf" "$vm" "v.get('applied_cycle', 0)")
+    if [[ -n $applied && $applied -ge $target ]]; then
+      log "VM $vm: replica applied cycle $applied (target $target)"
+      return 0
+    fi
+    sleep 0.2
+  done
+  fail "VM $vm: the replica did not reach cycle $target in ${timeout}s (at $applied); $(status_json "$conf" | head -c 2000)"
+}
+
+# start_proxy LISTEN_PORT TARGET_PORT: a TCP proxy (tests/tcp_proxy.py) whose mode is set
+# with proxy_mode. Sets PROXY_PID, PROXY_CTL.
+start_proxy() {
+  PROXY_CTL=$T/proxy.$1.mode
+  echo pass >"$PROXY_CTL"
+  python3 "$TESTS_DIR/tcp_proxy.py" "$1" "$2" "$PROXY_CTL" 2>"$T/proxy.$1.log" &
+  PROXY_PID=$!
+  _PIDS+=("$PROXY_PID")
+  _LOGS+=("$T/proxy.$1.log")
+  local i
+  for ((i = 0; i < 50; i++)); do
+    python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', $1), 0.2).close()" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  fail "TCP proxy on port $1 did not start"
+}
+
+# proxy_mode MODE: pass (forward), close (drop every connection and refuse new ones),
+# stall (keep connections open, forward nothing).
+proxy_mode() {
+  echo "$1" >"$PROXY_CTL.tmp"
+  mv "$PROXY_CTL.tmp" "$PROXY_CTL"
+  log "proxy: $1"
+}
+
+# same_sha256 FILE_A FILE_B WHAT: fails unless both files hash the same.
+same_sha256() {
+  local a b
+  a=$(sha256sum "$1" | cut -d' ' -f1)
+  b=$(sha256sum "$2" | cut -d' ' -f1)
+  [[ $a == "$b" ]] || fail "$3: $1 ($a) differs from $2 ($b)"
 }

@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
-# make demo: one site, one VM with two disks, on this machine, in a temporary folder.
-# siterepd exposes the disks through FUSE; we put ext4 on one of them through a loop
-# device, write files, look at `siterep status`, stop cleanly and look at the change log.
-# Everything it made (mounts, loop device, daemon, folder) is removed on any exit.
-# Usage: bash tools/demo.sh [BIN_DIR]   (default: build/bin next to this script)
+# make demo: two sites on this machine (east, the primary, and west, the replica), joined
+# by mutual TLS on loopback with certificates made by siterep-certs. East protects VM web01
+# (two disks); replication to west is enabled; we put ext4 on a disk through a loop device,
+# write files, and watch the replica catch up in `siterep status` (RPO, bytes pending).
+# Then the replica images are compared with the primary's, and the recovery points at
+# west are listed. Everything it made (mounts, loop device, daemons, folder) is removed on
+# any exit. Usage: bash tools/demo.sh [BIN_DIR]   (default: build/bin next to this script)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=$(realpath "${1:-$ROOT/build/bin}")
-for tool in siterepd siterep siterep-log; do
+for tool in siterepd siterep siterep-log siterep-certs; do
   [[ -x $BIN/$tool ]] || { echo "demo: $BIN/$tool is missing; run 'make build' first" >&2; exit 1; }
 done
 [[ $(id -u) -eq 0 ]] || { echo "demo: run as root (FUSE mount, loop device)" >&2; exit 1; }
 
 DIR=$(mktemp -d /tmp/siterep-demo.XXXXXX)
-DAEMON_PID="" LOOP="" FS_MOUNTED=0
+EAST_PID="" WEST_PID="" LOOP="" FS_MOUNTED=0
 BOLD="" DIM="" PLAIN=""
 if [[ -t 1 ]]; then BOLD=$'\033[1m' DIM=$'\033[2m' PLAIN=$'\033[0m'; fi
 n=0
@@ -26,6 +28,12 @@ show() {
   printf '%s$ %s%s\n' "$DIM" "$*" "$PLAIN"
   "$@"
 }
+stop_pid() {
+  local pid=$1
+  [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || return 0
+  kill -TERM "$pid"
+  wait "$pid"
+}
 
 cleanup() {
   local rc=$?
@@ -33,21 +41,23 @@ cleanup() {
   trap - EXIT INT TERM
   [[ $FS_MOUNTED -eq 1 ]] && { umount "$DIR/fs" || umount -l "$DIR/fs"; }
   [[ -n $LOOP ]] && losetup -d "$LOOP"
-  if [[ -n $DAEMON_PID ]] && kill -0 "$DAEMON_PID" 2>/dev/null; then
-    kill -TERM "$DAEMON_PID"
-    wait "$DAEMON_PID"
-  fi
-  if findmnt -rn --mountpoint "$DIR/mnt" >/dev/null 2>&1; then
-    fusermount3 -u "$DIR/mnt" || fusermount3 -uz "$DIR/mnt"
+  stop_pid "$EAST_PID"
+  stop_pid "$WEST_PID"
+  for site in east west; do
+    if findmnt -rn --mountpoint "$DIR/$site/mnt" >/dev/null 2>&1; then
+      fusermount3 -u "$DIR/$site/mnt" || fusermount3 -uz "$DIR/$site/mnt"
+    fi
+  done
+  if [[ $rc -ne 0 ]]; then
+    echo "demo: failed (exit $rc)" >&2
+    for site in east west; do
+      [[ -s $DIR/$site.log ]] && { echo "--- $site.log" >&2; tail -n 20 "$DIR/$site.log" >&2; }
+    done
   fi
   if findmnt -rn -o TARGET | grep -q "^$DIR/"; then
     echo "demo: something is still mounted under $DIR; leaving it" >&2
   else
     rm -rf "$DIR"
-  fi
-  if [[ $rc -ne 0 ]]; then
-    echo "demo: failed (exit $rc)" >&2
-    [[ -s $DIR/siterepd.log ]] && tail -n 20 "$DIR/siterepd.log" >&2
   fi
   exit "$rc"
 }
@@ -55,20 +65,50 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-step "A site config with one VM (web01) of two disks, in $DIR"
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+EAST_PORT=$(free_port)
+WEST_PORT=$(free_port)
+east() { "$BIN/siterep" -c "$DIR/east.toml" "$@"; }
+west() { "$BIN/siterep" -c "$DIR/west.toml" "$@"; }
+
+step "Certificates: a CA and one certificate per site (siterep-certs)"
+show "$BIN/siterep-certs" "$DIR/certs" ca
+show "$BIN/siterep-certs" "$DIR/certs" site east
+show "$BIN/siterep-certs" "$DIR/certs" site west
+
+step "Two site configs: east protects web01 (two disks) and replicates to west"
 truncate -s 256M "$DIR/web01-os.img" "$DIR/web01-data.img"
-cat >"$DIR/site.toml" <<TOML
+for site in east west; do
+  mkdir -p "$DIR/$site"
+  port=$EAST_PORT peer=west peer_port=$WEST_PORT
+  [[ $site == west ]] && port=$WEST_PORT peer=east peer_port=$EAST_PORT
+  cat >"$DIR/$site.toml" <<TOML
 [site]
-name = "east"
-state_dir = "$DIR/state"
-mountpoint = "$DIR/mnt"
-control_socket = "$DIR/control.sock"
+name = "$site"
+state_dir = "$DIR/$site/state"
+mountpoint = "$DIR/$site/mnt"
+control_socket = "$DIR/$site/control.sock"
+listen = "127.0.0.1:$port"
+
+[tls]
+ca = "$DIR/certs/ca.pem"
+cert = "$DIR/certs/$site.pem"
+key = "$DIR/certs/$site.key"
+
+[[peers]]
+name = "$peer"
+address = "127.0.0.1:$peer_port"
+TOML
+done
+cat >>"$DIR/east.toml" <<TOML
 
 [[vms]]
 name = "web01"
 frequency = "continuous"
-log_budget = "50%"
-tracking = "log"
+recovery_points = 2
+recovery_point_interval = "5s"
   [[vms.disks]]
   name = "os"
   image = "$DIR/web01-os.img"
@@ -76,60 +116,81 @@ tracking = "log"
   name = "data"
   image = "$DIR/web01-data.img"
 TOML
-sed 's/^/    /' "$DIR/site.toml"
+sed 's/^/    /' "$DIR/east.toml"
 
-step "Start siterepd (log: $DIR/siterepd.log)"
-"$BIN/siterepd" -c "$DIR/site.toml" 2>"$DIR/siterepd.log" &
-DAEMON_PID=$!
-for _ in $(seq 1 100); do
-  "$BIN/siterep" -c "$DIR/site.toml" status >/dev/null 2>&1 && break
-  kill -0 "$DAEMON_PID" 2>/dev/null || { echo "demo: siterepd exited" >&2; DAEMON_PID=""; exit 1; }
-  sleep 0.1
-done
-"$BIN/siterep" -c "$DIR/site.toml" status >/dev/null || { echo "demo: siterepd did not come up" >&2; exit 1; }
-show ls -l "$DIR/mnt/web01"
+step "Start siterepd at both sites (logs: $DIR/east.log, $DIR/west.log)"
+start() {
+  local site=$1 pid
+  "$BIN/siterepd" -c "$DIR/$site.toml" 2>"$DIR/$site.log" &
+  pid=$!
+  for _ in $(seq 1 100); do
+    "$BIN/siterep" -c "$DIR/$site.toml" status >/dev/null 2>&1 && break
+    kill -0 "$pid" 2>/dev/null || { echo "demo: siterepd ($site) exited" >&2; exit 1; }
+    sleep 0.1
+  done
+  "$BIN/siterep" -c "$DIR/$site.toml" status >/dev/null || { echo "demo: siterepd ($site) did not come up" >&2; exit 1; }
+  echo "    siterepd $site: pid $pid"
+  START_PID=$pid
+}
+start west
+WEST_PID=$START_PID
+start east
+EAST_PID=$START_PID
+
+step "Enable replication of web01 to west"
+show east enable web01 --to west --wait
 
 step "ext4 on the 'data' disk through a loop device"
-LOOP=$(losetup --find --show "$DIR/mnt/web01/data")
-echo "    $LOOP -> $DIR/mnt/web01/data"
+LOOP=$(losetup --find --show "$DIR/east/mnt/web01/data")
+echo "    $LOOP -> $DIR/east/mnt/web01/data"
 mkfs.ext4 -q -F "$LOOP"
 mkdir -p "$DIR/fs"
 mount "$LOOP" "$DIR/fs"
 FS_MOUNTED=1
 
-step "Write a few files"
-for i in 1 2 3; do
-  head -c $((i * 3 << 20)) /dev/urandom >"$DIR/fs/file$i.bin"
+step "Write files, and watch the replica catch up"
+for i in 1 2 3 4; do
+  head -c $((i * 8 << 20)) /dev/urandom >"$DIR/fs/file$i.bin"
 done
 echo "hello from web01" >"$DIR/fs/hello.txt"
-(cd "$DIR/fs" && sha256sum file*.bin hello.txt) >"$DIR/sums"
 sync -f "$DIR/fs/hello.txt"
-show ls -l "$DIR/fs"
-sleep 1.5   # let a replication cycle end, so the status shows a cut
+for _ in 1 2 3; do
+  east status --json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)["vms"][0]
+l = v.get("link", {})
+print("    east: RPO %.1f s, pending %d bytes, link %s at %.1f MiB/s, health %s" % (
+    v["rpo_seconds"] or 0, v["pending_bytes"], l.get("state"),
+    l.get("throughput_bytes_per_s", 0) / 1048576, v["health"]))'
+  sleep 1
+done
 
-step "siterep status"
-show "$BIN/siterep" -c "$DIR/site.toml" status
-
-step "A glance at siterep status --json"
-"$BIN/siterep" -c "$DIR/site.toml" status --json | head -n 30
-echo "    ..."
-
-step "Unmount, detach the loop device, stop siterepd (SIGTERM)"
+step "Unmount; once the last cycle is applied the replica equals the primary"
 umount "$DIR/fs"
 FS_MOUNTED=0
 losetup -d "$LOOP"
 LOOP=""
-kill -TERM "$DAEMON_PID"
-rc=0
-wait "$DAEMON_PID" || rc=$?
-DAEMON_PID=""
-echo "    siterepd exited with $rc"
-[[ $rc -eq 0 ]] || exit 1
+target=$(east cut web01 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["cycle"])')
+for _ in $(seq 1 300); do
+  applied=$(east status web01 --json | python3 -c 'import json,sys; print(json.load(sys.stdin)["vms"][0].get("applied_cycle", 0))')
+  [[ $applied -ge $target ]] && break
+  sleep 0.2
+done
+show east status
+show west status
+for d in os data; do
+  a=$(sha256sum <"$DIR/web01-$d.img" | cut -c1-16)
+  b=$(sha256sum <"$DIR/west/state/replicas/web01/$d.img" | cut -c1-16)
+  echo "    $d: east $a  west $b  $([[ $a == "$b" ]] && echo equal || echo DIFFERENT)"
+  [[ $a == "$b" ]] || exit 1
+done
 
-step "The change log of the 'data' disk (next to its image)"
-show ls -l "$DIR/web01-data.img.srlog"
-printf '%s$ %s%s\n' "$DIM" "siterep-log dump $DIR/web01-data.img.srlog | head -n 12" "$PLAIN"
-"$BIN/siterep-log" dump "$DIR/web01-data.img.srlog" | head -n 12 || true
-show "$BIN/siterep-log" check "$DIR/web01-data.img.srlog"
+step "Recovery points kept at west"
+show west points web01
+
+step "Stop both daemons (SIGTERM)"
+stop_pid "$EAST_PID"; EAST_PID=""
+stop_pid "$WEST_PID"; WEST_PID=""
+echo "    stopped cleanly"
 
 step "Done; cleaning up $DIR"

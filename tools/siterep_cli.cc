@@ -3,12 +3,12 @@
 // stderr), 2 usage.
 #include <unistd.h>
 
-#include <cstdio>
-#include <iostream>
-#include <string>
-
 #include <CLI/CLI.hpp>
+#include <cstdio>
+#include <filesystem>
+#include <iostream>
 #include <nlohmann/json.hpp>
+#include <string>
 
 #include "common/config.h"
 #include "common/control_client.h"
@@ -63,7 +63,8 @@ int Call(const Globals& g, const json& request, json* result) {
 
 std::string Str(const json& j, const char* key) {
   if (!j.contains(key) || j[key].is_null()) return "-";
-  if (j[key].is_string()) return j[key].get<std::string>().empty() ? "-" : j[key].get<std::string>();
+  if (j[key].is_string())
+    return j[key].get<std::string>().empty() ? "-" : j[key].get<std::string>();
   return j[key].dump();
 }
 
@@ -76,6 +77,32 @@ void PrintStatus(const json& s) {
                 Str(vm, "health").c_str(), Str(vm, "epoch").c_str(), Str(vm, "frequency").c_str());
     if (!vm.value("health_reason", "").empty()) {
       std::printf("  reason: %s\n", vm["health_reason"].get<std::string>().c_str());
+    }
+    if (vm.contains("peer") && !vm["peer"].is_null()) {
+      std::string rpo = "-";
+      if (vm.contains("rpo_seconds") && vm["rpo_seconds"].is_number()) {
+        char buf[32];
+        std::snprintf(buf, sizeof(buf), "%.1f s", vm["rpo_seconds"].get<double>());
+        rpo = buf;
+      }
+      std::string point = "none yet";
+      if (vm.contains("last_recovery_point") && vm["last_recovery_point"].is_object()) {
+        point =
+            Str(vm["last_recovery_point"], "id") + " at " + Str(vm["last_recovery_point"], "time");
+      }
+      std::printf("  %s %s, RPO %s, latest recovery point %s\n",
+                  vm.value("role", "") == "replica" ? "replica of" : "replicating to",
+                  Str(vm, "peer").c_str(), rpo.c_str(), point.c_str());
+      if (vm.contains("link") && vm["link"].is_object()) {
+        const json& l = vm["link"];
+        std::printf(
+            "  link %s, %s/s, compression %.2fx%s%s\n", Str(l, "state").c_str(),
+            siterep::FormatSize(static_cast<uint64_t>(l.value("throughput_bytes_per_s", 0.0)))
+                .c_str(),
+            l.value("compression_ratio", 1.0),
+            l.value("last_error", "").empty() ? "" : ", last error: ",
+            l.value("last_error", "").c_str());
+      }
     }
     std::printf("  last cycle %s at %s, pending %s\n", Str(vm, "last_cycle").c_str(),
                 Str(vm, "last_cut").c_str(),
@@ -92,6 +119,44 @@ void PrintStatus(const json& s) {
         std::printf("  %-12s resync required: %s\n", "", Str(d, "resync_reason").c_str());
       }
     }
+  }
+}
+
+// enable --wait: polls the VM's status until the replica has applied every cycle that was
+// cut when the wait began. Prints a line when something changes; fails when the peer
+// refuses replication or the VM turns critical.
+int WaitCaughtUp(const Globals& g, const std::string& vm) {
+  json s;
+  if (int rc = Call(g, {{"op", "cut"}, {"vm", vm}}, &s); rc != 0) return rc;
+  const uint64_t target = s.value("cycle", uint64_t{0});
+  std::string last_line;
+  for (;;) {
+    json status;
+    if (int rc = Call(g, {{"op", "status"}, {"vm", vm}}, &status); rc != 0) return rc;
+    const json& v = status["vms"][0];
+    const uint64_t applied = v.value("applied_cycle", uint64_t{0});
+    const std::string link = v.contains("link") ? v["link"].value("state", "") : "";
+    char line[256];
+    std::snprintf(line, sizeof(line), "VM %s: link %s, applied cycle %llu of %llu, pending %s",
+                  vm.c_str(), link.c_str(), static_cast<unsigned long long>(applied),
+                  static_cast<unsigned long long>(target),
+                  siterep::FormatSize(v.value("pending_bytes", uint64_t{0})).c_str());
+    if (line != last_line && !g.json) std::printf("%s\n", line);
+    last_line = line;
+    if (link == "refused" || v.value("health", "") == "critical") {
+      std::fprintf(stderr, "siterep: %s\n",
+                   v.value("health_reason", std::string("replication stopped")).c_str());
+      return 1;
+    }
+    if (link == "connected" && applied >= target) {
+      if (g.json)
+        std::cout << v.dump(2) << "\n";
+      else
+        std::printf("VM %s: the replica at %s is at recovery point %llu\n", vm.c_str(),
+                    Str(v, "peer").c_str(), static_cast<unsigned long long>(applied));
+      return 0;
+    }
+    ::usleep(500 * 1000);
   }
 }
 
@@ -115,6 +180,42 @@ int main(int argc, char** argv) {
   cut->add_option("VM", vm, "the VM")->required();
   cut->add_flag("--json", g.json, "machine-readable output");
 
+  std::string to;
+  bool wait = false;
+  auto* enable = app.add_subcommand("enable", "start replicating a VM to a peer site");
+  enable->add_option("VM", vm, "the VM")->required();
+  enable->add_option("--to", to, "the replica site (one of [[peers]])")->required();
+  enable->add_flag("--wait", wait, "wait until the replica has caught up");
+  enable->add_flag("--json", g.json, "machine-readable output");
+
+  auto* pause =
+      app.add_subcommand("pause", "stop shipping a VM's changes (they keep being logged)");
+  pause->add_option("VM", vm, "the VM")->required();
+  pause->add_flag("--json", g.json, "machine-readable output");
+  auto* resume = app.add_subcommand("resume", "ship a paused VM's changes again");
+  resume->add_option("VM", vm, "the VM")->required();
+  resume->add_flag("--json", g.json, "machine-readable output");
+
+  auto* points =
+      app.add_subcommand("points", "list a replica's recovery points (at the replica site)");
+  points->add_option("VM", vm, "the VM")->required();
+  points->add_flag("--json", g.json, "machine-readable output");
+
+  std::string disk, out_file;
+  uint64_t point = 0;
+  auto* exp = app.add_subcommand(
+      "export", "write a disk as of a recovery point to a file (at the replica site)");
+  exp->add_option("VM", vm, "the VM")->required();
+  exp->add_option("DISK", disk, "the disk")->required();
+  exp->add_option("FILE", out_file, "where to write it")->required();
+  exp->add_option("--point", point, "recovery point id (siterep points VM)")->required();
+  exp->add_flag("--json", g.json, "machine-readable output");
+
+  std::string spec;
+  auto* fp = app.add_subcommand("failpoint", "arm failpoints in the daemon (tests)");
+  fp->add_option("SPEC", spec, "name=abort|error|trigger|off[@skip][*count],...")->required();
+  fp->group("");  // not listed in --help: a testing aid
+
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -127,14 +228,73 @@ int main(int argc, char** argv) {
     json req = {{"op", "status"}};
     if (!vm.empty()) req["vm"] = vm;
     if (int rc = Call(g, req, &result); rc != 0) return rc;
-    if (g.json) std::cout << result.dump(2) << "\n";
-    else PrintStatus(result);
+    if (g.json)
+      std::cout << result.dump(2) << "\n";
+    else
+      PrintStatus(result);
     return 0;
   }
   if (cut->parsed()) {
     if (int rc = Call(g, {{"op", "cut"}, {"vm", vm}}, &result); rc != 0) return rc;
-    if (g.json) std::cout << result.dump(2) << "\n";
-    else std::printf("VM %s cut at cycle %s\n", vm.c_str(), result["cycle"].dump().c_str());
+    if (g.json)
+      std::cout << result.dump(2) << "\n";
+    else
+      std::printf("VM %s cut at cycle %s\n", vm.c_str(), result["cycle"].dump().c_str());
+    return 0;
+  }
+  if (enable->parsed()) {
+    if (int rc = Call(g, {{"op", "enable"}, {"vm", vm}, {"to", to}}, &result); rc != 0) return rc;
+    if (!wait) {
+      if (g.json)
+        std::cout << result.dump(2) << "\n";
+      else
+        std::printf("VM %s: replication to %s enabled\n", vm.c_str(), to.c_str());
+      return 0;
+    }
+    return WaitCaughtUp(g, vm);
+  }
+  if (pause->parsed() || resume->parsed()) {
+    const char* op = pause->parsed() ? "pause" : "resume";
+    if (int rc = Call(g, {{"op", op}, {"vm", vm}}, &result); rc != 0) return rc;
+    if (g.json)
+      std::cout << result.dump(2) << "\n";
+    else
+      std::printf("VM %s: replication %s\n", vm.c_str(), pause->parsed() ? "paused" : "resumed");
+    return 0;
+  }
+  if (points->parsed()) {
+    if (int rc = Call(g, {{"op", "points"}, {"vm", vm}}, &result); rc != 0) return rc;
+    if (g.json) {
+      std::cout << result.dump(2) << "\n";
+      return 0;
+    }
+    std::printf("%-10s  %-24s  %-10s  %s\n", "ID", "TIME", "CONSISTENT", "");
+    for (const json& p : result["points"]) {
+      std::printf("%-10s  %-24s  %-10s  %s\n", Str(p, "id").c_str(), Str(p, "time").c_str(),
+                  p.value("consistent", false) ? "all disks" : "no",
+                  p.value("latest", false) ? "latest" : "");
+    }
+    return 0;
+  }
+  if (exp->parsed()) {
+    std::error_code ec;
+    std::string abs = std::filesystem::absolute(out_file, ec).string();
+    if (int rc =
+            Call(g, {{"op", "export"}, {"vm", vm}, {"disk", disk}, {"point", point}, {"out", abs}},
+                 &result);
+        rc != 0) {
+      return rc;
+    }
+    if (g.json)
+      std::cout << result.dump(2) << "\n";
+    else
+      std::printf("VM %s disk %s at point %llu written to %s\n", vm.c_str(), disk.c_str(),
+                  static_cast<unsigned long long>(point), abs.c_str());
+    return 0;
+  }
+  if (fp->parsed()) {
+    if (int rc = Call(g, {{"op", "failpoint"}, {"spec", spec}}, &result); rc != 0) return rc;
+    std::cout << result.dump() << "\n";
     return 0;
   }
   return 2;

@@ -1,0 +1,299 @@
+#include "control/inbound.h"
+
+#include <spdlog/spdlog.h>
+
+#include "common/file_util.h"
+#include "common/time_util.h"
+
+namespace siterep::control {
+
+using nlohmann::json;
+namespace fs = std::filesystem;
+
+namespace {
+constexpr double kNanos = 1e9;
+
+bool SameDisks(const applier::ReplicaDefinition& a, const applier::ReplicaDefinition& b) {
+  if (a.disks.size() != b.disks.size()) return false;
+  for (size_t i = 0; i < a.disks.size(); ++i) {
+    if (a.disks[i].name != b.disks[i].name || a.disks[i].size != b.disks[i].size ||
+        a.disks[i].disk_id != b.disks[i].disk_id) {
+      return false;
+    }
+  }
+  return true;
+}
+// The primary's frequency as the config writes it.
+std::string FrequencyText(int64_t ms) {
+  switch (ms) {
+    case 1000:
+      return "continuous";
+    case 30000:
+      return "30s";
+    case 300000:
+      return "5m";
+    case 900000:
+      return "15m";
+    default:
+      return std::to_string(ms) + "ms";
+  }
+}
+}  // namespace
+
+Inbound::Inbound(const SiteConfig& site, std::shared_ptr<const shipper::TlsContext> tls)
+    : site_(site),
+      tls_(std::move(tls)),
+      dir_(site.state_dir / "replicas"),
+      started_nanos_(NowUnixNanos()) {}
+
+Inbound::~Inbound() { Stop(); }
+
+Status Inbound::Start() {
+  if (fs::is_directory(dir_)) {
+    std::error_code ec;
+    for (const fs::directory_entry& e : fs::directory_iterator(dir_, ec)) {
+      if (!e.is_directory() || !fs::exists(e.path() / "replica.json")) continue;
+      auto replica = applier::Replica::Open(e.path());
+      if (!replica.ok()) return replica.status().WithContext("replica " + e.path().string());
+      const applier::ReplicaDefinition& def = (*replica)->Definition();
+      if (site_.FindVm(def.vm) != nullptr) {
+        return Status::Invalid("VM " + def.vm +
+                               " is configured here as a primary and also has a replica at " +
+                               e.path().string());
+      }
+      SR_RETURN_IF_ERROR((*replica)->Start());
+      auto entry = std::make_unique<Entry>(std::chrono::milliseconds(def.frequency_ms));
+      entry->replica = std::move(*replica);
+      spdlog::info("replica of VM {} from {}: opened at cycle {}", def.vm, def.primary_site,
+                   entry->replica->Position().applied_cycle);
+      std::lock_guard lk(mu_);
+      replicas_[def.vm] = std::move(entry);
+    }
+    if (ec) return Status::FromErrno(ec.value(), "list " + dir_.string());
+  }
+  if (site_.listen.empty()) return Status::Ok();
+  if (!tls_) return Status::Invalid("site.listen is set but [tls] is missing");
+  shipper::ReceiverOptions o;
+  o.site = site_.name;
+  o.listen = site_.listen;
+  o.tls = tls_;
+  for (const PeerConfig& p : site_.peers) o.allowed_peers.push_back(p.name);
+  o.provider = [this](const std::string& peer, const applier::ReplicaDefinition& def) {
+    return Provide(peer, def);
+  };
+  auto receiver = shipper::Receiver::Start(std::move(o));
+  if (!receiver.ok()) return receiver.status().WithContext("replication listener " + site_.listen);
+  receiver_ = std::move(*receiver);
+  return Status::Ok();
+}
+
+void Inbound::Stop() {
+  if (receiver_) receiver_->Stop();
+  std::lock_guard lk(mu_);
+  for (auto& [name, e] : replicas_) e->replica->Stop();
+}
+
+Result<applier::SegmentSink*> Inbound::Provide(const std::string& peer,
+                                               const applier::ReplicaDefinition& def) {
+  if (site_.FindVm(def.vm) != nullptr) {
+    return Status::Error(EPERM, "VM " + def.vm + " is a primary at site " + site_.name +
+                                    ": it cannot be a replica here too");
+  }
+  if (def.primary_site != peer) {
+    return Status::Error(
+        EPERM, "site " + peer + " sent the definition of a VM of site " + def.primary_site);
+  }
+  std::lock_guard lk(mu_);
+  auto it = replicas_.find(def.vm);
+  if (it != replicas_.end()) {
+    applier::Replica& r = *it->second->replica;
+    const applier::ReplicaDefinition& have = r.Definition();
+    if (have.primary_site != peer) {
+      return Status::Error(
+          EPERM, "VM " + def.vm + " here replicates site " + have.primary_site + ", not " + peer);
+    }
+    if (!SameDisks(have, def)) {
+      return Status::Error(
+          EINVAL, "VM " + def.vm + ": the disks sent differ from the replica's (names or sizes)");
+    }
+    if (def.epoch < r.Position().epoch) {
+      return Status::Error(ESTALE, "VM " + def.vm + ": epoch " + std::to_string(def.epoch) +
+                                       " is older than the replica's " +
+                                       std::to_string(r.Position().epoch));
+    }
+    SR_RETURN_IF_ERROR(r.UpdateDefinition(def));  // a newer epoch, changed point settings
+    return static_cast<applier::SegmentSink*>(&r);
+  }
+  const fs::path dir = dir_ / def.vm;
+  SR_RETURN_IF_ERROR(MakeDirs(dir));
+  SR_ASSIGN_OR_RETURN(std::unique_ptr<applier::Replica> replica,
+                      applier::Replica::Create(dir, def));
+  SR_RETURN_IF_ERROR(replica->Start());
+  auto entry = std::make_unique<Entry>(std::chrono::milliseconds(def.frequency_ms));
+  entry->replica = std::move(replica);
+  applier::SegmentSink* sink = entry->replica.get();
+  replicas_[def.vm] = std::move(entry);
+  return sink;
+}
+
+const Inbound::Entry* Inbound::Find(const std::string& vm) const {
+  auto it = replicas_.find(vm);
+  return it == replicas_.end() ? nullptr : it->second.get();
+}
+
+bool Inbound::HasVm(const std::string& vm) const {
+  std::lock_guard lk(mu_);
+  return Find(vm) != nullptr;
+}
+
+uint16_t Inbound::port() const { return receiver_ ? receiver_->port() : 0; }
+
+std::optional<double> Inbound::RpoSeconds(int64_t now, const shipper::ReceiverVmStats* link,
+                                          const applier::ReplicaPosition& pos) const {
+  if (link == nullptr || link->last_contact_unix_nanos == 0) return std::nullopt;
+  int64_t oldest = link->primary_oldest_unapplied_change_unix_nanos;
+  // The primary's last word may be stale: what it told us covers changes up to our last
+  // contact; if applied since, count from there; while the link is down, anything after
+  // the last contact may be at risk.
+  if (oldest != 0 && pos.applied_cut_unix_nanos >= oldest && link->connected) oldest = 0;
+  if (!link->connected) {
+    oldest = oldest == 0 ? link->last_contact_unix_nanos
+                         : std::min(oldest, link->last_contact_unix_nanos);
+  }
+  if (oldest == 0) return 0.0;
+  return std::max(0.0, static_cast<double>(now - oldest) / kNanos);
+}
+
+void Inbound::Tick(int64_t now) {
+  std::vector<shipper::ReceiverVmStats> links;
+  if (receiver_) links = receiver_->Stats();
+  std::lock_guard lk(mu_);
+  for (auto& [name, e] : replicas_) {
+    const shipper::ReceiverVmStats* link = nullptr;
+    for (const auto& l : links) {
+      if (l.vm == name) link = &l;
+    }
+    std::optional<double> rpo = RpoSeconds(now, link, e->replica->Position());
+    if (rpo) e->monitor.Observe(now, *rpo);
+  }
+}
+
+json Inbound::Report(int64_t now, const std::string& vm_filter) const {
+  std::vector<shipper::ReceiverVmStats> links;
+  if (receiver_) links = receiver_->Stats();
+  json out = json::array();
+  std::lock_guard lk(mu_);
+  for (const auto& [name, e] : replicas_) {
+    if (!vm_filter.empty() && name != vm_filter) continue;
+    const applier::Replica& r = *e->replica;
+    const applier::ReplicaDefinition& def = r.Definition();
+    const applier::ReplicaPosition pos = r.Position();
+    const shipper::ReceiverVmStats* link = nullptr;
+    for (const auto& l : links) {
+      if (l.vm == name) link = &l;
+    }
+    const std::optional<double> rpo = RpoSeconds(now, link, pos);
+    json disks = json::array();
+    for (const applier::DiskDefinition& d : def.disks) {
+      disks.push_back({{"name", d.name},
+                       {"size", d.size},
+                       {"tracking", "off"},
+                       {"image", (dir_ / name / (d.name + ".img")).string()},
+                       {"path", (dir_ / name / (d.name + ".img")).string()}});
+    }
+    json points = json::array();
+    for (const applier::RecoveryPoint& p : r.Points()) points.push_back(p.id);
+
+    HealthInputs in;
+    in.frequency = std::chrono::milliseconds(def.frequency_ms);
+    in.rpo_seconds = rpo;
+    in.missed_share = e->monitor.MissedShare(now);
+    if (!pos.apply_error.empty()) in.stopped_reason = "apply stopped: " + pos.apply_error;
+    const bool connected = link != nullptr && link->connected;
+    if (!connected) {
+      const int64_t since = link != nullptr && link->last_contact_unix_nanos != 0
+                                ? link->last_contact_unix_nanos
+                                : started_nanos_;
+      in.link_down_reason = link != nullptr && !link->last_error.empty()
+                                ? link->last_error
+                                : "no connection from " + def.primary_site;
+      in.link_down_seconds = static_cast<double>(now - since) / kNanos;
+    }
+    const HealthVerdict v = JudgeHealth(in);
+    const uint64_t primary_pending = link != nullptr ? link->primary_pending_bytes : 0;
+    json vm = {{"name", name},
+               {"role", "replica"},
+               {"peer", def.primary_site},
+               {"epoch", pos.epoch},
+               {"state", pos.apply_error.empty() ? "replicating" : "apply failed"},
+               {"health", HealthName(v.health)},
+               {"health_reason", v.reason},
+               {"frequency", FrequencyText(def.frequency_ms)},
+               {"rpo_seconds", rpo ? json(*rpo) : json(nullptr)},
+               {"pending_bytes", pos.pending_bytes + primary_pending},
+               {"received_cycle", pos.received_cycle},
+               {"applied_cycle", pos.applied_cycle},
+               {"last_cycle", pos.applied_cycle},
+               {"last_cut", FormatUtc(pos.applied_cut_unix_nanos)},
+               {"last_recovery_point", nullptr},
+               {"recovery_points", points},
+               {"disks", std::move(disks)}};
+    if (pos.applied_cycle > 0) {
+      vm["last_recovery_point"] = {{"id", pos.applied_cycle},
+                                   {"time", FormatUtc(pos.applied_cut_unix_nanos)}};
+    }
+    if (link != nullptr) {
+      const double ratio = link->bytes_wire == 0 ? 1.0
+                                                 : static_cast<double>(link->bytes_raw) /
+                                                       static_cast<double>(link->bytes_wire);
+      vm["link"] = {{"state", link->connected ? "connected" : "disconnected"},
+                    {"peer", def.primary_site},
+                    {"last_error", link->last_error},
+                    {"last_contact", FormatUtc(link->last_contact_unix_nanos)},
+                    {"throughput_bytes_per_s", link->throughput_bytes_per_s},
+                    {"compression_ratio", ratio},
+                    {"bytes_received", link->bytes_wire},
+                    {"bytes_raw", link->bytes_raw}};
+    } else {
+      vm["link"] = {{"state", "disconnected"}, {"peer", def.primary_site}};
+    }
+    out.push_back(std::move(vm));
+  }
+  return out;
+}
+
+Result<json> Inbound::Points(const std::string& vm) const {
+  std::lock_guard lk(mu_);
+  const Entry* e = Find(vm);
+  if (e == nullptr)
+    return Status::Error(ENOENT, "no replica of VM '" + vm + "' at site " + site_.name);
+  json points = json::array();
+  for (const applier::RecoveryPoint& p : e->replica->Points()) {
+    points.push_back({{"id", p.id},
+                      {"time", FormatUtc(p.cut_unix_nanos)},
+                      {"latest", p.latest},
+                      {"consistent", true}});  // a point is a whole cycle of every disk
+  }
+  return json{{"vm", vm}, {"points", points}};
+}
+
+Status Inbound::Export(const std::string& vm, const std::string& disk, uint64_t point,
+                       const fs::path& out) const {
+  applier::Replica* replica = nullptr;
+  {
+    std::lock_guard lk(mu_);
+    const Entry* e = Find(vm);
+    if (e == nullptr) {
+      return Status::Error(ENOENT, "no replica of VM '" + vm + "' at site " + site_.name);
+    }
+    replica = e->replica.get();  // entries live until Stop(), after the control socket
+  }
+  const applier::ReplicaDefinition def = replica->Definition();
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    // Copies a whole disk: done without mu_, so status and the receiver go on meanwhile.
+    if (def.disks[i].name == disk) return replica->ExportPoint(point, i, out);
+  }
+  return Status::Error(ENOENT, "VM " + vm + " has no disk '" + disk + "'");
+}
+
+}  // namespace siterep::control

@@ -1,0 +1,74 @@
+// Inbound: the secondary side of a site — the receiver that accepts replication from peer
+// sites over mutual TLS, and the replicas it feeds (applier::Replica, one per VM, under
+// <state_dir>/replicas/<vm>/). A replica is created when a primary first sends the VM's
+// definition; after a restart the existing replicas are opened again before the receiver
+// listens, so a reconnecting primary finds them.
+//
+// Owned by the Daemon. Thread-safe: the receiver's connection threads call the sink
+// provider; the control socket and monitor threads call the rest.
+#pragma once
+
+#include <filesystem>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <nlohmann/json.hpp>
+#include <string>
+
+#include "applier/replica.h"
+#include "common/config.h"
+#include "common/status.h"
+#include "control/health.h"
+#include "shipper/receiver.h"
+#include "shipper/tls.h"
+
+namespace siterep::control {
+
+class Inbound {
+ public:
+  Inbound(const SiteConfig& site, std::shared_ptr<const shipper::TlsContext> tls);
+  ~Inbound();
+
+  // Opens the replicas found under state_dir and starts their appliers, then listens on
+  // [site] listen (when set).
+  Status Start();
+  // Stops the receiver first (no more segments), then the appliers.
+  void Stop();
+
+  bool HasVm(const std::string& vm) const;
+  void Tick(int64_t now_nanos);
+  // Status objects (as in `siterep status --json`) of the replica VMs, optionally one.
+  nlohmann::json Report(int64_t now_nanos, const std::string& vm_filter) const;
+  // `siterep points VM`.
+  Result<nlohmann::json> Points(const std::string& vm) const;
+  // `siterep export VM DISK --point ID FILE`.
+  Status Export(const std::string& vm, const std::string& disk, uint64_t point,
+                const std::filesystem::path& out) const;
+  uint16_t port() const;  // the receiver's port (0 when not listening)
+
+ private:
+  struct Entry {
+    explicit Entry(std::chrono::milliseconds frequency) : monitor(frequency) {}
+    std::unique_ptr<applier::Replica> replica;
+    HealthMonitor monitor;
+  };
+  Result<applier::SegmentSink*> Provide(const std::string& peer,
+                                        const applier::ReplicaDefinition& definition);
+  const Entry* Find(const std::string& vm) const;  // mu_ held
+  std::optional<double> RpoSeconds(int64_t now_nanos, const shipper::ReceiverVmStats* link,
+                                   const applier::ReplicaPosition& pos) const;
+
+  const SiteConfig& site_;
+  const std::shared_ptr<const shipper::TlsContext> tls_;
+  const std::filesystem::path dir_;  // <state_dir>/replicas
+  const int64_t started_nanos_;
+  std::unique_ptr<shipper::Receiver> receiver_;
+
+  // Protects replicas_ (the map; a Replica is thread-safe on its own). Entries are only
+  // added while the daemon runs, and removed at Stop after the receiver has stopped, so a
+  // sink pointer handed to the receiver stays valid.
+  mutable std::mutex mu_;
+  std::map<std::string, std::unique_ptr<Entry>> replicas_;
+};
+
+}  // namespace siterep::control
