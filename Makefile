@@ -3,7 +3,8 @@
 #
 #   make demo        build, then run tools/demo.sh (one site, one VM, ext4 on a disk)
 #   make test        build, then every test (unit + integration) through ctest
-#   make bench       build, then bench/run.sh (fio: raw image vs FUSE vs FUSE + log)
+#   make bench       build, then bench/run.sh (fio: raw image vs FUSE vs FUSE + log) and
+#                    bench/replication.sh (two sites on loopback: guest cost, shipping, RPO)
 #   make check-asan  unit tests built with AddressSanitizer/UBSan in build-asan/
 #   make deps | build | clean
 
@@ -59,6 +60,7 @@ demo: build
 
 bench: build
 	bash bench/run.sh $(BUILD_DIR)/bin
+	bash bench/replication.sh $(BUILD_DIR)/bin
 
 check-asan: deps
 	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSITEREP_SANITIZE=ON

@@ -372,14 +372,21 @@ ChunkCompressor::~ChunkCompressor() { ZSTD_freeCCtx(static_cast<ZSTD_CCtx*>(cctx
 
 bool ChunkCompressor::Compress(std::span<const std::byte> raw, std::vector<std::byte>* out) {
   if (cctx_ == nullptr || raw.empty()) return false;
-  // Only a result smaller than raw is worth sending; zstd stops with an error when the
-  // output buffer is too small, which is exactly that answer.
-  out->resize(raw.size() - 1);
+  if (skip_ > 0) {
+    --skip_;
+    return false;
+  }
+  // Only a result clearly smaller than raw is worth sending; zstd stops with an error when
+  // the output buffer is too small, which is exactly that answer.
+  const size_t limit = static_cast<size_t>(static_cast<double>(raw.size()) * (1.0 - kMinSaving));
+  if (limit == 0) return false;
+  out->resize(limit);
   const size_t n = ZSTD_compress2(static_cast<ZSTD_CCtx*>(cctx_), out->data(), out->size(),
                                   raw.data(), raw.size());
   if (ZSTD_isError(n)) {
     // The context may be mid-frame after an error; reset it for the next chunk.
     ZSTD_CCtx_reset(static_cast<ZSTD_CCtx*>(cctx_), ZSTD_reset_session_only);
+    skip_ = kSkipAfterMiss;
     return false;
   }
   out->resize(n);

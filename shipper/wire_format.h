@@ -173,7 +173,10 @@ std::vector<std::byte> EncodeSegmentChunk(const SegmentChunk& chunk);
 Result<SegmentChunk> DecodeSegmentChunk(std::span<const std::byte> payload);
 
 // Chunk compression (zstd level 1). A ChunkCompressor keeps its zstd context between
-// chunks; one per thread.
+// chunks; one per thread. Guest data that does not compress (already compressed or
+// encrypted files) would cost a zstd pass per chunk for nothing, so after a chunk that
+// does not shrink by at least kMinSaving the next kSkipAfterMiss chunks go raw without a
+// try; one that compresses again ends the skipping.
 class ChunkCompressor {
  public:
   ChunkCompressor();
@@ -184,8 +187,12 @@ class ChunkCompressor {
   // smaller than raw, so the caller sends raw.
   bool Compress(std::span<const std::byte> raw, std::vector<std::byte>* out);
 
+  static constexpr double kMinSaving = 0.03;
+  static constexpr int kSkipAfterMiss = 15;
+
  private:
-  void* cctx_;  // ZSTD_CCtx
+  void* cctx_;    // ZSTD_CCtx
+  int skip_ = 0;  // chunks still to send raw without trying
 };
 // The chunk's bytes, decompressed if needed, into *out (resized to raw_length). Refuses
 // (EBADMSG) a zstd frame that is malformed or whose content is not exactly raw_length.

@@ -6,6 +6,8 @@
 # receiver (failpoint receiver.corrupt_frame: the frame CRC refuses it), and a client
 # whose certificate comes from another CA (refused before anything is read; no replica
 # is created for it). After each, the replica converges to the primary byte for byte.
+# Last, a record damaged in a received segment on west's disk: the apply stops, nothing
+# of that cycle reaches the image, and both sites report Critical with the reason.
 source "$(dirname "$0")/lib.sh"
 
 command -v fio >/dev/null || skip "fio is not installed"
@@ -98,6 +100,35 @@ log "rogue: $(vm_field "$ROGUE_CONF" vm9 "v['link']['last_error']")"
 grep -q "refused" "$WEST_LOG" || fail "west's log does not show the refused handshake"
 grep "refused" "$WEST_LOG" | tail -n 1 | sed 's/^/    /'
 stop_clean "$ROGUE_PID" "$ROGUE_CONF"
+
+step "a record damaged on the replica's disk stops the apply: critical on both sites"
+"$SITEREP" -c "$WEST_CONF" failpoint 'applier.before_apply=error' >/dev/null
+dd if=/dev/urandom of="$EAST_MNT/vm1/d0" bs=1M count=1 seek=3 oflag=direct conv=notrunc status=none
+"$SITEREP" -c "$EAST_CONF" cut vm1 >/dev/null
+for ((i = 0; i < 100; i++)); do
+  [[ $(vm_field "$WEST_CONF" vm1 "v['received_cycle'] > v['applied_cycle']") == true ]] && break
+  sleep 0.2
+done
+((i < 100)) || fail "west did not receive the cycle"
+seg=$(ls "$WEST_STATE"/replicas/vm1/received/d0/*.seg | head -n 1)
+printf '\xff' | dd of="$seg" bs=1 seek=100 conv=notrunc status=none
+before=$(sha256sum <"$WEST_STATE/replicas/vm1/d0.img")
+"$SITEREP" -c "$WEST_CONF" failpoint 'applier.before_apply=off' >/dev/null
+for ((i = 0; i < 200; i++)); do
+  [[ $(vm_field "$WEST_CONF" vm1 "v['health']") == critical ]] && break
+  sleep 0.2
+done
+((i < 200)) || fail "west did not turn critical: $(vm_field "$WEST_CONF" vm1 "v['health_reason']")"
+[[ $(vm_field "$WEST_CONF" vm1 "v['state']") == "apply failed" ]] || fail "west state is not 'apply failed'"
+log "west: $(vm_field "$WEST_CONF" vm1 "v['health_reason']")"
+[[ $(sha256sum <"$WEST_STATE/replicas/vm1/d0.img") == "$before" ]] || fail "the damaged cycle was applied"
+for ((i = 0; i < 50; i++)); do
+  [[ $(vm_field "$EAST_CONF" vm1 "v['health']") == critical ]] && break
+  sleep 0.2
+done
+((i < 50)) || fail "east did not turn critical"
+log "east: $(vm_field "$EAST_CONF" vm1 "v['health_reason']")"
+"$SITEREP" -c "$WEST_CONF" status vm1 | grep -q "apply stopped" || fail "siterep status at west does not say why"
 
 stop_clean "$EAST_PID" "$EAST_CONF"
 stop_clean "$WEST_PID" "$WEST_CONF"
