@@ -1,7 +1,7 @@
 # tests/lib.sh: shared helpers for the whole-system tests (tests/*.sh).
 #
 # Source it from a test script that was called as `bash tests/x.sh BIN_DIR`; BIN_DIR holds
-# siterepd, siterep and siterep-log. It gives the test:
+# siterepd, siterep, siterep-log (and siterep-certs, siterep-check for two-site tests). It gives the test:
 #   - a private temp folder $T (under /tmp), removed at exit;
 #   - config generation (new_site, add_vm, add_disk);
 #   - daemons started in the background with their pids recorded (start_daemon), waited

@@ -53,6 +53,23 @@ crash_daemon "$WEST_PID" "$WEST_CONF"
 sleep 1
 start_ready "$WEST_CONF"
 WEST_PID=$DAEMON_PID
+step "east pauses while fio goes on: west's replica is exactly one recovery point"
+"$SITEREP" -c "$EAST_CONF" pause vm1 >/dev/null
+for ((i = 0; i < 150; i++)); do
+  [[ $(vm_field "$WEST_CONF" vm1 "v['received_cycle'] == v['applied_cycle'] and v['applied_cycle'] > 0") == true ]] && break
+  sleep 0.2
+done
+((i < 150)) || fail "west did not apply what it received"
+mkdir -p "$T/archive/vm1/d0" "$T/archive/vm1/d1"
+check_replica() {
+  "$BIN/siterep-check" --work-dir "$T" \
+    "$T/d0.pre" "$T/archive/vm1/d0" "$WEST_STATE/replicas/vm1/d0.img" \
+    "$T/d1.pre" "$T/archive/vm1/d1" "$WEST_STATE/replicas/vm1/d1.img" >"$T/check.out" ||
+    { cat "$T/check.out" >&2; fail "siterep-check: the replica is not a consistent point"; }
+  tail -n 1 "$T/check.out" | sed 's/^/    /'
+}
+check_replica
+"$SITEREP" -c "$EAST_CONF" resume vm1 >/dev/null
 wait "$FIO0" || { cat "$T/fio-d0.out" >&2; fail "fio on d0 failed"; }
 wait "$FIO1" || { cat "$T/fio-d1.out" >&2; fail "fio on d1 failed"; }
 log "fio done"
@@ -62,6 +79,9 @@ wait_caught_up "$EAST_CONF" vm1 120
 for d in d0 d1; do
   same_sha256 "$T/$d.img" "$WEST_STATE/replicas/vm1/$d.img" "replica of $d"
 done
+check_replica
+grep -q "through cycle $(vm_field "$WEST_CONF" vm1 "v['applied_cycle']")\$" "$T/check.out" ||
+  fail "siterep-check found another cycle than the applied one: $(tail -n 1 "$T/check.out")"
 [[ $(vm_field "$EAST_CONF" vm1 "v['health']") == normal ]] ||
   fail "east health: $(vm_field "$EAST_CONF" vm1 "v['health'] + ': ' + v['health_reason']")"
 rpo=$(vm_field "$EAST_CONF" vm1 "v['rpo_seconds']")
