@@ -288,7 +288,8 @@ TEST(WireFormat, SegmentChunkRoundTripRawAndCompressed) {
   c.flags = 0;
   c.raw_length = static_cast<uint32_t>(noise.size());
   c.data = noise;
-  got = DecodeSegmentChunk(EncodeSegmentChunk(c));
+  const std::vector<std::byte> raw_payload = EncodeSegmentChunk(c);  // got borrows from it
+  got = DecodeSegmentChunk(raw_payload);
   ASSERT_TRUE(got.ok());
   EXPECT_FALSE(got->last());
   ASSERT_TRUE(ChunkData(*got, &out).ok());

@@ -82,8 +82,12 @@ done
 check_replica
 grep -q "through cycle $(vm_field "$WEST_CONF" vm1 "v['applied_cycle']")\$" "$T/check.out" ||
   fail "siterep-check found another cycle than the applied one: $(tail -n 1 "$T/check.out")"
-[[ $(vm_field "$EAST_CONF" vm1 "v['health']") == normal ]] ||
-  fail "east health: $(vm_field "$EAST_CONF" vm1 "v['health'] + ': ' + v['health_reason']")"
+# Normal, or Warning only for the cycles missed while west was down (with 1 s cycles the
+# outage can be more than a fifth of this short history); never Critical.
+health=$(vm_field "$EAST_CONF" vm1 "v['health'] + ': ' + v['health_reason']")
+[[ $health == "normal: " || $health == *"replication cycles in the last hour were missed"* ]] ||
+  fail "east health: $health"
+log "east health: $health"
 rpo=$(vm_field "$EAST_CONF" vm1 "v['rpo_seconds']")
 python3 -c "import sys; sys.exit(0 if float('$rpo') < 5 else 1)" || fail "RPO $rpo s after catching up"
 [[ $(vm_field "$WEST_CONF" vm1 "v['state']") == replicating ]] || fail "west is not replicating"
