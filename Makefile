@@ -6,6 +6,8 @@
 #   make bench       build, then bench/run.sh (fio: raw image vs FUSE vs FUSE + log) and
 #                    bench/replication.sh (two sites on loopback: guest cost, shipping, RPO)
 #   make check-asan  unit tests built with AddressSanitizer/UBSan in build-asan/
+#   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers,
+#                    FUZZ_SECONDS each (default 60), in build-fuzz/
 #   make deps | build | clean
 
 SHELL := /bin/bash
@@ -14,6 +16,8 @@ export DEBIAN_FRONTEND := noninteractive
 
 BUILD_DIR ?= build
 ASAN_DIR ?= build-asan
+FUZZ_DIR ?= build-fuzz
+FUZZ_SECONDS ?= 60
 BUILD_TYPE ?= RelWithDebInfo
 JOBS ?= $(shell nproc)
 
@@ -22,10 +26,10 @@ PACKAGES := build-essential cmake pkg-config g++ \
 	libfuse3-dev fuse3 liburing-dev libboost-dev libssl-dev openssl \
 	libgtest-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev \
 	libzstd-dev libisal-dev libxxhash-dev \
-	fio e2fsprogs util-linux mount kmod procps python3 \
+	clang fio e2fsprogs util-linux mount kmod procps python3 \
 	qemu-utils qemu-system-x86 busybox-static cpio gzip linux-image-amd64
 
-.PHONY: all deps build test demo bench check-asan clean
+.PHONY: all deps build test demo bench check-asan fuzz clean
 
 all: build
 
@@ -67,5 +71,17 @@ check-asan: deps
 	cmake --build $(ASAN_DIR) -j$(JOBS)
 	ctest --test-dir $(ASAN_DIR) --output-on-failure -j$(JOBS) -L unit
 
+# Seeds come from the project's own encoders (fuzz/make_seeds.cc); inputs that crash a
+# harness are kept in $(FUZZ_DIR)/found/<harness>/ and fail the target.
+fuzz: deps
+	cmake -S . -B $(FUZZ_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ -DSITEREP_FUZZ=ON
+	cmake --build $(FUZZ_DIR) -j$(JOBS)
+	$(FUZZ_DIR)/bin/make_seeds $(FUZZ_DIR)/corpus
+	for f in log_record wire_frame; do \
+	  mkdir -p $(FUZZ_DIR)/found/$$f; \
+	  $(FUZZ_DIR)/bin/$${f}_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
+	    -artifact_prefix=$(FUZZ_DIR)/found/$$f/ $(FUZZ_DIR)/corpus/$$f 2>&1 | tail -n 12; \
+	done
+
 clean:
-	rm -rf $(BUILD_DIR) $(ASAN_DIR) build-int
+	rm -rf $(BUILD_DIR) $(ASAN_DIR) $(FUZZ_DIR) build-int

@@ -1,0 +1,117 @@
+// Writes the seed corpus of the fuzz harnesses with the project's own encoders, so the
+// seeds always match the current formats: make_seeds DIR writes DIR/log_record/* and
+// DIR/wire_frame/*.
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "shipper/wire_format.h"
+#include "tracker/log_format.h"
+
+namespace fs = std::filesystem;
+using namespace siterep;
+
+namespace {
+
+void Write(const fs::path& p, const std::vector<std::byte>& bytes) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
+}
+
+std::vector<std::byte> Record(tracker::RecordKind kind, uint64_t seq, uint64_t offset,
+                              std::vector<std::byte> payload, uint64_t length) {
+  tracker::RecordHeader h;
+  h.kind = kind;
+  h.disk_id = tracker::DiskIdFor("vm1", "d0");
+  h.epoch = 1;
+  h.seq = seq;
+  h.offset = offset;
+  h.length = length;
+  std::vector<std::byte> out(tracker::kHeaderSize);
+  tracker::EncodeHeader(
+      h, payload, std::span<std::byte, tracker::kHeaderSize>(out.data(), tracker::kHeaderSize));
+  out.insert(out.end(), payload.begin(), payload.end());
+  return out;
+}
+
+std::vector<std::byte> Cut(uint64_t seq, uint64_t cycle) {
+  std::vector<std::byte> p(tracker::kCutPayloadSize);
+  tracker::EncodeCutPayload({cycle, 1'700'000'000'000'000'000, 1'699'999'999'000'000'000},
+                            std::span<std::byte, tracker::kCutPayloadSize>(p.data(), p.size()));
+  return Record(tracker::RecordKind::kCut, seq, 0, p, tracker::kCutPayloadSize);
+}
+
+void Append(std::vector<std::byte>* a, const std::vector<std::byte>& b) {
+  a->insert(a->end(), b.begin(), b.end());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: make_seeds DIR\n");
+    return 2;
+  }
+  const fs::path dir = argv[1];
+  fs::create_directories(dir / "log_record");
+  fs::create_directories(dir / "wire_frame");
+
+  std::vector<std::byte> data(512, std::byte{0x61});
+  std::vector<std::byte> seg;
+  Append(&seg, Record(tracker::RecordKind::kWrite, 1, 4096, data, data.size()));
+  Append(&seg, Record(tracker::RecordKind::kDiscard, 2, 8192, {}, 65536));
+  Append(&seg, Cut(3, 1));
+  Write(dir / "log_record" / "segment", seg);
+  Write(dir / "log_record" / "write", Record(tracker::RecordKind::kWrite, 7, 0, data, data.size()));
+  Write(dir / "log_record" / "cut", Cut(9, 4));
+
+  using namespace shipper;
+  Hello hello;
+  hello.from = "east";
+  hello.to = "west";
+  hello.definition.vm = "vm1";
+  hello.definition.primary_site = "east";
+  hello.definition.disks = {{"d0", tracker::DiskIdFor("vm1", "d0"), 1 << 20}};
+  HelloReply reply;
+  reply.accepted = true;
+  SegmentChunk chunk;
+  chunk.disk_id = tracker::DiskIdFor("vm1", "d0");
+  chunk.flags = kChunkLast;
+  chunk.segment = 1;
+  chunk.cycle = 1;
+  chunk.raw_length = static_cast<uint32_t>(seg.size());
+  chunk.data = seg;
+  std::vector<std::byte> compressed;
+  std::vector<std::byte> zeros(64 << 10);
+  ChunkCompressor compressor;
+  const bool packed = compressor.Compress(zeros, &compressed);
+  SegmentChunk zchunk = chunk;
+  zchunk.flags = packed ? kChunkZstd : 0;
+  zchunk.raw_length = static_cast<uint32_t>(zeros.size());
+  zchunk.data = packed ? std::span<const std::byte>(compressed) : std::span<const std::byte>(zeros);
+  Ack ack;
+  ack.received_cycle = 3;
+  ack.applied_cycle = 2;
+  std::vector<std::byte> stream;
+  const std::pair<FrameType, std::vector<std::byte>> frames[] = {
+      {FrameType::kHello, EncodeHello(hello)},
+      {FrameType::kHelloReply, EncodeHelloReply(reply)},
+      {FrameType::kSegmentChunk, EncodeSegmentChunk(chunk)},
+      {FrameType::kSegmentChunk, EncodeSegmentChunk(zchunk)},
+      {FrameType::kCycleEnd, EncodeCycleEnd({1, 1'700'000'000'000'000'000, 0})},
+      {FrameType::kAck, EncodeAck(ack)},
+      {FrameType::kHeartbeat, EncodeHeartbeat({1, 0, 0})},
+      {FrameType::kError, EncodeError({5, "bye"})},
+  };
+  int n = 0;
+  for (const auto& [type, payload] : frames) {
+    std::vector<std::byte> frame = EncodeFrame(type, payload);
+    Write(dir / "wire_frame" / ("frame" + std::to_string(n++)), frame);
+    Append(&stream, frame);
+  }
+  Write(dir / "wire_frame" / "stream", stream);
+  return 0;
+}
