@@ -23,6 +23,14 @@ bool SameDisks(const applier::ReplicaDefinition& a, const applier::ReplicaDefini
   }
   return true;
 }
+const shipper::ReceiverVmStats* FindLink(const std::vector<shipper::ReceiverVmStats>& links,
+                                         const std::string& vm) {
+  for (const auto& l : links) {
+    if (l.vm == vm) return &l;
+  }
+  return nullptr;
+}
+
 // The primary's frequency as the config writes it.
 std::string FrequencyText(int64_t ms) {
   switch (ms) {
@@ -169,10 +177,7 @@ void Inbound::Tick(int64_t now) {
   if (receiver_) links = receiver_->Stats();
   std::lock_guard lk(mu_);
   for (auto& [name, e] : replicas_) {
-    const shipper::ReceiverVmStats* link = nullptr;
-    for (const auto& l : links) {
-      if (l.vm == name) link = &l;
-    }
+    const shipper::ReceiverVmStats* link = FindLink(links, name);
     std::optional<double> rpo = RpoSeconds(now, link, e->replica->Position());
     if (rpo) e->monitor.Observe(now, *rpo);
   }
@@ -188,10 +193,7 @@ json Inbound::Report(int64_t now, const std::string& vm_filter) const {
     const applier::Replica& r = *e->replica;
     const applier::ReplicaDefinition& def = r.Definition();
     const applier::ReplicaPosition pos = r.Position();
-    const shipper::ReceiverVmStats* link = nullptr;
-    for (const auto& l : links) {
-      if (l.vm == name) link = &l;
-    }
+    const shipper::ReceiverVmStats* link = FindLink(links, name);
     const std::optional<double> rpo = RpoSeconds(now, link, pos);
     json disks = json::array();
     for (const applier::DiskDefinition& d : def.disks) {

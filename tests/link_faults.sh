@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The replication link under faults, with east replicating vm1 to west through a TCP
 # proxy in this test: connections closed (several times, under load), the link stalled
-# (a black hole: the primary's writes are not blocked, the RPO grows, the shipper gives
-# up on the dead connection and reconnects), a frame corrupted after decryption at the
-# receiver (failpoint receiver.corrupt_frame: the frame CRC refuses it), and a client
-# whose certificate comes from another CA (refused before anything is read; no replica
+# (a black hole: the primary's writes are not blocked, the RPO grows, and the replica
+# converges once it heals), a frame corrupted after decryption at the receiver
+# (failpoint receiver.corrupt_frame: the frame CRC refuses it), and a client whose
+# certificate comes from another CA (refused before anything is read; no replica
 # is created for it). After each, the replica converges to the primary byte for byte.
 # Last, a record damaged in a received segment on west's disk: the apply stops, nothing
 # of that cycle reaches the image, and both sites report Critical with the reason.
@@ -58,7 +58,7 @@ sleep 8
 rpo=$(vm_field "$EAST_CONF" vm1 "v['rpo_seconds']")
 python3 -c "import sys; sys.exit(0 if float('$rpo') >= 5 else 1)" || fail "RPO $rpo s while stalled (want >= 5)"
 log "RPO while stalled: $rpo s"
-sleep 12  # past the shipper's 15 s I/O timeout: it drops the dead connection
+sleep 12  # long enough for the shipper's 15 s I/O timeout to fire
 proxy_mode pass
 converged "a stall"
 
