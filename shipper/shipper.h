@@ -31,9 +31,33 @@
 #include "applier/segment_sink.h"
 #include "common/status.h"
 #include "shipper/tls.h"
+#include "tracker/vm_tracker.h"
 #include "tracker/segment_source.h"
 
 namespace siterep::shipper {
+
+// What the shipper needs to run a sync (applier/segment_sink.h): control/ implements it
+// over the VM's tracker snapshot (tracker/vm_tracker.h). Called from the shipper's
+// thread; Plan() also from Stats().
+class SyncSource {
+ public:
+  virtual ~SyncSource() = default;
+  // The sync to run before any segment, if one is due. The plan stays the same until
+  // Finished (or until control/ replaces the shipper).
+  virtual std::optional<applier::SyncPlan> Plan() = 0;
+  // For a kCompare disk: the ranges to compare (kSyncBlockSize-aligned, sorted).
+  virtual std::vector<tracker::ByteRange> CompareRanges(size_t disk) = 0;
+  // The disk's content as of the sync's cut.
+  virtual Status Read(size_t disk, uint64_t offset, std::span<std::byte> out) = 0;
+  // Ranges of [from, to) that may hold data as of the cut (others read as zeros).
+  virtual Result<std::vector<tracker::ByteRange>> DataRanges(size_t disk, uint64_t from,
+                                                             uint64_t to) = 0;
+  // The replica holds the disk durably below offset.
+  virtual void Copied(size_t disk, uint64_t offset) = 0;
+  // The replica ended the sync: the snapshot may go, and segments through sync_id (the
+  // snapshot holds them) are released.
+  virtual Status Finished(uint64_t sync_id) = 0;
+};
 
 struct ShipperOptions {
   std::string site;          // our site name
@@ -42,6 +66,7 @@ struct ShipperOptions {
   std::shared_ptr<const TlsContext> tls;
   applier::ReplicaDefinition definition;     // sent in Hello (vm, primary_site, epoch, disks)
   tracker::SegmentSource* source = nullptr;  // outlives the Shipper
+  SyncSource* sync = nullptr;                // outlives the Shipper; null: never syncs
   uint64_t bandwidth_limit = 0;              // bytes/s on the wire, 0 = unlimited
   bool compress = true;                      // zstd level 1 per chunk
   // The tracker's open (not yet cut) cycle: time of its first change, 0 if none. For RPO.
@@ -52,6 +77,19 @@ struct ShipperOptions {
   std::chrono::milliseconds min_backoff{200};
   std::chrono::milliseconds max_backoff{10000};
   size_t window_cycles = 8;  // cycles sent ahead of acknowledgements
+};
+
+struct SyncProgress {
+  bool active = false;  // a sync is due or running
+  uint64_t sync_id = 0;
+  applier::SyncKind kind = applier::SyncKind::kInitial;
+  uint64_t bytes_total = 0;  // bytes to scan, every disk
+  uint64_t bytes_done = 0;   // bytes the replica holds durably (its done offsets)
+  uint64_t bytes_scanned = 0;  // bytes read and sent or found equal on this connection
+  uint64_t bytes_data = 0;   // data bytes sent (raw), this sync
+  uint64_t bytes_wire = 0;   // sync bytes on the wire (data after compression + hashes)
+  double rate_bytes_per_s = 0;  // scan rate over the last few seconds
+  std::vector<uint64_t> disk_done;  // per disk: durable done offset
 };
 
 struct ShipperStats {
@@ -74,6 +112,7 @@ struct ShipperStats {
   std::string peer_apply_error;         // the replica's apply error from the last Ack
   int64_t last_contact_unix_nanos = 0;  // last frame from the peer
   uint64_t connects = 0;                // accepted Hellos
+  SyncProgress sync;
 };
 
 class Shipper {

@@ -27,6 +27,19 @@
 //         <------------------------------------ Ack
 //   Error (either side, before closing; code 0 is a clean goodbye)
 //
+// A sync (initial copy, seeded enable, resync; applier/segment_sink.h) runs right after
+// the HelloReply, before any segment, when the primary has one to do:
+//   SyncBegin(plan) -------------------------->  (sink->BeginSync)
+//         <------------------------------------ SyncReply (accepted + resume, or refused)
+//   HashRequest(disk, offset, count) --------->  (compare mode; several in flight)
+//         <------------------------------------ HashReply(disk, offset, hashes)
+//   SyncData(disk, offset, data|zeros, done_to)> (sink->WriteSyncData)
+//         <------------------------------------ SyncAck(disk, durable done offset)
+//                                               (when the durable offset moved)
+//   SyncEnd(sync_id, cut) -------------------->  (sink->EndSync)
+//         <------------------------------------ Ack (received = applied = sync_id)
+//   ... then segments of cycles > sync_id, as above. Heartbeats may come at any time.
+//
 // The epoch fences split brain (DESIGN.md invariant 5) without a field in every frame: a
 // connection is bound to the epoch its Hello carries (the receiver refuses an epoch older
 // than the replica's), and every record inside a segment carries its own epoch, which the
@@ -54,6 +67,21 @@
 //   Heartbeat (binary, 24 bytes): primary unix_nanos i64,
 //     oldest_unapplied_change_unix_nanos i64 (0: none), pending_bytes u64
 //   Error (binary): code u32 (errno value; 0 = clean goodbye), length u16, reason text
+//   SyncBegin (JSON): {"sync_id", "kind": "initial"|"seeded"|"resync", "cut_unix_nanos",
+//     "epoch", "disks": [{"disk_id", "mode": "copy"|"compare", "last_seq", "last_segment",
+//     "bytes_total"}]}
+//   SyncReply (JSON): accepted: {"accepted": true, "disks": [{"disk_id", "done_offset",
+//     "written_until"}]}; refused: {"accepted": false, "error": name, "message": line}
+//   HashRequest (binary, 16 bytes): disk_id u32, count u32 (<= kMaxHashBlocks), offset u64
+//     (a multiple of kSyncBlockSize)
+//   HashReply (binary): disk_id u32, count u32, offset u64, count x u64 XXH3-64 hashes
+//   SyncData (binary): disk_id u32, flags u32 (kSyncZstd, kSyncZero), offset u64,
+//     length u64 (raw data bytes, or the zero extent's length), done_to u64, then the data
+//     (raw: length bytes; kSyncZstd: one zstd frame of length bytes; kSyncZero: nothing).
+//     length <= kMaxChunkRaw for data; a zero extent may be any length within the disk.
+//     done_to >= offset + length.
+//   SyncAck (binary, 16 bytes): disk_id u32, zero u32, durable done offset u64
+//   SyncEnd (binary, 16 bytes): sync_id u64, cut_unix_nanos i64
 //
 // Every function here is pure (no I/O, no global state) except ReadFrame, which reads only
 // through the callback it is given; each decoder checks lengths before it reads, so any
@@ -96,6 +124,13 @@ enum class FrameType : uint16_t {
   kAck = 5,
   kHeartbeat = 6,
   kError = 7,
+  kSyncBegin = 8,
+  kSyncReply = 9,
+  kHashRequest = 10,
+  kHashReply = 11,
+  kSyncData = 12,
+  kSyncAck = 13,
+  kSyncEnd = 14,
 };
 std::string_view FrameTypeName(FrameType type);
 
@@ -227,5 +262,76 @@ struct ErrorFrame {
 };
 std::vector<std::byte> EncodeError(const ErrorFrame& error);
 Result<ErrorFrame> DecodeError(std::span<const std::byte> payload);
+
+// --- Sync frames ------------------------------------------------------------------------
+
+inline constexpr size_t kHashRequestSize = 16;
+inline constexpr size_t kSyncDataHeaderSize = 32;
+inline constexpr size_t kSyncAckSize = 16;
+inline constexpr size_t kSyncEndSize = 16;
+inline constexpr uint32_t kSyncZstd = 1;
+inline constexpr uint32_t kSyncZero = 2;
+
+std::vector<std::byte> EncodeSyncBegin(const applier::SyncPlan& plan);
+// Refuses malformed JSON, missing fields, unknown kind or mode, no disks.
+Result<applier::SyncPlan> DecodeSyncBegin(std::span<const std::byte> payload);
+
+struct SyncReply {
+  bool accepted = false;
+  applier::SyncResume resume;  // when accepted
+  std::string error;           // refusal name (RefusalName), when refused
+  std::string message;
+};
+std::vector<std::byte> EncodeSyncReply(const SyncReply& reply);
+Result<SyncReply> DecodeSyncReply(std::span<const std::byte> payload);
+
+struct HashRequest {
+  uint32_t disk_id = 0;
+  uint32_t count = 0;
+  uint64_t offset = 0;
+};
+std::vector<std::byte> EncodeHashRequest(const HashRequest& request);
+// Refuses count 0 or above kMaxHashBlocks, an offset not a multiple of kSyncBlockSize.
+Result<HashRequest> DecodeHashRequest(std::span<const std::byte> payload);
+
+struct HashReply {
+  uint32_t disk_id = 0;
+  uint64_t offset = 0;
+  std::vector<uint64_t> hashes;  // at most kMaxHashBlocks
+};
+std::vector<std::byte> EncodeHashReply(const HashReply& reply);
+Result<HashReply> DecodeHashReply(std::span<const std::byte> payload);
+
+struct SyncData {
+  uint32_t disk_id = 0;
+  uint32_t flags = 0;
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  uint64_t done_to = 0;
+  std::span<const std::byte> data;  // as sent (borrowed from the input); empty for kSyncZero
+
+  bool zero() const { return (flags & kSyncZero) != 0; }
+  bool compressed() const { return (flags & kSyncZstd) != 0; }
+};
+std::vector<std::byte> EncodeSyncData(const SyncData& data);
+// Refuses unknown flags or both, data with kSyncZero, raw data whose size is not length,
+// length above kMaxChunkRaw for data, done_to < offset + length, overflowing offsets.
+Result<SyncData> DecodeSyncData(std::span<const std::byte> payload);
+// The raw bytes of a data SyncData (decompressed if needed) into *out (resized to length).
+Status SyncDataBytes(const SyncData& data, std::vector<std::byte>* out);
+
+struct SyncAck {
+  uint32_t disk_id = 0;
+  uint64_t done_offset = 0;
+};
+std::vector<std::byte> EncodeSyncAck(const SyncAck& ack);
+Result<SyncAck> DecodeSyncAck(std::span<const std::byte> payload);
+
+struct SyncEnd {
+  uint64_t sync_id = 0;
+  int64_t cut_unix_nanos = 0;
+};
+std::vector<std::byte> EncodeSyncEnd(const SyncEnd& end);
+Result<SyncEnd> DecodeSyncEnd(std::span<const std::byte> payload);
 
 }  // namespace siterep::shipper

@@ -65,6 +65,40 @@ struct VmTrackerOptions {
   std::filesystem::path archive_dir;
 };
 
+// A byte range of a disk.
+struct ByteRange {
+  uint64_t offset = 0;
+  uint64_t length = 0;
+  bool operator==(const ByteRange&) const = default;
+};
+
+// Granularity of the copy-on-write snapshot, of resync block sets and of sync hashes
+// (the same as applier::kSyncBlockSize).
+inline constexpr uint64_t kSnapshotBlockSize = 64 * 1024;
+
+struct SnapshotDisk {
+  std::string name;
+  uint32_t disk_id = 0;
+  uint64_t size = 0;
+  uint64_t last_seq = 0;      // seq of the disk's last record (its cut record) at the cut
+  uint64_t last_segment = 0;  // number of the segment that cut sealed (or the disk's last
+                              // segment number, when it tracked with the bitmap)
+  bool resync = false;        // the disk was "resync required" when the snapshot was taken
+  bool all_dirty = false;     // ... and nothing narrower than the whole disk is known
+  // For a resync: what may differ from the replica (which has every cycle the shipper
+  // released): the bitmap's dirty blocks, plus the blocks of every record in this disk's
+  // unreleased sealed segments up to the cut. kSnapshotBlockSize-aligned (the last range
+  // may end at the disk's size), sorted, merged. Empty when all_dirty.
+  std::vector<ByteRange> dirty;
+  std::filesystem::path snapshot_path;  // "<image>.srsnap"
+};
+
+struct SnapshotInfo {
+  uint64_t cycle = 0;  // the cut the snapshot is taken at
+  int64_t cut_unix_nanos = 0;
+  std::vector<SnapshotDisk> disks;  // in options.disks order
+};
+
 struct DiskStats {
   std::string name;
   DiskTracking tracking = DiskTracking::kLog;
@@ -75,6 +109,7 @@ struct DiskStats {
   int64_t last_cut_unix_nanos = 0;
   uint64_t dirty_bytes = 0;  // bitmap mode: bytes marked dirty
   uint64_t flush_syncs = 0;  // group-commit syncs issued (each serves many Flush calls)
+  uint64_t snapshot_bytes = 0;  // bytes saved in the disk's snapshot file (0: none)
 };
 
 struct VmStats {
@@ -104,6 +139,37 @@ class VmTracker : public SegmentSource {
   Result<uint64_t> Cut();
 
   VmStats Stats() const;
+
+  // --- Point-in-time snapshot (initial replication, resync) -----------------------------
+  //
+  // StartSnapshot cuts every disk at one instant (always: a new cycle even without a
+  // change) and from then on, before a guest write or discard changes a
+  // kSnapshotBlockSize block of a disk that SnapshotCopied has not passed, the block's
+  // content as of the cut is saved into the disk's snapshot file "<image>.srsnap" (sparse,
+  // each block at its own offset), under the range lock that orders the change, so the
+  // copy always reads the cut's content. Changes go on being logged as usual (they are the
+  // cycles after the cut). A disk that tracked with the bitmap returns to the log at the
+  // cut; its dirty blocks are in the result and its state stays "resync required" (reason
+  // "resynchronising") until EndSnapshot(true). The snapshot is not crash-safe by design:
+  // a leftover snapshot file is deleted at Open, and the caller starts a new snapshot.
+  // EBUSY while a snapshot is active; ESHUTDOWN after Close.
+  Result<SnapshotInfo> StartSnapshot();
+  bool snapshot_active() const;
+  // Reads [offset, offset + out.size()) of disk as of the snapshot's cut, while the guest
+  // writes on. EINVAL without a snapshot or out of range.
+  Status ReadSnapshot(size_t disk, uint64_t offset, std::span<std::byte> out);
+  // The ranges of [from, to) that may hold data as of the cut: the image's data extents
+  // (SEEK_DATA / SEEK_HOLE) plus the blocks saved in the snapshot file, widened to
+  // kSnapshotBlockSize, sorted, merged, clipped to [from, to). Everything else reads as
+  // zeros as of the cut.
+  Result<std::vector<ByteRange>> SnapshotDataRanges(size_t disk, uint64_t from, uint64_t to);
+  // The replica holds disk's content below offset durably: changes there need no save.
+  void SnapshotCopied(size_t disk, uint64_t offset);
+  // Deletes the snapshot files. completed: the replica holds the snapshot, so the disks
+  // the snapshot resynced are no longer "resync required" (state persisted). Not
+  // completed: they stay "resync required" (reason "resync interrupted"), and the next
+  // StartSnapshot returns them all_dirty. No-op without a snapshot.
+  Status EndSnapshot(bool completed);
 
   // Stops the timer, cuts and seals what is open, syncs logs and images, stops the sealer
   // threads. Changes after Close are refused with ESHUTDOWN. Idempotent.
