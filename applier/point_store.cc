@@ -38,7 +38,7 @@ Result<std::shared_ptr<PointStore>> PointStore::Open(const fs::path& dir,
                                                      std::vector<DiskDefinition> disks,
                                                      uint64_t applied_cycle,
                                                      int64_t applied_cut_unix_nanos,
-                                                     bool images_partial) {
+                                                     bool images_partial, SyncWrites sync) {
   std::shared_ptr<PointStore> store(new PointStore());
   std::vector<uint32_t> ids;
   for (DiskDefinition& def : disks) {
@@ -60,6 +60,17 @@ Result<std::shared_ptr<PointStore>> PointStore::Open(const fs::path& dir,
   store->latest_cycle_ = applied_cycle;
   store->latest_cut_unix_nanos_ = applied_cut_unix_nanos;
   store->images_partial_ = images_partial;
+  store->sync_ = sync;
+  if (sync != SyncWrites::kNone) store->images_partial_ = true;
+  if (sync == SyncWrites::kDirect) store->latest_cycle_ = 0;
+  if (sync == SyncWrites::kStaged && !store->journal_->Find(applied_cycle)) {
+    // The undo file of the point was lost (LoadPoints said why): the latest point cannot
+    // be read until the sync ends; older points still can.
+    spdlog::error(
+        "replica {}: point {} is gone from the undo journal; it cannot be read "
+        "while the sync runs",
+        dir.string(), applied_cycle);
+  }
   std::unique_lock lock(store->mu_);
   // Points that only views pinned (views do not survive a restart).
   SR_RETURN_IF_ERROR(store->CollectLocked());
@@ -89,37 +100,41 @@ Status PointStore::SaveBlock(size_t disk, uint64_t block, bool skip_zeros,
 }
 
 Status PointStore::Writer::Save(size_t disk, const tracker::RecordHeader& h) {
-  PointStore& s = *store_;
-  if (s.journal_->empty() || h.kind == RecordKind::kCut || h.length == 0) return Status::Ok();
+  if (h.kind == RecordKind::kCut) return Status::Ok();
+  return store_->SaveRange(disk, h.offset, h.length, h.kind == RecordKind::kDiscard);
+}
+
+Status PointStore::SaveRange(size_t disk, uint64_t offset, uint64_t length, bool data_only) {
+  if (journal_->empty() || length == 0) return Status::Ok();
   std::vector<std::byte> scratch(kUndoBlockSize);
-  const uint64_t first = h.offset / kUndoBlockSize;
-  const uint64_t end = (h.offset + h.length + kUndoBlockSize - 1) / kUndoBlockSize;
-  if (h.kind == RecordKind::kWrite) {
-    for (uint64_t b = first; b < end; ++b) SR_RETURN_IF_ERROR(s.SaveBlock(disk, b, false, scratch));
+  const uint64_t first = offset / kUndoBlockSize;
+  const uint64_t end = (offset + length + kUndoBlockSize - 1) / kUndoBlockSize;
+  if (!data_only) {
+    for (uint64_t b = first; b < end; ++b) SR_RETURN_IF_ERROR(SaveBlock(disk, b, false, scratch));
     return Status::Ok();
   }
   // A discard only changes blocks that hold data; skip the holes of the image (a discard
   // can span a whole disk) and save only blocks that do not read as zeros.
-  const int fd = s.disks_[disk].fd.get();
+  const int fd = disks_[disk].fd.get();
   uint64_t b = first;
   while (b < end) {
     const off_t data = ::lseek(fd, static_cast<off_t>(b * kUndoBlockSize), SEEK_DATA);
     if (data < 0) {
       if (errno == ENXIO) break;  // only a hole from here on
       if (errno != EINVAL && errno != EOPNOTSUPP) {
-        return Status::FromErrno(errno, "seek data in " + s.disks_[disk].path.string());
+        return Status::FromErrno(errno, "seek data in " + disks_[disk].path.string());
       }
       // No SEEK_DATA here: look at every block.
-      for (; b < end; ++b) SR_RETURN_IF_ERROR(s.SaveBlock(disk, b, true, scratch));
+      for (; b < end; ++b) SR_RETURN_IF_ERROR(SaveBlock(disk, b, true, scratch));
       break;
     }
     const off_t hole = ::lseek(fd, data, SEEK_HOLE);
-    if (hole < 0) return Status::FromErrno(errno, "seek hole in " + s.disks_[disk].path.string());
+    if (hole < 0) return Status::FromErrno(errno, "seek hole in " + disks_[disk].path.string());
     // data >= b * kUndoBlockSize, and hole > data, so this advances.
     b = static_cast<uint64_t>(data) / kUndoBlockSize;
     const uint64_t stop = std::min<uint64_t>(
         end, (static_cast<uint64_t>(hole) + kUndoBlockSize - 1) / kUndoBlockSize);
-    for (; b < stop; ++b) SR_RETURN_IF_ERROR(s.SaveBlock(disk, b, true, scratch));
+    for (; b < stop; ++b) SR_RETURN_IF_ERROR(SaveBlock(disk, b, true, scratch));
   }
   return Status::Ok();
 }
@@ -195,7 +210,8 @@ Status PointStore::CollectLocked() {
   // Oldest first: dropping the oldest point is a plain delete, no merge.
   for (size_t i = 0; i < journal_->size();) {
     const UndoPoint& p = journal_->point(i);
-    if (p.retained || pins_.count(p.cycle) != 0) {
+    const bool sync_point = sync_ == SyncWrites::kStaged && p.cycle == latest_cycle_;
+    if (p.retained || pins_.count(p.cycle) != 0 || sync_point) {
       ++i;
       continue;
     }
@@ -239,6 +255,9 @@ std::string PointStore::PointList() const {
 Result<RecoveryPoint> PointStore::Pin(uint64_t point_id) {
   std::unique_lock lock(mu_);
   const uint64_t cycle = point_id == kLatestPoint ? latest_cycle_ : point_id;
+  if (cycle == 0 && sync_ == SyncWrites::kDirect) {
+    return Status::Error(ENOENT, "the replica has no consistent point until its sync ends");
+  }
   if (cycle == 0) {
     return Status::Error(ENOENT, "the replica has no recovery point yet (no cycle applied)");
   }
@@ -312,6 +331,140 @@ Status PointStore::Read(uint64_t cycle, size_t disk, uint64_t offset,
     pos += n;
   }
   return flush_run();
+}
+
+// ---------------------------------------------------------------------------------------
+// Syncs
+
+bool PointStore::CanStage() const {
+  std::shared_lock lock(mu_);
+  if (sync_ != SyncWrites::kNone) return sync_ == SyncWrites::kStaged;
+  if (latest_cycle_ == 0) return false;
+  if (!images_partial_) return true;
+  return !journal_->empty() && journal_->point(journal_->size() - 1).cycle == latest_cycle_;
+}
+
+Status PointStore::BeginSync(SyncWrites mode) {
+  std::unique_lock lock(mu_);
+  if (mode == SyncWrites::kNone) return Status::Invalid("replica images: sync mode none");
+  if (sync_ == mode) return Status::Ok();
+  if (sync_ != SyncWrites::kNone) {
+    return Status::Invalid("replica images: an unfinished sync writes them another way");
+  }
+  if (mode == SyncWrites::kStaged) {
+    if (latest_cycle_ == 0) return Status::Invalid("replica images: no point to keep for a sync");
+    const bool newest =
+        !journal_->empty() && journal_->point(journal_->size() - 1).cycle == latest_cycle_;
+    if (!newest) {
+      if (images_partial_) {
+        return Status::Invalid("replica images: point " + std::to_string(latest_cycle_) +
+                               " cannot be kept, the images are between cycles");
+      }
+      SR_RETURN_IF_ERROR(journal_->AddPoint(latest_cycle_, latest_cut_unix_nanos_, false));
+    }
+  }
+  pre_sync_latest_cycle_ = latest_cycle_;
+  pre_sync_partial_ = images_partial_;
+  sync_ = mode;
+  images_partial_ = true;
+  if (mode == SyncWrites::kDirect) latest_cycle_ = 0;
+  return Status::Ok();
+}
+
+void PointStore::CancelSync() {
+  std::unique_lock lock(mu_);
+  if (sync_ == SyncWrites::kNone) return;
+  sync_ = SyncWrites::kNone;
+  latest_cycle_ = pre_sync_latest_cycle_;
+  images_partial_ = pre_sync_partial_;
+  Status s = CollectLocked();
+  if (!s.ok()) spdlog::warn("replica undo: after a cancelled sync: {}", s.ToString());
+}
+
+Status PointStore::SaveRangeDurably(size_t disk, uint64_t offset, uint64_t length, bool data_only) {
+  const uint64_t before = journal_->bytes();
+  SR_RETURN_IF_ERROR(SaveRange(disk, offset, length, data_only));
+  // Old blocks are durable before the image changes: a crash leaves the point readable.
+  if (journal_->bytes() != before) SR_RETURN_IF_ERROR(journal_->Sync());
+  return Status::Ok();
+}
+
+Status PointStore::SyncWrite(size_t disk, uint64_t offset, std::span<const std::byte> data) {
+  std::unique_lock lock(mu_);
+  const Disk& d = disks_[disk];
+  if (offset > d.def.size || data.size() > d.def.size - offset) {
+    return Status::Invalid("sync write beyond the end of disk " + d.def.name);
+  }
+  SR_RETURN_IF_ERROR(SaveRangeDurably(disk, offset, data.size(), /*data_only=*/false));
+  return PWriteAll(d.fd.get(), data.data(), data.size(), offset, d.path.string());
+}
+
+Result<bool> PointStore::HoldsData(size_t disk, uint64_t offset, uint64_t length) const {
+  std::shared_lock lock(mu_);
+  return HoldsDataLocked(disk, offset, length);
+}
+
+Result<bool> PointStore::HoldsDataLocked(size_t disk, uint64_t offset, uint64_t length) const {
+  if (length == 0) return false;
+  const Disk& d = disks_[disk];
+  const off_t data = ::lseek(d.fd.get(), static_cast<off_t>(offset), SEEK_DATA);
+  if (data < 0) {
+    if (errno == ENXIO) return false;                         // holes to the end of the image
+    if (errno == EINVAL || errno == EOPNOTSUPP) return true;  // cannot tell: assume data
+    return Status::FromErrno(errno, "seek data in " + d.path.string());
+  }
+  return static_cast<uint64_t>(data) < offset + length;
+}
+
+Result<bool> PointStore::SyncZero(size_t disk, uint64_t offset, uint64_t length) {
+  std::unique_lock lock(mu_);
+  const Disk& d = disks_[disk];
+  if (offset > d.def.size || length > d.def.size - offset) {
+    return Status::Invalid("sync zeros beyond the end of disk " + d.def.name);
+  }
+  SR_ASSIGN_OR_RETURN(bool holds_data, HoldsDataLocked(disk, offset, length));
+  if (!holds_data) return false;
+  SR_RETURN_IF_ERROR(SaveRangeDurably(disk, offset, length, /*data_only=*/true));
+  tracker::RecordHeader h;
+  h.kind = RecordKind::kDiscard;
+  h.offset = offset;
+  h.length = length;
+  Status s = tracker::ApplyRecord(d.fd.get(), d.def.size, h, {});
+  if (!s.ok()) return s.WithContext("replica image " + d.path.string());
+  return true;
+}
+
+Status PointStore::SyncImage(size_t disk) const {
+  const Disk& d = disks_[disk];
+  if (::fdatasync(d.fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + d.path.string());
+  return Status::Ok();
+}
+
+Status PointStore::SyncImages() const {
+  for (size_t i = 0; i < disks_.size(); ++i) SR_RETURN_IF_ERROR(SyncImage(i));
+  return Status::Ok();
+}
+
+Status PointStore::ReadImage(size_t disk, uint64_t offset, std::span<std::byte> out) const {
+  std::shared_lock lock(mu_);
+  const Disk& d = disks_[disk];
+  if (offset > d.def.size || out.size() > d.def.size - offset) {
+    return Status::Invalid("read beyond the end of disk " + d.def.name);
+  }
+  return PReadAll(d.fd.get(), out.data(), out.size(), offset, d.path.string());
+}
+
+Status PointStore::FinishSync(uint64_t cycle, int64_t cut_unix_nanos, const PointPolicy& policy) {
+  {
+    std::unique_lock lock(mu_);
+    sync_ = SyncWrites::kNone;
+    latest_cycle_ = cycle;
+    latest_cut_unix_nanos_ = cut_unix_nanos;
+    images_partial_ = false;
+    // The sync's point goes now unless it is retained or a view reads it.
+    SR_RETURN_IF_ERROR(CollectLocked());
+  }
+  return AfterApplied(cycle, cut_unix_nanos, policy);
 }
 
 }  // namespace siterep::applier

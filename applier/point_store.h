@@ -14,6 +14,15 @@
 // applier moves on; the point goes (its undo blocks merged into the previous point) when
 // the last view of it closes. A retained point pruned while a view has it pinned leaves
 // the list at once but stays in the chain until the view closes.
+//
+// Syncs (replica_sync.cc) rewrite the images in place, block ranges at a time, over many
+// calls; the images count as partial until FinishSync. Staged (the replica has a latest
+// point P): P becomes a chain point that the sync pins (not retained unless it was), and
+// every block a sync write changes is saved into the newest point's undo file (P's) and
+// synced before the image changes, so P - the latest point meanwhile - and every older
+// point stay readable. Direct (no consistent point): there is no latest point until
+// FinishSync; blocks are still saved if the chain has points (older retained points stay
+// right), which it usually has not.
 #pragma once
 
 #include <cstdint>
@@ -42,6 +51,9 @@ struct RecoveryPoint {
 // For OpenView / ExportPoint: whatever point is the latest when the view opens.
 inline constexpr uint64_t kLatestPoint = ~uint64_t{0};
 
+// How a sync writes the images (see above); kNone: no sync is unfinished.
+enum class SyncWrites { kNone, kDirect, kStaged };
+
 // How new recovery points are taken and old ones dropped.
 struct PointPolicy {
   int recovery_points = 0;
@@ -54,11 +66,11 @@ class PointStore {
   // journal <dir>/undo/. The images are at applied_cycle, or - images_partial - somewhere
   // between it and the next cycle (an apply was interrupted; no view of the latest point
   // until the next cycle is applied). Removes chain points no view can pin any more.
-  static Result<std::shared_ptr<PointStore>> Open(const std::filesystem::path& dir,
-                                                  std::vector<DiskDefinition> disks,
-                                                  uint64_t applied_cycle,
-                                                  int64_t applied_cut_unix_nanos,
-                                                  bool images_partial);
+  // sync: an unfinished sync writes the images (the replica's position.json says how);
+  // kStaged keeps applied_cycle's chain point, kDirect has no latest point.
+  static Result<std::shared_ptr<PointStore>> Open(
+      const std::filesystem::path& dir, std::vector<DiskDefinition> disks, uint64_t applied_cycle,
+      int64_t applied_cut_unix_nanos, bool images_partial, SyncWrites sync = SyncWrites::kNone);
 
   static std::filesystem::path ImagePath(const std::filesystem::path& dir, const std::string& disk);
 
@@ -110,6 +122,37 @@ class PointStore {
   // Reads [offset, offset + out.size()) of disk as of the pinned point cycle.
   Status Read(uint64_t cycle, size_t disk, uint64_t offset, std::span<std::byte> out) const;
 
+  // --- Syncs (see the header comment). One sync at a time, from one thread (the replica's
+  // receiver); no Writer meanwhile.
+
+  // Could a sync starting now be staged: there is a latest point, and the images are
+  // exactly it or the newest chain point is it (its undo file then holds what an
+  // interrupted apply overwrote)?
+  bool CanStage() const;
+  // Starts writing the images for a sync in mode (kDirect or kStaged; kStaged needs
+  // CanStage). Idempotent while a sync of the same mode is unfinished (after Open with
+  // that mode, or a BeginSync); EINVAL for the other mode.
+  Status BeginSync(SyncWrites mode);
+  // Undoes a BeginSync before any sync write (the replica could not record the sync).
+  void CancelSync();
+  // Writes data at offset of disk, saving first the blocks it changes (see above).
+  Status SyncWrite(size_t disk, uint64_t offset, std::span<const std::byte> data);
+  // Whether [offset, offset + length) of the image may hold data (is not all holes).
+  Result<bool> HoldsData(size_t disk, uint64_t offset, uint64_t length) const;
+  // Zeros [offset, offset + length) of disk: nothing when the range is holes already,
+  // else blocks holding data are saved and the range is punched out. Returns whether the
+  // image changed.
+  Result<bool> SyncZero(size_t disk, uint64_t offset, uint64_t length);
+  // fdatasync of one image / all images.
+  Status SyncImage(size_t disk) const;
+  Status SyncImages() const;
+  // [offset, offset + out.size()) of the image as it is now (within the disk).
+  Status ReadImage(size_t disk, uint64_t offset, std::span<std::byte> out) const;
+  // The images are now exactly cycle (synced, recorded by the replica): ends the sync
+  // (its point goes unless retained or viewed), then runs AfterApplied. The store is at
+  // cycle even when the point policy fails.
+  Status FinishSync(uint64_t cycle, int64_t cut_unix_nanos, const PointPolicy& policy);
+
  private:
   struct Disk {
     DiskDefinition def;
@@ -122,6 +165,13 @@ class PointStore {
   Status ReadImageBlock(size_t disk, uint64_t block, std::span<std::byte> out) const;
   // Saves block unless the newest point holds it; skip_zeros: not if it reads as zeros.
   Status SaveBlock(size_t disk, uint64_t block, bool skip_zeros, std::span<std::byte> scratch);
+  // Saves the blocks [offset, offset + length) covers (a write), or only those that hold
+  // data (a discard or zeroing: skips holes and blocks reading as zeros). No-op without
+  // points. Needs mu_ exclusive.
+  Status SaveRange(size_t disk, uint64_t offset, uint64_t length, bool data_only);
+  // SaveRange, then the undo synced if anything was saved. Needs mu_ exclusive.
+  Status SaveRangeDurably(size_t disk, uint64_t offset, uint64_t length, bool data_only);
+  Result<bool> HoldsDataLocked(size_t disk, uint64_t offset, uint64_t length) const;
   // Removes chain points that are neither retained nor pinned. Needs mu_ exclusive.
   Status CollectLocked();
   Status PruneLocked(int recovery_points);
@@ -137,6 +187,11 @@ class PointStore {
   int64_t latest_cut_unix_nanos_ = 0;
   bool images_partial_ = false;
   std::map<uint64_t, int> pins_;  // cycle -> open views
+  // An unfinished sync. kStaged: latest_cycle_ is its point, kept in the chain (pinned by
+  // the sync). kDirect: latest_cycle_ is 0.
+  SyncWrites sync_ = SyncWrites::kNone;
+  uint64_t pre_sync_latest_cycle_ = 0;  // for CancelSync
+  bool pre_sync_partial_ = false;       //
 };
 
 }  // namespace siterep::applier

@@ -92,7 +92,15 @@ Replica::Replica(fs::path dir, UniqueFd lock_fd, ReplicaDefinition def, Position
       def_(std::move(def)),
       state_(std::move(state)),
       incoming_(def_.disks.size()),
-      staged_(def_.disks.size()) {}
+      staged_(def_.disks.size()),
+      sync_done_to_(def_.disks.size()) {
+  if (state_.sync) {
+    for (size_t i = 0; i < sync_done_to_.size(); ++i) {
+      sync_done_to_[i] = state_.sync->disks[i].done_offset;
+    }
+    sync_bytes_written_ = state_.sync->bytes_written;
+  }
+}
 
 Replica::~Replica() {
   Stop();
@@ -139,19 +147,31 @@ Result<std::unique_ptr<Replica>> Replica::OpenLocked(const fs::path& dir, Unique
   SR_ASSIGN_OR_RETURN(ReplicaDefinition def, LoadDefinition(dir));
   SR_ASSIGN_OR_RETURN(PositionState state, LoadPosition(dir, def));
   const bool partial = state.applying_cycle > state.applied_cycle;
-  SR_ASSIGN_OR_RETURN(
-      std::shared_ptr<PointStore> store,
-      PointStore::Open(dir, def.disks, state.applied_cycle, state.applied_cut_unix_nanos, partial));
+  const SyncWrites sync = !state.sync          ? SyncWrites::kNone
+                          : state.sync->staged ? SyncWrites::kStaged
+                                               : SyncWrites::kDirect;
+  SR_ASSIGN_OR_RETURN(std::shared_ptr<PointStore> store,
+                      PointStore::Open(dir, def.disks, state.applied_cycle,
+                                       state.applied_cut_unix_nanos, partial, sync));
   const PointPolicy policy{def.recovery_points, def.recovery_point_interval_ms};
   std::unique_ptr<Replica> r(
       new Replica(dir, std::move(lock_fd), std::move(def), std::move(state), std::move(store)));
   SR_RETURN_IF_ERROR(r->CleanReceived());
   // A crash may have come between recording the applied cycle and taking its point.
-  if (r->state_.applied_cycle != 0) {
+  // (Not during a sync: the applied cycle is then the sync's point, or not a point.)
+  if (r->state_.applied_cycle != 0 && !r->state_.sync) {
     SR_RETURN_IF_ERROR(
         r->store_->AfterApplied(r->state_.applied_cycle, r->state_.applied_cut_unix_nanos, policy));
   }
-  if (partial) {
+  if (r->state_.sync) {
+    spdlog::info(
+        "replica of VM {}: sync {} is unfinished ({}); it goes on when the primary "
+        "starts it again",
+        r->def_.vm, r->state_.sync->sync_id,
+        r->state_.sync->staged
+            ? "point " + std::to_string(r->state_.sync->point) + " stays readable meanwhile"
+            : "no consistent point until it ends");
+  } else if (partial) {
     spdlog::warn("replica of VM {}: the apply of cycle {} was interrupted; it is applied again",
                  r->def_.vm, r->state_.applying_cycle);
   }
@@ -202,11 +222,16 @@ std::optional<size_t> Replica::DiskIndex(uint32_t disk_id) const {
 }
 
 Status Replica::CleanReceived() {
+  std::vector<PendingCycle> pending;
+  {
+    std::lock_guard lk(mu_);
+    pending = state_.pending;
+  }
   for (size_t i = 0; i < store_->disk_count(); ++i) {
     const fs::path dir = ReceivedDir(i);
     SR_RETURN_IF_ERROR(MakeDirs(dir));
     std::set<fs::path> needed;
-    for (const PendingCycle& c : state_.pending) {
+    for (const PendingCycle& c : pending) {
       needed.insert(tracker::SegmentPath(dir, c.segments[i].number));
     }
     bool removed = false;
@@ -274,6 +299,10 @@ Status Replica::WriteSegmentLocked(size_t disk, uint64_t number, uint64_t offset
   uint64_t last_segment;
   {
     std::lock_guard lk(mu_);
+    if (state_.sync) {
+      return Status::Error(EBUSY, what + ": sync " + std::to_string(state_.sync->sync_id) +
+                                      " is unfinished; segments come after it ends");
+    }
     last_segment = state_.disks[disk].last_segment;
   }
   std::optional<Incoming>& in = incoming_[disk];
@@ -360,6 +389,10 @@ Status Replica::CommitCycle(const CycleInfo& cycle) {
   {
     std::lock_guard lk(mu_);
     const std::string what = "commit of cycle " + std::to_string(cycle.cycle);
+    if (state_.sync) {
+      return Status::Error(EBUSY, what + ": sync " + std::to_string(state_.sync->sync_id) +
+                                      " is unfinished; cycles come after it ends");
+    }
     if (state_.received_cycle != 0 && cycle.cycle != state_.received_cycle + 1) {
       return Status::Error(EINVAL, what + ": the replica has received cycle " +
                                        std::to_string(state_.received_cycle) +

@@ -33,6 +33,16 @@
 // files that already hold every block C overwrote (the journal never saves a block twice,
 // so a re-apply cannot capture C's data as old).
 //
+// Syncs (replica_sync.cc; the calls are described in segment_sink.h): BeginSync applies
+// the committed cycles older than the plan, drops what is left of the received stream and
+// records the sync in position.json; from then on until EndSync nothing is applied and no
+// segment is taken. The images are written in place, "staged" when the replica has a
+// latest point P (P stays readable: the old blocks go into P's undo file first, see
+// point_store.h) or "direct" when it has none (no point until EndSync). Progress (done
+// offsets) is recorded every 64 MiB or second, after the image's fdatasync; EndSync makes
+// the images cycle sync_id in one position update. A restart keeps the sync; BeginSync
+// with the same sync_id resumes it.
+//
 // Failpoints (common/failpoint.h; "error" makes the apply fail there, "abort" crashes):
 //   applier.before_apply     after the checks, before anything is written
 //   applier.after_undo       undo saved and synced, images untouched
@@ -40,8 +50,11 @@
 //   applier.before_position  images synced, applied position not yet recorded
 //   applier.before_point     applied position recorded, point policy not yet run
 //   applier.before_delete    point policy run, applied segments not yet deleted
+//   applier.sync_mid_write   a sync's block written to the image, progress not yet noted
+//   applier.sync_before_end  EndSync: images synced, the sync's end not yet recorded
 #pragma once
 
+#include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <filesystem>
@@ -113,6 +126,18 @@ class Replica : public SegmentSink {
   // record) or else the last retryable error, "" once a cycle applies again.
   ReplicaPosition Position() const override;
 
+  // Syncs (replica_sync.cc). BeginSync refuses a sync_id older than the applied cycle
+  // (EINVAL); the sync_id of the applied cycle, with no sync unfinished, is a sync that
+  // has ended already: every disk is reported done. EndSync is a no-op for the last sync
+  // that ended and for the applied cycle (while no sync is unfinished).
+  Result<SyncResume> BeginSync(const SyncPlan& plan) override;
+  Result<std::vector<uint64_t>> SyncHashes(uint32_t disk_id, uint64_t offset,
+                                           uint32_t count) override;
+  Result<uint64_t> WriteSyncData(uint32_t disk_id, uint64_t offset, std::span<const std::byte> data,
+                                 uint64_t zero_length, uint64_t done_to) override;
+  Status EndSync(uint64_t sync_id, int64_t cut_unix_nanos) override;
+  SyncStatus Sync() const override;
+
  private:
   // A segment being received (receiver thread only, under recv_mu_).
   struct Incoming {
@@ -158,6 +183,17 @@ class Replica : public SegmentSink {
   Status WriteCycle(const PendingCycle& cycle, const ReplicaDefinition& def);
   void DeleteSegments(const PendingCycle& cycle, const ReplicaDefinition& def);
 
+  // replica_sync.cc. All need recv_mu_.
+  // Applies the committed cycles older than sync_id (apply_mu_ held too); a failure is
+  // logged and returned, the caller drops what is left.
+  Status ApplyBeforeSync(uint64_t sync_id);
+  // Refuses ENOSPC when the folder's file system cannot take plan's data.
+  Status CheckSyncSpace(const SyncPlan& plan) const;
+  // Forgets the received stream: segments being received, uncommitted and committed ones.
+  void DropReceived();
+  // Records the disk's in-memory progress (after syncing its image) when it is due.
+  Status NoteSyncProgress(size_t disk);
+
   const std::filesystem::path dir_;
   const UniqueFd lock_fd_;  // holds the flock on dir_/lock
   const std::shared_ptr<PointStore> store_;
@@ -165,7 +201,7 @@ class Replica : public SegmentSink {
   // Lock order: apply_mu_, recv_mu_, persist_mu_, mu_, then PointStore's lock. mu_ is
   // never held across I/O.
   std::mutex apply_mu_;         // one apply at a time (the thread or ApplyPending)
-  std::mutex recv_mu_;          // serialises WriteSegment/CommitCycle; protects incoming_
+  std::mutex recv_mu_;          // serialises the SegmentSink calls; protects incoming_
   std::mutex persist_mu_;       // serialises writes of position.json and replica.json
   mutable std::mutex mu_;       // protects def_, state_, staged_, transient_error_, stop_
   std::condition_variable cv_;  // applier wake-up: a commit, Stop, ClearApplyError
@@ -174,6 +210,14 @@ class Replica : public SegmentSink {
   std::vector<std::optional<Incoming>> incoming_;  // per disk
   std::vector<std::optional<Staged>> staged_;      // per disk
   std::string transient_error_;  // last apply error that is worth retrying ("" if none)
+  // The unfinished sync's progress not yet recorded in state_.sync (per disk: the done_to
+  // the sender reported) and the data bytes written; under mu_ for Sync(), written under
+  // recv_mu_ too.
+  std::vector<uint64_t> sync_done_to_;
+  uint64_t sync_bytes_written_ = 0;
+  // Under recv_mu_: when the sync's progress was last recorded; the SyncHashes buffer.
+  std::chrono::steady_clock::time_point sync_noted_at_;
+  std::vector<std::byte> hash_buffer_;
   bool stop_ = false;
   std::thread thread_;
 };

@@ -1,6 +1,7 @@
 #include "applier/replica_state.h"
 
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <set>
 
 #include "common/file_util.h"
@@ -19,7 +20,106 @@ bool UsableFileName(const std::string& name) {
   return true;
 }
 
+std::string_view SyncModeName(SyncMode mode) {
+  return mode == SyncMode::kCompare ? "compare" : "copy";
+}
+
+std::optional<SyncMode> SyncModeFromName(const std::string& name) {
+  if (name == "copy") return SyncMode::kCopy;
+  if (name == "compare") return SyncMode::kCompare;
+  return std::nullopt;
+}
+
+std::optional<SyncKind> SyncKindFromName(const std::string& name) {
+  for (SyncKind k : {SyncKind::kInitial, SyncKind::kSeeded, SyncKind::kResync}) {
+    if (SyncKindName(k) == name) return k;
+  }
+  return std::nullopt;
+}
+
+json SyncToJson(const SyncState& sync, const ReplicaDefinition& def) {
+  json disks = json::array();
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    const SyncDiskState& d = sync.disks[i];
+    disks.push_back({{"name", def.disks[i].name},
+                     {"mode", std::string(SyncModeName(d.mode))},
+                     {"last_seq", d.last_seq},
+                     {"last_segment", d.last_segment},
+                     {"bytes_total", d.bytes_total},
+                     {"done_offset", d.done_offset},
+                     {"written_until", d.written_until},
+                     {"older_written_until", d.older_written_until}});
+  }
+  return {{"sync_id", sync.sync_id},
+          {"kind", std::string(SyncKindName(sync.kind))},
+          {"epoch", sync.epoch},
+          {"cut_unix_nanos", sync.cut_unix_nanos},
+          {"staged", sync.staged},
+          {"point", sync.point},
+          {"bytes_written", sync.bytes_written},
+          {"disks", disks}};
+}
+
 }  // namespace
+
+std::string_view SyncKindName(SyncKind kind) {
+  switch (kind) {
+    case SyncKind::kInitial:
+      return "initial";
+    case SyncKind::kSeeded:
+      return "seeded";
+    case SyncKind::kResync:
+      return "resync";
+  }
+  return "?";
+}
+
+SyncState SyncStateFor(const SyncPlan& plan) {
+  SyncState s;
+  s.sync_id = plan.sync_id;
+  s.kind = plan.kind;
+  s.epoch = plan.epoch;
+  s.cut_unix_nanos = plan.cut_unix_nanos;
+  for (const SyncDiskPlan& d : plan.disks) {
+    SyncDiskState disk;
+    disk.mode = d.mode;
+    disk.last_seq = d.last_seq;
+    disk.last_segment = d.last_segment;
+    disk.bytes_total = d.bytes_total;
+    s.disks.push_back(disk);
+  }
+  return s;
+}
+
+Status CheckSyncPlan(const SyncPlan& plan, const ReplicaDefinition& def) {
+  const std::string what = "sync " + std::to_string(plan.sync_id) + " of VM " + def.vm;
+  if (plan.sync_id == 0) return Status::Invalid("sync of VM " + def.vm + ": sync_id 0");
+  if (plan.epoch < def.epoch) {
+    return Status::Error(ESTALE, what + ": epoch " + std::to_string(plan.epoch) +
+                                     " is older than the replica's " + std::to_string(def.epoch));
+  }
+  auto ids = [](const auto& disks) {
+    std::string out;
+    for (const auto& d : disks) out += (out.empty() ? "" : ", ") + std::to_string(d.disk_id);
+    return "[" + out + "]";
+  };
+  bool same = plan.disks.size() == def.disks.size();
+  for (size_t i = 0; same && i < def.disks.size(); ++i) {
+    same = plan.disks[i].disk_id == def.disks[i].disk_id;
+  }
+  if (!same) {
+    return Status::Invalid(what + " is for disk ids " + ids(plan.disks) + "; the replica has " +
+                           ids(def.disks));
+  }
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    if (plan.disks[i].bytes_total > def.disks[i].size) {
+      return Status::Invalid(what + ": " + std::to_string(plan.disks[i].bytes_total) +
+                             " bytes to scan on disk " + def.disks[i].name + ", which has " +
+                             std::to_string(def.disks[i].size));
+    }
+  }
+  return Status::Ok();
+}
 
 Status ValidateDefinition(const ReplicaDefinition& def) {
   if (def.vm.empty()) return Status::Invalid("replica definition: the VM has no name");
@@ -127,7 +227,9 @@ std::string PositionToJson(const PositionState& s, const ReplicaDefinition& def)
             {"applied_first_change_unix_nanos", s.applied_first_change_unix_nanos},
             {"apply_error", s.apply_error},
             {"disks", disks},
-            {"pending", pending}};
+            {"pending", pending},
+            {"last_sync_id", s.last_sync_id}};
+  if (s.sync) j["sync"] = SyncToJson(*s.sync, def);
   return j.dump(2) + "\n";
 }
 
@@ -185,6 +287,54 @@ Result<PositionState> PositionFromJson(const std::string& text, const ReplicaDef
         }
       }
       s.pending.push_back(std::move(p));
+    }
+    s.last_sync_id = j.value("last_sync_id", uint64_t{0});
+    if (j.contains("sync")) {
+      const json& y = j.at("sync");
+      SyncState sync;
+      sync.sync_id = y.at("sync_id").get<uint64_t>();
+      const std::string kind = y.at("kind").get<std::string>();
+      const std::optional<SyncKind> k = SyncKindFromName(kind);
+      if (!k) return Status::Corrupt(where + ": unknown sync kind \"" + kind + "\"");
+      sync.kind = *k;
+      sync.epoch = y.at("epoch").get<uint64_t>();
+      sync.cut_unix_nanos = y.at("cut_unix_nanos").get<int64_t>();
+      sync.staged = y.at("staged").get<bool>();
+      sync.point = y.value("point", uint64_t{0});
+      sync.bytes_written = y.value("bytes_written", uint64_t{0});
+      sync.disks.resize(def.disks.size());
+      std::vector<bool> have(def.disks.size());
+      for (const json& d : y.at("disks")) {
+        const int i = index_of(d.at("name").get<std::string>());
+        if (i < 0) continue;
+        SyncDiskState& disk = sync.disks[i];
+        const std::string mode = d.at("mode").get<std::string>();
+        const std::optional<SyncMode> m = SyncModeFromName(mode);
+        if (!m) return Status::Corrupt(where + ": unknown sync mode \"" + mode + "\"");
+        disk.mode = *m;
+        disk.last_seq = d.at("last_seq").get<uint64_t>();
+        disk.last_segment = d.at("last_segment").get<uint64_t>();
+        disk.bytes_total = d.at("bytes_total").get<uint64_t>();
+        disk.done_offset = d.at("done_offset").get<uint64_t>();
+        disk.written_until = d.at("written_until").get<uint64_t>();
+        disk.older_written_until = d.value("older_written_until", uint64_t{0});
+        if (disk.done_offset > def.disks[i].size) {
+          return Status::Corrupt(where + ": sync done offset " + std::to_string(disk.done_offset) +
+                                 " is beyond the end of disk " + def.disks[i].name);
+        }
+        have[i] = true;
+      }
+      for (size_t i = 0; i < have.size(); ++i) {
+        if (!have[i]) {
+          return Status::Corrupt(where + ": the sync has no state of disk " + def.disks[i].name);
+        }
+      }
+      if (sync.staged && sync.point != s.applied_cycle) {
+        return Status::Corrupt(where + ": the staged sync keeps point " +
+                               std::to_string(sync.point) + ", not the applied cycle " +
+                               std::to_string(s.applied_cycle));
+      }
+      s.sync = std::move(sync);
     }
     return s;
   } catch (const json::exception& e) {

@@ -17,10 +17,19 @@
 //                    hold part of that cycle (no view of the latest point until re-applied)
 //   applied_cycle, applied_cut_unix_nanos, applied_first_change_unix_nanos
 //   apply_error      a bad record stopped the apply (kept across restarts)
+//   last_sync_id     the cycle of the last sync that ended (0: none); EndSync again with it
+//                    is a no-op
+//   sync             only while a sync is unfinished (replica_sync.cc): the plan (sync_id,
+//                    kind, epoch, cut, per disk mode/last_seq/last_segment/bytes_total), how
+//                    it writes (staged: the applied cycle stays readable through the undo
+//                    journal; direct: no consistent point until it ends), and per disk the
+//                    durable done_offset and written_until (an upper bound of every offset a
+//                    sync, this one or an older unfinished one, has changed in the image)
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -61,6 +70,33 @@ struct PendingCycle {
   std::vector<PendingSegment> segments;  // one per disk, in definition order
 };
 
+struct SyncDiskState {
+  SyncMode mode = SyncMode::kCopy;
+  uint64_t last_seq = 0;      // from the plan: the primary's log as of the cut
+  uint64_t last_segment = 0;  //
+  uint64_t bytes_total = 0;   //
+  // Below this offset the image equals the snapshot and is durable.
+  uint64_t done_offset = 0;
+  // No sync has changed the image at or above this offset. Recorded before a write passes
+  // it (so it may run ahead of what was written; too high is safe, too low is not).
+  uint64_t written_until = 0;
+  // written_until of the unfinished syncs this one replaced (what BeginSync reports).
+  uint64_t older_written_until = 0;
+};
+
+struct SyncState {
+  uint64_t sync_id = 0;
+  SyncKind kind = SyncKind::kInitial;
+  uint64_t epoch = 0;
+  int64_t cut_unix_nanos = 0;
+  // Staged: the applied cycle (point) stays readable until the sync ends; direct: the
+  // replica has no consistent point meanwhile.
+  bool staged = false;
+  uint64_t point = 0;                // staged: the applied cycle kept readable
+  uint64_t bytes_written = 0;        // data bytes written by this sync (as of the last update)
+  std::vector<SyncDiskState> disks;  // one per disk, in definition order
+};
+
 struct PositionState {
   uint64_t received_cycle = 0;
   uint64_t applying_cycle = 0;  // 0: the images are exactly applied_cycle
@@ -70,7 +106,17 @@ struct PositionState {
   std::string apply_error;
   std::vector<DiskReceived> disks;    // one per disk, in definition order
   std::vector<PendingCycle> pending;  // oldest first
+  uint64_t last_sync_id = 0;
+  std::optional<SyncState> sync;  // an unfinished sync
 };
+
+// A fresh SyncState for plan: nothing done, nothing written.
+SyncState SyncStateFor(const SyncPlan& plan);
+
+// May plan be a sync of the replica defined by def? Its disks must be def's (ids, in
+// order; bytes_total not above the disk's size), its epoch not older than def's (ESTALE),
+// its sync_id not 0. Refusals name what is wrong.
+Status CheckSyncPlan(const SyncPlan& plan, const ReplicaDefinition& def);
 
 std::string PositionToJson(const PositionState& state, const ReplicaDefinition& def);
 // Disks are matched by name; a disk of def missing from the file is an error.

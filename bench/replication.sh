@@ -41,6 +41,7 @@ W=$(mktemp -d "${BENCH_DIR:-/var/tmp}/siterep-rbench.XXXXXX")
 declare -A PID
 SERVER_PID=""
 say() { echo "[rbench +${SECONDS}s] $*"; }
+source "$ROOT/bench/sites.sh"
 
 cleanup() {
   local rc=$? s
@@ -68,40 +69,14 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-free_port() {
-  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
-}
 east() { "$BIN/siterep" -c "$W/east.toml" "$@"; }
 vm_json() { east status vm --json; }
 field() { vm_json | python3 -c "import json,sys; v=json.load(sys.stdin)['vms'][0]; print($1)"; }
 
-"$BIN/siterep-certs" "$W/certs" ca >/dev/null
-"$BIN/siterep-certs" "$W/certs" site east >/dev/null
-"$BIN/siterep-certs" "$W/certs" site west >/dev/null
+bench_certs "$W"
 EAST_PORT=$(free_port)
 WEST_PORT=$(free_port)
-for s in east west; do
-  mkdir -p "$W/$s"
-  port=$EAST_PORT peer=west peer_port=$WEST_PORT
-  [[ $s == west ]] && port=$WEST_PORT peer=east peer_port=$EAST_PORT
-  cat >"$W/$s.toml" <<TOML
-[site]
-name = "$s"
-state_dir = "$W/$s/state"
-mountpoint = "$W/$s/mnt"
-control_socket = "$W/$s/control.sock"
-listen = "127.0.0.1:$port"
-
-[tls]
-ca = "$W/certs/ca.pem"
-cert = "$W/certs/$s.pem"
-key = "$W/certs/$s.key"
-
-[[peers]]
-name = "$peer"
-address = "127.0.0.1:$peer_port"
-TOML
-done
+bench_site_configs "$W" "$EAST_PORT" "$WEST_PORT"
 cat >>"$W/east.toml" <<TOML
 
 [[vms]]

@@ -1,5 +1,6 @@
 #include "common/config.h"
 
+#include <cctype>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -209,6 +210,40 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
     return Status::Invalid(r.Key("image_cache") + ": '" + cache +
                            "' is not one of writeback, none");
 
+  std::string resync;
+  SR_RETURN_IF_ERROR(r.String("resync", &resync, false));
+  if (resync == "manual")
+    vm->auto_resync = false;
+  else if (resync.empty() || resync == "auto")
+    vm->auto_resync = true;
+  else
+    return Status::Invalid(r.Key("resync") + ": '" + resync + "' is not one of auto, manual");
+
+  std::string window;
+  SR_RETURN_IF_ERROR(r.String("resync_window", &window, false));
+  if (!window.empty()) {
+    // "HH:MM-HH:MM"; the end may be 24:00.
+    auto minutes = [](std::string_view t) -> int {
+      if (t.size() != 5 || t[2] != ':' || !isdigit(t[0]) || !isdigit(t[1]) || !isdigit(t[3]) ||
+          !isdigit(t[4])) {
+        return -1;
+      }
+      const int h = (t[0] - '0') * 10 + (t[1] - '0');
+      const int m = (t[3] - '0') * 10 + (t[4] - '0');
+      if (m > 59 || h > 24 || (h == 24 && m != 0)) return -1;
+      return h * 60 + m;
+    };
+    const size_t dash = window.find('-');
+    const int start = dash == std::string::npos ? -1 : minutes(window.substr(0, dash));
+    const int end = dash == std::string::npos ? -1 : minutes(window.substr(dash + 1));
+    if (start < 0 || end < 0 || start == end || start == 24 * 60) {
+      return Status::Invalid(r.Key("resync_window") + ": '" + window +
+                             "' is not a daily window such as 18:30-06:00 or 00:00-24:00");
+    }
+    vm->resync_window_start = start;
+    vm->resync_window_end = end;
+  }
+
   Status status;
   const toml::array* disks = r.Array("disks", &status);
   SR_RETURN_IF_ERROR(status);
@@ -371,6 +406,12 @@ Result<SiteConfig> LoadConfig(const fs::path& path) {
   auto cfg = ParseConfig(buf.str(), abs.parent_path(), path.string());
   if (cfg.ok()) cfg->source = abs;
   return cfg;
+}
+
+bool InResyncWindow(const VmConfig& vm, int minute_of_day) {
+  const int a = vm.resync_window_start, b = vm.resync_window_end;
+  if (a < b) return minute_of_day >= a && minute_of_day < b;
+  return minute_of_day >= a || minute_of_day < b;  // wraps past midnight
 }
 
 }  // namespace siterep

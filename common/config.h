@@ -50,8 +50,18 @@ struct VmConfig {
   LogBudget log_budget;
   TrackingMode tracking = TrackingMode::kLog;
   ImageCache image_cache = ImageCache::kWriteback;
+  // Automatic resynchronisation of a disk that needs it ("resync = auto"), only within
+  // the daily window [resync_window_start, resync_window_end) of local time, minutes
+  // after midnight (a window may wrap past midnight; 0-1440 is always). "manual": only
+  // `siterep resync VM`.
+  bool auto_resync = true;
+  int resync_window_start = 0;
+  int resync_window_end = 24 * 60;
   std::vector<DiskConfig> disks;
 };
+
+// Whether minute_of_day (0..1439) is inside the VM's resync window.
+bool InResyncWindow(const VmConfig& vm, int minute_of_day);
 
 struct PeerConfig {
   std::string name;

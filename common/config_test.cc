@@ -31,6 +31,8 @@ recovery_points = 4
 recovery_point_interval = "1h"
 log_budget = "25%"
 tracking = "log"
+resync = "auto"
+resync_window = "18:30-06:00"
   [[vms.disks]]
   name = "os"
   image = "/var/lib/images/web01-os.img"
@@ -93,6 +95,20 @@ name = "v"
   EXPECT_EQ(cfg->control_socket, "/s/control.sock");
   EXPECT_EQ(cfg->vms[0].log_budget.BytesFor(1000), 500u);  // 50%
   EXPECT_EQ(cfg->vms[0].tracking, TrackingMode::kLog);
+  EXPECT_TRUE(cfg->vms[0].auto_resync);
+  EXPECT_TRUE(InResyncWindow(cfg->vms[0], 0));
+  EXPECT_TRUE(InResyncWindow(cfg->vms[0], 1439));
+}
+
+TEST(ConfigTest, ResyncWindowMayWrapPastMidnight) {
+  auto cfg = Parse(kGood);
+  ASSERT_TRUE(cfg.ok()) << cfg.status().message();
+  const VmConfig& vm = cfg->vms[0];
+  EXPECT_TRUE(InResyncWindow(vm, 18 * 60 + 30));
+  EXPECT_TRUE(InResyncWindow(vm, 2 * 60));
+  EXPECT_FALSE(InResyncWindow(vm, 6 * 60));
+  EXPECT_FALSE(InResyncWindow(vm, 12 * 60));
+  EXPECT_FALSE(InResyncWindow(vm, 18 * 60 + 29));
 }
 
 // Each bad config is refused with a message that names the key.
@@ -141,6 +157,11 @@ INSTANTIATE_TEST_SUITE_P(
                 "peers[0].bandwidth_limit"},
         BadCase{"bandwidth_limit = \"50MiB\"", "bandwidth_limit = -5", "peers[0].bandwidth_limit"},
         BadCase{"compression = \"zstd\"", "compression = \"lz4\"", "peers[0].compression"},
+        BadCase{"resync = \"auto\"", "resync = \"sometimes\"", "vms[0].resync"},
+        BadCase{"resync_window = \"18:30-06:00\"", "resync_window = \"18:30\"",
+                "vms[0].resync_window"},
+        BadCase{"resync_window = \"18:30-06:00\"", "resync_window = \"25:00-06:00\"",
+                "vms[0].resync_window"},
         BadCase{"[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/east.pem\"\nkey = \"certs/east.key\"",
                 "", "tls: the [tls] table"}));
 

@@ -198,6 +198,7 @@ json Daemon::StatusReport(const std::string& vm_filter) const {
                    {"last_cycle", stats.last_cycle},
                    {"last_cut", FormatUtc(stats.last_cut_unix_nanos)},
                    {"last_recovery_point", nullptr},
+                   {"progress", IdleProgress()},
                    {"disks", std::move(disks)}});
     if (vi < outbound_.size()) outbound_[vi]->Report(now, &vms.back());
   }
@@ -238,7 +239,8 @@ json Daemon::Handle(const json& request) {
     if (!s.ok()) return Refused("bad-failpoint", s.message());
     return Ok({{"armed", failpoint::Armed()}});
   }
-  if (op == "enable" || op == "pause" || op == "resume" || op == "points" || op == "export") {
+  if (op == "enable" || op == "pause" || op == "resume" || op == "resync" || op == "points" ||
+      op == "export") {
     if (vm.empty()) return Refused("bad-request", op + " needs a VM");
     return HandleVmOp(op, vm, request);
   }
@@ -285,9 +287,12 @@ json Daemon::HandleVmOp(const std::string& op, const std::string& vm, const json
     if (!request.contains("to") || !request["to"].is_string()) {
       return Refused("bad-request", "enable needs \"to\": SITE");
     }
-    s = out->Enable(request["to"].get<std::string>());
+    s = out->Enable(request["to"].get<std::string>(), request.value("seed", false));
     if (s.code() == EEXIST) return Refused("already-replicated", s.message());
     if (s.code() == ENOENT) return Refused("unknown-site", s.message());
+  } else if (op == "resync") {
+    s = out->Resync(request.value("full", false));
+    if (s.code() == EBUSY) return Refused("sync-running", s.message());
   } else if (op == "pause") {
     s = out->Pause();
   } else {

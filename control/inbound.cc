@@ -4,6 +4,7 @@
 
 #include "common/file_util.h"
 #include "common/time_util.h"
+#include "control/outbound.h"
 
 namespace siterep::control {
 
@@ -221,13 +222,38 @@ json Inbound::Report(int64_t now, const std::string& vm_filter) const {
                                 : "no connection from " + def.primary_site;
       in.link_down_seconds = static_cast<double>(now - since) / kNanos;
     }
-    const HealthVerdict v = JudgeHealth(in);
+    const applier::SyncStatus sync = r.Sync();
+    if (sync.active) in.rpo_seconds.reset();
+    HealthVerdict v = JudgeHealth(in);
+    if (sync.active && sync.kind == applier::SyncKind::kResync && v.health == Health::kNormal) {
+      v.health = Health::kWarning;
+      v.reason = "resynchronising from " + def.primary_site;
+    }
+    std::string state = pos.apply_error.empty() ? "replicating" : "apply failed";
+    json progress = IdleProgress();
+    if (sync.active) {
+      state = sync.kind == applier::SyncKind::kResync ? "resynchronising" : "initial replication";
+      const double rate = link != nullptr && link->connected ? link->throughput_bytes_per_s : 0;
+      progress = {{"percent", sync.bytes_total == 0
+                                  ? 100.0
+                                  : 100.0 * static_cast<double>(sync.bytes_done) /
+                                        static_cast<double>(sync.bytes_total)},
+                  {"bytes_done", sync.bytes_done},
+                  {"bytes_total", sync.bytes_total},
+                  {"bytes_written", sync.bytes_written},
+                  {"rate_bytes_per_s", rate},
+                  {"eta_seconds", rate > 0 ? json(static_cast<double>(sync.bytes_total -
+                                                                      sync.bytes_done) /
+                                                  rate)
+                                           : json(nullptr)},
+                  {"kind", applier::SyncKindName(sync.kind)}};
+    }
     const uint64_t primary_pending = link != nullptr ? link->primary_pending_bytes : 0;
     json vm = {{"name", name},
                {"role", "replica"},
                {"peer", def.primary_site},
                {"epoch", pos.epoch},
-               {"state", pos.apply_error.empty() ? "replicating" : "apply failed"},
+               {"state", state},
                {"health", HealthName(v.health)},
                {"health_reason", v.reason},
                {"frequency", FrequencyText(def.frequency_ms)},
@@ -239,8 +265,10 @@ json Inbound::Report(int64_t now, const std::string& vm_filter) const {
                {"last_cut", FormatUtc(pos.applied_cut_unix_nanos)},
                {"last_recovery_point", nullptr},
                {"recovery_points", points},
+               {"progress", progress},
                {"disks", std::move(disks)}};
-    if (pos.applied_cycle > 0) {
+    // An initial copy has no consistent point until it ends; a resync keeps the one it had.
+    if (pos.applied_cycle > 0 && !(sync.active && sync.kind != applier::SyncKind::kResync)) {
       vm["last_recovery_point"] = {{"id", pos.applied_cycle},
                                    {"time", FormatUtc(pos.applied_cut_unix_nanos)}};
     }

@@ -2,8 +2,13 @@
 
 #include <spdlog/spdlog.h>
 
+#include <sys/stat.h>
+
+#include <ctime>
+
 #include "common/file_util.h"
 #include "common/time_util.h"
+#include "common/units.h"
 #include "tracker/log_format.h"
 
 namespace siterep::control {
@@ -20,6 +25,36 @@ const PeerConfig* FindPeer(const SiteConfig& site, const std::string& name) {
   return nullptr;
 }
 
+uint64_t Measure(const std::vector<tracker::ByteRange>& ranges) {
+  uint64_t n = 0;
+  for (const tracker::ByteRange& r : ranges) n += r.length;
+  return n;
+}
+
+uint64_t CoveredBelow(const std::vector<tracker::ByteRange>& ranges, uint64_t position) {
+  uint64_t n = 0;
+  for (const tracker::ByteRange& r : ranges) {
+    if (r.offset >= position) break;
+    n += std::min(r.length, position - r.offset);
+  }
+  return n;
+}
+
+std::optional<applier::SyncKind> SyncKindFromName(const std::string& name) {
+  for (applier::SyncKind k :
+       {applier::SyncKind::kInitial, applier::SyncKind::kSeeded, applier::SyncKind::kResync}) {
+    if (applier::SyncKindName(k) == name) return k;
+  }
+  return std::nullopt;
+}
+
+int LocalMinuteOfDay(int64_t unix_nanos) {
+  const std::time_t t = static_cast<std::time_t>(unix_nanos / 1'000'000'000);
+  std::tm tm{};
+  localtime_r(&t, &tm);
+  return tm.tm_hour * 60 + tm.tm_min;
+}
+
 std::string PeerNames(const SiteConfig& site) {
   std::string out;
   for (const PeerConfig& p : site.peers) out += (out.empty() ? "" : ", ") + p.name;
@@ -27,12 +62,21 @@ std::string PeerNames(const SiteConfig& site) {
 }
 }  // namespace
 
+json IdleProgress() {
+  return {{"percent", 100.0},
+          {"bytes_done", 0},
+          {"bytes_total", 0},
+          {"rate_bytes_per_s", 0},
+          {"eta_seconds", 0}};
+}
+
 Outbound::Outbound(const SiteConfig& site, ProtectedVm* vm,
                    std::shared_ptr<const shipper::TlsContext> tls)
     : site_(site),
       vm_(vm),
       tls_(std::move(tls)),
       file_(site.state_dir / "vms" / vm->config->name / "replication.json"),
+      sync_file_(site.state_dir / "vms" / vm->config->name / "sync.json"),
       monitor_(vm->config->frequency) {}
 
 Outbound::~Outbound() { Stop(); }
@@ -54,6 +98,24 @@ Status Outbound::Load() {
   }
   std::lock_guard lk(mu_);
   settings_ = s;
+  if (std::filesystem::exists(sync_file_) && vm_->tracker) {
+    SR_ASSIGN_OR_RETURN(std::string sync_text, ReadFile(sync_file_));
+    json sj = json::parse(sync_text, nullptr, /*allow_exceptions=*/false);
+    std::optional<applier::SyncKind> kind;
+    if (sj.is_object() && sj.contains("kind") && sj["kind"].is_string()) {
+      kind = SyncKindFromName(sj["kind"].get<std::string>());
+    }
+    if (!kind) {
+      return Status::Corrupt(sync_file_.string() +
+                             " is damaged: expected {\"kind\": initial|seeded|resync, ...}");
+    }
+    // The snapshot of the interrupted sync is gone: take a new one. A resync's set of
+    // dirty blocks went with it, so it compares every block now.
+    const bool full = *kind == applier::SyncKind::kResync || sj.value("full", false);
+    spdlog::info("VM {}: the {} sync to {} was interrupted; it starts again from a new snapshot",
+                 vm_->config->name, applier::SyncKindName(*kind), s.peer);
+    SR_RETURN_IF_ERROR(BeginSync(*kind, full));
+  }
   return StartShipper();
 }
 
@@ -62,7 +124,154 @@ Status Outbound::Persist(const ReplicationSettings& s) const {
   return WriteFileAtomic(file_, json{{"peer", s.peer}, {"paused", s.paused}}.dump() + "\n");
 }
 
-Status Outbound::Enable(const std::string& peer) {
+Status Outbound::BeginSync(applier::SyncKind kind, bool full) {
+  const VmConfig& cfg = *vm_->config;
+  SR_RETURN_IF_ERROR(MakeDirs(sync_file_.parent_path()));
+  SR_RETURN_IF_ERROR(WriteFileAtomic(
+      sync_file_, json{{"kind", applier::SyncKindName(kind)}, {"full", full}}.dump() + "\n"));
+  Result<tracker::SnapshotInfo> info = vm_->tracker->StartSnapshot();
+  if (!info.ok()) return info.status().WithContext("VM " + cfg.name + ": snapshot");
+  applier::SyncPlan plan;
+  plan.sync_id = info->cycle;
+  plan.kind = kind;
+  plan.cut_unix_nanos = info->cut_unix_nanos;
+  plan.epoch = vm_->epoch;
+  std::vector<std::vector<tracker::ByteRange>> ranges;
+  for (const tracker::SnapshotDisk& d : info->disks) {
+    applier::SyncDiskPlan dp;
+    dp.disk_id = d.disk_id;
+    dp.last_seq = d.last_seq;
+    dp.last_segment = d.last_segment;
+    std::vector<tracker::ByteRange> r;
+    if (kind == applier::SyncKind::kInitial) {
+      dp.mode = applier::SyncMode::kCopy;
+      r = {tracker::ByteRange{0, d.size}};
+    } else {
+      dp.mode = applier::SyncMode::kCompare;
+      if (kind == applier::SyncKind::kSeeded || full || d.all_dirty) {
+        r = {tracker::ByteRange{0, d.size}};
+      } else {
+        r = d.dirty;
+      }
+    }
+    dp.bytes_total = Measure(r);
+    if (kind == applier::SyncKind::kInitial) {
+      // What the copy will write at the replica (its free-space check): the image's
+      // allocated bytes, not its size (holes go as zero extents).
+      struct stat st{};
+      const ProtectedDisk& pd = vm_->disks[plan.disks.size()];
+      if (::fstat(pd.fd.get(), &st) == 0) {
+        dp.bytes_total = std::min<uint64_t>(d.size, static_cast<uint64_t>(st.st_blocks) * 512);
+      }
+    }
+    plan.disks.push_back(dp);
+    ranges.push_back(std::move(r));
+  }
+  uint64_t total = 0;
+  for (const applier::SyncDiskPlan& d : plan.disks) total += d.bytes_total;
+  spdlog::info("VM {}: {} sync {} to {}: snapshot at cycle {}, {} to {}", cfg.name,
+               applier::SyncKindName(kind), plan.sync_id, settings_.peer, info->cycle,
+               FormatSize(total), kind == applier::SyncKind::kInitial ? "copy" : "compare");
+  std::lock_guard lk(sync_mu_);
+  owed_ = OwedSync{kind, full};
+  plan_ = std::move(plan);
+  compare_ranges_ = std::move(ranges);
+  return Status::Ok();
+}
+
+std::optional<applier::SyncPlan> Outbound::Plan() {
+  std::lock_guard lk(sync_mu_);
+  return plan_;
+}
+
+std::vector<tracker::ByteRange> Outbound::CompareRanges(size_t disk) {
+  std::lock_guard lk(sync_mu_);
+  return disk < compare_ranges_.size() ? compare_ranges_[disk] : std::vector<tracker::ByteRange>{};
+}
+
+Status Outbound::Read(size_t disk, uint64_t offset, std::span<std::byte> out) {
+  return vm_->tracker->ReadSnapshot(disk, offset, out);
+}
+
+Result<std::vector<tracker::ByteRange>> Outbound::DataRanges(size_t disk, uint64_t from,
+                                                             uint64_t to) {
+  return vm_->tracker->SnapshotDataRanges(disk, from, to);
+}
+
+void Outbound::Copied(size_t disk, uint64_t offset) { vm_->tracker->SnapshotCopied(disk, offset); }
+
+Status Outbound::Finished(uint64_t sync_id) {
+  std::lock_guard lk(sync_mu_);
+  if (!plan_ || plan_->sync_id != sync_id) return Status::Ok();  // already done
+  SR_RETURN_IF_ERROR(vm_->tracker->EndSnapshot(true));
+  // The replica holds the snapshot, which includes every cycle up to its cut.
+  Status released = vm_->tracker->ReleaseThrough(sync_id);
+  if (!released.ok()) {
+    spdlog::warn("VM {}: releasing segments through cycle {}: {}", vm_->config->name, sync_id,
+                 released.ToString());
+  }
+  std::error_code ec;
+  std::filesystem::remove(sync_file_, ec);
+  if (ec) return Status::FromErrno(ec.value(), "remove " + sync_file_.string());
+  spdlog::info("VM {}: {} sync {} done; the replica is a consistent copy", vm_->config->name,
+               applier::SyncKindName(plan_->kind), sync_id);
+  owed_.reset();
+  plan_.reset();
+  compare_ranges_.clear();
+  return Status::Ok();
+}
+
+Status Outbound::Resync(bool full) {
+  std::lock_guard lk(mu_);
+  return ResyncLocked("requested by the operator", full);
+}
+
+Status Outbound::ResyncLocked(const std::string& why, bool full) {
+  const std::string& name = vm_->config->name;
+  if (settings_.peer.empty()) {
+    return Status::Error(EINVAL, "VM " + name + " is not replicated (siterep enable " + name +
+                                     " --to SITE)");
+  }
+  {
+    std::lock_guard lk(sync_mu_);
+    if (owed_) {
+      return Status::Error(EBUSY, "VM " + name + " has a " +
+                                      std::string(applier::SyncKindName(owed_->kind)) +
+                                      " sync running already");
+    }
+  }
+  if (shipper_) {
+    // A replica whose apply stopped on a bad record may hold anything: compare everything.
+    if (!shipper_->Stats().peer_apply_error.empty()) full = true;
+    shipper_->Stop();
+    shipper_.reset();
+  }
+  spdlog::info("VM {}: resync to {} ({}{})", name, settings_.peer, why,
+               full ? ", every block compared" : "");
+  Status s = BeginSync(applier::SyncKind::kResync, full);
+  Status started = StartShipper();
+  return s.ok() ? started : s;
+}
+
+void Outbound::MaybeAutoResync(int64_t now_nanos) {
+  const VmConfig& cfg = *vm_->config;
+  if (!cfg.auto_resync || settings_.peer.empty() || !vm_->tracker) return;
+  {
+    std::lock_guard lk(sync_mu_);
+    if (owed_) return;
+  }
+  bool needed = false;
+  for (const tracker::DiskStats& d : vm_->tracker->Stats().disks) needed |= d.resync_required;
+  if (!needed) return;
+  if (!InResyncWindow(cfg, LocalMinuteOfDay(now_nanos))) return;
+  // A failing attempt is retried once a minute, not every second.
+  if (last_auto_resync_nanos_ != 0 && now_nanos - last_auto_resync_nanos_ < 60'000'000'000) return;
+  last_auto_resync_nanos_ = now_nanos;
+  Status s = ResyncLocked("automatic: a disk needs it", false);
+  if (!s.ok()) spdlog::warn("VM {}: automatic resync: {}", cfg.name, s.ToString());
+}
+
+Status Outbound::Enable(const std::string& peer, bool seeded) {
   const std::string& name = vm_->config->name;
   std::lock_guard lk(mu_);
   if (FindPeer(site_, peer) == nullptr) {
@@ -77,10 +286,28 @@ Status Outbound::Enable(const std::string& peer) {
   if (!tls_) {
     return Status::Error(EINVAL, "site " + site_.name + " has no [tls] certificates");
   }
+  {
+    std::lock_guard sl(sync_mu_);
+    if (owed_) return Status::Error(EBUSY, "VM " + name + " has a sync under way");
+  }
   ReplicationSettings s{peer, false};
-  SR_RETURN_IF_ERROR(Persist(s));
-  settings_ = s;
-  spdlog::info("VM {}: replication to {} enabled", name, peer);
+  settings_ = s;  // BeginSync names the peer
+  // sync.json before replication.json: a crash in between leaves a sync.json without a
+  // peer, which Load ignores.
+  Status begun = BeginSync(seeded ? applier::SyncKind::kSeeded : applier::SyncKind::kInitial, false);
+  if (begun.ok()) begun = Persist(s);
+  if (!begun.ok()) {
+    settings_ = ReplicationSettings{};
+    (void)vm_->tracker->EndSnapshot(false);
+    std::lock_guard sl(sync_mu_);
+    owed_.reset();
+    plan_.reset();
+    std::error_code ec;
+    std::filesystem::remove(sync_file_, ec);
+    return begun;
+  }
+  spdlog::info("VM {}: replication to {} enabled ({} copy)", name, peer,
+               seeded ? "seeded: only differing blocks" : "full");
   return StartShipper();
 }
 
@@ -106,6 +333,7 @@ Status Outbound::StartShipper() {
   o.definition.recovery_point_interval_ms = cfg.recovery_point_interval.count();
   o.definition.frequency_ms = cfg.frequency.count();
   o.source = vm_->tracker.get();
+  o.sync = this;
   o.bandwidth_limit = peer->bandwidth_limit;
   o.compress = peer->compress;
   tracker::VmTracker* tracker = vm_->tracker.get();
@@ -164,13 +392,17 @@ std::optional<double> Outbound::RpoSeconds(int64_t now_nanos,
 
 void Outbound::Tick(int64_t now_nanos) {
   std::lock_guard lk(mu_);
+  MaybeAutoResync(now_nanos);
   if (!shipper_) return;
   shipper::ShipperStats st = shipper_->Stats();
   if (st.connected)
     link_down_since_nanos_ = 0;
   else if (link_down_since_nanos_ == 0)
     link_down_since_nanos_ = now_nanos;
-  if (!st.paused) monitor_.Observe(now_nanos, RpoSeconds(now_nanos, st).value_or(0));
+  // While a sync runs there is no RPO to judge cycles by.
+  if (!st.paused && !st.sync.active) {
+    monitor_.Observe(now_nanos, RpoSeconds(now_nanos, st).value_or(0));
+  }
 }
 
 void Outbound::Report(int64_t now_nanos, json* vm) const {
@@ -180,9 +412,31 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
   const shipper::ShipperStats st = shipper_->Stats();
   const std::optional<double> rpo = RpoSeconds(now_nanos, st);
 
+  std::optional<OwedSync> owed;
+  std::vector<std::vector<tracker::ByteRange>> ranges;
+  {
+    std::lock_guard sl(sync_mu_);
+    owed = owed_;
+    ranges = compare_ranges_;
+  }
+
   out["peer"] = settings_.peer;
-  if (out["state"] == "not replicating") out["state"] = settings_.paused ? "paused" : "replicating";
-  out["rpo_seconds"] = rpo ? json(*rpo) : json(nullptr);
+  if (owed) {
+    out["state"] = owed->kind == applier::SyncKind::kResync ? "resynchronising" : "initial replication";
+    ReportSync(st, ranges, &out);
+  } else if (out["state"] == "not replicating") {
+    out["state"] = settings_.paused ? "paused" : "replicating";
+  }
+  if (!owed && st.sync.sync_id != 0) {
+    // The sync this daemon ran last (since it started): what it cost on the link.
+    out["last_sync"] = {{"id", st.sync.sync_id},
+                        {"kind", applier::SyncKindName(st.sync.kind)},
+                        {"bytes_total", st.sync.bytes_total},
+                        {"bytes_sent", st.sync.bytes_data},
+                        {"bytes_wire", st.sync.bytes_wire}};
+  }
+  out["rpo_seconds"] = rpo && !(owed && owed->kind != applier::SyncKind::kResync) ? json(*rpo)
+                                                                                  : json(nullptr);
   if (st.applied_cycle > 0) {
     out["last_recovery_point"] = {{"id", st.applied_cycle},
                                   {"time", FormatUtc(st.applied_cut_unix_nanos)}};
@@ -206,7 +460,10 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
   in.frequency = vm_->config->frequency;
   in.rpo_seconds = rpo;
   in.missed_share = monitor_.MissedShare(now_nanos);
-  if (out.value("health", "normal") == "critical") {
+  if (owed) {
+    in.rpo_seconds.reset();  // no RPO to judge while the replica is being brought in line
+  }
+  if (out.value("health", "normal") == "critical" && !owed) {
     in.stopped_reason = out.value("health_reason", "");  // resync required, from the tracker
   } else if (settings_.paused) {
     in.stopped_reason =
@@ -222,9 +479,46 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
         st.last_error.empty() ? "not connected to " + settings_.peer : st.last_error;
     in.link_down_seconds = static_cast<double>(now_nanos - link_down_since_nanos_) / kNanos;
   }
-  const HealthVerdict v = JudgeHealth(in);
+  HealthVerdict v = JudgeHealth(in);
+  if (owed && owed->kind == applier::SyncKind::kResync && v.health == Health::kNormal) {
+    v.health = Health::kWarning;
+    v.reason = "resynchronising with " + settings_.peer;
+  }
   out["health"] = HealthName(v.health);
   out["health_reason"] = v.reason;
+}
+
+void Outbound::ReportSync(const shipper::ShipperStats& st,
+                          const std::vector<std::vector<tracker::ByteRange>>& ranges,
+                          json* vm) const {
+  // Live progress: what this connection scanned (it starts at the replica's durable
+  // position), never less than what the replica holds durably.
+  const uint64_t total = st.sync.bytes_total;
+  uint64_t done = std::max(st.sync.bytes_done, st.connected ? st.sync.bytes_scanned : 0);
+  if (total > 0) done = std::min(done, total);
+  const double rate = st.connected ? st.sync.rate_bytes_per_s : 0;
+  auto progress = [&](uint64_t d, uint64_t t) {
+    json p = {{"percent", t == 0 ? 100.0 : 100.0 * static_cast<double>(d) / static_cast<double>(t)},
+              {"bytes_done", d},
+              {"bytes_total", t},
+              {"rate_bytes_per_s", rate},
+              {"eta_seconds", rate > 0 ? json(static_cast<double>(t - d) / rate) : json(nullptr)}};
+    return p;
+  };
+  json& out = *vm;
+  out["progress"] = progress(done, total);
+  out["progress"]["kind"] = applier::SyncKindName(st.sync.kind);
+  out["progress"]["bytes_sent"] = st.sync.bytes_data;
+  out["progress"]["bytes_wire"] = st.sync.bytes_wire;
+  // Per disk: the disks go one after another, so the live figure fills them in order.
+  uint64_t left = done;
+  for (size_t i = 0; i < ranges.size() && i < out["disks"].size(); ++i) {
+    const uint64_t t = Measure(ranges[i]);
+    uint64_t d = std::min(left, t);
+    if (i < st.sync.disk_done.size()) d = std::max(d, CoveredBelow(ranges[i], st.sync.disk_done[i]));
+    left -= std::min(left, t);
+    out["disks"][i]["progress"] = progress(std::min(d, t), t);
+  }
 }
 
 }  // namespace siterep::control

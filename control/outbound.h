@@ -4,6 +4,14 @@
 //
 // The settings live in <state_dir>/vms/<vm>/replication.json ({"peer": ..., "paused": ...}),
 // written before the shipper starts, so a restarted daemon resumes replication by itself.
+//
+// Syncs (initial replication, seeded enable, resync): the Outbound is the shipper's
+// SyncSource. A sync owed to the replica is persisted in <state_dir>/vms/<vm>/sync.json
+// ({"kind", "full"}) before the tracker's snapshot is taken, and deleted once the replica
+// holds the snapshot. The snapshot itself does not survive a restart: a restarted daemon
+// takes a new one and the sync starts again, the replica telling how far it got (blocks it
+// already holds are compared, not sent). An interrupted resync starts again as a full
+// comparison (its dirty-block set was in memory).
 // Owned by the Daemon, one per protected VM; methods are thread-safe (the control socket
 // thread and the monitor thread call them).
 #pragma once
@@ -28,17 +36,23 @@ struct ReplicationSettings {
   bool paused = false;
 };
 
-class Outbound {
+// The "progress" object of `siterep status` when no sync runs.
+nlohmann::json IdleProgress();
+
+class Outbound : public shipper::SyncSource {
  public:
   // vm and config outlive the Outbound. tls may be null (no [tls]: enable is refused).
   Outbound(const SiteConfig& site, ProtectedVm* vm, std::shared_ptr<const shipper::TlsContext> tls);
-  ~Outbound();
+  ~Outbound() override;
 
   // Reads replication.json and, when replication is enabled, starts the shipper.
   Status Load();
   // `siterep enable VM --to peer`: refuses a VM that is already replicated, an unknown
   // peer, an untracked VM or a site without certificates; persists, then starts shipping.
-  Status Enable(const std::string& peer);
+  Status Enable(const std::string& peer, bool seeded = false);
+  // `siterep resync VM`: snapshot now and compare (bitmap-guided where the dirty blocks are
+  // known, every block otherwise); refused while a sync runs or when not replicated.
+  Status Resync(bool full = false);
   Status Pause();
   Status Resume();
   void Stop();  // stops the shipper (daemon shutdown); settings stay
@@ -49,21 +63,51 @@ class Outbound {
   // Fills the replication fields of the VM's status object.
   void Report(int64_t now_nanos, nlohmann::json* vm_status) const;
 
+  // shipper::SyncSource (called from the shipper's thread).
+  std::optional<applier::SyncPlan> Plan() override;
+  std::vector<tracker::ByteRange> CompareRanges(size_t disk) override;
+  Status Read(size_t disk, uint64_t offset, std::span<std::byte> out) override;
+  Result<std::vector<tracker::ByteRange>> DataRanges(size_t disk, uint64_t from,
+                                                     uint64_t to) override;
+  void Copied(size_t disk, uint64_t offset) override;
+  Status Finished(uint64_t sync_id) override;
+
  private:
   Status Persist(const ReplicationSettings& s) const;
   Status StartShipper();  // mu_ held
+  // Persists sync.json, takes the snapshot and makes the plan. mu_ held, no shipper.
+  Status BeginSync(applier::SyncKind kind, bool full);
+  Status ResyncLocked(const std::string& why, bool full);  // mu_ held
+  void MaybeAutoResync(int64_t now_nanos);      // mu_ held
+  // The "progress" objects of the VM and its disks while a sync is owed.
+  void ReportSync(const shipper::ShipperStats& st,
+                  const std::vector<std::vector<tracker::ByteRange>>& ranges,
+                  nlohmann::json* vm) const;
   std::optional<double> RpoSeconds(int64_t now_nanos, const shipper::ShipperStats& st) const;
 
   const SiteConfig& site_;
   ProtectedVm* const vm_;
   const std::shared_ptr<const shipper::TlsContext> tls_;
   const std::filesystem::path file_;
+  const std::filesystem::path sync_file_;
   HealthMonitor monitor_;
 
   mutable std::mutex mu_;  // protects settings_ and shipper_ (not the shipper's inside)
   ReplicationSettings settings_;
   std::unique_ptr<shipper::Shipper> shipper_;
   int64_t link_down_since_nanos_ = 0;  // written by Tick
+  int64_t last_auto_resync_nanos_ = 0;  // written by Tick
+
+  // The sync owed to the replica. Taken after mu_ (never the other way), and by the
+  // shipper's thread alone, so Finished never waits for mu_.
+  struct OwedSync {
+    applier::SyncKind kind = applier::SyncKind::kInitial;
+    bool full = false;  // compare every block
+  };
+  mutable std::mutex sync_mu_;
+  std::optional<OwedSync> owed_;
+  std::optional<applier::SyncPlan> plan_;  // of the snapshot taken for owed_
+  std::vector<std::vector<tracker::ByteRange>> compare_ranges_;
 };
 
 }  // namespace siterep::control

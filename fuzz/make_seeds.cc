@@ -95,6 +95,39 @@ int main(int argc, char** argv) {
   Ack ack;
   ack.received_cycle = 3;
   ack.applied_cycle = 2;
+  applier::SyncPlan plan;
+  plan.sync_id = 4;
+  plan.kind = applier::SyncKind::kResync;
+  plan.cut_unix_nanos = 1'700'000'000'000'000'000;
+  plan.epoch = 1;
+  plan.disks = {{chunk.disk_id, applier::SyncMode::kCompare, 3, 1, 1 << 20}};
+  SyncReply sync_accepted;
+  sync_accepted.accepted = true;
+  sync_accepted.resume.disks = {{chunk.disk_id, 64 << 10, 1 << 20}};
+  SyncReply sync_refused;
+  sync_refused.error = "no_space";
+  sync_refused.message = "replica needs 1 MiB";
+  HashReply hashes;
+  hashes.disk_id = chunk.disk_id;
+  hashes.offset = applier::kSyncBlockSize;
+  hashes.hashes = {0x0123456789abcdef, 0xfedcba9876543210};
+  SyncData sync_raw;
+  sync_raw.disk_id = chunk.disk_id;
+  sync_raw.offset = 4096;
+  sync_raw.length = data.size();
+  sync_raw.done_to = 4096 + data.size();
+  sync_raw.data = data;
+  SyncData sync_zstd = sync_raw;
+  sync_zstd.flags = packed ? kSyncZstd : 0;
+  sync_zstd.length = zeros.size();
+  sync_zstd.done_to = sync_zstd.offset + zeros.size();
+  sync_zstd.data = zchunk.data;
+  SyncData sync_zero;
+  sync_zero.disk_id = chunk.disk_id;
+  sync_zero.flags = kSyncZero;
+  sync_zero.offset = 1 << 20;
+  sync_zero.length = 1 << 30;
+  sync_zero.done_to = (1 << 20) + (1 << 30);
   std::vector<std::byte> stream;
   const std::pair<FrameType, std::vector<std::byte>> frames[] = {
       {FrameType::kHello, EncodeHello(hello)},
@@ -105,6 +138,16 @@ int main(int argc, char** argv) {
       {FrameType::kAck, EncodeAck(ack)},
       {FrameType::kHeartbeat, EncodeHeartbeat({1, 0, 0})},
       {FrameType::kError, EncodeError({5, "bye"})},
+      {FrameType::kSyncBegin, EncodeSyncBegin(plan)},
+      {FrameType::kSyncReply, EncodeSyncReply(sync_accepted)},
+      {FrameType::kSyncReply, EncodeSyncReply(sync_refused)},
+      {FrameType::kHashRequest, EncodeHashRequest({chunk.disk_id, 2, applier::kSyncBlockSize})},
+      {FrameType::kHashReply, EncodeHashReply(hashes)},
+      {FrameType::kSyncData, EncodeSyncData(sync_raw)},
+      {FrameType::kSyncData, EncodeSyncData(sync_zstd)},
+      {FrameType::kSyncData, EncodeSyncData(sync_zero)},
+      {FrameType::kSyncAck, EncodeSyncAck({chunk.disk_id, 64 << 10})},
+      {FrameType::kSyncEnd, EncodeSyncEnd({4, 1'700'000'000'000'000'000})},
   };
   int n = 0;
   for (const auto& [type, payload] : frames) {

@@ -1,7 +1,7 @@
 // End-to-end tests of the replication link: a real tracker::VmTracker on temp images as the
 // source, a Shipper and a Receiver talking real TLS on 127.0.0.1, and RecordingSink, a test
 // double of the applier that stores what it gets in files and checks the order of chunks
-// and commits (no gap, no duplicate).
+// and commits (no gap, no duplicate), and keeps what a sync writes in memory.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
@@ -17,6 +17,7 @@
 #include <thread>
 
 #include "applier/replica.h"
+#include "common/block_hash.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
 #include "shipper/receiver.h"
@@ -39,6 +40,15 @@ using tracker::testing::WriteVia;
 // records as a violation) chunks out of order, a segment that does not parse or end in a
 // cut, a commit of a cycle it already has (duplicate) or that skips one (gap), and a commit
 // without every disk's segment of the cycle.
+//
+// Syncs happen in memory: one image per disk (zero-filled at the first BeginSync, kept
+// across syncs so a resync can compare), a done offset per disk and a durable done offset
+// that lags it by up to durable_step bytes (the replica persists its progress now and then),
+// so SyncAcks are sparse. A BeginSync of the sync in progress (a reconnect) resumes from the
+// durable offsets, losing what was done but not durable as a crash would; another sync_id
+// starts over and reports how far the unfinished one wrote. Refused and recorded as
+// violations: sync data or hashes without a sync, below the done offset, past the disk's
+// end, data and zeros at once; an EndSync before every disk is done; a segment during a sync.
 class RecordingSink : public applier::SegmentSink {
  public:
   RecordingSink(fs::path dir, applier::ReplicaDefinition definition)
@@ -50,6 +60,7 @@ class RecordingSink : public applier::SegmentSink {
                       std::span<const std::byte> data, bool last) override {
     std::lock_guard lk(mu_);
     ++write_calls_;
+    if (sync_.active) return Violation("segment " + std::to_string(number) + " during a sync");
     Partial& p = partial_[disk_id];
     if (offset == 0) {
       p = Partial{number, {}};
@@ -120,6 +131,144 @@ class RecordingSink : public applier::SegmentSink {
     return p;
   }
 
+  Result<applier::SyncResume> BeginSync(const applier::SyncPlan& plan) override {
+    std::lock_guard lk(mu_);
+    plans_.push_back(plan);
+    if (!sync_refusal_.ok()) return sync_refusal_;
+    if (plan.epoch < def_.epoch) {
+      return Status::Error(ESTALE, "sync at epoch " + std::to_string(plan.epoch) + ", replica at " +
+                                       std::to_string(def_.epoch));
+    }
+    if (plan.disks.size() != def_.disks.size()) return Status::Invalid("plan for other disks");
+    for (size_t i = 0; i < plan.disks.size(); ++i) {
+      if (plan.disks[i].disk_id != def_.disks[i].disk_id) {
+        return Status::Invalid("plan for other disks");
+      }
+    }
+    if (plan.sync_id < received_) {
+      return Status::Invalid("sync " + std::to_string(plan.sync_id) + " older than cycle " +
+                             std::to_string(received_));
+    }
+    const bool same = sync_.plan.sync_id == plan.sync_id && (sync_.active || sync_.ended);
+    const bool ended_already = same && !sync_.active;
+    applier::SyncResume resume;
+    for (const applier::DiskDefinition& d : def_.disks) {
+      std::vector<std::byte>& image = images_[d.disk_id];
+      if (image.size() != d.size) image.resize(d.size);
+      SyncDisk& sd = sync_.disks[d.disk_id];
+      if (ended_already) {
+        sd.done = sd.durable = d.size;
+      } else if (same) {
+        sd.done = sd.durable;  // what was not durable is lost
+      } else {
+        // An unfinished other sync wrote below its high-water mark: that must be compared.
+        sd.written_until = sync_.active ? std::max(sd.written_until, sd.written_max) : 0;
+        sd.written_max = 0;
+        sd.done = sd.durable = 0;
+      }
+      resume.disks.push_back({d.disk_id, sd.durable, sd.written_until});
+    }
+    if (!same) sync_.bytes_written = 0;
+    sync_.plan = plan;
+    sync_.active = true;
+    sync_.ended = false;
+    return resume;
+  }
+
+  Result<std::vector<uint64_t>> SyncHashes(uint32_t disk_id, uint64_t offset,
+                                           uint32_t count) override {
+    std::lock_guard lk(mu_);
+    ++hash_calls_;
+    SR_ASSIGN_OR_RETURN(std::vector<std::byte> * image, SyncImage(disk_id, "hashes"));
+    // Every block asked for starts within the disk (the last one may end past it).
+    if (offset % applier::kSyncBlockSize != 0 || count == 0 || count > applier::kMaxHashBlocks ||
+        offset + (uint64_t{count} - 1) * applier::kSyncBlockSize >= image->size()) {
+      return Violation("hashes of " + std::to_string(count) + " blocks at " +
+                       std::to_string(offset) + " of a disk of " + std::to_string(image->size()));
+    }
+    std::vector<uint64_t> out;
+    for (uint32_t i = 0; i < count; ++i) {
+      const uint64_t at = offset + uint64_t{i} * applier::kSyncBlockSize;
+      const size_t n = static_cast<size_t>(std::min(applier::kSyncBlockSize, image->size() - at));
+      out.push_back(BlockHash(std::span<const std::byte>(image->data() + at, n)));
+    }
+    return out;
+  }
+
+  Result<uint64_t> WriteSyncData(uint32_t disk_id, uint64_t offset, std::span<const std::byte> data,
+                                 uint64_t zero_length, uint64_t done_to) override {
+    std::lock_guard lk(mu_);
+    ++sync_data_calls_;
+    SR_ASSIGN_OR_RETURN(std::vector<std::byte> * image, SyncImage(disk_id, "data"));
+    SyncDisk& sd = sync_.disks[disk_id];
+    const uint64_t length = data.empty() ? zero_length : data.size();
+    if (!data.empty() && zero_length != 0) return Violation("data and zeros at once");
+    if (offset < sd.done) {
+      return Violation("sync data at " + std::to_string(offset) + " below the done offset " +
+                       std::to_string(sd.done));
+    }
+    if (offset + length > done_to || done_to > image->size()) {
+      return Violation("sync data [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                       ") done to " + std::to_string(done_to) + " on a disk of " +
+                       std::to_string(image->size()));
+    }
+    if (!data.empty()) {
+      std::copy(data.begin(), data.end(), image->begin() + static_cast<ptrdiff_t>(offset));
+      sync_.bytes_written += data.size();
+    } else {
+      std::fill_n(image->begin() + static_cast<ptrdiff_t>(offset), length, std::byte{0});
+    }
+    if (length > 0) sd.written_max = std::max(sd.written_max, offset + length);
+    sd.done = done_to;
+    if (sd.done - sd.durable >= durable_step_ || sd.done == image->size()) sd.durable = sd.done;
+    return sd.durable;
+  }
+
+  Status EndSync(uint64_t sync_id, int64_t cut_unix_nanos) override {
+    std::lock_guard lk(mu_);
+    if (sync_.plan.sync_id != sync_id || !(sync_.active || sync_.ended)) {
+      return Violation("EndSync of sync " + std::to_string(sync_id) + ", which is not running");
+    }
+    if (sync_.ended) return Status::Ok();  // idempotent
+    for (const applier::DiskDefinition& d : def_.disks) {
+      SyncDisk& sd = sync_.disks[d.disk_id];
+      if (sd.done != d.size) {
+        return Violation("EndSync with disk " + d.name + " done to " + std::to_string(sd.done) +
+                         " of " + std::to_string(d.size));
+      }
+      sd.durable = sd.done;
+      sd.written_until = sd.written_max = 0;
+    }
+    // The images are cycle sync_id; segments continue the plan's logs.
+    for (const applier::SyncDiskPlan& d : sync_.plan.disks) {
+      committed_segment_[d.disk_id] = d.last_segment;
+    }
+    partial_.clear();
+    complete_.clear();
+    received_ = sync_id;
+    cut_nanos_ = cut_unix_nanos;
+    sync_.active = false;
+    sync_.ended = true;
+    sync_ends_.push_back(sync_id);
+    return Status::Ok();
+  }
+
+  applier::SyncStatus Sync() const override {
+    std::lock_guard lk(mu_);
+    applier::SyncStatus st;
+    st.active = sync_.active;
+    st.sync_id = sync_.plan.sync_id;
+    st.kind = sync_.plan.kind;
+    st.bytes_written = sync_.bytes_written;
+    for (const applier::DiskDefinition& d : def_.disks) {
+      st.bytes_total += d.size;
+      if (auto it = sync_.disks.find(d.disk_id); it != sync_.disks.end()) {
+        st.bytes_done += it->second.durable;
+      }
+    }
+    return st;
+  }
+
   fs::path PathOf(uint32_t disk_id, uint64_t number) const {
     return dir_ / (std::to_string(disk_id) + "-" + std::to_string(number) + ".seg");
   }
@@ -145,6 +294,43 @@ class RecordingSink : public applier::SegmentSink {
     std::lock_guard lk(mu_);
     return received_;
   }
+  // Sync: what the images hold, the plans BeginSync was given (refused ones included), the
+  // syncs ended, and the calls made.
+  std::vector<std::byte> Image(uint32_t disk_id) const {
+    std::lock_guard lk(mu_);
+    auto it = images_.find(disk_id);
+    return it == images_.end() ? std::vector<std::byte>{} : it->second;
+  }
+  std::vector<applier::SyncPlan> SyncPlans() const {
+    std::lock_guard lk(mu_);
+    return plans_;
+  }
+  std::vector<uint64_t> SyncEnds() const {
+    std::lock_guard lk(mu_);
+    return sync_ends_;
+  }
+  uint64_t hash_calls() const {
+    std::lock_guard lk(mu_);
+    return hash_calls_;
+  }
+  uint64_t sync_data_calls() const {
+    std::lock_guard lk(mu_);
+    return sync_data_calls_;
+  }
+  // Puts bytes into an image before a sync (a seed, or a replica that diverged).
+  void SetImage(uint32_t disk_id, std::vector<std::byte> image) {
+    std::lock_guard lk(mu_);
+    images_[disk_id] = std::move(image);
+  }
+  void set_durable_step(uint64_t bytes) {
+    std::lock_guard lk(mu_);
+    durable_step_ = bytes;
+  }
+  // What BeginSync answers while not ok.
+  void SetSyncRefusal(Status s) {
+    std::lock_guard lk(mu_);
+    sync_refusal_ = std::move(s);
+  }
 
  private:
   struct Partial {
@@ -159,6 +345,29 @@ class RecordingSink : public applier::SegmentSink {
     violations_.push_back(what);
     return Status::Error(EPROTO, "RecordingSink: " + what);
   }
+  // The image of a disk of the running sync (under mu_).
+  Result<std::vector<std::byte>*> SyncImage(uint32_t disk_id, std::string_view what) {
+    if (!sync_.active) return Violation("sync " + std::string(what) + " without a sync");
+    auto it = images_.find(disk_id);
+    if (it == images_.end() || sync_.disks.count(disk_id) == 0) {
+      return Violation("sync " + std::string(what) + " for unknown disk " +
+                       std::to_string(disk_id));
+    }
+    return &it->second;
+  }
+  struct SyncDisk {
+    uint64_t done = 0;
+    uint64_t durable = 0;
+    uint64_t written_max = 0;    // end of the highest range this sync wrote
+    uint64_t written_until = 0;  // reported to the sender: an older unfinished sync's mark
+  };
+  struct SyncState {
+    applier::SyncPlan plan;
+    bool active = false;
+    bool ended = false;  // plan.sync_id has ended (and nothing started since)
+    std::map<uint32_t, SyncDisk> disks;
+    uint64_t bytes_written = 0;
+  };
 
   const fs::path dir_;
   const applier::ReplicaDefinition def_;
@@ -171,6 +380,15 @@ class RecordingSink : public applier::SegmentSink {
   std::vector<applier::CycleInfo> commits_;
   std::vector<std::string> violations_;
   uint64_t write_calls_ = 0;
+  // Sync:
+  std::map<uint32_t, std::vector<std::byte>> images_;
+  SyncState sync_;
+  std::vector<applier::SyncPlan> plans_;
+  std::vector<uint64_t> sync_ends_;
+  uint64_t durable_step_ = 1 << 20;
+  Status sync_refusal_;
+  uint64_t hash_calls_ = 0;
+  uint64_t sync_data_calls_ = 0;
 };
 
 // A TCP forwarder between shipper and receiver that a test can cut (close every

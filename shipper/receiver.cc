@@ -12,6 +12,7 @@
 #include <list>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <thread>
 
@@ -95,6 +96,24 @@ class Receiver::Impl {
                                           applier::ReplicaDefinition* definition);
   Outcome Stream(Conn& conn, TlsStream& stream, applier::SegmentSink& sink,
                  const applier::ReplicaDefinition& definition);
+  // The sync in progress on one connection, from its SyncBegin to its SyncEnd.
+  struct SyncSession {
+    bool active = false;
+    uint64_t sync_id = 0;
+    std::map<uint32_t, uint64_t> acked;  // disk id -> durable done offset the primary knows
+    std::vector<std::byte> data;         // the current SyncData's raw bytes
+  };
+  // Handles one sync frame (SyncBegin, HashRequest, SyncData, SyncEnd): nothing to return
+  // to continue the conversation, or how the connection ends. mid_cycle: a cycle's chunks
+  // are arriving (no sync may start). *committed follows a SyncEnd.
+  std::optional<Outcome> SyncFrame(TlsStream& stream, applier::SegmentSink& sink,
+                                   const applier::ReplicaDefinition& definition,
+                                   const FrameHeader& header, std::span<const std::byte> payload,
+                                   bool mid_cycle, SyncSession* sync, uint64_t* committed);
+  // Sends an Error frame (best effort) and ends the connection with s.
+  Outcome Fail(TlsStream& stream, const std::string& vm, const Status& s);
+  // An Ack of the sink's position.
+  Status SendAck(TlsStream& stream, const applier::SegmentSink& sink);
   // Sends HelloReply "refused" (best effort) and returns the refusal as a Status.
   Status Refuse(TlsStream& stream, const std::string& who, int code, const std::string& message);
   void CancelLocked(Conn& conn);
@@ -392,22 +411,9 @@ Outcome Receiver::Impl::Stream(Conn& conn, TlsStream& stream, applier::SegmentSi
   std::vector<std::byte> data;
   uint64_t cycle = 0;  // the cycle whose chunks are arriving; 0 between cycles
   uint64_t committed = sink.Position().received_cycle;
-  // Tells the peer why, and ends the connection with that error.
-  auto fail = [&](const Status& s) {
-    SendError(stream, s.code(), s.message());
-    return Outcome{s.WithContext("VM " + vm), false};
-  };
-  auto send_ack = [&]() -> Status {
-    const applier::ReplicaPosition pos = sink.Position();
-    Ack ack;
-    ack.received_cycle = pos.received_cycle;
-    ack.applied_cycle = pos.applied_cycle;
-    ack.applied_cut_unix_nanos = pos.applied_cut_unix_nanos;
-    ack.pending_bytes = pos.pending_bytes;
-    ack.apply_error = pos.apply_error;
-    return stream.WriteAll(EncodeFrame(FrameType::kAck, EncodeAck(ack)),
-                           Clock::now() + opts_.io_timeout);
-  };
+  SyncSession sync;
+  auto fail = [&](const Status& s) { return Fail(stream, vm, s); };
+  auto send_ack = [&]() { return SendAck(stream, sink); };
 
   while (true) {
     const Deadline deadline = Clock::now() + opts_.io_timeout;
@@ -441,6 +447,10 @@ Outcome Receiver::Impl::Stream(Conn& conn, TlsStream& stream, applier::SegmentSi
       case FrameType::kSegmentChunk: {
         Result<SegmentChunk> chunk = DecodeSegmentChunk(payload);
         if (!chunk.ok()) return fail(chunk.status());
+        if (sync.active) {
+          return fail(
+              Status::Error(EPROTO, "segment chunk during sync " + std::to_string(sync.sync_id)));
+        }
         if (disk_ids.count(chunk->disk_id) == 0) {
           return fail(Status::Error(EPROTO, "chunk for disk id " + std::to_string(chunk->disk_id) +
                                                 ", which VM " + vm + " does not have"));
@@ -499,6 +509,15 @@ Outcome Receiver::Impl::Stream(Conn& conn, TlsStream& stream, applier::SegmentSi
         if (Status s = send_ack(); !s.ok()) return Outcome{s, false};
         break;
       }
+      case FrameType::kSyncBegin:
+      case FrameType::kHashRequest:
+      case FrameType::kSyncData:
+      case FrameType::kSyncEnd: {
+        std::optional<Outcome> end =
+            SyncFrame(stream, sink, definition, *header, payload, cycle != 0, &sync, &committed);
+        if (end) return std::move(*end);
+        break;
+      }
       case FrameType::kError: {
         Result<ErrorFrame> e = DecodeError(payload);
         if (!e.ok()) return Outcome{e.status(), false};
@@ -511,6 +530,178 @@ Outcome Receiver::Impl::Stream(Conn& conn, TlsStream& stream, applier::SegmentSi
         return fail(Status::Error(
             EPROTO, "unexpected " + std::string(FrameTypeName(header->type)) + " frame"));
     }
+  }
+}
+
+Outcome Receiver::Impl::Fail(TlsStream& stream, const std::string& vm, const Status& s) {
+  SendError(stream, s.code(), s.message());
+  return Outcome{s.WithContext("VM " + vm), false};
+}
+
+Status Receiver::Impl::SendAck(TlsStream& stream, const applier::SegmentSink& sink) {
+  const applier::ReplicaPosition pos = sink.Position();
+  Ack ack;
+  ack.received_cycle = pos.received_cycle;
+  ack.applied_cycle = pos.applied_cycle;
+  ack.applied_cut_unix_nanos = pos.applied_cut_unix_nanos;
+  ack.pending_bytes = pos.pending_bytes;
+  ack.apply_error = pos.apply_error;
+  return stream.WriteAll(EncodeFrame(FrameType::kAck, EncodeAck(ack)),
+                         Clock::now() + opts_.io_timeout);
+}
+
+std::optional<Outcome> Receiver::Impl::SyncFrame(TlsStream& stream, applier::SegmentSink& sink,
+                                                 const applier::ReplicaDefinition& definition,
+                                                 const FrameHeader& header,
+                                                 std::span<const std::byte> payload, bool mid_cycle,
+                                                 SyncSession* sync, uint64_t* committed) {
+  const std::string& vm = definition.vm;
+  auto fail = [&](const Status& s) { return Fail(stream, vm, s); };
+  auto send = [&](FrameType type, const std::vector<std::byte>& body) {
+    return stream.WriteAll(EncodeFrame(type, body), Clock::now() + opts_.io_timeout);
+  };
+  const std::string_view name = FrameTypeName(header.type);
+  if (header.type != FrameType::kSyncBegin && !sync->active) {
+    return fail(Status::Error(EPROTO, std::string(name) + " without a SyncBegin"));
+  }
+  // Sync data and hashes only for the disks of the plan (a subset of the VM's).
+  auto in_plan = [&](uint32_t disk_id) -> Status {
+    if (sync->acked.count(disk_id) != 0) return Status::Ok();
+    return Status::Error(EPROTO, std::string(name) + " for disk id " + std::to_string(disk_id) +
+                                     ", which sync " + std::to_string(sync->sync_id) + " of VM " +
+                                     vm + " does not have");
+  };
+
+  switch (header.type) {
+    case FrameType::kSyncBegin: {
+      if (mid_cycle) return fail(Status::Error(EPROTO, "SyncBegin in the middle of a cycle"));
+      if (sync->active) {
+        return fail(Status::Error(
+            EPROTO, "SyncBegin while sync " + std::to_string(sync->sync_id) + " is running"));
+      }
+      Result<applier::SyncPlan> plan = DecodeSyncBegin(payload);
+      if (!plan.ok()) return fail(plan.status());
+      // The connection is bound to its Hello's epoch (wire_format.h).
+      if (plan->epoch != definition.epoch) {
+        return fail(Status::Error(EPROTO, "SyncBegin at epoch " + std::to_string(plan->epoch) +
+                                              " on a connection at epoch " +
+                                              std::to_string(definition.epoch)));
+      }
+      const std::string what = "sync " + std::to_string(plan->sync_id) + " (" +
+                               std::string(applier::SyncKindName(plan->kind)) + ")";
+      Result<applier::SyncResume> resume = sink.BeginSync(*plan);
+      if (!resume.ok()) {
+        // Like a refused Hello: the reply names the refusal, then the connection closes.
+        const Status& s = resume.status();
+        SyncReply reply;
+        reply.accepted = false;
+        reply.error = std::string(RefusalName(s.code()));
+        reply.message = s.message();
+        (void)stream.WriteAll(EncodeFrame(FrameType::kSyncReply, EncodeSyncReply(reply)),
+                              Clock::now() + std::chrono::seconds(1));
+        spdlog::warn("receiver: VM {}: refused {}: {}: {}", vm, what, reply.error, s.message());
+        return Outcome{
+            Status::Error(s.code(), what + " refused: " + reply.error + ": " + s.message())
+                .WithContext("VM " + vm),
+            false};
+      }
+      sync->active = true;
+      sync->sync_id = plan->sync_id;
+      sync->acked.clear();
+      for (const applier::SyncDiskPlan& d : plan->disks) sync->acked[d.disk_id] = 0;
+      uint64_t resumed = 0;
+      for (const applier::SyncDiskResume& d : resume->disks) {
+        if (auto it = sync->acked.find(d.disk_id); it != sync->acked.end()) {
+          it->second = d.done_offset;
+          resumed += d.done_offset;
+        }
+      }
+      SyncReply reply;
+      reply.accepted = true;
+      reply.resume = std::move(*resume);
+      if (Status s = send(FrameType::kSyncReply, EncodeSyncReply(reply)); !s.ok()) {
+        return Outcome{s, false};
+      }
+      spdlog::info("receiver: VM {}: {} {} ({} bytes already done)", vm,
+                   resumed > 0 ? "resuming" : "starting", what, resumed);
+      return std::nullopt;
+    }
+
+    case FrameType::kHashRequest: {
+      Result<HashRequest> req = DecodeHashRequest(payload);
+      if (!req.ok()) return fail(req.status());
+      if (Status s = in_plan(req->disk_id); !s.ok()) return fail(s);
+      Result<std::vector<uint64_t>> hashes = sink.SyncHashes(req->disk_id, req->offset, req->count);
+      if (!hashes.ok()) return fail(hashes.status());
+      if (hashes->size() != req->count) {
+        return fail(Status::Error(EIO, "the replica returned " + std::to_string(hashes->size()) +
+                                           " hashes for " + std::to_string(req->count) +
+                                           " blocks"));
+      }
+      HashReply reply;
+      reply.disk_id = req->disk_id;
+      reply.offset = req->offset;
+      reply.hashes = std::move(*hashes);
+      if (Status s = send(FrameType::kHashReply, EncodeHashReply(reply)); !s.ok()) {
+        return Outcome{s, false};
+      }
+      return std::nullopt;
+    }
+
+    case FrameType::kSyncData: {
+      Result<SyncData> d = DecodeSyncData(payload);
+      if (!d.ok()) return fail(d.status());
+      if (Status s = in_plan(d->disk_id); !s.ok()) return fail(s);
+      std::vector<std::byte>& data = sync->data;
+      data.clear();
+      if (!d->zero()) {
+        if (Status s = SyncDataBytes(*d, &data); !s.ok()) return fail(s);
+      }
+      Result<uint64_t> durable =
+          sink.WriteSyncData(d->disk_id, d->offset, data, d->zero() ? d->length : 0, d->done_to);
+      if (!durable.ok()) return fail(durable.status());
+      const auto now = Clock::now();
+      UpdateVm(vm, [&](VmEntry& e) {
+        e.stats.bytes_raw += data.size();
+        e.stats.bytes_wire += d->data.size();
+        e.meter.Add(kFrameHeaderSize + payload.size(), now);
+      });
+      uint64_t& acked = sync->acked[d->disk_id];
+      if (*durable > acked) {
+        if (Status s = send(FrameType::kSyncAck, EncodeSyncAck(SyncAck{d->disk_id, *durable}));
+            !s.ok()) {
+          return Outcome{s, false};
+        }
+        acked = *durable;
+      }
+      return std::nullopt;
+    }
+
+    case FrameType::kSyncEnd: {
+      Result<SyncEnd> end = DecodeSyncEnd(payload);
+      if (!end.ok()) return fail(end.status());
+      if (end->sync_id != sync->sync_id) {
+        return fail(Status::Error(EPROTO, "SyncEnd of sync " + std::to_string(end->sync_id) +
+                                              " during sync " + std::to_string(sync->sync_id)));
+      }
+      if (Status s = sink.EndSync(end->sync_id, end->cut_unix_nanos); !s.ok()) return fail(s);
+      const applier::ReplicaPosition pos = sink.Position();
+      if (pos.received_cycle < end->sync_id) {
+        return fail(Status::Error(EIO, "the replica ended sync " + std::to_string(end->sync_id) +
+                                           " but stands at cycle " +
+                                           std::to_string(pos.received_cycle)));
+      }
+      sync->active = false;
+      *committed = pos.received_cycle;
+      UpdateVm(vm, [&](VmEntry& e) { e.stats.received_cycle = pos.received_cycle; });
+      spdlog::info("receiver: VM {}: sync {} ended; replica at cycle {}", vm, end->sync_id,
+                   pos.received_cycle);
+      if (Status s = SendAck(stream, sink); !s.ok()) return Outcome{s, false};
+      return std::nullopt;
+    }
+
+    default:
+      return fail(Status::Error(EPROTO, "unexpected " + std::string(name) + " frame"));
   }
 }
 

@@ -7,6 +7,19 @@
 // applier::SegmentSink, which control/ provides through SinkProvider (creating the replica
 // when it does not exist yet), and acknowledges each cycle once the sink has committed it.
 //
+// Syncs (initial copy, seeded enable, resync): after the HelloReply, outside a cycle, the
+// primary may send SyncBegin; the sink's BeginSync accepts it (SyncReply with where each
+// disk stands) or refuses it (SyncReply "refused" with RefusalName of its errno and its
+// message; the connection then closes, like a refused Hello). Until the SyncEnd, every
+// HashRequest is answered from sink->SyncHashes with a HashReply, every SyncData goes to
+// sink->WriteSyncData, and a SyncAck reports a disk's durable done offset whenever it has
+// moved since the last one sent (or since the SyncReply). SyncEnd -> sink->EndSync, then an
+// Ack of the sink's position (received = applied = the sync's cycle). HashRequest, SyncData
+// or SyncEnd without a SyncBegin on the connection, a segment chunk during a sync, a frame
+// for a disk that is not in the plan, a SyncBegin at another epoch than the Hello's, and
+// any error of the sink are answered with an Error frame and the connection is closed.
+// Heartbeats are answered in between as always.
+//
 // Refusals: a TLS peer that is not allowed is closed during the handshake, before any byte
 // is read. A Hello whose "from" is not the certificate's site, whose "to" is not our site,
 // or that the provider refuses (its Status's errno names the refusal, its message is sent)
@@ -63,8 +76,9 @@ struct ReceiverVmStats {
   std::string vm, peer;
   bool connected = false;
   int64_t last_contact_unix_nanos = 0;
-  uint64_t bytes_raw = 0;   // segment bytes received, decompressed (total)
-  uint64_t bytes_wire = 0;  // segment bytes received as sent (total)
+  // Segment and sync data bytes (not zero extents, which carry none):
+  uint64_t bytes_raw = 0;   // received, decompressed (total)
+  uint64_t bytes_wire = 0;  // received as sent (total)
   double throughput_bytes_per_s = 0;
   int64_t primary_oldest_unapplied_change_unix_nanos = 0;  // from the last Heartbeat
   uint64_t primary_pending_bytes = 0;

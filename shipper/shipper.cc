@@ -19,161 +19,12 @@
 #include "common/time_util.h"
 #include "common/unique_fd.h"
 #include "shipper/rate_limiter.h"
+#include "shipper/shipper_impl.h"
 #include "shipper/wire_format.h"
 
 namespace siterep::shipper {
-namespace {
 
-using Clock = std::chrono::steady_clock;
-using std::chrono::milliseconds;
-
-// What the tracker's sealed callback may touch. Shared with the callback, which the tracker
-// may still be running (it calls a copy outside its lock) after Stop cleared it, so the
-// Shipper itself must not be captured.
-struct Waker {
-  UniqueFd fd;                              // eventfd: written to wake the shipper's thread
-  std::atomic<uint64_t> sealed_through{0};  // highest cycle the tracker reported sealed
-
-  void Wake() const {
-    const uint64_t one = 1;
-    // Non-blocking; a full counter (never in practice) already means "wake up".
-    [[maybe_unused]] ssize_t n = ::write(fd.get(), &one, sizeof(one));
-  }
-  void Drain() const {
-    uint64_t value;
-    [[maybe_unused]] ssize_t n = ::read(fd.get(), &value, sizeof(value));
-  }
-};
-
-// A TLS failure that means "the peer does not accept us" rather than "cannot reach it".
-bool IsTlsRefusal(const Status& s) {
-  switch (s.code()) {
-    case EACCES:
-    case EPERM:
-    case EPROTO:
-    case EKEYREJECTED:
-    case EKEYEXPIRED:
-    case EKEYREVOKED:
-      return true;
-    default:
-      return false;
-  }
-}
-
-// One cycle ready to go: every disk's sealed segment of it.
-struct CycleBatch {
-  uint64_t cycle = 0;
-  int64_t cut_unix_nanos = 0;
-  int64_t first_change_unix_nanos = 0;
-  std::vector<tracker::SealedSegment> segments;
-};
-
-}  // namespace
-
-class Shipper::Impl {
- public:
-  explicit Impl(ShipperOptions options) : opts_(std::move(options)) {}
-  ~Impl() { Stop(); }
-
-  Status Init();
-  void Stop();
-  void Pause() {
-    paused_ = true;
-    waker_->Wake();
-  }
-  void Resume() {
-    paused_ = false;
-    waker_->Wake();
-  }
-  ShipperStats Stats() const;
-
- private:
-  class Connection;
-  friend class Connection;
-
-  struct Backlog {
-    int64_t oldest_unapplied_change_unix_nanos = 0;
-    uint64_t pending_bytes = 0;
-  };
-
-  void Run();
-  // Connects, says Hello, and ships until an error or Stop. *accepted tells whether the
-  // peer accepted the Hello (the backoff then starts again from min_backoff).
-  Status RunConnection(bool* accepted);
-  // Waits until `until` or Stop.
-  void Sleep(Clock::time_point until) const;
-  // Backlog for RPO and pending bytes, from the source and what the replica told us.
-  Backlog ComputeBacklog() const;
-  void SetError(const Status& s, bool refused, std::string refusal = "");
-
-  const ShipperOptions opts_;
-  std::shared_ptr<Waker> waker_;
-  std::atomic<bool> stopping_{false};
-  std::atomic<bool> paused_{false};
-  std::thread thread_;
-  ChunkCompressor compressor_;  // used only by thread_
-
-  // Protects the stream pointer, so Stop can cancel a connection that is blocked in I/O.
-  std::mutex stream_mu_;
-  TlsStream* stream_ = nullptr;
-  bool finished_ = false;  // the thread is done (guarded by stream_mu_)
-  std::condition_variable finished_cv_;
-
-  // Protects stats_, meter_ and unapplied_; a leaf (nothing is called with it held).
-  mutable std::mutex mu_;
-  ShipperStats stats_;
-  ThroughputMeter meter_;
-  // First-change time of each cycle sent but not yet applied on the replica: after the ack
-  // the source no longer has its segments, but the cycle still counts for the RPO.
-  std::map<uint64_t, int64_t> unapplied_;
-};
-
-// One accepted connection: the state of the conversation. Lives on the thread's stack.
-class Shipper::Impl::Connection {
- public:
-  Connection(Impl& impl, TlsStream& stream, const applier::ReplicaPosition& position)
-      : impl_(impl),
-        opts_(impl.opts_),
-        stream_(stream),
-        bucket_(impl.opts_.bandwidth_limit),
-        acked_(position.received_cycle),
-        sent_through_(position.received_cycle) {
-    last_contact_ = Clock::now();
-    last_heartbeat_ = Clock::time_point();  // send one at once
-  }
-
-  // Ships until an error or Stop (then says goodbye and returns ECANCELED).
-  Status Run();
-
- private:
-  // Reads every frame the peer has sent, sends a heartbeat when one is due, and checks the
-  // peer is alive; then waits until `until` for a frame or a wake-up (returning early on
-  // either). until <= now: does not wait.
-  Status Service(Clock::time_point until);
-  Status HandleFrame();
-  Status HandleAck(const Ack& ack);
-  Status SendHeartbeat();
-  Status SendFrame(FrameType type, std::span<const std::byte> payload);
-  // The lowest cycle above sent_through_ whose segments are all sealed, if any.
-  std::optional<CycleBatch> NextCycle();
-  Status SendCycle(const CycleBatch& batch);
-  Status SendSegment(const tracker::SealedSegment& seg);
-  // Waits for the bandwidth limit to allow `bytes`, serving the connection meanwhile.
-  Status Throttle(uint64_t bytes);
-  Deadline IoDeadline() const { return Clock::now() + opts_.io_timeout; }
-
-  Impl& impl_;
-  const ShipperOptions& opts_;
-  TlsStream& stream_;
-  TokenBucket bucket_;
-  uint64_t acked_;         // the replica holds every cycle through this one durably
-  uint64_t sent_through_;  // CycleEnd sent for every cycle through this one
-  Clock::time_point last_contact_;
-  Clock::time_point last_heartbeat_;
-  std::vector<std::byte> in_;  // payload of the frame being read
-  std::vector<std::byte> raw_;
-  std::vector<std::byte> packed_;
-};
+using detail::IsTlsRefusal;
 
 // ---------------------------------------------------------------------------------------
 
@@ -407,12 +258,33 @@ Shipper::Impl::Backlog Shipper::Impl::ComputeBacklog() const {
 
 ShipperStats Shipper::Impl::Stats() const {
   const Backlog backlog = ComputeBacklog();
+  // A sync that is due but has not started on a connection yet shows as active too.
+  std::optional<applier::SyncPlan> plan;
+  if (opts_.sync != nullptr) plan = opts_.sync->Plan();
   std::lock_guard lk(mu_);
   ShipperStats s = stats_;
   s.paused = paused_;
   s.pending_bytes = backlog.pending_bytes;
   s.oldest_unapplied_change_unix_nanos = backlog.oldest_unapplied_change_unix_nanos;
   s.throughput_bytes_per_s = meter_.Rate(Clock::now());
+  s.sync = sync_progress_;
+  s.sync.rate_bytes_per_s = sync_progress_.active ? sync_meter_.Rate(Clock::now()) : 0;
+  if (plan && (!s.sync.active || s.sync.sync_id != plan->sync_id)) {
+    s.sync = SyncProgress{};
+    s.sync.active = true;
+    s.sync.sync_id = plan->sync_id;
+    s.sync.kind = plan->kind;
+    for (size_t i = 0; i < plan->disks.size(); ++i) {
+      // A copy scans the whole disk; a comparison its ranges (bytes_total).
+      const applier::SyncDiskPlan& d = plan->disks[i];
+      s.sync.bytes_total += d.mode == applier::SyncMode::kCopy && i < opts_.definition.disks.size()
+                                ? opts_.definition.disks[i].size
+                                : d.bytes_total;
+    }
+    s.sync.disk_done.assign(plan->disks.size(), 0);
+  } else if (!plan) {
+    s.sync.active = false;
+  }
   return s;
 }
 
@@ -420,6 +292,9 @@ ShipperStats Shipper::Impl::Stats() const {
 // Connection
 
 Status Shipper::Impl::Connection::Run() {
+  if (Status s = RunSyncIfDue(); !s.ok()) {
+    if (!impl_.stopping_) return s;
+  }
   while (!impl_.stopping_) {
     SR_RETURN_IF_ERROR(Service(Clock::now()));
     if (!impl_.paused_ && sent_through_ - acked_ < opts_.window_cycles) {
@@ -491,6 +366,10 @@ Status Shipper::Impl::Connection::HandleFrame() {
       SR_ASSIGN_OR_RETURN(Ack ack, DecodeAck(in_));
       return HandleAck(ack);
     }
+    case FrameType::kSyncReply:
+    case FrameType::kHashReply:
+    case FrameType::kSyncAck:
+      return HandleSyncFrame(header.type);
     case FrameType::kError: {
       SR_ASSIGN_OR_RETURN(ErrorFrame e, DecodeError(in_));
       return Status::Error(e.code != 0 ? static_cast<int>(e.code) : ECONNRESET,
@@ -503,6 +382,25 @@ Status Shipper::Impl::Connection::HandleFrame() {
 }
 
 Status Shipper::Impl::Connection::HandleAck(const Ack& ack) {
+  if (sync_end_pending_ != 0) {
+    // While a sync runs, Acks answer heartbeats with the replica's old position; only the
+    // one that confirms SyncEnd moves anything.
+    if (ack.received_cycle == sync_end_pending_ && ack.applied_cycle == sync_end_pending_) {
+      sync_end_acked_ = true;
+      acked_ = sent_through_ = sync_end_pending_;
+      sync_end_pending_ = 0;
+      std::lock_guard lk(impl_.mu_);
+      ShipperStats& s = impl_.stats_;
+      s.acked_cycle = s.sent_cycle = acked_;
+      s.applied_cycle = ack.applied_cycle;
+      s.applied_cut_unix_nanos = ack.applied_cut_unix_nanos;
+      s.peer_apply_error = ack.apply_error;
+      impl_.unapplied_.erase(impl_.unapplied_.begin(),
+                             impl_.unapplied_.upper_bound(ack.applied_cycle));
+    }
+    return Status::Ok();
+  }
+  if (sync_reply_ && !sync_end_acked_) return Status::Ok();  // sync under way
   if (ack.received_cycle > sent_through_ || ack.received_cycle < acked_) {
     return Status::Error(EPROTO, opts_.peer + " acknowledged cycle " +
                                      std::to_string(ack.received_cycle) + ", but cycles " +

@@ -5,6 +5,8 @@
 #include <cstring>
 #include <limits>
 #include <nlohmann/json.hpp>
+#include <stdexcept>
+#include <utility>
 
 #include "common/crc32c.h"
 #include "common/endian.h"
@@ -41,8 +43,9 @@ bool ValidName(const std::string& name) {
   return true;
 }
 
+// Invalid UTF-8 in a text (a refusal message) must not make dump() throw: it is replaced.
 std::vector<std::byte> JsonBytes(const json& j) {
-  const std::string text = j.dump();
+  const std::string text = j.dump(-1, ' ', false, json::error_handler_t::replace);
   std::vector<std::byte> out(text.size());
   std::memcpy(out.data(), text.data(), text.size());
   return out;
@@ -85,6 +88,26 @@ Status CheckSize(std::span<const std::byte> payload, size_t size, std::string_vi
   return Status::Ok();
 }
 
+// One zstd frame that must decompress to exactly raw_length bytes (at most kMaxChunkRaw,
+// checked by the callers' decoders), into *out.
+Status Decompress(std::span<const std::byte> frame, uint64_t raw_length, std::string_view what,
+                  std::vector<std::byte>* out) {
+  // The declared content size must be present and exact before anything is allocated.
+  const unsigned long long declared = ZSTD_getFrameContentSize(frame.data(), frame.size());
+  if (declared == ZSTD_CONTENTSIZE_ERROR) return Bad(what, "not a zstd frame");
+  if (declared == ZSTD_CONTENTSIZE_UNKNOWN || declared != raw_length) {
+    return Bad(what, "zstd frame does not declare the raw length " + std::to_string(raw_length));
+  }
+  out->resize(raw_length);
+  const size_t n = ZSTD_decompress(out->data(), out->size(), frame.data(), frame.size());
+  if (ZSTD_isError(n)) return Bad(what, std::string("zstd: ") + ZSTD_getErrorName(n));
+  if (n != raw_length) {
+    return Bad(what, "decompressed to " + std::to_string(n) + " bytes, expected " +
+                         std::to_string(raw_length));
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
 std::string_view FrameTypeName(FrameType type) {
@@ -103,6 +126,20 @@ std::string_view FrameTypeName(FrameType type) {
       return "Heartbeat";
     case FrameType::kError:
       return "Error";
+    case FrameType::kSyncBegin:
+      return "SyncBegin";
+    case FrameType::kSyncReply:
+      return "SyncReply";
+    case FrameType::kHashRequest:
+      return "HashRequest";
+    case FrameType::kHashReply:
+      return "HashReply";
+    case FrameType::kSyncData:
+      return "SyncData";
+    case FrameType::kSyncAck:
+      return "SyncAck";
+    case FrameType::kSyncEnd:
+      return "SyncEnd";
   }
   return "unknown";
 }
@@ -123,7 +160,7 @@ Result<FrameHeader> ParseFrameHeader(std::span<const std::byte> in) {
   }
   const uint16_t type = Get16(p + 6);
   if (type < static_cast<uint16_t>(FrameType::kHello) ||
-      type > static_cast<uint16_t>(FrameType::kError)) {
+      type > static_cast<uint16_t>(FrameType::kSyncEnd)) {
     return Bad(kWhat, "unknown frame type " + std::to_string(type));
   }
   if (Get32(p + 8) != 0) return Bad(kWhat, "reserved flags are set");
@@ -258,11 +295,7 @@ std::vector<std::byte> EncodeHelloReply(const HelloReply& reply) {
     j["error"] = reply.error;
     j["message"] = Clip(reply.message);
   }
-  // Invalid UTF-8 in a message must not make dump() throw.
-  const std::string text = j.dump(-1, ' ', false, json::error_handler_t::replace);
-  std::vector<std::byte> out(text.size());
-  std::memcpy(out.data(), text.data(), text.size());
-  return out;
+  return JsonBytes(j);
 }
 
 Result<HelloReply> DecodeHelloReply(std::span<const std::byte> payload) {
@@ -394,27 +427,11 @@ bool ChunkCompressor::Compress(std::span<const std::byte> raw, std::vector<std::
 }
 
 Status ChunkData(const SegmentChunk& chunk, std::vector<std::byte>* out) {
-  constexpr std::string_view kWhat = "SegmentChunk";
   if (!chunk.compressed()) {
     out->assign(chunk.data.begin(), chunk.data.end());
     return Status::Ok();
   }
-  // The declared content size must be present and exact before anything is allocated.
-  const unsigned long long declared =
-      ZSTD_getFrameContentSize(chunk.data.data(), chunk.data.size());
-  if (declared == ZSTD_CONTENTSIZE_ERROR) return Bad(kWhat, "not a zstd frame");
-  if (declared == ZSTD_CONTENTSIZE_UNKNOWN || declared != chunk.raw_length) {
-    return Bad(kWhat,
-               "zstd frame does not declare the raw length " + std::to_string(chunk.raw_length));
-  }
-  out->resize(chunk.raw_length);
-  const size_t n = ZSTD_decompress(out->data(), out->size(), chunk.data.data(), chunk.data.size());
-  if (ZSTD_isError(n)) return Bad(kWhat, std::string("zstd: ") + ZSTD_getErrorName(n));
-  if (n != chunk.raw_length) {
-    return Bad(kWhat, "decompressed to " + std::to_string(n) + " bytes, expected " +
-                          std::to_string(chunk.raw_length));
-  }
-  return Status::Ok();
+  return Decompress(chunk.data, chunk.raw_length, "SegmentChunk", out);
 }
 
 // --- CycleEnd, Ack, Heartbeat, Error ----------------------------------------------------
@@ -490,6 +507,345 @@ Result<ErrorFrame> DecodeError(std::span<const std::byte> payload) {
   ErrorFrame e;
   e.code = Get32(payload.data());
   SR_ASSIGN_OR_RETURN(e.reason, DecodeText(payload, 4, kWhat));
+  return e;
+}
+
+// --- Sync frames ----------------------------------------------------------------------------
+
+namespace {
+
+constexpr std::pair<applier::SyncKind, std::string_view> kSyncKinds[] = {
+    {applier::SyncKind::kInitial, "initial"},
+    {applier::SyncKind::kSeeded, "seeded"},
+    {applier::SyncKind::kResync, "resync"},
+};
+constexpr std::pair<applier::SyncMode, std::string_view> kSyncModes[] = {
+    {applier::SyncMode::kCopy, "copy"},
+    {applier::SyncMode::kCompare, "compare"},
+};
+
+// nlohmann's get<> converts a negative or too large number to an unsigned type silently (and
+// a float to an integer); the sync frames' ids and offsets must be exactly what was sent.
+struct FieldError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename T>
+T Unsigned(const json& j, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_number_unsigned()) throw FieldError(std::string(key) + " is not an unsigned integer");
+  const uint64_t x = v.get<uint64_t>();
+  if (x > std::numeric_limits<T>::max()) throw FieldError(std::string(key) + " is out of range");
+  return static_cast<T>(x);
+}
+
+int64_t Signed(const json& j, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_number_integer()) throw FieldError(std::string(key) + " is not an integer");
+  if (v.is_number_unsigned() &&
+      v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
+    throw FieldError(std::string(key) + " is out of range");
+  }
+  return v.get<int64_t>();
+}
+
+std::string Text(const json& j, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_string()) throw FieldError(std::string(key) + " is not a string");
+  return v.get<std::string>();
+}
+
+// The wire's kind names, the same as applier::SyncKindName's (which lives in the applier;
+// this file stays free of it so that the fuzz harness builds from the parsers alone).
+std::string_view KindName(applier::SyncKind kind) {
+  for (const auto& [k, name] : kSyncKinds) {
+    if (k == kind) return name;
+  }
+  return "unknown";
+}
+
+std::string_view SyncModeName(applier::SyncMode mode) {
+  for (const auto& [m, name] : kSyncModes) {
+    if (m == mode) return name;
+  }
+  return "unknown";
+}
+
+// [offset, offset + count blocks) must be addressable: offset block-aligned, no overflow.
+Status CheckHashRange(uint64_t offset, uint64_t count, std::string_view what) {
+  if (offset % applier::kSyncBlockSize != 0) {
+    return Bad(what, "offset " + std::to_string(offset) + " is not a multiple of " +
+                         std::to_string(applier::kSyncBlockSize));
+  }
+  if (offset > std::numeric_limits<uint64_t>::max() - count * applier::kSyncBlockSize) {
+    return Bad(what, "offset " + std::to_string(offset) + " overflows");
+  }
+  return Status::Ok();
+}
+
+Status CheckHashCount(uint64_t count, std::string_view what) {
+  if (count == 0 || count > applier::kMaxHashBlocks) {
+    return Bad(what, "count " + std::to_string(count) + " outside [1, " +
+                         std::to_string(applier::kMaxHashBlocks) + "]");
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+std::vector<std::byte> EncodeSyncBegin(const applier::SyncPlan& plan) {
+  json disks = json::array();
+  for (const applier::SyncDiskPlan& d : plan.disks) {
+    disks.push_back({{"disk_id", d.disk_id},
+                     {"mode", SyncModeName(d.mode)},
+                     {"last_seq", d.last_seq},
+                     {"last_segment", d.last_segment},
+                     {"bytes_total", d.bytes_total}});
+  }
+  json j = {{"sync_id", plan.sync_id},
+            {"kind", KindName(plan.kind)},
+            {"cut_unix_nanos", plan.cut_unix_nanos},
+            {"epoch", plan.epoch},
+            {"disks", std::move(disks)}};
+  return JsonBytes(j);
+}
+
+Result<applier::SyncPlan> DecodeSyncBegin(std::span<const std::byte> payload) {
+  constexpr std::string_view kWhat = "SyncBegin";
+  SR_ASSIGN_OR_RETURN(json j, ParseJsonObject(payload, kWhat));
+  applier::SyncPlan plan;
+  try {
+    plan.sync_id = Unsigned<uint64_t>(j, "sync_id");
+    const std::string kind = Text(j, "kind");
+    bool known = false;
+    for (const auto& [k, name] : kSyncKinds) {
+      if (name == kind) {
+        plan.kind = k;
+        known = true;
+      }
+    }
+    if (!known) return Bad(kWhat, "unknown kind \"" + Clip(kind) + "\"");
+    plan.cut_unix_nanos = Signed(j, "cut_unix_nanos");
+    plan.epoch = Unsigned<uint64_t>(j, "epoch");
+    const json& disks = j.at("disks");
+    if (!disks.is_array()) return Bad(kWhat, "disks is not an array");
+    for (const json& disk : disks) {
+      applier::SyncDiskPlan d;
+      d.disk_id = Unsigned<uint32_t>(disk, "disk_id");
+      const std::string mode = Text(disk, "mode");
+      known = false;
+      for (const auto& [m, name] : kSyncModes) {
+        if (name == mode) {
+          d.mode = m;
+          known = true;
+        }
+      }
+      if (!known) return Bad(kWhat, "unknown mode \"" + Clip(mode) + "\"");
+      d.last_seq = Unsigned<uint64_t>(disk, "last_seq");
+      d.last_segment = Unsigned<uint64_t>(disk, "last_segment");
+      d.bytes_total = Unsigned<uint64_t>(disk, "bytes_total");
+      plan.disks.push_back(d);
+    }
+  } catch (const json::exception& e) {
+    return Bad(kWhat, std::string("malformed: ") + e.what());
+  } catch (const FieldError& e) {
+    return Bad(kWhat, std::string("malformed: ") + e.what());
+  }
+  if (plan.disks.empty())
+    return Bad(kWhat, "sync " + std::to_string(plan.sync_id) + " has no disks");
+  return plan;
+}
+
+std::vector<std::byte> EncodeSyncReply(const SyncReply& reply) {
+  json j;
+  j["accepted"] = reply.accepted;
+  if (reply.accepted) {
+    json disks = json::array();
+    for (const applier::SyncDiskResume& d : reply.resume.disks) {
+      disks.push_back({{"disk_id", d.disk_id},
+                       {"done_offset", d.done_offset},
+                       {"written_until", d.written_until}});
+    }
+    j["disks"] = std::move(disks);
+  } else {
+    j["error"] = Clip(reply.error);
+    j["message"] = Clip(reply.message);
+  }
+  return JsonBytes(j);
+}
+
+Result<SyncReply> DecodeSyncReply(std::span<const std::byte> payload) {
+  constexpr std::string_view kWhat = "SyncReply";
+  SR_ASSIGN_OR_RETURN(json j, ParseJsonObject(payload, kWhat));
+  SyncReply r;
+  try {
+    r.accepted = j.at("accepted").get<bool>();
+    if (r.accepted) {
+      const json& disks = j.at("disks");
+      if (!disks.is_array()) return Bad(kWhat, "disks is not an array");
+      for (const json& disk : disks) {
+        r.resume.disks.push_back(applier::SyncDiskResume{
+            Unsigned<uint32_t>(disk, "disk_id"), Unsigned<uint64_t>(disk, "done_offset"),
+            Unsigned<uint64_t>(disk, "written_until")});
+      }
+    } else {
+      r.error = Clip(Text(j, "error"));
+      r.message = Clip(Text(j, "message"));
+    }
+  } catch (const json::exception& e) {
+    return Bad(kWhat, std::string("malformed: ") + e.what());
+  } catch (const FieldError& e) {
+    return Bad(kWhat, std::string("malformed: ") + e.what());
+  }
+  return r;
+}
+
+std::vector<std::byte> EncodeHashRequest(const HashRequest& request) {
+  std::vector<std::byte> out(kHashRequestSize);
+  Put32(out.data(), request.disk_id);
+  Put32(out.data() + 4, request.count);
+  Put64(out.data() + 8, request.offset);
+  return out;
+}
+
+Result<HashRequest> DecodeHashRequest(std::span<const std::byte> payload) {
+  constexpr std::string_view kWhat = "HashRequest";
+  SR_RETURN_IF_ERROR(CheckSize(payload, kHashRequestSize, kWhat));
+  HashRequest r;
+  r.disk_id = Get32(payload.data());
+  r.count = Get32(payload.data() + 4);
+  r.offset = Get64(payload.data() + 8);
+  SR_RETURN_IF_ERROR(CheckHashCount(r.count, kWhat));
+  SR_RETURN_IF_ERROR(CheckHashRange(r.offset, r.count, kWhat));
+  return r;
+}
+
+std::vector<std::byte> EncodeHashReply(const HashReply& reply) {
+  std::vector<std::byte> out(16 + 8 * reply.hashes.size());
+  Put32(out.data(), reply.disk_id);
+  Put32(out.data() + 4, static_cast<uint32_t>(reply.hashes.size()));
+  Put64(out.data() + 8, reply.offset);
+  for (size_t i = 0; i < reply.hashes.size(); ++i) Put64(out.data() + 16 + 8 * i, reply.hashes[i]);
+  return out;
+}
+
+Result<HashReply> DecodeHashReply(std::span<const std::byte> payload) {
+  constexpr std::string_view kWhat = "HashReply";
+  if (payload.size() < 16) {
+    return Bad(kWhat, "truncated (" + std::to_string(payload.size()) + " bytes)");
+  }
+  HashReply r;
+  r.disk_id = Get32(payload.data());
+  const uint32_t count = Get32(payload.data() + 4);
+  r.offset = Get64(payload.data() + 8);
+  SR_RETURN_IF_ERROR(CheckHashCount(count, kWhat));
+  SR_RETURN_IF_ERROR(CheckSize(payload, 16 + 8 * size_t{count}, kWhat));
+  SR_RETURN_IF_ERROR(CheckHashRange(r.offset, count, kWhat));
+  r.hashes.resize(count);
+  for (uint32_t i = 0; i < count; ++i) r.hashes[i] = Get64(payload.data() + 16 + 8 * size_t{i});
+  return r;
+}
+
+std::vector<std::byte> EncodeSyncData(const SyncData& data) {
+  std::vector<std::byte> out(kSyncDataHeaderSize + data.data.size());
+  std::byte* p = out.data();
+  Put32(p, data.disk_id);
+  Put32(p + 4, data.flags);
+  Put64(p + 8, data.offset);
+  Put64(p + 16, data.length);
+  Put64(p + 24, data.done_to);
+  if (!data.data.empty()) std::memcpy(p + kSyncDataHeaderSize, data.data.data(), data.data.size());
+  return out;
+}
+
+Result<SyncData> DecodeSyncData(std::span<const std::byte> payload) {
+  constexpr std::string_view kWhat = "SyncData";
+  if (payload.size() < kSyncDataHeaderSize) {
+    return Bad(kWhat, "truncated (" + std::to_string(payload.size()) + " bytes)");
+  }
+  const std::byte* p = payload.data();
+  SyncData d;
+  d.disk_id = Get32(p);
+  d.flags = Get32(p + 4);
+  d.offset = Get64(p + 8);
+  d.length = Get64(p + 16);
+  d.done_to = Get64(p + 24);
+  d.data = payload.subspan(kSyncDataHeaderSize);
+  if ((d.flags & ~(kSyncZstd | kSyncZero)) != 0) {
+    return Bad(kWhat, "unknown flags " + std::to_string(d.flags));
+  }
+  if (d.zero() && d.compressed()) return Bad(kWhat, "both zero and compressed");
+  if (d.offset > std::numeric_limits<uint64_t>::max() - d.length) {
+    return Bad(kWhat, "offset " + std::to_string(d.offset) + " + length " +
+                          std::to_string(d.length) + " overflows");
+  }
+  if (d.done_to < d.offset + d.length) {
+    return Bad(kWhat, "done_to " + std::to_string(d.done_to) + " below the end of the data " +
+                          std::to_string(d.offset + d.length));
+  }
+  if (d.zero()) {
+    if (!d.data.empty()) {
+      return Bad(kWhat, "zero extent carries " + std::to_string(d.data.size()) + " bytes");
+    }
+    return d;
+  }
+  if (d.length > kMaxChunkRaw) {
+    return Bad(kWhat,
+               "length " + std::to_string(d.length) + " exceeds " + std::to_string(kMaxChunkRaw));
+  }
+  if (!d.compressed() && d.data.size() != d.length) {
+    return Bad(kWhat, "raw data of " + std::to_string(d.data.size()) + " bytes, header says " +
+                          std::to_string(d.length));
+  }
+  if (d.compressed() && d.data.empty()) return Bad(kWhat, "compressed data without a frame");
+  return d;
+}
+
+Status SyncDataBytes(const SyncData& data, std::vector<std::byte>* out) {
+  constexpr std::string_view kWhat = "SyncData";
+  if (data.zero()) return Status::Invalid("SyncData: a zero extent has no bytes");
+  if (!data.compressed()) {
+    out->assign(data.data.begin(), data.data.end());
+    return Status::Ok();
+  }
+  // Decode refuses length > kMaxChunkRaw; a hand-built SyncData must not allocate more.
+  if (data.length > kMaxChunkRaw) {
+    return Bad(kWhat, "length " + std::to_string(data.length) + " exceeds " +
+                          std::to_string(kMaxChunkRaw));
+  }
+  return Decompress(data.data, data.length, kWhat, out);
+}
+
+std::vector<std::byte> EncodeSyncAck(const SyncAck& ack) {
+  std::vector<std::byte> out(kSyncAckSize);
+  Put32(out.data(), ack.disk_id);
+  Put32(out.data() + 4, 0);
+  Put64(out.data() + 8, ack.done_offset);
+  return out;
+}
+
+Result<SyncAck> DecodeSyncAck(std::span<const std::byte> payload) {
+  constexpr std::string_view kWhat = "SyncAck";
+  SR_RETURN_IF_ERROR(CheckSize(payload, kSyncAckSize, kWhat));
+  if (Get32(payload.data() + 4) != 0) return Bad(kWhat, "reserved field is not zero");
+  SyncAck a;
+  a.disk_id = Get32(payload.data());
+  a.done_offset = Get64(payload.data() + 8);
+  return a;
+}
+
+std::vector<std::byte> EncodeSyncEnd(const SyncEnd& end) {
+  std::vector<std::byte> out(kSyncEndSize);
+  Put64(out.data(), end.sync_id);
+  Put64(out.data() + 8, static_cast<uint64_t>(end.cut_unix_nanos));
+  return out;
+}
+
+Result<SyncEnd> DecodeSyncEnd(std::span<const std::byte> payload) {
+  SR_RETURN_IF_ERROR(CheckSize(payload, kSyncEndSize, "SyncEnd"));
+  SyncEnd e;
+  e.sync_id = Get64(payload.data());
+  e.cut_unix_nanos = static_cast<int64_t>(Get64(payload.data() + 8));
   return e;
 }
 

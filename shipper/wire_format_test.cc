@@ -74,7 +74,7 @@ TEST(WireFormat, RefusesOtherVersion) {
 }
 
 TEST(WireFormat, RefusesUnknownTypeAndFlags) {
-  for (uint16_t type : {0, 8, 0xffff}) {
+  for (uint16_t type : {0, 15, 0xffff}) {
     std::vector<std::byte> frame = EncodeFrame(FrameType::kAck, {});
     frame[6] = static_cast<std::byte>(type);
     frame[7] = static_cast<std::byte>(type >> 8);
@@ -393,6 +393,418 @@ TEST(WireFormat, CycleEndAckHeartbeatErrorRoundTrip) {
   EXPECT_FALSE(DecodeError(Random(5, 1)).ok());
 }
 
+// --- Sync frames ---------------------------------------------------------------------------
+
+// A decoder's refusal is EBADMSG, and its message says why.
+void ExpectRefused(const Status& s, std::string_view why, const std::string& context = "") {
+  EXPECT_FALSE(s.ok()) << context;
+  EXPECT_EQ(s.code(), EBADMSG) << context << ": " << s.ToString();
+  EXPECT_NE(s.message().find(why), std::string::npos)
+      << context << ": \"" << s.message() << "\" does not say \"" << why << "\"";
+}
+
+TEST(WireFormat, EveryFrameTypeParsesAndHasAName) {
+  for (uint16_t t = 1; t <= static_cast<uint16_t>(FrameType::kSyncEnd); ++t) {
+    const FrameType type = static_cast<FrameType>(t);
+    const std::vector<std::byte> frame = EncodeFrame(type, Random(16, t));
+    std::span<const std::byte> payload;
+    Result<FrameHeader> h = ParseWhole(frame, &payload);
+    ASSERT_TRUE(h.ok()) << t << ": " << h.status().ToString();
+    EXPECT_EQ(h->type, type);
+    EXPECT_NE(FrameTypeName(type), "unknown") << t;
+  }
+  EXPECT_EQ(FrameTypeName(FrameType::kSyncBegin), "SyncBegin");
+  EXPECT_EQ(FrameTypeName(FrameType::kSyncReply), "SyncReply");
+  EXPECT_EQ(FrameTypeName(FrameType::kHashRequest), "HashRequest");
+  EXPECT_EQ(FrameTypeName(FrameType::kHashReply), "HashReply");
+  EXPECT_EQ(FrameTypeName(FrameType::kSyncData), "SyncData");
+  EXPECT_EQ(FrameTypeName(FrameType::kSyncAck), "SyncAck");
+  EXPECT_EQ(FrameTypeName(FrameType::kSyncEnd), "SyncEnd");
+}
+
+applier::SyncPlan Plan() {
+  applier::SyncPlan plan;
+  plan.sync_id = 42;
+  plan.kind = applier::SyncKind::kSeeded;
+  plan.cut_unix_nanos = 1700000000123456789;
+  plan.epoch = 7;
+  plan.disks = {
+      {tracker::DiskIdFor("web01", "os"), applier::SyncMode::kCompare, 1000, 12, 1ull << 40},
+      {tracker::DiskIdFor("web01", "data"), applier::SyncMode::kCopy, 0, 0, 4096}};
+  return plan;
+}
+
+TEST(WireFormat, SyncBeginRoundTrip) {
+  for (applier::SyncKind kind :
+       {applier::SyncKind::kInitial, applier::SyncKind::kSeeded, applier::SyncKind::kResync}) {
+    applier::SyncPlan plan = Plan();
+    plan.kind = kind;
+    Result<applier::SyncPlan> got = DecodeSyncBegin(EncodeSyncBegin(plan));
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    EXPECT_EQ(got->sync_id, 42u);
+    EXPECT_EQ(got->kind, kind);
+    EXPECT_EQ(got->cut_unix_nanos, 1700000000123456789);
+    EXPECT_EQ(got->epoch, 7u);
+    ASSERT_EQ(got->disks.size(), 2u);
+    EXPECT_EQ(got->disks[0].disk_id, tracker::DiskIdFor("web01", "os"));
+    EXPECT_EQ(got->disks[0].mode, applier::SyncMode::kCompare);
+    EXPECT_EQ(got->disks[0].last_seq, 1000u);
+    EXPECT_EQ(got->disks[0].last_segment, 12u);
+    EXPECT_EQ(got->disks[0].bytes_total, 1ull << 40);
+    EXPECT_EQ(got->disks[1].disk_id, tracker::DiskIdFor("web01", "data"));
+    EXPECT_EQ(got->disks[1].mode, applier::SyncMode::kCopy);
+    EXPECT_EQ(got->disks[1].last_seq, 0u);
+    EXPECT_EQ(got->disks[1].bytes_total, 4096u);
+  }
+  // The names on the wire are the documented ones.
+  auto text_of = [](const applier::SyncPlan& plan) {
+    const std::vector<std::byte> bytes = EncodeSyncBegin(plan);
+    return std::string(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+  };
+  applier::SyncPlan plan = Plan();
+  plan.kind = applier::SyncKind::kInitial;
+  EXPECT_NE(text_of(plan).find("\"kind\":\"initial\""), std::string::npos) << text_of(plan);
+  plan.kind = applier::SyncKind::kResync;
+  EXPECT_NE(text_of(plan).find("\"kind\":\"resync\""), std::string::npos) << text_of(plan);
+  const std::string text = text_of(Plan());
+  EXPECT_NE(text.find("\"kind\":\"seeded\""), std::string::npos) << text;
+  EXPECT_NE(text.find("\"mode\":\"compare\""), std::string::npos) << text;
+  EXPECT_NE(text.find("\"mode\":\"copy\""), std::string::npos) << text;
+}
+
+TEST(WireFormat, SyncBeginRefusals) {
+  ExpectRefused(DecodeSyncBegin({}).status(), "not valid JSON");
+  ExpectRefused(DecodeSyncBegin(Bytes("{\"sync_id\":")).status(), "not valid JSON");
+  ExpectRefused(DecodeSyncBegin(Bytes("[1]")).status(), "not a JSON object");
+  ExpectRefused(DecodeSyncBegin(Bytes(R"({"sync_id":1})")).status(), "malformed");
+  const std::string good =
+      R"({"sync_id":5,"kind":"initial","cut_unix_nanos":1,"epoch":2,"disks":[)"
+      R"({"disk_id":9,"mode":"copy","last_seq":0,"last_segment":0,"bytes_total":10}]})";
+  ASSERT_TRUE(DecodeSyncBegin(Bytes(good)).ok());
+  auto with = [&](std::string_view from, std::string_view to) {
+    std::string s = good;
+    const size_t at = s.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    if (at != std::string::npos) s.replace(at, from.size(), to);
+    return DecodeSyncBegin(Bytes(s)).status();
+  };
+  ExpectRefused(with("\"initial\"", "\"full\""), "unknown kind \"full\"");
+  ExpectRefused(with("\"copy\"", "\"diff\""), "unknown mode \"diff\"");
+  ExpectRefused(with("\"kind\":\"initial\"", "\"kind\":3"), "malformed");
+  ExpectRefused(with("\"sync_id\":5", "\"sync_id\":-5"), "malformed");
+  ExpectRefused(with("\"disk_id\":9", "\"disk_id\":4294967296"), "malformed");
+  ExpectRefused(with("\"bytes_total\":10", "\"bytes_total\":\"10\""), "malformed");
+  ExpectRefused(with(",\"last_seq\":0", ""), "malformed");
+  ExpectRefused(with(",\"epoch\":2", ""), "malformed");
+  ExpectRefused(with(",\"cut_unix_nanos\":1", ""), "malformed");
+  ExpectRefused(with("\"disks\":[", "\"disks\":7,\"x\":["), "disks is not an array");
+  ExpectRefused(with("[{\"disk_id\":9", "[7,{\"disk_id\":9"), "malformed");
+  applier::SyncPlan empty = Plan();
+  empty.disks.clear();
+  ExpectRefused(DecodeSyncBegin(EncodeSyncBegin(empty)).status(), "no disks");
+}
+
+TEST(WireFormat, SyncReplyRoundTripAndRefusals) {
+  SyncReply accepted;
+  accepted.accepted = true;
+  accepted.resume.disks = {{1, 64 << 10, 0}, {2, 0, 1ull << 33}};
+  Result<SyncReply> a = DecodeSyncReply(EncodeSyncReply(accepted));
+  ASSERT_TRUE(a.ok()) << a.status().ToString();
+  EXPECT_TRUE(a->accepted);
+  ASSERT_EQ(a->resume.disks.size(), 2u);
+  EXPECT_EQ(a->resume.disks[0].disk_id, 1u);
+  EXPECT_EQ(a->resume.disks[0].done_offset, 64u << 10);
+  EXPECT_EQ(a->resume.disks[0].written_until, 0u);
+  EXPECT_EQ(a->resume.disks[1].disk_id, 2u);
+  EXPECT_EQ(a->resume.disks[1].done_offset, 0u);
+  EXPECT_EQ(a->resume.disks[1].written_until, 1ull << 33);
+
+  SyncReply refused;
+  refused.error = std::string(RefusalName(ENOSPC));
+  refused.message = "replica needs 10 GiB, 2 GiB free";
+  Result<SyncReply> r = DecodeSyncReply(EncodeSyncReply(refused));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_FALSE(r->accepted);
+  EXPECT_EQ(r->error, "no_space");
+  EXPECT_EQ(RefusalCode(r->error), ENOSPC);
+  EXPECT_EQ(r->message, refused.message);
+  EXPECT_TRUE(r->resume.disks.empty());
+  // Invalid UTF-8 or an overlong message in a refusal is sent, not thrown.
+  refused.message = std::string("bad \xff byte") + std::string(10000, 'x');
+  r = DecodeSyncReply(EncodeSyncReply(refused));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_LE(r->message.size(), kMaxErrorText + 8);
+
+  ExpectRefused(DecodeSyncReply({}).status(), "not valid JSON");
+  ExpectRefused(DecodeSyncReply(Bytes(R"({"accepted":true})")).status(), "malformed");
+  ExpectRefused(DecodeSyncReply(Bytes(R"({"accepted":true,"disks":{}})")).status(),
+                "disks is not an array");
+  ExpectRefused(
+      DecodeSyncReply(Bytes(R"({"accepted":true,"disks":[{"disk_id":1,"done_offset":0}]})"))
+          .status(),
+      "malformed");
+  ExpectRefused(DecodeSyncReply(Bytes(R"({"accepted":false,"error":"no_space"})")).status(),
+                "malformed");
+  ExpectRefused(DecodeSyncReply(Bytes(R"({"accepted":"yes"})")).status(), "malformed");
+}
+
+TEST(WireFormat, HashRequestRoundTripAndRefusals) {
+  const HashRequest req{0xabcdef01, applier::kMaxHashBlocks, 3 * applier::kSyncBlockSize};
+  const std::vector<std::byte> bytes = EncodeHashRequest(req);
+  ASSERT_EQ(bytes.size(), kHashRequestSize);
+  Result<HashRequest> got = DecodeHashRequest(bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->disk_id, 0xabcdef01u);
+  EXPECT_EQ(got->count, applier::kMaxHashBlocks);
+  EXPECT_EQ(got->offset, 3 * applier::kSyncBlockSize);
+
+  for (size_t n = 0; n < kHashRequestSize; ++n) {
+    ExpectRefused(DecodeHashRequest(std::span(bytes).first(n)).status(), "payload of",
+                  "truncated to " + std::to_string(n));
+  }
+  std::vector<std::byte> longer = bytes;
+  longer.push_back(std::byte{0});
+  ExpectRefused(DecodeHashRequest(longer).status(), "payload of");
+  ExpectRefused(DecodeHashRequest(EncodeHashRequest({1, 0, 0})).status(), "count 0");
+  ExpectRefused(DecodeHashRequest(EncodeHashRequest({1, applier::kMaxHashBlocks + 1, 0})).status(),
+                "count 257");
+  ExpectRefused(DecodeHashRequest(EncodeHashRequest({1, 1, 4096})).status(), "not a multiple of");
+  // The last block whose end is still a uint64_t: [2^64 - 2 blocks, 2^64 - 1 block).
+  const uint64_t last_block = 0 - 2 * applier::kSyncBlockSize;
+  ASSERT_TRUE(DecodeHashRequest(EncodeHashRequest({1, 1, last_block})).ok());
+  ExpectRefused(DecodeHashRequest(EncodeHashRequest({1, 2, last_block})).status(), "overflows");
+}
+
+TEST(WireFormat, HashReplyRoundTripAndRefusals) {
+  HashReply reply;
+  reply.disk_id = 77;
+  reply.offset = 5 * applier::kSyncBlockSize;
+  for (uint32_t i = 0; i < applier::kMaxHashBlocks; ++i) reply.hashes.push_back(~0ull - i * 31);
+  const std::vector<std::byte> bytes = EncodeHashReply(reply);
+  ASSERT_EQ(bytes.size(), 16 + 8 * reply.hashes.size());
+  Result<HashReply> got = DecodeHashReply(bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->disk_id, 77u);
+  EXPECT_EQ(got->offset, reply.offset);
+  EXPECT_EQ(got->hashes, reply.hashes);
+
+  for (size_t n : {size_t{0}, size_t{15}}) {
+    ExpectRefused(DecodeHashReply(std::span(bytes).first(n)).status(), "truncated");
+  }
+  for (size_t n : {size_t{16}, size_t{17}, bytes.size() - 8, bytes.size() - 1}) {
+    ExpectRefused(DecodeHashReply(std::span(bytes).first(n)).status(), "payload of",
+                  "truncated to " + std::to_string(n));
+  }
+  std::vector<std::byte> longer = bytes;
+  longer.resize(longer.size() + 8);
+  ExpectRefused(DecodeHashReply(longer).status(), "payload of");
+  reply.hashes.clear();
+  ExpectRefused(DecodeHashReply(EncodeHashReply(reply)).status(), "count 0");
+  reply.hashes.assign(applier::kMaxHashBlocks + 1, 1);
+  ExpectRefused(DecodeHashReply(EncodeHashReply(reply)).status(), "count 257");
+  reply.hashes.assign(1, 1);
+  reply.offset = 100;
+  ExpectRefused(DecodeHashReply(EncodeHashReply(reply)).status(), "not a multiple of");
+  // A count field that claims more hashes than the payload holds is refused before reading.
+  std::vector<std::byte> lying = EncodeHashReply(HashReply{1, 0, {9, 9}});
+  PutLe32(lying, 4, 200);
+  ExpectRefused(DecodeHashReply(lying).status(), "payload of");
+}
+
+TEST(WireFormat, SyncDataRoundTripRawCompressedAndZero) {
+  const std::vector<std::byte> noise = Random(100000, 11);
+  SyncData raw;
+  raw.disk_id = 3;
+  raw.offset = 1ull << 35;
+  raw.length = noise.size();
+  raw.done_to = raw.offset + raw.length + 4096;
+  raw.data = noise;
+  const std::vector<std::byte> raw_bytes = EncodeSyncData(raw);
+  ASSERT_EQ(raw_bytes.size(), kSyncDataHeaderSize + noise.size());
+  Result<SyncData> got = DecodeSyncData(raw_bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->disk_id, 3u);
+  EXPECT_EQ(got->flags, 0u);
+  EXPECT_EQ(got->offset, raw.offset);
+  EXPECT_EQ(got->length, noise.size());
+  EXPECT_EQ(got->done_to, raw.done_to);
+  EXPECT_FALSE(got->zero());
+  EXPECT_FALSE(got->compressed());
+  std::vector<std::byte> out;
+  ASSERT_TRUE(SyncDataBytes(*got, &out).ok());
+  EXPECT_EQ(out, noise);
+
+  std::vector<std::byte> text(kMaxChunkRaw);
+  for (size_t i = 0; i < text.size(); ++i) text[i] = static_cast<std::byte>('a' + (i / 977) % 26);
+  ChunkCompressor compressor;
+  std::vector<std::byte> packed;
+  ASSERT_TRUE(compressor.Compress(text, &packed));
+  SyncData zstd;
+  zstd.disk_id = 4;
+  zstd.flags = kSyncZstd;
+  zstd.offset = 0;
+  zstd.length = text.size();
+  zstd.done_to = text.size();
+  zstd.data = packed;
+  const std::vector<std::byte> zstd_bytes = EncodeSyncData(zstd);
+  got = DecodeSyncData(zstd_bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_TRUE(got->compressed());
+  EXPECT_EQ(got->data.size(), packed.size());
+  ASSERT_TRUE(SyncDataBytes(*got, &out).ok());
+  EXPECT_EQ(out, text);
+
+  // A zero extent may be far larger than any data frame, and carries no bytes.
+  SyncData zero;
+  zero.disk_id = 5;
+  zero.flags = kSyncZero;
+  zero.offset = 1 << 20;
+  zero.length = 1ull << 40;
+  zero.done_to = zero.offset + zero.length;
+  const std::vector<std::byte> zero_bytes = EncodeSyncData(zero);
+  ASSERT_EQ(zero_bytes.size(), kSyncDataHeaderSize);
+  got = DecodeSyncData(zero_bytes);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_TRUE(got->zero());
+  EXPECT_EQ(got->length, 1ull << 40);
+  EXPECT_TRUE(got->data.empty());
+  Status s = SyncDataBytes(*got, &out);
+  EXPECT_FALSE(s.ok()) << "a zero extent has no bytes to fetch";
+
+  // A compare range with nothing to send: an empty extent that only moves done_to.
+  SyncData nothing;
+  nothing.flags = kSyncZero;
+  nothing.offset = 1 << 20;
+  nothing.done_to = 16 << 20;
+  got = DecodeSyncData(EncodeSyncData(nothing));
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->length, 0u);
+  EXPECT_EQ(got->done_to, 16u << 20);
+}
+
+TEST(WireFormat, SyncDataRefusals) {
+  const std::vector<std::byte> data = Random(1000, 12);
+  SyncData d;
+  d.disk_id = 1;
+  d.offset = 4096;
+  d.length = data.size();
+  d.done_to = d.offset + d.length;
+  d.data = data;
+  const std::vector<std::byte> good = EncodeSyncData(d);
+  ASSERT_TRUE(DecodeSyncData(good).ok());
+  for (size_t n = 0; n < kSyncDataHeaderSize; ++n) {
+    ExpectRefused(DecodeSyncData(std::span(good).first(n)).status(), "truncated",
+                  std::to_string(n));
+  }
+  ExpectRefused(DecodeSyncData(std::span(good).first(good.size() - 1)).status(),
+                "raw data of 999 bytes");
+  std::vector<std::byte> longer = good;
+  longer.push_back(std::byte{1});
+  ExpectRefused(DecodeSyncData(longer).status(), "raw data of 1001 bytes");
+
+  std::vector<std::byte> bad = good;
+  PutLe32(bad, 4, 4);
+  ExpectRefused(DecodeSyncData(bad).status(), "unknown flags 4");
+  PutLe32(bad, 4, kSyncZstd | kSyncZero);
+  ExpectRefused(DecodeSyncData(bad).status(), "both zero and compressed");
+  PutLe32(bad, 4, kSyncZero);
+  ExpectRefused(DecodeSyncData(bad).status(), "zero extent carries 1000 bytes");
+
+  SyncData e = d;
+  e.done_to = d.offset + d.length - 1;
+  ExpectRefused(DecodeSyncData(EncodeSyncData(e)).status(), "below the end");
+  e = d;
+  e.offset = ~0ull - 10;
+  e.done_to = ~0ull;
+  ExpectRefused(DecodeSyncData(EncodeSyncData(e)).status(), "overflows");
+  e = SyncData{};
+  e.flags = kSyncZero;
+  e.offset = 1;
+  e.length = ~0ull;
+  e.done_to = ~0ull;
+  ExpectRefused(DecodeSyncData(EncodeSyncData(e)).status(), "overflows");
+
+  // Data frames are bounded like chunks, raw or compressed; zero extents are not.
+  const std::vector<std::byte> big(kMaxChunkRaw + 1);
+  e = SyncData{};
+  e.length = big.size();
+  e.done_to = big.size();
+  e.data = big;
+  ExpectRefused(DecodeSyncData(EncodeSyncData(e)).status(), "exceeds");
+  e.flags = kSyncZstd;
+  e.data = std::span(data).first(10);
+  ExpectRefused(DecodeSyncData(EncodeSyncData(e)).status(), "exceeds");
+  e.data = {};
+  e.length = 10;
+  ExpectRefused(DecodeSyncData(EncodeSyncData(e)).status(), "without a frame");
+  e.flags = kSyncZero;
+  ASSERT_TRUE(DecodeSyncData(EncodeSyncData(e)).ok());
+}
+
+TEST(WireFormat, SyncDataBytesRefusesWrongSizesAndGarbage) {
+  const std::vector<std::byte> raw(20000, std::byte{'z'});
+  ChunkCompressor compressor;
+  std::vector<std::byte> packed;
+  ASSERT_TRUE(compressor.Compress(raw, &packed));
+  SyncData d;
+  d.flags = kSyncZstd;
+  d.data = packed;
+  std::vector<std::byte> out;
+  for (uint64_t declared : {uint64_t{19999}, uint64_t{20001}, uint64_t{kMaxChunkRaw}}) {
+    d.length = declared;
+    d.done_to = declared;
+    const std::vector<std::byte> bytes = EncodeSyncData(d);
+    Result<SyncData> got = DecodeSyncData(bytes);
+    ASSERT_TRUE(got.ok()) << got.status().ToString();
+    ExpectRefused(SyncDataBytes(*got, &out), "raw length", std::to_string(declared));
+  }
+  d.length = raw.size();
+  ASSERT_TRUE(SyncDataBytes(d, &out).ok());
+  EXPECT_EQ(out, raw);
+  const std::vector<std::byte> garbage = Random(300, 13);
+  d.data = garbage;
+  ExpectRefused(SyncDataBytes(d, &out), "not a zstd frame");
+  std::vector<std::byte> cut = packed;
+  cut.resize(cut.size() / 2);
+  d.data = cut;
+  EXPECT_FALSE(SyncDataBytes(d, &out).ok()) << "truncated zstd frame";
+  // A hand-built frame above the bound is refused before anything is allocated.
+  d.data = packed;
+  d.length = uint64_t{1} << 40;
+  ExpectRefused(SyncDataBytes(d, &out), "exceeds");
+}
+
+TEST(WireFormat, SyncAckAndSyncEndRoundTripAndRefusals) {
+  const std::vector<std::byte> ack_bytes = EncodeSyncAck({0xfeedf00d, 1ull << 42});
+  ASSERT_EQ(ack_bytes.size(), kSyncAckSize);
+  Result<SyncAck> ack = DecodeSyncAck(ack_bytes);
+  ASSERT_TRUE(ack.ok()) << ack.status().ToString();
+  EXPECT_EQ(ack->disk_id, 0xfeedf00du);
+  EXPECT_EQ(ack->done_offset, 1ull << 42);
+  for (size_t n = 0; n < kSyncAckSize; ++n) {
+    ExpectRefused(DecodeSyncAck(std::span(ack_bytes).first(n)).status(), "payload of");
+  }
+  std::vector<std::byte> bad = ack_bytes;
+  bad.push_back(std::byte{0});
+  ExpectRefused(DecodeSyncAck(bad).status(), "payload of");
+  bad = ack_bytes;
+  PutLe32(bad, 4, 1);
+  ExpectRefused(DecodeSyncAck(bad).status(), "reserved");
+
+  const std::vector<std::byte> end_bytes = EncodeSyncEnd({99, -1700000000000000000});
+  ASSERT_EQ(end_bytes.size(), kSyncEndSize);
+  Result<SyncEnd> end = DecodeSyncEnd(end_bytes);
+  ASSERT_TRUE(end.ok()) << end.status().ToString();
+  EXPECT_EQ(end->sync_id, 99u);
+  EXPECT_EQ(end->cut_unix_nanos, -1700000000000000000);
+  for (size_t n = 0; n < kSyncEndSize; ++n) {
+    ExpectRefused(DecodeSyncEnd(std::span(end_bytes).first(n)).status(), "payload of");
+  }
+  bad = end_bytes;
+  bad.push_back(std::byte{0});
+  ExpectRefused(DecodeSyncEnd(bad).status(), "payload of");
+}
+
 // Every decoder takes any bytes without crashing (a tiny stand-in for the fuzzer).
 TEST(WireFormat, DecodersSurviveRandomInput) {
   std::mt19937_64 rng(42);
@@ -406,8 +818,16 @@ TEST(WireFormat, DecodersSurviveRandomInput) {
     (void)DecodeAck(junk);
     (void)DecodeHeartbeat(junk);
     (void)DecodeError(junk);
+    (void)DecodeSyncBegin(junk);
+    (void)DecodeSyncReply(junk);
+    (void)DecodeHashRequest(junk);
+    (void)DecodeHashReply(junk);
+    (void)DecodeSyncAck(junk);
+    (void)DecodeSyncEnd(junk);
     Result<SegmentChunk> c = DecodeSegmentChunk(junk);
     if (c.ok()) (void)ChunkData(*c, &out);
+    Result<SyncData> d = DecodeSyncData(junk);
+    if (d.ok() && !d->zero()) (void)SyncDataBytes(*d, &out);
   }
 }
 

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # make demo: two sites on this machine (east, the primary, and west, the replica), joined
 # by mutual TLS on loopback with certificates made by siterep-certs. East protects VM web01
-# (two disks); replication to west is enabled; we put ext4 on a disk through a loop device,
-# write files, and watch the replica catch up in `siterep status` (RPO, bytes pending).
+# (two disks), whose 'data' disk already holds an ext4 file system with files. Replication
+# to west is enabled: the initial copy runs from a point-in-time snapshot with a progress
+# bar; then we mount the file system through a loop device on the protected disk, write
+# more files, and watch delta replication in `siterep status` (RPO, bytes pending).
 # Then the replica images are compared with the primary's, and the recovery points at
 # west are listed. Everything it made (mounts, loop device, daemons, folder) is removed on
 # any exit. Usage: bash tools/demo.sh [BIN_DIR]   (default: build/bin next to this script)
@@ -78,8 +80,21 @@ show "$BIN/siterep-certs" "$DIR/certs" ca
 show "$BIN/siterep-certs" "$DIR/certs" site east
 show "$BIN/siterep-certs" "$DIR/certs" site west
 
+step "web01's disks hold data already: ext4 with files on 'data', random bytes on 'os'"
+truncate -s 256M "$DIR/web01-os.img"
+truncate -s 512M "$DIR/web01-data.img"
+head -c $((48 << 20)) /dev/urandom | dd of="$DIR/web01-os.img" conv=notrunc status=none
+mkfs.ext4 -q -F "$DIR/web01-data.img"
+mkdir -p "$DIR/fs"
+mount -o loop "$DIR/web01-data.img" "$DIR/fs"
+FS_MOUNTED=1
+for i in 1 2 3 4 5; do head -c $((i * 16 << 20)) /dev/urandom >"$DIR/fs/old$i.bin"; done
+echo "written before protection" >"$DIR/fs/before.txt"
+df -h "$DIR/fs" | sed 's/^/    /'
+umount "$DIR/fs"
+FS_MOUNTED=0
+
 step "Two site configs: east protects web01 (two disks) and replicates to west"
-truncate -s 256M "$DIR/web01-os.img" "$DIR/web01-data.img"
 for site in east west; do
   mkdir -p "$DIR/$site"
   port=$EAST_PORT peer=west peer_port=$WEST_PORT
@@ -100,6 +115,7 @@ key = "$DIR/certs/$site.key"
 [[peers]]
 name = "$peer"
 address = "127.0.0.1:$peer_port"
+bandwidth_limit = "96MiB"   # a WAN-like link, so the progress is visible
 TOML
 done
 cat >>"$DIR/east.toml" <<TOML
@@ -137,20 +153,22 @@ WEST_PID=$START_PID
 start east
 EAST_PID=$START_PID
 
-step "Enable replication of web01 to west"
+step "Enable replication of web01 to west: initial copy from a snapshot, with progress"
 show east enable web01 --to west --wait
+show east status web01
 
-step "ext4 on the 'data' disk through a loop device"
+step "The existing ext4 on the 'data' disk, mounted through a loop device"
 LOOP=$(losetup --find --show "$DIR/east/mnt/web01/data")
 echo "    $LOOP -> $DIR/east/mnt/web01/data"
 mkfs.ext4 -q -F "$LOOP"
 mkdir -p "$DIR/fs"
 mount "$LOOP" "$DIR/fs"
 FS_MOUNTED=1
+ls -l "$DIR/fs" | sed 's/^/    /'
 
-step "Write files, and watch the replica catch up"
+step "Write more files: delta replication ships only the changes"
 for i in 1 2 3 4; do
-  head -c $((i * 8 << 20)) /dev/urandom >"$DIR/fs/file$i.bin"
+  head -c $((i * 4 << 20)) /dev/urandom >"$DIR/fs/new$i.bin"
 done
 echo "hello from web01" >"$DIR/fs/hello.txt"
 sync -f "$DIR/fs/hello.txt"

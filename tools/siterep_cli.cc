@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -122,33 +124,89 @@ void PrintStatus(const json& s) {
   }
 }
 
-// enable --wait: polls the VM's status until the replica has applied every cycle that was
-// cut when the wait began. Prints a line when something changes; fails when the peer
-// refuses replication or the VM turns critical.
+// One line of sync progress: "initial replication 45.2% (1.2 GiB of 2.0 GiB, 350 MiB/s,
+// ETA 3 s)".
+std::string ProgressText(const json& p) {
+  const uint64_t done = p.value("bytes_done", uint64_t{0});
+  const uint64_t total = p.value("bytes_total", uint64_t{0});
+  const double rate = p.value("rate_bytes_per_s", 0.0);
+  char buf[256];
+  std::string eta = "-";
+  if (p.contains("eta_seconds") && p["eta_seconds"].is_number()) {
+    eta = std::to_string(static_cast<long long>(p["eta_seconds"].get<double>() + 0.5)) + " s";
+  }
+  std::snprintf(buf, sizeof(buf), "%5.1f%% (%s of %s, %s/s, ETA %s)", p.value("percent", 0.0),
+                siterep::FormatSize(done).c_str(), siterep::FormatSize(total).c_str(),
+                siterep::FormatSize(static_cast<uint64_t>(rate)).c_str(), eta.c_str());
+  return buf;
+}
+
+// enable --wait / resync --wait: polls the VM's status until the replica has applied every
+// cycle that was cut when the wait began. While a sync (initial copy, resync) runs, draws a
+// progress bar on a terminal and prints plain progress lines (every 10% or 5 s) otherwise.
+// Fails when the peer refuses replication or the VM turns critical.
 int WaitCaughtUp(const Globals& g, const std::string& vm) {
   json s;
   if (int rc = Call(g, {{"op", "cut"}, {"vm", vm}}, &s); rc != 0) return rc;
   const uint64_t target = s.value("cycle", uint64_t{0});
+  const bool tty = !g.json && ::isatty(STDOUT_FILENO) != 0;
   std::string last_line;
+  bool bar_drawn = false;
+  double last_percent = -100;
+  auto last_print = std::chrono::steady_clock::time_point();
+  auto end_bar = [&] {
+    if (bar_drawn) std::printf("\n");
+    bar_drawn = false;
+  };
   for (;;) {
     json status;
-    if (int rc = Call(g, {{"op", "status"}, {"vm", vm}}, &status); rc != 0) return rc;
+    if (int rc = Call(g, {{"op", "status"}, {"vm", vm}}, &status); rc != 0) {
+      end_bar();
+      return rc;
+    }
     const json& v = status["vms"][0];
     const uint64_t applied = v.value("applied_cycle", uint64_t{0});
     const std::string link = v.contains("link") ? v["link"].value("state", "") : "";
-    char line[256];
-    std::snprintf(line, sizeof(line), "VM %s: link %s, applied cycle %llu of %llu, pending %s",
-                  vm.c_str(), link.c_str(), static_cast<unsigned long long>(applied),
-                  static_cast<unsigned long long>(target),
-                  siterep::FormatSize(v.value("pending_bytes", uint64_t{0})).c_str());
-    if (line != last_line && !g.json) std::printf("%s\n", line);
-    last_line = line;
+    const std::string state = v.value("state", "");
+    const bool syncing = state == "initial replication" || state == "resynchronising";
+    if (syncing && v.contains("progress") && !g.json) {
+      const json& p = v["progress"];
+      const double percent = p.value("percent", 0.0);
+      const std::string text = state + " " + ProgressText(p);
+      if (tty) {
+        constexpr int kWidth = 30;
+        const int filled = static_cast<int>(percent / 100.0 * kWidth + 0.5);
+        std::printf("\r[%s%s] %s\033[K", std::string(std::clamp(filled, 0, kWidth), '#').c_str(),
+                    std::string(kWidth - std::clamp(filled, 0, kWidth), '.').c_str(), text.c_str());
+        std::fflush(stdout);
+        bar_drawn = true;
+      } else {
+        const auto now = std::chrono::steady_clock::now();
+        if (percent - last_percent >= 10 || now - last_print >= std::chrono::seconds(5)) {
+          std::printf("VM %s: %s\n", vm.c_str(), text.c_str());
+          std::fflush(stdout);
+          last_percent = percent;
+          last_print = now;
+        }
+      }
+    } else {
+      end_bar();
+      char line[256];
+      std::snprintf(line, sizeof(line), "VM %s: %s, link %s, applied cycle %llu of %llu, pending %s",
+                    vm.c_str(), state.c_str(), link.c_str(), static_cast<unsigned long long>(applied),
+                    static_cast<unsigned long long>(target),
+                    siterep::FormatSize(v.value("pending_bytes", uint64_t{0})).c_str());
+      if (line != last_line && !g.json) std::printf("%s\n", line);
+      last_line = line;
+    }
     if (link == "refused" || v.value("health", "") == "critical") {
+      end_bar();
       std::fprintf(stderr, "siterep: %s\n",
                    v.value("health_reason", std::string("replication stopped")).c_str());
       return 1;
     }
-    if (link == "connected" && applied >= target) {
+    if (link == "connected" && !syncing && applied >= target) {
+      end_bar();
       if (g.json)
         std::cout << v.dump(2) << "\n";
       else
@@ -156,7 +214,7 @@ int WaitCaughtUp(const Globals& g, const std::string& vm) {
                     Str(v, "peer").c_str(), static_cast<unsigned long long>(applied));
       return 0;
     }
-    ::usleep(500 * 1000);
+    ::usleep(tty ? 200 * 1000 : 500 * 1000);
   }
 }
 
@@ -185,7 +243,11 @@ int main(int argc, char** argv) {
   auto* enable = app.add_subcommand("enable", "start replicating a VM to a peer site");
   enable->add_option("VM", vm, "the VM")->required();
   enable->add_option("--to", to, "the replica site (one of [[peers]])")->required();
-  enable->add_flag("--wait", wait, "wait until the replica has caught up");
+  enable->add_flag("--wait", wait, "wait until the replica has caught up (progress bar)");
+  bool seed = false;
+  enable->add_flag("--seed", seed,
+                   "the replica site already holds an older copy of the disks (restored from "
+                   "backup, carried on media): compare block hashes, send only what differs");
   enable->add_flag("--json", g.json, "machine-readable output");
 
   auto* pause =
@@ -195,6 +257,13 @@ int main(int argc, char** argv) {
   auto* resume = app.add_subcommand("resume", "ship a paused VM's changes again");
   resume->add_option("VM", vm, "the VM")->required();
   resume->add_flag("--json", g.json, "machine-readable output");
+  auto* resync = app.add_subcommand(
+      "resync", "bring a VM's replica in line again after tracking was lost (at the primary)");
+  resync->add_option("VM", vm, "the VM")->required();
+  bool full = false, resync_wait = false;
+  resync->add_flag("--full", full, "compare every block, not only the ones known to be dirty");
+  resync->add_flag("--wait", resync_wait, "wait until the replica has caught up (progress bar)");
+  resync->add_flag("--json", g.json, "machine-readable output");
 
   auto* points =
       app.add_subcommand("points", "list a replica's recovery points (at the replica site)");
@@ -242,8 +311,22 @@ int main(int argc, char** argv) {
       std::printf("VM %s cut at cycle %s\n", vm.c_str(), result["cycle"].dump().c_str());
     return 0;
   }
+  if (resync->parsed()) {
+    if (int rc = Call(g, {{"op", "resync"}, {"vm", vm}, {"full", full}}, &result); rc != 0) {
+      return rc;
+    }
+    if (resync_wait) return WaitCaughtUp(g, vm);
+    if (g.json)
+      std::cout << result.dump(2) << "\n";
+    else
+      std::printf("VM %s: resynchronisation started\n", vm.c_str());
+    return 0;
+  }
   if (enable->parsed()) {
-    if (int rc = Call(g, {{"op", "enable"}, {"vm", vm}, {"to", to}}, &result); rc != 0) return rc;
+    if (int rc = Call(g, {{"op", "enable"}, {"vm", vm}, {"to", to}, {"seed", seed}}, &result);
+        rc != 0) {
+      return rc;
+    }
     if (!wait) {
       if (g.json)
         std::cout << result.dump(2) << "\n";

@@ -137,6 +137,10 @@ bool DirtyBitmap::IsDirty(uint64_t block) const {
   return (word >> (block % 64)) & 1;
 }
 
+uint64_t DirtyBitmap::word(uint64_t w) const {
+  return std::atomic_ref<uint64_t>(words_[w]).load(std::memory_order_relaxed);
+}
+
 Status DirtyBitmap::Flush() {
   if (!region_) return Status::Ok();
   if (!region_->flush(0, 0, /*async=*/false)) {

@@ -50,6 +50,10 @@ class DirtyBitmap {
   void MarkAll() { MarkRange(0, disk_size_); }
   bool IsDirty(uint64_t block) const;
 
+  // Word w of the bits (blocks 64 * w to 64 * w + 63), for scans; w < word_count().
+  uint64_t word(uint64_t w) const;
+  uint64_t word_count() const { return WordCount(disk_size_); }
+
   uint64_t dirty_blocks() const { return dirty_blocks_.load(std::memory_order_relaxed); }
   uint64_t block_count() const { return blocks_; }
   uint64_t disk_size() const { return disk_size_; }

@@ -73,6 +73,14 @@ Status DiskLog::Init() {
     mode_ = Mode::kBitmap;
   } else {
     Status s = OpenLogMode(state);
+    if (s.ok() && state.resync_required) {
+      // Logging again after a bitmap, but the resync did not complete (or a crash cut it
+      // short): which blocks it had to send is not kept across restarts, so all of them.
+      resync_required_ = true;
+      resync_all_dirty_ = true;
+      reason_ = state.reason.empty() || state.reason == "resynchronising" ? "resync interrupted"
+                                                                          : state.reason;
+    }
     if (!s.ok()) {
       if (s.code() != EBADMSG) return s.WithContext("recover change log of disk " + opts_.name);
       // A damaged log cannot say which blocks changed: every block is dirty.
@@ -278,6 +286,7 @@ std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t un
   Record r;
   r.kind = RecordKind::kCut;
   r.seq = cut->seq = ++last_seq_;
+  cut->segment = seg_->number;
   r.length = kCutPayloadSize;
   r.head_size = kHeaderSize + kCutPayloadSize;
   const uint64_t at = open_bytes_;

@@ -31,6 +31,12 @@
 //    VM lock exclusive (no appender in flight, as for a cut), marks the blocks of every
 //    record of the unshipped log (holes skipped), persists state.json as bitmap mode and
 //    deletes the segments. The guest never sees an error.
+//  - Snapshots (disk_log_resync.cc): at the cut of VmTracker::StartSnapshot, a disk in
+//    bitmap mode returns to the log (ReturnToLog): a new segment right after the cut, seq
+//    numbers going on, state.json "log" but still "resync required" (reason
+//    "resynchronising") until EndResync(true). While a log-mode disk is resync required,
+//    what it must resync is kept (resync_dirty_, or all); should it fall back to the
+//    bitmap again, those blocks are marked there too, so nothing is lost.
 //
 // Thread-safety: every public method may be called from any thread, with the preconditions
 // stated on each. Lock order: VmTracker's locks, then release_mu_, then bitmap_mu_, then
@@ -94,7 +100,20 @@ class DiskLog {
     int64_t unix_nanos = 0;
     int64_t first_change_unix_nanos = 0;
     uint64_t seq = 0;
+    uint64_t segment = 0;           // number of the segment the cut record ends
     State state = State::kSealing;  // guarded by mu_
+  };
+
+  // What ReturnToLog did.
+  struct ResyncStart {
+    // Back in log mode. False: creating the segment failed, so the disk stays in bitmap
+    // mode (still resync required); all_dirty and dirty are right either way.
+    bool logging = false;
+    uint64_t last_seq = 0;      // the disk's last seq at the cut
+    uint64_t last_segment = 0;  // the disk's last segment number at the cut
+    bool all_dirty = false;     // every block of the bitmap was dirty (dirty is empty)
+    // The bitmap's dirty blocks as kSnapshotBlockSize-aligned, sorted, merged ranges.
+    std::vector<ByteRange> dirty;
   };
 
   // Opens the log folder (created if missing; locked against a second tracker), recovers
@@ -149,6 +168,25 @@ class DiskLog {
   // Deletes the sealed segments up to and including cycle.
   Status ReleaseThrough(uint64_t cycle);
   DiskStats Stats() const;
+
+  // --- Snapshots (disk_log_resync.cc) ---
+  bool tracking_with_bitmap() const;  // bitmap mode, and no fall back pending
+  bool resync_required() const;
+  // Takes a disk in bitmap mode back to the log at the cut of cycle: its dirty blocks are
+  // returned and kept as what it must resync; a new segment is opened (seq and segment
+  // numbers go on); state.json says "log", resync required, "resynchronising"; then the
+  // bitmap file is deleted (in that order, so a crash at any point leaves a state whose
+  // next Open marks a superset). The caller holds the VM lock exclusively.
+  ResyncStart ReturnToLog(uint64_t cycle);
+  // The blocks that the writes and discards of the segments numbered up to and including
+  // through touch (those not released yet), kSnapshotBlockSize-aligned, sorted, merged.
+  // The segments must be complete (their cut records written). Any thread, no lock.
+  Result<std::vector<ByteRange>> ChangedBlocksThrough(uint64_t through) const;
+  // The snapshot that resynced this disk ended. completed: the disk is no longer resync
+  // required (if it still logs: a fall back since then keeps it). Not completed: it stays
+  // resync required, reason "resync interrupted", with every block to resync. Persists
+  // state.json. No-op for a disk that is not a log-mode disk in resync.
+  Status EndResync(bool completed);
 
  private:
   // kSwitching: a fall back is pending (step 1 done or under way, FinishFallback not yet).
@@ -238,7 +276,13 @@ class DiskLog {
   Mode mode_ = Mode::kLog;
   bool resync_required_ = false;
   std::string reason_;
-  std::unique_ptr<DirtyBitmap> bitmap_;  // set once (kSwitching or kBitmap); never reset
+  // Log mode and resync_required_: the blocks still to resync (resync_all_dirty_: every
+  // block). A fall back marks them in the bitmap. Empty otherwise.
+  std::vector<ByteRange> resync_dirty_;
+  bool resync_all_dirty_ = false;
+  // Set by a fall back (kSwitching or kBitmap); reset only by ReturnToLog, with the VM
+  // lock exclusive and no Flush leader running (the only users that hold it without mu_).
+  std::unique_ptr<DirtyBitmap> bitmap_;
   std::vector<Range> pending_ranges_;    // kSwitching, before the bitmap exists
   // The open segment; replaced only with the VM lock exclusive (WriteCut, FinishFallback),
   // so an appender may use the one it reserved in after unlocking mu_. Null in bitmap mode.

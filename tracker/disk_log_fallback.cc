@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <utility>
 
 #include "common/file_util.h"
 #include "tracker/disk_log.h"
@@ -18,10 +19,15 @@ void DiskLog::FinishFallback() {
   if (!fallback_pending()) return;
   std::vector<CutTicket*> dropped;
   std::string reason;
+  std::vector<ByteRange> resync_dirty;  // a resync in progress: still to be sent
+  bool resync_all_dirty;
   {
     std::lock_guard lk(mu_);
     if (mode_ != Mode::kSwitching) return;
     reason = reason_;
+    resync_dirty = std::move(resync_dirty_);
+    resync_dirty_.clear();
+    resync_all_dirty = std::exchange(resync_all_dirty_, false);
     // Segments waiting for the sealer are dropped with the rest; their cuts did not seal.
     // (One the sealer is working on sees the mode when it is done.)
     for (PendingSeal& p : seals_) dropped.push_back(p.cut);
@@ -36,7 +42,9 @@ void DiskLog::FinishFallback() {
     std::lock_guard lk(mu_);
     bitmap = bitmap_.get();
   }
-  DropLog(*bitmap, /*mark_all=*/false);
+  // The blocks an unfinished resync still has to send are as dirty as the log's.
+  for (const ByteRange& r : resync_dirty) bitmap->MarkRange(r.offset, r.length);
+  DropLog(*bitmap, /*mark_all=*/resync_all_dirty);
   {
     std::lock_guard lk(mu_);
     mode_ = Mode::kBitmap;

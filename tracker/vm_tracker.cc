@@ -3,17 +3,14 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cerrno>
-#include <condition_variable>
 #include <mutex>
 #include <set>
 #include <shared_mutex>
-#include <thread>
 
 #include "common/time_util.h"
-#include "tracker/disk_log.h"
-#include "tracker/locks.h"
+#include "tracker/snapshot.h"
+#include "tracker/vm_tracker_impl.h"
 
 namespace siterep::tracker {
 
@@ -26,99 +23,6 @@ std::string_view DiskTrackingName(DiskTracking t) {
   }
   return "unknown";
 }
-
-class VmTracker::Impl {
- public:
-  explicit Impl(VmTrackerOptions options) : options_(std::move(options)) {}
-  ~Impl() {
-    StopCutter();
-    // Stop the sealers while everything they may call back into is still alive.
-    disks_.clear();
-  }
-
-  Status Open();
-  WriteObserver& observer(size_t i) { return disks_.at(i)->observer; }
-  Result<uint64_t> Cut(bool closing);
-  VmStats Stats() const;
-  Status Close();
-  std::vector<SealedSegment> SealedSegments() const;
-  Status ReleaseThrough(uint64_t cycle);
-  void SetSealedCallback(std::function<void(uint64_t)> callback) {
-    std::lock_guard lk(callback_mu_);
-    callback_ = std::move(callback);
-  }
-
- private:
-  // What blockdev holds for one disk: forwards to the tracker with the disk's index.
-  class DiskObserver final : public WriteObserver {
-   public:
-    DiskObserver(Impl* impl, size_t index) : impl_(impl), index_(index) {}
-    Status Write(uint64_t offset, std::span<const std::byte> data,
-                 FunctionRef<Status()> apply) override {
-      return impl_->Change(index_, RecordKind::kWrite, offset, data, data.size(), apply);
-    }
-    Status Discard(uint64_t offset, uint64_t length, FunctionRef<Status()> apply) override {
-      return impl_->Change(index_, RecordKind::kDiscard, offset, {}, length, apply);
-    }
-    Status Flush() override { return impl_->FlushDisk(index_); }
-
-   private:
-    Impl* const impl_;
-    const size_t index_;
-  };
-
-  struct Disk {
-    Disk(Impl* impl, size_t index, TrackedDisk config)
-        : config(std::move(config)), observer(impl, index) {}
-    const TrackedDisk config;
-    std::unique_ptr<DiskLog> log;
-    RangeLocks ranges;
-    DiskObserver observer;
-  };
-
-  Status Validate() const;
-  Status Change(size_t index, RecordKind kind, uint64_t offset, std::span<const std::byte> data,
-                uint64_t length, FunctionRef<Status()> apply);
-  Status FlushDisk(size_t index);
-  // Runs the second step of a pending bitmap fall back of disk i. Takes the VM lock
-  // exclusively, so the caller holds none of the VmTracker's locks.
-  void FinishFallback(size_t index);
-  void CompleteInterruptedCut();
-  void RequestCut();
-  void CutterLoop();
-  void StopCutter();
-
-  const VmTrackerOptions options_;
-  std::vector<std::unique_ptr<Disk>> disks_;  // fixed after Open
-
-  // Serialises Close. Lock order: close_mu_, cut_mu_, cut_lock_, then a disk's locks.
-  std::mutex close_mu_;
-  bool close_done_ = false;  // guarded by close_mu_
-  // Serialises cuts, so cycle numbers are given out in the order cut records are queued
-  // and sealed callbacks fire in cycle order (the callback runs with it held, so it must
-  // not call Cut or Close).
-  std::mutex cut_mu_;
-  // Shared by every change from its sequence number until its apply returns; exclusive
-  // while Cut queues one cut record per disk.
-  CutLock cut_lock_;
-  bool closed_ = false;                  // written with cut_lock_ exclusive, read with it shared
-  std::atomic<uint64_t> last_cycle_{0};  // written with cut_mu_ held
-  std::atomic<int64_t> last_cut_nanos_{0};
-  // Wall-clock time of the first change since the last cut (0: none). Set by the first
-  // change with cut_lock_ shared, taken and reset by Cut with it exclusive.
-  std::atomic<int64_t> open_first_change_{0};
-
-  std::mutex callback_mu_;  // protects callback_; a leaf
-  std::function<void(uint64_t)> callback_;
-
-  // The cutter thread: cuts every options_.cycle, and at once when a disk's open segment
-  // passes segment_roll_bytes. cutter_mu_ protects the two flags; never held while cutting.
-  std::mutex cutter_mu_;
-  std::condition_variable cutter_cv_;
-  bool cutter_stop_ = false;
-  bool cut_requested_ = false;
-  std::thread cutter_;
-};
 
 Status VmTracker::Impl::Validate() const {
   if (options_.vm.empty()) return Status::Invalid("VmTracker: the VM has no name");
@@ -145,6 +49,9 @@ Status VmTracker::Impl::Open() {
   SR_RETURN_IF_ERROR(Validate());
   for (size_t i = 0; i < options_.disks.size(); ++i) {
     const TrackedDisk& config = options_.disks[i];
+    // A snapshot does not survive its tracker (it is not crash-safe by design).
+    Status removed = RemoveLeftoverSnapshot(SnapshotPathFor(config.log_dir));
+    if (!removed.ok()) spdlog::warn("VM {}: {}", options_.vm, removed.ToString());
     auto disk = std::make_unique<Disk>(this, i, config);
     DiskLog::Options o;
     o.name = config.name;
@@ -235,6 +142,9 @@ Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
       return Status::Error(
           ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name + ": change log stopped");
     }
+    // Copy-on-write: the blocks' content as of the snapshot's cut goes to the snapshot
+    // file before the change reaches the image. Never fails the change.
+    if (disk.snapshot) disk.snapshot->SaveBefore(offset, length);
     applied = apply();
     if (!applied.ok() && outcome == LogOutcome::kLogged && length > 0) {
       disk.log->ApplyFailed(applied, offset, length);
@@ -263,11 +173,39 @@ Status VmTracker::Impl::FlushDisk(size_t index) {
   return s;
 }
 
+VmTracker::Impl::CutWrite VmTracker::Impl::WriteCutsLocked() {
+  CutWrite cut;
+  cut.cycle = last_cycle_ + 1;
+  cut.nanos = NowUnixNanos();
+  const int64_t first_change = open_first_change_.exchange(0);
+  for (const auto& d : disks_) {
+    cut.tickets.push_back(d->log->WriteCut(cut.cycle, cut.nanos, first_change));
+    cut.any = cut.any || cut.tickets.back() != nullptr;
+  }
+  return cut;
+}
+
+std::vector<bool> VmTracker::Impl::FinishCut(CutWrite& cut) {
+  std::vector<bool> sealed(disks_.size(), false);
+  bool any = false;
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    if (cut.tickets[i]) sealed[i] = disks_[i]->log->WaitSealed(*cut.tickets[i]);
+    any = any || sealed[i];
+  }
+  if (any) {
+    std::function<void(uint64_t)> callback;
+    {
+      std::lock_guard lk(callback_mu_);
+      callback = callback_;
+    }
+    if (callback) callback(cut.cycle);
+  }
+  return sealed;
+}
+
 Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
   std::lock_guard cut_guard(cut_mu_);
-  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::CutTicket>>> cuts;
-  uint64_t cycle;
-  int64_t nanos;
+  CutWrite cut;
   {
     std::unique_lock vm(cut_lock_);
     if (closed_ && !closing) {
@@ -279,29 +217,14 @@ Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
     const bool changed = std::any_of(disks_.begin(), disks_.end(),
                                      [](const auto& d) { return d->log->ChangedSinceCut(); });
     if (!changed) return last_cycle_.load();
-    cycle = last_cycle_ + 1;
-    nanos = NowUnixNanos();
-    const int64_t first_change = open_first_change_.exchange(0);
-    for (const auto& d : disks_) {
-      auto entry = d->log->WriteCut(cycle, nanos, first_change);
-      if (entry) cuts.emplace_back(d->log.get(), std::move(entry));
-    }
-    if (cuts.empty()) return last_cycle_.load();
-    last_cycle_ = cycle;
-    last_cut_nanos_ = nanos;
+    cut = WriteCutsLocked();
+    if (!cut.any) return last_cycle_.load();
+    last_cycle_ = cut.cycle;
+    last_cut_nanos_ = cut.nanos;
   }
   // Outside the VM lock: changes after the cut proceed while the sealers seal.
-  bool sealed = false;
-  for (auto& [log, entry] : cuts) sealed = log->WaitSealed(*entry) || sealed;
-  if (sealed) {
-    std::function<void(uint64_t)> callback;
-    {
-      std::lock_guard lk(callback_mu_);
-      callback = callback_;
-    }
-    if (callback) callback(cycle);
-  }
-  return cycle;
+  FinishCut(cut);
+  return cut.cycle;
 }
 
 VmStats VmTracker::Impl::Stats() const {
@@ -310,6 +233,12 @@ VmStats VmTracker::Impl::Stats() const {
   stats.last_cut_unix_nanos = last_cut_nanos_;
   stats.open_first_change_unix_nanos = open_first_change_;
   for (const auto& d : disks_) stats.disks.push_back(d->log->Stats());
+  std::lock_guard lk(snapshot_mu_);
+  if (snapshot_) {
+    for (size_t i = 0; i < stats.disks.size(); ++i) {
+      stats.disks[i].snapshot_bytes = snapshot_->disks[i]->saved_bytes();
+    }
+  }
   return stats;
 }
 
@@ -385,6 +314,9 @@ Status VmTracker::Impl::Close() {
   Status result;
   Result<uint64_t> cycle = Cut(/*closing=*/true);
   if (!cycle.ok()) result = cycle.status();
+  // The caller cannot finish a copy once the tracker is closed.
+  Status ended = EndSnapshot(/*completed=*/false);
+  if (!ended.ok() && result.ok()) result = ended;
   for (const auto& d : disks_) {
     Status s = d->log->Stop();
     if (!s.ok() && result.ok())
@@ -413,6 +345,19 @@ WriteObserver& VmTracker::observer(size_t disk_index) { return impl_->observer(d
 Result<uint64_t> VmTracker::Cut() { return impl_->Cut(/*closing=*/false); }
 VmStats VmTracker::Stats() const { return impl_->Stats(); }
 Status VmTracker::Close() { return impl_->Close(); }
+Result<SnapshotInfo> VmTracker::StartSnapshot() { return impl_->StartSnapshot(); }
+bool VmTracker::snapshot_active() const { return impl_->snapshot_active(); }
+Status VmTracker::ReadSnapshot(size_t disk, uint64_t offset, std::span<std::byte> out) {
+  return impl_->ReadSnapshot(disk, offset, out);
+}
+Result<std::vector<ByteRange>> VmTracker::SnapshotDataRanges(size_t disk, uint64_t from,
+                                                             uint64_t to) {
+  return impl_->SnapshotDataRanges(disk, from, to);
+}
+void VmTracker::SnapshotCopied(size_t disk, uint64_t offset) {
+  impl_->SnapshotCopied(disk, offset);
+}
+Status VmTracker::EndSnapshot(bool completed) { return impl_->EndSnapshot(completed); }
 std::vector<SealedSegment> VmTracker::SealedSegments() { return impl_->SealedSegments(); }
 Status VmTracker::ReleaseThrough(uint64_t cycle) { return impl_->ReleaseThrough(cycle); }
 void VmTracker::SetSealedCallback(std::function<void(uint64_t cycle)> callback) {

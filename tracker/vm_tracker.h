@@ -27,7 +27,7 @@
 // "<log dir>/state.json"), and guest I/O carries on.
 //
 // Thread-safety: observer(i) may be called from any number of threads; Cut, Stats,
-// Close and the SegmentSource methods from any thread.
+// Close, the snapshot methods and the SegmentSource methods from any thread.
 #pragma once
 
 #include <chrono>
@@ -171,8 +171,9 @@ class VmTracker : public SegmentSource {
   // StartSnapshot returns them all_dirty. No-op without a snapshot.
   Status EndSnapshot(bool completed);
 
-  // Stops the timer, cuts and seals what is open, syncs logs and images, stops the sealer
-  // threads. Changes after Close are refused with ESHUTDOWN. Idempotent.
+  // Stops the timer, cuts and seals what is open, ends an active snapshot (not completed),
+  // syncs logs and images, stops the sealer threads. Changes after Close are refused with
+  // ESHUTDOWN. Idempotent.
   Status Close();
 
   // SegmentSource

@@ -1,0 +1,126 @@
+// DiskSnapshot: the copy-on-write point-in-time view of one disk, for VmTracker's
+// StartSnapshot (initial replication, resync). VmTracker owns one per disk while a
+// snapshot is active and does all the ordering; this class does the per-disk mechanics.
+//
+// The snapshot file "<image>.srsnap" is sparse and as long as the disk: a saved block sits
+// at its own offset. Before a guest change touches a kSnapshotBlockSize block that the
+// copy has not passed yet (SnapshotCopied's watermark), SaveBefore copies the block's
+// current content (the content at the cut, as it is the first change since) from the
+// image into the file and sets the block's bit in an in-memory bitset. Reads take a
+// block from the file when its bit is set, else from the image. Not crash-safe by
+// design: the file is scratch space, deleted at the end and at the next Open.
+//
+// Threads and locks: VmTracker's range locks (1 MiB chunks, so every block lies in one
+// chunk) order everything per block. SaveBefore runs with the range of the change locked,
+// before the change is applied; Read runs with the range it reads locked. So a block's
+// bit is set, and its image content changed, only while its chunk is locked, and a reader
+// of the block sees either "not saved, image unchanged" or "saved". The bit words are
+// shared by blocks of different chunks, hence atomic; the watermark, the byte counter and
+// the failure flag are atomics too. DataRanges and the accessors need no lock.
+//
+// Failure: a save that cannot be done (ENOSPC on the snapshot file, a read error on the
+// image) never fails the guest's change: the snapshot is marked failed, saving stops,
+// and Read and DataRanges return the first error from then on (the copy restarts with a
+// new snapshot).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "common/status.h"
+#include "common/unique_fd.h"
+#include "tracker/vm_tracker.h"
+
+namespace siterep::tracker {
+
+// "<image>.srsnap" for a disk whose log folder is "<image>.srlog" (any other log folder
+// name: "<log dir>.srsnap", next to it).
+std::filesystem::path SnapshotPathFor(const std::filesystem::path& log_dir);
+
+// Widens every range to whole kSnapshotBlockSize blocks (the last block may end at size),
+// drops what lies at or beyond size, sorts and merges (adjacent ranges too).
+std::vector<ByteRange> ToBlockRanges(std::vector<ByteRange> ranges, uint64_t size);
+
+// Deletes a snapshot file left over by an earlier run (a crash or kill -9 during a
+// snapshot). Ok when there is none.
+Status RemoveLeftoverSnapshot(const std::filesystem::path& path);
+
+class DiskSnapshot {
+ public:
+  // Creates (or truncates) the snapshot file at path, sparse, size bytes long, and opens
+  // the image again read-only through /proc/self/fd/<image_fd>: SEEK_DATA moves the file
+  // position, which is not ours to move, and an O_DIRECT descriptor would refuse the
+  // unaligned reads. No block is saved yet: the caller attaches the snapshot at the cut.
+  static Result<std::unique_ptr<DiskSnapshot>> Create(std::string disk_name, int image_fd,
+                                                      uint64_t size, std::filesystem::path path);
+  ~DiskSnapshot();  // closes the descriptors; Remove() deletes the file
+  DiskSnapshot(const DiskSnapshot&) = delete;
+  DiskSnapshot& operator=(const DiskSnapshot&) = delete;
+
+  // Saves every block of [offset, offset + length) that is inside the disk, not below the
+  // watermark and not saved yet. The caller holds the range locked and has not applied
+  // its change. Never fails (see Failure above).
+  void SaveBefore(uint64_t offset, uint64_t length);
+
+  // Reads [offset, offset + out.size()) as of the cut; within the disk. The caller holds
+  // the range locked. Returns the snapshot's failure, if any, or ECANCELED once ended.
+  Status Read(uint64_t offset, std::span<std::byte> out);
+
+  // See VmTracker::SnapshotDataRanges. from <= to <= size. No lock needed: the image's
+  // extents are read before the bitset, and a block that held data at the cut is saved
+  // before a change can punch it.
+  Result<std::vector<ByteRange>> DataRanges(uint64_t from, uint64_t to);
+
+  // Raises the watermark: blocks that end at or below offset are not saved any more.
+  void Copied(uint64_t offset);
+
+  // Marks the snapshot ended: Read fails from now on (a reader that raced EndSnapshot must
+  // not return image content that is no longer protected).
+  void End() { ended_.store(true, std::memory_order_release); }
+  // Deletes the snapshot file (its descriptor stays open until destruction). Call after
+  // End and once no SaveBefore can run.
+  Status Remove();
+
+  // Bytes written to the snapshot file (all-zero blocks are saved without a write).
+  uint64_t saved_bytes() const { return saved_bytes_.load(std::memory_order_relaxed); }
+  uint64_t copied_below() const { return copied_below_.load(std::memory_order_relaxed); }
+  const std::filesystem::path& path() const { return path_; }
+  // Ok, or why the snapshot can no longer be read.
+  Status status() const;
+
+ private:
+  DiskSnapshot(std::string disk_name, uint64_t size, std::filesystem::path path);
+  uint64_t block_count() const { return (size_ + kSnapshotBlockSize - 1) / kSnapshotBlockSize; }
+  uint64_t BlockLength(uint64_t block) const;
+  // Copies one block from the image into the file and sets its bit.
+  Status Save(uint64_t block);
+  void Fail(Status status);
+  static void SetBit(std::atomic<uint64_t>* bits, uint64_t block);
+  static bool TestBit(const std::atomic<uint64_t>* bits, uint64_t block);
+
+  const std::string disk_name_;
+  const uint64_t size_;
+  const std::filesystem::path path_;
+  UniqueFd image_fd_;  // the image, O_RDONLY, our own descriptor
+  UniqueFd fd_;        // the snapshot file, O_RDWR
+
+  // Bit b of word w is block 64 * w + b. saved_: the block's cut content is in the file
+  // (or, for an all-zero block, is known to be zeros). data_: a saved block that is not
+  // all zeros (only those count as data in DataRanges).
+  std::unique_ptr<std::atomic<uint64_t>[]> saved_;
+  std::unique_ptr<std::atomic<uint64_t>[]> data_;
+  std::atomic<uint64_t> copied_below_{0};
+  std::atomic<uint64_t> saved_bytes_{0};
+  std::atomic<bool> failed_{false};
+  std::atomic<bool> ended_{false};
+  mutable std::mutex status_mu_;  // protects status_; a leaf
+  Status status_;
+};
+
+}  // namespace siterep::tracker
