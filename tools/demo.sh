@@ -160,7 +160,6 @@ show east status web01
 step "The existing ext4 on the 'data' disk, mounted through a loop device"
 LOOP=$(losetup --find --show "$DIR/east/mnt/web01/data")
 echo "    $LOOP -> $DIR/east/mnt/web01/data"
-mkfs.ext4 -q -F "$LOOP"
 mkdir -p "$DIR/fs"
 mount "$LOOP" "$DIR/fs"
 FS_MOUNTED=1
