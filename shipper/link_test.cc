@@ -1,20 +1,28 @@
 // End-to-end tests of the replication link: a real tracker::VmTracker on temp images as the
 // source, a Shipper and a Receiver talking real TLS on 127.0.0.1, and RecordingSink, a test
 // double of the applier that stores what it gets in files and checks the order of chunks
-// and commits (no gap, no duplicate), and keeps what a sync writes in memory.
+// and commits (no gap, no duplicate), and keeps what a sync writes in memory. Syncs run
+// from the tracker's snapshot through TrackerSyncSource (what control/outbound.cc does),
+// into RecordingSink or the real applier::Replica, some while a guest writes on.
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <functional>
 #include <map>
 #include <mutex>
+#include <random>
 #include <set>
 #include <thread>
+#include <utility>
 
 #include "applier/replica.h"
 #include "common/block_hash.h"
@@ -482,6 +490,251 @@ bool WaitFor(const std::function<bool()>& done, std::chrono::milliseconds timeou
   return done();
 }
 
+// The SyncSource of the daemon (control/outbound.cc) over the tracker's snapshot: Begin
+// takes the snapshot and makes the plan the way Outbound::BeginSync does; Finished ends the
+// snapshot (completed) and releases the segments through the sync's cut. Records the
+// Copied watermarks and the syncs that finished.
+class TrackerSyncSource : public SyncSource {
+ public:
+  TrackerSyncSource(tracker::VmTracker& tracker, std::vector<int> image_fds, uint64_t epoch)
+      : tracker_(tracker), image_fds_(std::move(image_fds)), epoch_(epoch) {}
+
+  Result<tracker::SnapshotInfo> Begin(applier::SyncKind kind, bool full = false) {
+    SR_ASSIGN_OR_RETURN(tracker::SnapshotInfo info, tracker_.StartSnapshot());
+    applier::SyncPlan plan;
+    plan.sync_id = info.cycle;
+    plan.kind = kind;
+    plan.cut_unix_nanos = info.cut_unix_nanos;
+    plan.epoch = epoch_;
+    std::vector<std::vector<tracker::ByteRange>> ranges;
+    for (size_t i = 0; i < info.disks.size(); ++i) {
+      const tracker::SnapshotDisk& d = info.disks[i];
+      applier::SyncDiskPlan dp;
+      dp.disk_id = d.disk_id;
+      dp.last_seq = d.last_seq;
+      dp.last_segment = d.last_segment;
+      std::vector<tracker::ByteRange> r;
+      if (kind == applier::SyncKind::kInitial) {
+        dp.mode = applier::SyncMode::kCopy;
+        r = {tracker::ByteRange{0, d.size}};
+      } else {
+        dp.mode = applier::SyncMode::kCompare;
+        if (kind == applier::SyncKind::kSeeded || full || d.all_dirty) {
+          r = {tracker::ByteRange{0, d.size}};
+        } else {
+          r = d.dirty;
+        }
+      }
+      for (const tracker::ByteRange& b : r) dp.bytes_total += b.length;
+      if (kind == applier::SyncKind::kInitial) {
+        struct stat st {};
+        if (::fstat(image_fds_[i], &st) == 0) {
+          dp.bytes_total = std::min<uint64_t>(d.size, static_cast<uint64_t>(st.st_blocks) * 512);
+        }
+      }
+      plan.disks.push_back(dp);
+      ranges.push_back(std::move(r));
+    }
+    std::lock_guard lk(mu_);
+    plan_ = std::move(plan);
+    ranges_ = std::move(ranges);
+    copied_.assign(info.disks.size(), 0);
+    return info;
+  }
+
+  std::optional<applier::SyncPlan> Plan() override {
+    std::lock_guard lk(mu_);
+    return plan_;
+  }
+  std::vector<tracker::ByteRange> CompareRanges(size_t disk) override {
+    std::lock_guard lk(mu_);
+    return disk < ranges_.size() ? ranges_[disk] : std::vector<tracker::ByteRange>{};
+  }
+  Status Read(size_t disk, uint64_t offset, std::span<std::byte> out) override {
+    return tracker_.ReadSnapshot(disk, offset, out);
+  }
+  Result<std::vector<tracker::ByteRange>> DataRanges(size_t disk, uint64_t from,
+                                                     uint64_t to) override {
+    return tracker_.SnapshotDataRanges(disk, from, to);
+  }
+  void Copied(size_t disk, uint64_t offset) override {
+    {
+      std::lock_guard lk(mu_);
+      if (disk < copied_.size()) copied_[disk] = std::max(copied_[disk], offset);
+    }
+    tracker_.SnapshotCopied(disk, offset);
+  }
+  Status Finished(uint64_t sync_id) override {
+    std::lock_guard lk(mu_);
+    if (!plan_ || plan_->sync_id != sync_id) return Status::Ok();  // already done
+    if (!finish_error_.ok()) {
+      // As Outbound::Finished fails when the snapshot cannot be ended or sync.json stays.
+      return std::exchange(finish_error_, Status::Ok());
+    }
+    SR_RETURN_IF_ERROR(tracker_.EndSnapshot(true));
+    SR_RETURN_IF_ERROR(tracker_.ReleaseThrough(sync_id));
+    plan_.reset();
+    ranges_.clear();
+    finished_.push_back(sync_id);
+    return Status::Ok();
+  }
+
+  // Finished was called for the plan: nothing is due any more.
+  bool done() const {
+    std::lock_guard lk(mu_);
+    return !plan_ && !finished_.empty();
+  }
+  std::vector<uint64_t> finished() const {
+    std::lock_guard lk(mu_);
+    return finished_;
+  }
+  uint64_t copied(size_t disk) const {
+    std::lock_guard lk(mu_);
+    return disk < copied_.size() ? copied_[disk] : 0;
+  }
+  // The next Finished fails with s (and leaves the sync due).
+  void FailNextFinished(Status s) {
+    std::lock_guard lk(mu_);
+    finish_error_ = std::move(s);
+  }
+
+ private:
+  tracker::VmTracker& tracker_;
+  const std::vector<int> image_fds_;
+  const uint64_t epoch_;
+  mutable std::mutex mu_;
+  std::optional<applier::SyncPlan> plan_;
+  std::vector<std::vector<tracker::ByteRange>> ranges_;
+  std::vector<uint64_t> copied_;
+  std::vector<uint64_t> finished_;
+  Status finish_error_;
+};
+
+// A guest on its own thread: writes (and now and then discards) pseudo-random ranges of
+// the disks through the tracker's observers, cutting a cycle every 25 changes, for as long
+// as keep_going() says. The first change is always `first` (disk, offset, length), so a
+// test knows one block it changes for sure.
+class GuestWriter {
+ public:
+  struct Disk {
+    tracker::WriteObserver* observer;
+    int fd;
+    uint64_t size;
+  };
+  struct Change {
+    size_t disk;
+    uint64_t offset;
+    uint64_t length;
+  };
+  GuestWriter(tracker::VmTracker& tracker, std::vector<Disk> disks, uint64_t seed)
+      : tracker_(tracker), disks_(std::move(disks)), seed_(seed) {}
+  ~GuestWriter() { Stop(); }
+
+  void Start(Change first, std::function<bool()> keep_going) {
+    thread_ = std::thread([this, first, keep_going = std::move(keep_going)] {
+      Run(first, keep_going);
+    });
+  }
+  void Stop() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+  }
+  int changes() const { return changes_; }
+  uint64_t bytes_written() const { return bytes_written_; }
+  uint64_t max_snapshot_bytes() const { return max_snapshot_bytes_; }
+  Status error() const {
+    std::lock_guard lk(mu_);
+    return error_;
+  }
+
+ private:
+  void Run(Change first, const std::function<bool()>& keep_going) {
+    std::mt19937_64 rng(seed_);
+    constexpr uint64_t kLengths[] = {4096, 8192, 20000, 70000};
+    for (int n = 0; !stop_ && keep_going(); ++n) {
+      Change c = first;
+      bool discard = false;
+      if (n > 0) {
+        c.disk = rng() % disks_.size();
+        const Disk& d = disks_[c.disk];
+        c.length = kLengths[rng() % std::size(kLengths)];
+        c.offset = rng() % ((d.size - c.length) / 512) * 512;
+        discard = n % 7 == 6;
+        if (discard) {
+          c.offset -= c.offset % applier::kSyncBlockSize;
+          c.length = std::min(applier::kSyncBlockSize, d.size - c.offset);
+        }
+      }
+      const Disk& d = disks_[c.disk];
+      Status s = discard ? tracker::testing::DiscardVia(*d.observer, d.fd, c.offset, c.length)
+                         : WriteVia(*d.observer, d.fd, c.offset, Data(c.length, n));
+      if (s.ok() && n % 25 == 24) s = tracker_.Cut().status();
+      if (!s.ok()) {
+        std::lock_guard lk(mu_);
+        error_ = s;
+        return;
+      }
+      if (!discard) bytes_written_ += c.length;
+      uint64_t saved = 0;
+      for (const tracker::DiskStats& ds : tracker_.Stats().disks) saved += ds.snapshot_bytes;
+      if (saved > max_snapshot_bytes_) max_snapshot_bytes_ = saved;
+      ++changes_;
+      std::this_thread::sleep_for(5ms);
+    }
+  }
+
+  // What change n writes: distinct from every other change's bytes, but compressible, so
+  // that the cycles carrying the guest's changes are cheap on a throttled link.
+  std::vector<std::byte> Data(uint64_t length, int n) const {
+    std::vector<std::byte> out(length, static_cast<std::byte>(1 + n % 250));
+    for (uint64_t at = 0; at + sizeof(uint64_t) <= length; at += 4096) {
+      const uint64_t tag = seed_ << 32 | static_cast<uint64_t>(n);
+      std::memcpy(out.data() + at, &tag, sizeof(tag));
+    }
+    return out;
+  }
+
+  tracker::VmTracker& tracker_;
+  const std::vector<Disk> disks_;
+  const uint64_t seed_;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> changes_{0};
+  std::atomic<uint64_t> bytes_written_{0};
+  std::atomic<uint64_t> max_snapshot_bytes_{0};
+  mutable std::mutex mu_;
+  Status error_;
+};
+
+constexpr uint64_t kKiB = 1024;
+constexpr uint64_t kMiB = 1024 * 1024;
+constexpr uint64_t kBlock = applier::kSyncBlockSize;
+
+// Bytes of the kSyncBlockSize blocks of image that are not all zeros (the last block
+// counts its bytes within the image): what a copy must send as data.
+uint64_t NonZeroBlockBytes(const std::vector<std::byte>& image) {
+  uint64_t n = 0;
+  for (uint64_t at = 0; at < image.size(); at += kBlock) {
+    const uint64_t len = std::min<uint64_t>(kBlock, image.size() - at);
+    const auto first = image.begin() + static_cast<ptrdiff_t>(at);
+    if (std::any_of(first, first + static_cast<ptrdiff_t>(len),
+                    [](std::byte b) { return b != std::byte{0}; })) {
+      n += len;
+    }
+  }
+  return n;
+}
+
+// The first byte where a and b differ (their common size if none, and a differing size
+// counts as a difference at the shorter one's end), for messages that say where.
+size_t FirstDiff(const std::vector<std::byte>& a, const std::vector<std::byte>& b) {
+  const size_t n = std::min(a.size(), b.size());
+  for (size_t i = 0; i < n; ++i) {
+    if (a[i] != b[i]) return i;
+  }
+  return a.size() == b.size() ? SIZE_MAX : n;
+}
+
 class LinkTest : public tracker::testing::TrackerFixture {
  protected:
   void SetUp() override {
@@ -495,6 +748,7 @@ class LinkTest : public tracker::testing::TrackerFixture {
     failpoint::DisarmAll();
     shipper_.reset();
     receiver_.reset();
+    sync_.reset();  // after the shipper, which calls it
   }
 
   static std::shared_ptr<const TlsContext> Context(const TlsIdentity& id) {
@@ -598,12 +852,148 @@ class LinkTest : public tracker::testing::TrackerFixture {
     return ok;
   }
 
+  // --- Syncs ------------------------------------------------------------------------------
+
+  // A disk whose image is laid out by pieces: pattern data, or zeros written out (allocated
+  // all-zero blocks); whatever no piece covers is a hole.
+  struct Piece {
+    uint64_t offset = 0;
+    uint64_t length = 0;
+    bool zeros = false;
+  };
+  void AddLaidOutDisk(const std::string& name, uint64_t size, const std::vector<Piece>& pieces) {
+    DiskFiles d;
+    d.name = name;
+    d.image = tmp_.path() / (name + ".img");
+    d.pre_image = tmp_.path() / (name + ".pre");
+    d.log_dir = tmp_.path() / (name + ".img.srlog");
+    d.size = size;
+    {
+      UniqueFd fd(::open(d.image.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644));
+      ASSERT_TRUE(fd.valid());
+      ASSERT_EQ(::ftruncate(fd.get(), static_cast<off_t>(size)), 0);
+      uint64_t seed = std::hash<std::string>()(name);
+      for (const Piece& p : pieces) {
+        const std::vector<std::byte> bytes =
+            p.zeros ? std::vector<std::byte>(p.length) : Pattern(p.length, ++seed);
+        ASSERT_TRUE(PWriteAll(fd.get(), bytes.data(), bytes.size(), p.offset, "image").ok());
+      }
+    }
+    fs::copy_file(d.image, d.pre_image);
+    d.fd = tracker::testing::OpenRw(d.image);
+    disks_.push_back(std::move(d));
+  }
+
+  // The sync source over tracker_, and the snapshot of a sync of kind.
+  Result<tracker::SnapshotInfo> BeginSync(applier::SyncKind kind) {
+    std::vector<int> fds;
+    for (const DiskFiles& d : disks_) fds.push_back(d.fd.get());
+    sync_ = std::make_unique<TrackerSyncSource>(*tracker_, std::move(fds), Definition().epoch);
+    return sync_->Begin(kind);
+  }
+  ShipperOptions SyncShipperOpts(uint16_t port) {
+    ShipperOptions o = ShipperOpts(port);
+    o.sync = sync_.get();
+    return o;
+  }
+  bool WaitSynced(std::chrono::milliseconds timeout = 20s) {
+    const bool ok = WaitFor([&] { return sync_->done(); }, timeout);
+    if (!ok) ADD_FAILURE() << "the sync did not finish: " << shipper_->Stats().last_error;
+    return ok;
+  }
+  // The real applier in dir (images already there are its seed), applying as cycles come.
+  // recovery_points > 0: the first point (a sync's) is kept for an hour of cuts.
+  void StartReplica(const fs::path& dir, int recovery_points = 0) {
+    applier::ReplicaDefinition def = Definition();
+    def.recovery_points = recovery_points;
+    def.recovery_point_interval_ms = 3600 * 1000;
+    Result<std::unique_ptr<applier::Replica>> replica = applier::Replica::Create(dir, def);
+    ASSERT_TRUE(replica.ok()) << replica.status().ToString();
+    replica_ = std::move(*replica);
+    ASSERT_TRUE(replica_->Start().ok());
+  }
+  bool WaitApplied(uint64_t cycle, std::chrono::milliseconds timeout = 20s) {
+    const bool ok = WaitFor([&] { return shipper_->Stats().applied_cycle >= cycle; }, timeout);
+    if (!ok) {
+      ADD_FAILURE() << "cycle " << cycle << " not applied: " << shipper_->Stats().last_error
+                    << " / " << shipper_->Stats().peer_apply_error;
+    }
+    return ok;
+  }
+  // Every image of the replica (or of the sink when there is no replica) equals the
+  // primary's.
+  void ExpectReplicaEqualsPrimary() {
+    for (size_t i = 0; i < disks_.size(); ++i) {
+      const std::vector<std::byte> primary = ReadWhole(disks_[i].image);
+      const std::vector<std::byte> replica = replica_ ? ReadWhole(replica_->ImagePath(i))
+                                                      : sink_->Image(Definition().disks[i].disk_id);
+      const size_t diff = FirstDiff(primary, replica);
+      EXPECT_EQ(diff, SIZE_MAX) << "disk " << disks_[i].name << ": the replica differs at byte "
+                                << diff << " (block " << diff / kBlock << ")";
+    }
+  }
+
+  // A primary by hand: a TLS connection to the receiver whose Hello was accepted.
+  std::unique_ptr<TlsStream> RawConnect() {
+    Result<std::unique_ptr<TlsStream>> s =
+        TlsConnect(*east_, "127.0.0.1:" + std::to_string(receiver_->port()), "west",
+                   std::chrono::steady_clock::now() + 5s);
+    EXPECT_TRUE(s.ok()) << s.status().ToString();
+    if (!s.ok()) return nullptr;
+    Hello h;
+    h.from = "east";
+    h.to = "west";
+    h.definition = Definition();
+    RawSend(**s, FrameType::kHello, EncodeHello(h));
+    auto [type, payload] = RawRead(**s);
+    EXPECT_EQ(type, FrameType::kHelloReply);
+    Result<HelloReply> reply = DecodeHelloReply(payload);
+    EXPECT_TRUE(reply.ok() && reply->accepted);
+    return std::move(*s);
+  }
+  static void RawSend(TlsStream& stream, FrameType type, const std::vector<std::byte>& payload) {
+    EXPECT_TRUE(
+        stream.WriteAll(EncodeFrame(type, payload), std::chrono::steady_clock::now() + 5s).ok());
+  }
+  // The next frame, or type 0 when the connection ended (or failed).
+  static std::pair<FrameType, std::vector<std::byte>> RawRead(TlsStream& stream) {
+    std::vector<std::byte> payload;
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    Result<FrameHeader> h = ReadFrame(
+        [&](std::span<std::byte> out) { return stream.ReadExact(out, deadline); }, &payload);
+    if (!h.ok()) return {FrameType(0), {}};
+    EXPECT_TRUE(VerifyFrame(*h, payload).ok());
+    return {h->type, std::move(payload)};
+  }
+  // The receiver answers with an Error frame (code, reason containing why), then closes.
+  static void ExpectErrorAndClose(TlsStream& stream, int code, std::string_view why) {
+    auto [type, payload] = RawRead(stream);
+    ASSERT_EQ(type, FrameType::kError) << FrameTypeName(type);
+    Result<ErrorFrame> e = DecodeError(payload);
+    ASSERT_TRUE(e.ok());
+    EXPECT_EQ(e->code, static_cast<uint32_t>(code)) << e->reason;
+    EXPECT_NE(e->reason.find(why), std::string::npos) << e->reason;
+    EXPECT_EQ(RawRead(stream).first, FrameType(0)) << "the receiver closes the connection";
+  }
+  applier::SyncPlan RawPlan(uint64_t sync_id) const {
+    applier::SyncPlan p;
+    p.sync_id = sync_id;
+    p.kind = applier::SyncKind::kInitial;
+    p.cut_unix_nanos = 12345;
+    p.epoch = Definition().epoch;
+    for (const applier::DiskDefinition& d : Definition().disks) {
+      p.disks.push_back({d.disk_id, applier::SyncMode::kCopy, 10, 4, d.size});
+    }
+    return p;
+  }
+
   std::optional<testing::TestPki> pki_;
   std::shared_ptr<const TlsContext> east_, west_;
   std::unique_ptr<tracker::VmTracker> tracker_;
   std::unique_ptr<RecordingSink> sink_;
   std::unique_ptr<applier::Replica> replica_;  // when set, the provider hands out this one
   std::unique_ptr<Receiver> receiver_;
+  std::unique_ptr<TrackerSyncSource> sync_;  // outlives shipper_
   std::unique_ptr<Shipper> shipper_;
   std::map<std::pair<uint32_t, uint64_t>, std::vector<std::byte>> expected_;
   std::atomic<int> provider_calls_{0};
@@ -959,6 +1349,415 @@ TEST_F(LinkTest, AnUnreachablePeerIsNotARefusal) {
   const ShipperStats s = shipper_->Stats();
   EXPECT_FALSE(s.refused);
   EXPECT_FALSE(s.connected);
+}
+
+// --- Syncs end to end ------------------------------------------------------------------
+
+// Initial copy of a VM with data, holes and written-out zero blocks (and a partial last
+// block) into the real replica, while a guest writes and discards on through the tracker:
+// the copy reads the snapshot's cut (blocks changed ahead of it are saved first), the
+// changes go as the cycles after the cut, and the replica ends equal to the primary. Only
+// the blocks that hold data at the cut go as data.
+TEST_F(LinkTest, AnInitialCopyWhileTheGuestWritesEndsEqualOnTheReplica) {
+  AddLaidOutDisk("os", 8 * kMiB,
+                 {{0, kMiB},                        // data
+                  {kMiB, kMiB / 2, true},           // zeros written out
+                  {3 * kMiB, 100 * kKiB},           // data ending mid-block
+                  {4 * kMiB, kBlock},               // data, zeros, data, zeros
+                  {4 * kMiB + kBlock, kBlock, true},
+                  {4 * kMiB + 2 * kBlock, kBlock},
+                  {4 * kMiB + 3 * kBlock, kBlock, true},
+                  {7 * kMiB + 4096, 4096}});        // the rest is holes
+  AddLaidOutDisk("data", 4 * kMiB + 20 * kKiB,      // a partial last block
+                 {{0, 256 * kKiB, true}, {kMiB, kMiB}, {4 * kMiB, 20 * kKiB}});
+  tracker_ = Open(Options());
+  ASSERT_TRUE(tracker_);
+  Result<tracker::SnapshotInfo> info = BeginSync(applier::SyncKind::kInitial);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const uint64_t sync_id = info->cycle;
+  std::vector<std::vector<std::byte>> at_cut;
+  uint64_t data_at_cut = 0;
+  for (const DiskFiles& d : disks_) {
+    at_cut.push_back(ReadWhole(d.image));
+    data_at_cut += NonZeroBlockBytes(at_cut.back());
+  }
+  // 16 + 2 + 2 + 1 blocks of os; 16 blocks and the partial last one of data.
+  ASSERT_EQ(data_at_cut, 37 * kBlock + 20 * kKiB);
+  StartReplica(tmp_.path() / "replica", /*recovery_points=*/1);  // keeps the sync's point
+  StartReceiver();
+
+  // The guest's first change hits a data block of the disk copied last: it is saved.
+  GuestWriter guest(*tracker_,
+                    {{&tracker_->observer(0), disks_[0].fd.get(), disks_[0].size},
+                     {&tracker_->observer(1), disks_[1].fd.get(), disks_[1].size}},
+                    /*seed=*/42);
+  guest.Start({1, kMiB + 8192, 4096}, [&] { return !sync_->done(); });
+  ASSERT_TRUE(WaitFor([&] { return guest.changes() >= 1; }));
+  ShipperOptions o = SyncShipperOpts(receiver_->port());
+  o.bandwidth_limit = 4 * kMiB;  // over half a second of copy, for the guest to write during
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitSynced());
+  guest.Stop();
+  ASSERT_TRUE(guest.error().ok()) << guest.error().ToString();
+  EXPECT_GT(guest.changes(), 25) << "the guest wrote during the copy, over several cycles";
+  EXPECT_GT(guest.max_snapshot_bytes(), 0u) << "blocks changed ahead of the copy were saved";
+  EXPECT_FALSE(tracker_->snapshot_active());
+  for (const tracker::SnapshotDisk& d : info->disks) {
+    EXPECT_FALSE(fs::exists(d.snapshot_path)) << d.snapshot_path;
+  }
+
+  // The guest's changes follow as cycles.
+  const uint64_t last = Cut();
+  ASSERT_GT(last, sync_id);
+  ASSERT_TRUE(WaitApplied(last));
+  ExpectReplicaEqualsPrimary();
+  // The sync itself brought the replica to the cut, not to some mix of the guest's writes:
+  // its recovery point is the images as they were at the snapshot.
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    const fs::path exported = tmp_.path() / ("point-" + disks_[i].name);
+    ASSERT_TRUE(replica_->ExportPoint(sync_id, i, exported).ok());
+    const size_t diff = FirstDiff(ReadWhole(exported), at_cut[i]);
+    EXPECT_EQ(diff, SIZE_MAX) << "point " << sync_id << " of disk " << disks_[i].name
+                              << " differs from the cut at byte " << diff;
+  }
+
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_FALSE(s.sync.active);
+  EXPECT_EQ(s.sync.sync_id, sync_id);
+  EXPECT_EQ(s.sync.kind, applier::SyncKind::kInitial);
+  EXPECT_EQ(s.connects, 1u);
+  // Holes and zero blocks went as zero extents: the data at the cut went once, nothing else.
+  EXPECT_LE(s.sync.bytes_data, data_at_cut + guest.bytes_written());
+  EXPECT_EQ(s.sync.bytes_data, data_at_cut);
+  EXPECT_EQ(s.sync.bytes_total, disks_[0].size + disks_[1].size);
+  EXPECT_EQ(s.sync.bytes_done, s.sync.bytes_total);
+  EXPECT_EQ(s.sync.disk_done, (std::vector<uint64_t>{disks_[0].size, disks_[1].size}));
+  EXPECT_EQ(sync_->copied(0), disks_[0].size);
+  EXPECT_EQ(sync_->copied(1), disks_[1].size);
+  EXPECT_TRUE(s.peer_apply_error.empty()) << s.peer_apply_error;
+  EXPECT_FALSE(replica_->Sync().active);
+  EXPECT_TRUE(WaitFor([&] { return tracker_->SealedSegments().empty(); }))
+      << "every cycle is released once applied";
+  shipper_.reset();
+  receiver_.reset();
+  replica_->Stop();
+}
+
+// Seeded enable: the replica starts from a copy that differs from the primary in known
+// blocks (two of them because the primary has zeros there, one a hole). Every block is
+// compared by hash; only the differing blocks with data go as data, and the cycle before
+// the sync's cut is never sent (the sync holds it).
+TEST_F(LinkTest, ASeededSyncSendsOnlyTheBlocksThatDiffer) {
+  AddDisk("os", 8 * kMiB);
+  AddDisk("data", 4 * kMiB);
+  // Zeros at the primary: os blocks 10 and 11 written out, data block 20 a hole.
+  const std::vector<std::byte> zeros(2 * kBlock);
+  ASSERT_TRUE(PWriteAll(disks_[0].fd.get(), zeros.data(), zeros.size(), 10 * kBlock, "os").ok());
+  ASSERT_EQ(::fallocate(disks_[1].fd.get(), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                        20 * kBlock, kBlock),
+            0);
+  const fs::path dir = tmp_.path() / "replica";
+  fs::create_directories(dir);
+  // The seed: the images as they are, then changed in the blocks below.
+  struct Diff {
+    size_t disk;
+    uint64_t block;
+  };
+  const std::vector<Diff> seed_diffs = {{0, 3}, {0, 4}, {0, 100}, {1, 7}, {1, 63},  // data
+                                        {0, 10}, {0, 11}, {1, 20}};  // zeros at the primary
+  for (const DiskFiles& d : disks_) fs::copy_file(d.image, dir / (d.name + ".img"));
+  for (const Diff& diff : seed_diffs) {
+    UniqueFd fd = tracker::testing::OpenRw(dir / (disks_[diff.disk].name + ".img"));
+    const std::vector<std::byte> other = Pattern(kBlock, 900 + diff.block);
+    ASSERT_TRUE(PWriteAll(fd.get(), other.data(), other.size(), diff.block * kBlock, "seed").ok());
+  }
+  tracker_ = Open(Options());
+  ASSERT_TRUE(tracker_);
+  // A cycle before the sync: its changes reach the replica through the sync.
+  Write(0, 50 * kBlock, Pattern(kBlock, 77));
+  Write(0, 60 * kBlock + 1000, Pattern(10, 78));
+  ASSERT_EQ(Cut(), 1u);
+  Result<tracker::SnapshotInfo> info = BeginSync(applier::SyncKind::kSeeded);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  ASSERT_EQ(info->cycle, 2u);
+  // What differs, from the files: 7 blocks with data (os 3, 4, 50, 60, 100; data 7, 63)
+  // and 3 that are zeros at the primary.
+  uint64_t differ_data = 0, differ_zero = 0;
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    const std::vector<std::byte> primary = ReadWhole(disks_[i].image);
+    const std::vector<std::byte> seed = ReadWhole(dir / (disks_[i].name + ".img"));
+    ASSERT_EQ(primary.size(), seed.size());
+    for (uint64_t at = 0; at < primary.size(); at += kBlock) {
+      const std::vector<std::byte> p(primary.begin() + at, primary.begin() + at + kBlock);
+      if (std::equal(p.begin(), p.end(), seed.begin() + at)) continue;
+      (NonZeroBlockBytes(p) != 0 ? differ_data : differ_zero) += kBlock;
+    }
+  }
+  ASSERT_EQ(differ_data, 7 * kBlock);
+  ASSERT_EQ(differ_zero, 3 * kBlock);
+  StartReplica(dir);
+  StartReceiver();
+  StartShipper(SyncShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitSynced());
+  ASSERT_TRUE(WaitApplied(2));
+  ExpectReplicaEqualsPrimary();
+  ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.sync.kind, applier::SyncKind::kSeeded);
+  EXPECT_EQ(s.sync.bytes_total, disks_[0].size + disks_[1].size);
+  EXPECT_EQ(s.sync.bytes_data, differ_data);
+  EXPECT_EQ(s.bytes_raw, differ_data) << "no segment was sent: cycle 1 came with the sync";
+  // Data, hashes (8 bytes per block) and frame headers; nothing else.
+  EXPECT_LT(s.sync.bytes_wire, differ_data + 64 * kKiB);
+  EXPECT_EQ(s.connects, 1u);
+  EXPECT_TRUE(tracker_->SealedSegments().empty()) << "cycles 1 and 2 released by the sync";
+
+  // Delta replication follows.
+  Write(1, 5000, Pattern(3000, 79));
+  ASSERT_EQ(Cut(), 3u);
+  ASSERT_TRUE(WaitApplied(3));
+  ExpectReplicaEqualsPrimary();
+  shipper_.reset();
+  receiver_.reset();
+  replica_->Stop();
+}
+
+// The link drops in the middle of a copy (the shipper fails right after a SyncData went
+// out, as a broken link would): the shipper reconnects, the replica says how far it holds
+// each disk durably, and the copy goes on from there instead of from the start.
+TEST_F(LinkTest, ACopyCutMidwayResumesFromTheReplicasDurablePosition) {
+  OpenTracker();  // os 8 MiB and data 4 MiB, every block data
+  sink_->set_durable_step(256 * kKiB);
+  Result<tracker::SnapshotInfo> info = BeginSync(applier::SyncKind::kInitial);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const uint64_t data = disks_[0].size + disks_[1].size;
+  // os goes as 8 SyncData of 1 MiB and its end; the 11th SyncData, the second MiB of data,
+  // is the last one on the first connection.
+  ASSERT_TRUE(failpoint::Arm("shipper.after_send=error@10*1").ok());
+  StartReceiver();
+  ShipperOptions o = SyncShipperOpts(receiver_->port());
+  o.bandwidth_limit = 32 * kMiB;  // the receiver keeps up: it holds what was sent
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitSynced());
+  EXPECT_TRUE(failpoint::Armed().empty()) << "the failpoint fired";
+  ExpectReplicaEqualsPrimary();
+
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.connects, 2u);
+  EXPECT_FALSE(s.sync.active);
+  // 10 MiB went before the drop; a restart from scratch would make it 22 MiB in all.
+  EXPECT_GE(s.sync.bytes_data, data);
+  EXPECT_LE(s.sync.bytes_data, data + kMiB) << "at most the frame in flight is sent again";
+  const std::vector<applier::SyncPlan> plans = sink_->SyncPlans();
+  ASSERT_EQ(plans.size(), 2u);
+  EXPECT_EQ(plans[0].sync_id, info->cycle);
+  EXPECT_EQ(plans[1].sync_id, info->cycle) << "the same sync, resumed";
+  EXPECT_EQ(sink_->SyncEnds(), std::vector<uint64_t>{info->cycle});
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+  EXPECT_EQ(sink_->received(), info->cycle);
+
+  // Cycles follow the resumed sync, with no gap and no duplicate.
+  Write(0, 123, Pattern(5000, 5));
+  Write(1, 456, Pattern(5000, 6));
+  ASSERT_EQ(Cut(), info->cycle + 1);
+  SnapshotSealed();
+  ASSERT_TRUE(WaitAcked(info->cycle + 1));
+  EXPECT_EQ(sink_->Commits(), std::vector<uint64_t>{info->cycle + 1});
+  ExpectSinkHasEverySegment();
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+}
+
+// The replica ended the sync but the primary did not get to finish it (here its Finished
+// fails once; a link lost before the SyncEnd's Ack does the same): on the next connection
+// the same sync begins again, the replica says every disk is done, and the sync ends
+// without sending anything again.
+TEST_F(LinkTest, ASyncTheReplicaEndedIsFinishedOnTheNextConnection) {
+  OpenTracker();
+  Result<tracker::SnapshotInfo> info = BeginSync(applier::SyncKind::kInitial);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const uint64_t sync_id = info->cycle;
+  sync_->FailNextFinished(Status::Error(EIO, "test: the snapshot cannot be ended"));
+  StartReplica(tmp_.path() / "replica");
+  StartReceiver();
+  StartShipper(SyncShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitSynced(10s));
+  ExpectReplicaEqualsPrimary();
+  const ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.connects, 2u);
+  EXPECT_EQ(s.sync.bytes_data, disks_[0].size + disks_[1].size) << "nothing sent twice";
+  EXPECT_EQ(s.acked_cycle, sync_id);
+  EXPECT_FALSE(replica_->Sync().active);
+  // Delta replication follows.
+  Write(0, 4096, Pattern(5000, 3));
+  ASSERT_EQ(Cut(), sync_id + 1);
+  ASSERT_TRUE(WaitApplied(sync_id + 1));
+  ExpectReplicaEqualsPrimary();
+  shipper_.reset();
+  receiver_.reset();
+  replica_->Stop();
+}
+
+// Sync frames out of order reach the receiver from a hand-driven primary: each is refused
+// with an Error frame naming it, the connection closes, and the sink sees nothing of it.
+TEST_F(LinkTest, SyncFramesWithoutASyncBeginAreRefused) {
+  OpenTracker();
+  StartReceiver();
+  const uint32_t os = Definition().disks[0].disk_id;
+  {
+    std::unique_ptr<TlsStream> peer = RawConnect();
+    ASSERT_TRUE(peer);
+    RawSend(*peer, FrameType::kSyncData, EncodeSyncData(SyncData{os, kSyncZero, 0, 4096, 4096, {}}));
+    ExpectErrorAndClose(*peer, EPROTO, "SyncData without a SyncBegin");
+  }
+  {
+    std::unique_ptr<TlsStream> peer = RawConnect();
+    ASSERT_TRUE(peer);
+    RawSend(*peer, FrameType::kHashRequest, EncodeHashRequest(HashRequest{os, 1, 0}));
+    ExpectErrorAndClose(*peer, EPROTO, "HashRequest without a SyncBegin");
+  }
+  {
+    std::unique_ptr<TlsStream> peer = RawConnect();
+    ASSERT_TRUE(peer);
+    RawSend(*peer, FrameType::kSyncEnd, EncodeSyncEnd(SyncEnd{1, 1}));
+    ExpectErrorAndClose(*peer, EPROTO, "SyncEnd without a SyncBegin");
+  }
+  EXPECT_TRUE(sink_->SyncPlans().empty());
+  EXPECT_EQ(sink_->sync_data_calls(), 0u);
+  EXPECT_EQ(sink_->hash_calls(), 0u);
+  EXPECT_TRUE(sink_->SyncEnds().empty());
+  ASSERT_TRUE(WaitFor([&] {
+    const std::vector<ReceiverVmStats> rs = receiver_->Stats();
+    return rs.size() == 1 && !rs[0].connected;
+  }));
+  EXPECT_NE(receiver_->Stats()[0].last_error.find("SyncEnd without a SyncBegin"),
+            std::string::npos)
+      << receiver_->Stats()[0].last_error;
+}
+
+TEST_F(LinkTest, SyncFramesForADiskTheSyncDoesNotHaveAreRefused) {
+  OpenTracker();
+  StartReceiver();
+  for (FrameType type : {FrameType::kSyncData, FrameType::kHashRequest}) {
+    std::unique_ptr<TlsStream> peer = RawConnect();
+    ASSERT_TRUE(peer);
+    RawSend(*peer, FrameType::kSyncBegin, EncodeSyncBegin(RawPlan(5)));
+    auto [reply_type, reply_payload] = RawRead(*peer);
+    ASSERT_EQ(reply_type, FrameType::kSyncReply);
+    Result<SyncReply> reply = DecodeSyncReply(reply_payload);
+    ASSERT_TRUE(reply.ok() && reply->accepted);
+    const uint32_t unknown = 12345;
+    if (type == FrameType::kSyncData) {
+      RawSend(*peer, type, EncodeSyncData(SyncData{unknown, kSyncZero, 0, 4096, 4096, {}}));
+    } else {
+      RawSend(*peer, type, EncodeHashRequest(HashRequest{unknown, 1, 0}));
+    }
+    ExpectErrorAndClose(*peer, EPROTO,
+                        std::string(FrameTypeName(type)) + " for disk id 12345, which sync 5");
+  }
+  EXPECT_EQ(sink_->SyncPlans().size(), 2u);
+  EXPECT_EQ(sink_->sync_data_calls(), 0u) << "nothing reached the sink";
+  EXPECT_EQ(sink_->hash_calls(), 0u);
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+}
+
+// The replica refuses the sync (no room): the shipper's stats say refused, with the
+// refusal's name and message; once the replica accepts, the sync runs on the next retry.
+TEST_F(LinkTest, ARefusedSyncReachesTheShipperAsARefusal) {
+  OpenTracker();
+  sink_->SetSyncRefusal(Status::Error(ENOSPC, "the replica site has 1 MiB free, needs 12 MiB"));
+  Result<tracker::SnapshotInfo> info = BeginSync(applier::SyncKind::kInitial);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  StartReceiver();
+  ShipperOptions o = SyncShipperOpts(receiver_->port());
+  o.max_backoff = 1s;  // the refused state lasts until the retry
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().refused; }));
+  ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.refusal, "no_space");
+  EXPECT_NE(s.last_error.find("the replica site has 1 MiB free, needs 12 MiB"), std::string::npos)
+      << s.last_error;
+  EXPECT_NE(s.last_error.find("initial sync"), std::string::npos) << s.last_error;
+  EXPECT_FALSE(s.connected);
+  EXPECT_TRUE(s.sync.active) << "the sync is still due";
+  EXPECT_EQ(sink_->sync_data_calls(), 0u);
+  EXPECT_TRUE(tracker_->snapshot_active());
+
+  sink_->SetSyncRefusal(Status::Ok());
+  ASSERT_TRUE(WaitSynced());
+  s = shipper_->Stats();
+  EXPECT_FALSE(s.refused);
+  EXPECT_TRUE(s.refusal.empty());
+  EXPECT_GE(sink_->SyncPlans().size(), 2u);
+  EXPECT_EQ(sink_->SyncEnds(), std::vector<uint64_t>{info->cycle});
+  ExpectReplicaEqualsPrimary();
+}
+
+// Resync of a disk that fell back to the dirty bitmap (its log went over budget): the
+// snapshot returns it to the log with its dirty blocks, and the other disk with the blocks
+// of its unshipped cycles; only those are compared, and only the ones that differ are sent
+// (a dirty block rewritten with its own content is not). Then cycles follow, both disks
+// logging again.
+TEST_F(LinkTest, AResyncComparesOnlyTheDirtyBlocks) {
+  AddDisk("os", 8 * kMiB, /*budget=*/64 * kKiB);
+  AddDisk("data", 4 * kMiB);
+  tracker_ = Open(Options());
+  ASSERT_TRUE(tracker_);
+  sink_ = std::make_unique<RecordingSink>(tmp_.path() / "sink", Definition());
+  // The replica holds the disks as they were when tracking started.
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    sink_->SetImage(Definition().disks[i].disk_id, ReadWhole(disks_[i].pre_image));
+  }
+  for (uint64_t b = 0; b < 8; ++b) Write(0, b * kBlock, Pattern(kBlock, 300 + b));
+  Write(1, 5 * kBlock + 100, Pattern(100, 1));
+  ASSERT_EQ(Cut(), 1u);
+  for (uint64_t b = 40; b < 56; ++b) Write(0, b * kBlock, Pattern(kBlock, 400 + b));  // over
+  ASSERT_TRUE(WaitFor(
+      [&] { return tracker_->Stats().disks[0].tracking == tracker::DiskTracking::kBitmap; }));
+  EXPECT_TRUE(tracker_->Stats().disks[0].resync_required);
+  const std::vector<std::byte> pre = ReadWhole(disks_[0].pre_image);
+  Write(0, 100 * kBlock,
+        std::vector<std::byte>(pre.begin() + 100 * kBlock, pre.begin() + 101 * kBlock));
+  Write(1, 30 * kBlock, Pattern(2 * kBlock, 2));
+  ASSERT_EQ(Cut(), 2u);
+
+  Result<tracker::SnapshotInfo> info = BeginSync(applier::SyncKind::kResync);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const uint64_t sync_id = info->cycle;
+  ASSERT_EQ(info->disks.size(), 2u);
+  EXPECT_TRUE(info->disks[0].resync);
+  EXPECT_FALSE(info->disks[0].all_dirty);
+  EXPECT_EQ(info->disks[0].dirty,
+            (std::vector<tracker::ByteRange>{
+                {0, 8 * kBlock}, {40 * kBlock, 16 * kBlock}, {100 * kBlock, kBlock}}));
+  EXPECT_FALSE(info->disks[1].resync);
+  EXPECT_EQ(info->disks[1].dirty,
+            (std::vector<tracker::ByteRange>{{5 * kBlock, kBlock}, {30 * kBlock, 2 * kBlock}}));
+  const uint64_t dirty = 28 * kBlock;
+  const uint64_t differ = 27 * kBlock;  // block 100 of os has its old content
+
+  StartReceiver();
+  StartShipper(SyncShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitSynced());
+  ExpectReplicaEqualsPrimary();
+  ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.sync.kind, applier::SyncKind::kResync);
+  EXPECT_EQ(s.sync.bytes_total, dirty);
+  EXPECT_LE(s.sync.bytes_data, dirty);
+  EXPECT_EQ(s.sync.bytes_data, differ);
+  EXPECT_EQ(sink_->SyncEnds(), std::vector<uint64_t>{sync_id});
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+  const tracker::DiskStats os = tracker_->Stats().disks[0];
+  EXPECT_EQ(os.tracking, tracker::DiskTracking::kLog);
+  EXPECT_FALSE(os.resync_required) << os.resync_reason;
+
+  // Both disks log again; their next segments continue the sync's plan.
+  Write(0, 70 * kBlock + 10, Pattern(1000, 5));
+  Write(1, 3 * kBlock, Pattern(kBlock, 6));
+  ASSERT_EQ(Cut(), sync_id + 1);
+  SnapshotSealed();
+  ASSERT_TRUE(WaitAcked(sync_id + 1));
+  EXPECT_EQ(sink_->Commits(), std::vector<uint64_t>{sync_id + 1});
+  ExpectSinkHasEverySegment();
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
 }
 
 }  // namespace

@@ -148,6 +148,7 @@ Status Shipper::Impl::Connection::SyncDisk(size_t disk, const applier::SyncDiskP
   }
   NoteScanned(disk, start);
   if (start > 0) opts_.sync->Copied(disk, start);
+  if (start >= size) return Status::Ok();  // the replica holds all of it (or ended the sync)
   if (plan.mode == applier::SyncMode::kCompare) {
     for (const tracker::ByteRange& r : scan_ranges_[disk]) {
       const uint64_t from = std::max(r.offset, start);
