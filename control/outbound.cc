@@ -2,8 +2,6 @@
 
 #include <spdlog/spdlog.h>
 
-#include <sys/stat.h>
-
 #include <ctime>
 
 #include "common/file_util.h"
@@ -131,42 +129,10 @@ Status Outbound::BeginSync(applier::SyncKind kind, bool full) {
       sync_file_, json{{"kind", applier::SyncKindName(kind)}, {"full", full}}.dump() + "\n"));
   Result<tracker::SnapshotInfo> info = vm_->tracker->StartSnapshot();
   if (!info.ok()) return info.status().WithContext("VM " + cfg.name + ": snapshot");
-  applier::SyncPlan plan;
-  plan.sync_id = info->cycle;
-  plan.kind = kind;
-  plan.cut_unix_nanos = info->cut_unix_nanos;
-  plan.epoch = vm_->epoch;
-  std::vector<std::vector<tracker::ByteRange>> ranges;
-  for (const tracker::SnapshotDisk& d : info->disks) {
-    applier::SyncDiskPlan dp;
-    dp.disk_id = d.disk_id;
-    dp.last_seq = d.last_seq;
-    dp.last_segment = d.last_segment;
-    std::vector<tracker::ByteRange> r;
-    if (kind == applier::SyncKind::kInitial) {
-      dp.mode = applier::SyncMode::kCopy;
-      r = {tracker::ByteRange{0, d.size}};
-    } else {
-      dp.mode = applier::SyncMode::kCompare;
-      if (kind == applier::SyncKind::kSeeded || full || d.all_dirty) {
-        r = {tracker::ByteRange{0, d.size}};
-      } else {
-        r = d.dirty;
-      }
-    }
-    dp.bytes_total = Measure(r);
-    if (kind == applier::SyncKind::kInitial) {
-      // What the copy will write at the replica (its free-space check): the image's
-      // allocated bytes, not its size (holes go as zero extents).
-      struct stat st{};
-      const ProtectedDisk& pd = vm_->disks[plan.disks.size()];
-      if (::fstat(pd.fd.get(), &st) == 0) {
-        dp.bytes_total = std::min<uint64_t>(d.size, static_cast<uint64_t>(st.st_blocks) * 512);
-      }
-    }
-    plan.disks.push_back(dp);
-    ranges.push_back(std::move(r));
-  }
+  std::vector<int> fds;
+  for (const ProtectedDisk& d : vm_->disks) fds.push_back(d.fd.get());
+  shipper::SyncJob job = shipper::PlanSync(*info, kind, full, vm_->epoch, fds);
+  applier::SyncPlan& plan = job.plan;
   uint64_t total = 0;
   for (const applier::SyncDiskPlan& d : plan.disks) total += d.bytes_total;
   spdlog::info("VM {}: {} sync {} to {}: snapshot at cycle {}, {} to {}", cfg.name,
@@ -175,7 +141,7 @@ Status Outbound::BeginSync(applier::SyncKind kind, bool full) {
   std::lock_guard lk(sync_mu_);
   owed_ = OwedSync{kind, full};
   plan_ = std::move(plan);
-  compare_ranges_ = std::move(ranges);
+  compare_ranges_ = std::move(job.ranges);
   return Status::Ok();
 }
 

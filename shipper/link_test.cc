@@ -501,43 +501,10 @@ class TrackerSyncSource : public SyncSource {
 
   Result<tracker::SnapshotInfo> Begin(applier::SyncKind kind, bool full = false) {
     SR_ASSIGN_OR_RETURN(tracker::SnapshotInfo info, tracker_.StartSnapshot());
-    applier::SyncPlan plan;
-    plan.sync_id = info.cycle;
-    plan.kind = kind;
-    plan.cut_unix_nanos = info.cut_unix_nanos;
-    plan.epoch = epoch_;
-    std::vector<std::vector<tracker::ByteRange>> ranges;
-    for (size_t i = 0; i < info.disks.size(); ++i) {
-      const tracker::SnapshotDisk& d = info.disks[i];
-      applier::SyncDiskPlan dp;
-      dp.disk_id = d.disk_id;
-      dp.last_seq = d.last_seq;
-      dp.last_segment = d.last_segment;
-      std::vector<tracker::ByteRange> r;
-      if (kind == applier::SyncKind::kInitial) {
-        dp.mode = applier::SyncMode::kCopy;
-        r = {tracker::ByteRange{0, d.size}};
-      } else {
-        dp.mode = applier::SyncMode::kCompare;
-        if (kind == applier::SyncKind::kSeeded || full || d.all_dirty) {
-          r = {tracker::ByteRange{0, d.size}};
-        } else {
-          r = d.dirty;
-        }
-      }
-      for (const tracker::ByteRange& b : r) dp.bytes_total += b.length;
-      if (kind == applier::SyncKind::kInitial) {
-        struct stat st {};
-        if (::fstat(image_fds_[i], &st) == 0) {
-          dp.bytes_total = std::min<uint64_t>(d.size, static_cast<uint64_t>(st.st_blocks) * 512);
-        }
-      }
-      plan.disks.push_back(dp);
-      ranges.push_back(std::move(r));
-    }
+    SyncJob job = PlanSync(info, kind, full, epoch_, image_fds_);
     std::lock_guard lk(mu_);
-    plan_ = std::move(plan);
-    ranges_ = std::move(ranges);
+    plan_ = std::move(job.plan);
+    ranges_ = std::move(job.ranges);
     copied_.assign(info.disks.size(), 0);
     return info;
   }

@@ -59,6 +59,18 @@ class SyncSource {
   virtual Status Finished(uint64_t sync_id) = 0;
 };
 
+// A sync's plan and, per disk, the ranges it scans, made from a tracker snapshot.
+struct SyncJob {
+  applier::SyncPlan plan;
+  std::vector<std::vector<tracker::ByteRange>> ranges;  // per disk, in the plan's order
+};
+// kInitial copies whole disks; kSeeded compares whole disks; kResync compares each disk's
+// dirty ranges (every block when full or when the disk's dirty set is unknown).
+// image_fds[i]: the image of disk i, whose allocated bytes are what a copy needs at the
+// replica (a disk's size when unknown or -1).
+SyncJob PlanSync(const tracker::SnapshotInfo& snapshot, applier::SyncKind kind, bool full,
+                 uint64_t epoch, std::span<const int> image_fds);
+
 struct ShipperOptions {
   std::string site;          // our site name
   std::string peer;          // peer site name; its certificate must name it

@@ -14,6 +14,7 @@
 // replica answers with its durable position (SyncAck), which lets the tracker stop saving
 // old blocks below it and is where a reconnect resumes.
 #include <spdlog/spdlog.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 
@@ -39,6 +40,46 @@ uint64_t CoveredBelow(const std::vector<tracker::ByteRange>& ranges, uint64_t po
 }
 
 }  // namespace
+
+SyncJob PlanSync(const tracker::SnapshotInfo& snapshot, applier::SyncKind kind, bool full,
+                 uint64_t epoch, std::span<const int> image_fds) {
+  SyncJob job;
+  applier::SyncPlan& plan = job.plan;
+  plan.sync_id = snapshot.cycle;
+  plan.kind = kind;
+  plan.cut_unix_nanos = snapshot.cut_unix_nanos;
+  plan.epoch = epoch;
+  for (size_t i = 0; i < snapshot.disks.size(); ++i) {
+    const tracker::SnapshotDisk& d = snapshot.disks[i];
+    applier::SyncDiskPlan dp;
+    dp.disk_id = d.disk_id;
+    dp.last_seq = d.last_seq;
+    dp.last_segment = d.last_segment;
+    std::vector<tracker::ByteRange> r;
+    if (kind == applier::SyncKind::kInitial) {
+      dp.mode = applier::SyncMode::kCopy;
+      r = {tracker::ByteRange{0, d.size}};
+    } else {
+      dp.mode = applier::SyncMode::kCompare;
+      if (kind == applier::SyncKind::kSeeded || full || d.all_dirty) {
+        r = {tracker::ByteRange{0, d.size}};
+      } else {
+        r = d.dirty;
+      }
+    }
+    for (const tracker::ByteRange& b : r) dp.bytes_total += b.length;
+    struct stat st {};
+    if (kind == applier::SyncKind::kInitial && i < image_fds.size() && image_fds[i] >= 0 &&
+        ::fstat(image_fds[i], &st) == 0) {
+      // What the copy writes at the replica (its free-space check): the allocated bytes,
+      // not the size (holes go as zero extents).
+      dp.bytes_total = std::min<uint64_t>(d.size, static_cast<uint64_t>(st.st_blocks) * 512);
+    }
+    plan.disks.push_back(dp);
+    job.ranges.push_back(std::move(r));
+  }
+  return job;
+}
 
 std::optional<size_t> Shipper::Impl::Connection::DiskIndexOf(uint32_t disk_id) const {
   const auto& disks = opts_.definition.disks;
