@@ -445,11 +445,16 @@ Status PointStore::SyncImages() const {
   return Status::Ok();
 }
 
-Status PointStore::ReadImage(size_t disk, uint64_t offset, std::span<std::byte> out) const {
+Status PointStore::ReadImage(size_t disk, uint64_t offset, std::span<std::byte> out,
+                             uint64_t readahead) const {
   std::shared_lock lock(mu_);
   const Disk& d = disks_[disk];
   if (offset > d.def.size || out.size() > d.def.size - offset) {
     return Status::Invalid("read beyond the end of disk " + d.def.name);
+  }
+  if (readahead > 0) {
+    (void)::posix_fadvise(d.fd.get(), static_cast<off_t>(offset + out.size()),
+                          static_cast<off_t>(readahead), POSIX_FADV_WILLNEED);
   }
   return PReadAll(d.fd.get(), out.data(), out.size(), offset, d.path.string());
 }

@@ -146,8 +146,10 @@ class PointStore {
   // fdatasync of one image / all images.
   Status SyncImage(size_t disk) const;
   Status SyncImages() const;
-  // [offset, offset + out.size()) of the image as it is now (within the disk).
-  Status ReadImage(size_t disk, uint64_t offset, std::span<std::byte> out) const;
+  // [offset, offset + out.size()) of the image as it is now (within the disk). Asks the
+  // kernel to read the next readahead bytes meanwhile (a sync's comparison reads on).
+  Status ReadImage(size_t disk, uint64_t offset, std::span<std::byte> out,
+                   uint64_t readahead = 0) const;
   // The images are now exactly cycle (synced, recorded by the replica): ends the sync
   // (its point goes unless retained or viewed), then runs AfterApplied. The store is at
   // cycle even when the point policy fails.

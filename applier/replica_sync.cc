@@ -235,7 +235,8 @@ Result<std::vector<uint64_t>> Replica::SyncHashes(uint32_t disk_id, uint64_t off
   const uint64_t blocks = (bytes + kSyncBlockSize - 1) / kSyncBlockSize;
   if (hash_buffer_.size() < bytes) hash_buffer_.resize(bytes);
   std::span<std::byte> buf(hash_buffer_.data(), bytes);
-  SR_RETURN_IF_ERROR(store_->ReadImage(*disk, offset, buf));
+  // The primary asks for the next batches right after this one: read them ahead.
+  SR_RETURN_IF_ERROR(store_->ReadImage(*disk, offset, buf, 2 * kMaxHashBlocks * kSyncBlockSize));
   std::vector<uint64_t> hashes;
   hashes.reserve(blocks);
   for (uint64_t b = 0; b < blocks; ++b) {

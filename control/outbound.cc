@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <fcntl.h>
+
 #include <ctime>
 
 #include "common/file_util.h"
@@ -156,6 +158,12 @@ std::vector<tracker::ByteRange> Outbound::CompareRanges(size_t disk) {
 }
 
 Status Outbound::Read(size_t disk, uint64_t offset, std::span<std::byte> out) {
+  // The sync reads on in increasing offsets: let the kernel read the next 32 MiB of the
+  // image meanwhile (a hint; the snapshot's saved blocks are few).
+  if (disk < vm_->disks.size()) {
+    (void)::posix_fadvise(vm_->disks[disk].fd.get(), static_cast<off_t>(offset + out.size()),
+                          32 << 20, POSIX_FADV_WILLNEED);
+  }
   return vm_->tracker->ReadSnapshot(disk, offset, out);
 }
 
