@@ -1,6 +1,7 @@
 #include "applier/applier_test_util.h"
 
 #include <fcntl.h>
+#include <gtest/gtest.h>
 
 #include <algorithm>
 
@@ -233,6 +234,21 @@ std::map<std::string, uint32_t> TreeDigest(const fs::path& dir) {
       out[fs::relative(e.path(), dir).string()] = Crc32c(ReadBytes(e.path()));
   }
   return out;
+}
+
+std::unique_ptr<Replica> CreateReplica(const std::filesystem::path& dir,
+                                       const ReplicaDefinition& def) {
+  Result<std::unique_ptr<Replica>> r = Replica::Create(dir, def);
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  return r.ok() ? std::move(*r) : nullptr;
+}
+
+std::unique_ptr<Replica> ReopenReplica(const std::filesystem::path& dir,
+                                       std::unique_ptr<Replica>& old) {
+  old.reset();
+  Result<std::unique_ptr<Replica>> r = Replica::Open(dir);
+  EXPECT_TRUE(r.ok()) << r.status().ToString();
+  return r.ok() ? std::move(*r) : nullptr;
 }
 
 }  // namespace siterep::applier::testing

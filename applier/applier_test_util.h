@@ -117,4 +117,11 @@ std::map<std::string, uint32_t> TreeDigest(const std::filesystem::path& dir);
 #define EXPECT_SAME_BYTES(a, b, what) \
   EXPECT_EQ(::siterep::applier::testing::FirstDiff((a), (b)), -1) << (what)
 
+// Replica::Create / Replica::Open in dir as a test step: a failure is a test failure
+// (null result). ReopenReplica closes old first.
+std::unique_ptr<Replica> CreateReplica(const std::filesystem::path& dir,
+                                       const ReplicaDefinition& def);
+std::unique_ptr<Replica> ReopenReplica(const std::filesystem::path& dir,
+                                       std::unique_ptr<Replica>& old);
+
 }  // namespace siterep::applier::testing

@@ -60,16 +60,10 @@ class ApplyTest : public ::testing::Test {
   }
 
   std::unique_ptr<Replica> Create(const ReplicaDefinition& def) {
-    Result<std::unique_ptr<Replica>> r = Replica::Create(dir(), def);
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.ok() ? std::move(*r) : nullptr;
+    return testing::CreateReplica(dir(), def);
   }
-
   std::unique_ptr<Replica> Reopen(std::unique_ptr<Replica>& old) {
-    old.reset();
-    Result<std::unique_ptr<Replica>> r = Replica::Open(dir());
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.ok() ? std::move(*r) : nullptr;
+    return testing::ReopenReplica(dir(), old);
   }
 
   std::vector<Bytes> ReplicaImages(const Replica& r) const {

@@ -201,16 +201,10 @@ class SyncTest : public ::testing::Test {
   fs::path dir() const { return tmp_.path() / "replicas" / "vm1"; }
 
   std::unique_ptr<Replica> Create(const ReplicaDefinition& def) {
-    Result<std::unique_ptr<Replica>> r = Replica::Create(dir(), def);
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.ok() ? std::move(*r) : nullptr;
+    return testing::CreateReplica(dir(), def);
   }
-
   std::unique_ptr<Replica> Reopen(std::unique_ptr<Replica>& old) {
-    old.reset();
-    Result<std::unique_ptr<Replica>> r = Replica::Open(dir());
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.ok() ? std::move(*r) : nullptr;
+    return testing::ReopenReplica(dir(), old);
   }
 
   static void ExpectImages(const Replica& r, const std::vector<Bytes>& want,

@@ -25,21 +25,6 @@ const PeerConfig* FindPeer(const SiteConfig& site, const std::string& name) {
   return nullptr;
 }
 
-uint64_t Measure(const std::vector<tracker::ByteRange>& ranges) {
-  uint64_t n = 0;
-  for (const tracker::ByteRange& r : ranges) n += r.length;
-  return n;
-}
-
-uint64_t CoveredBelow(const std::vector<tracker::ByteRange>& ranges, uint64_t position) {
-  uint64_t n = 0;
-  for (const tracker::ByteRange& r : ranges) {
-    if (r.offset >= position) break;
-    n += std::min(r.length, position - r.offset);
-  }
-  return n;
-}
-
 std::optional<applier::SyncKind> SyncKindFromName(const std::string& name) {
   for (applier::SyncKind k :
        {applier::SyncKind::kInitial, applier::SyncKind::kSeeded, applier::SyncKind::kResync}) {
@@ -487,9 +472,9 @@ void Outbound::ReportSync(const shipper::ShipperStats& st,
   // Per disk: the disks go one after another, so the live figure fills them in order.
   uint64_t left = done;
   for (size_t i = 0; i < ranges.size() && i < out["disks"].size(); ++i) {
-    const uint64_t t = Measure(ranges[i]);
+    const uint64_t t = tracker::RangeBytes(ranges[i]);
     uint64_t d = std::min(left, t);
-    if (i < st.sync.disk_done.size()) d = std::max(d, CoveredBelow(ranges[i], st.sync.disk_done[i]));
+    if (i < st.sync.disk_done.size()) d = std::max(d, tracker::RangeBytesBelow(ranges[i], st.sync.disk_done[i]));
     left -= std::min(left, t);
     out["disks"][i]["progress"] = progress(std::min(d, t), t);
   }

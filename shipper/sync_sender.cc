@@ -29,16 +29,6 @@ constexpr uint64_t kBlock = applier::kSyncBlockSize;
 constexpr size_t kHashPipeline = 4;
 constexpr uint64_t kCopyWindow = 64ull << 20;  // data ranges are listed this much at a time
 
-// Bytes of ranges below position.
-uint64_t CoveredBelow(const std::vector<tracker::ByteRange>& ranges, uint64_t position) {
-  uint64_t n = 0;
-  for (const tracker::ByteRange& r : ranges) {
-    if (r.offset >= position) break;
-    n += std::min(r.length, position - r.offset);
-  }
-  return n;
-}
-
 }  // namespace
 
 SyncJob PlanSync(const tracker::SnapshotInfo& snapshot, applier::SyncKind kind, bool full,
@@ -67,7 +57,7 @@ SyncJob PlanSync(const tracker::SnapshotInfo& snapshot, applier::SyncKind kind, 
         r = d.dirty;
       }
     }
-    for (const tracker::ByteRange& b : r) dp.bytes_total += b.length;
+    dp.bytes_total = tracker::RangeBytes(r);
     struct stat st {};
     if (kind == applier::SyncKind::kInitial && i < image_fds.size() && image_fds[i] >= 0 &&
         ::fstat(image_fds[i], &st) == 0) {
@@ -129,9 +119,7 @@ Status Shipper::Impl::Connection::RunSync(const applier::SyncPlan& plan) {
     }
     p.active = true;
     p.bytes_total = 0;
-    for (const auto& r : scan_ranges_) {
-      for (const tracker::ByteRange& b : r) p.bytes_total += b.length;
-    }
+    for (const auto& r : scan_ranges_) p.bytes_total += tracker::RangeBytes(r);
     p.bytes_scanned = 0;
   }
 
@@ -393,9 +381,9 @@ void Shipper::Impl::Connection::NoteScanned(size_t disk, uint64_t position) {
   uint64_t scanned = 0;
   for (size_t i = 0; i < scan_ranges_.size(); ++i) {
     if (i < disk) {
-      for (const tracker::ByteRange& r : scan_ranges_[i]) scanned += r.length;
+      scanned += tracker::RangeBytes(scan_ranges_[i]);
     } else if (i == disk) {
-      scanned += CoveredBelow(scan_ranges_[i], position);
+      scanned += tracker::RangeBytesBelow(scan_ranges_[i], position);
     }
   }
   if (scanned > p.bytes_scanned) impl_.sync_meter_.Add(scanned - p.bytes_scanned, Clock::now());
@@ -424,7 +412,7 @@ Status Shipper::Impl::Connection::HandleSyncFrame(FrameType type) {
       if (*disk < p.disk_done.size()) p.disk_done[*disk] = ack.done_offset;
       uint64_t done = 0;
       for (size_t i = 0; i < scan_ranges_.size() && i < p.disk_done.size(); ++i) {
-        done += CoveredBelow(scan_ranges_[i], p.disk_done[i]);
+        done += tracker::RangeBytesBelow(scan_ranges_[i], p.disk_done[i]);
       }
       p.bytes_done = done;
       return Status::Ok();

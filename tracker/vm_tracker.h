@@ -30,6 +30,7 @@
 // Close, the snapshot methods and the SegmentSource methods from any thread.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <filesystem>
@@ -71,6 +72,21 @@ struct ByteRange {
   uint64_t length = 0;
   bool operator==(const ByteRange&) const = default;
 };
+
+// Bytes in ranges (sorted, disjoint), in all of them or below position.
+inline uint64_t RangeBytes(const std::vector<ByteRange>& ranges) {
+  uint64_t n = 0;
+  for (const ByteRange& r : ranges) n += r.length;
+  return n;
+}
+inline uint64_t RangeBytesBelow(const std::vector<ByteRange>& ranges, uint64_t position) {
+  uint64_t n = 0;
+  for (const ByteRange& r : ranges) {
+    if (r.offset >= position) break;
+    n += std::min(r.length, position - r.offset);
+  }
+  return n;
+}
 
 // Granularity of the copy-on-write snapshot, of resync block sets and of sync hashes
 // (the same as applier::kSyncBlockSize).
