@@ -36,9 +36,9 @@ fs::path PointStore::ImagePath(const fs::path& dir, const std::string& disk) {
 
 Result<std::shared_ptr<PointStore>> PointStore::Open(const fs::path& dir,
                                                      std::vector<DiskDefinition> disks,
-                                                     uint64_t applied_cycle,
-                                                     int64_t applied_cut_unix_nanos,
-                                                     bool images_partial, SyncWrites sync) {
+                                                     const ImagesState& at) {
+  const uint64_t applied_cycle = at.applied_cycle;
+  const SyncWrites sync = at.sync;
   std::shared_ptr<PointStore> store(new PointStore());
   std::vector<uint32_t> ids;
   for (DiskDefinition& def : disks) {
@@ -58,11 +58,21 @@ Result<std::shared_ptr<PointStore>> PointStore::Open(const fs::path& dir,
   }
   SR_ASSIGN_OR_RETURN(store->journal_, UndoJournal::Open(dir / "undo", std::move(ids)));
   store->latest_cycle_ = applied_cycle;
-  store->latest_cut_unix_nanos_ = applied_cut_unix_nanos;
-  store->images_partial_ = images_partial;
+  store->latest_cut_unix_nanos_ = at.applied_cut_unix_nanos;
+  store->has_latest_ = applied_cycle != 0 || at.cycle0_is_point;
+  store->images_partial_ = at.partial;
   store->sync_ = sync;
   if (sync != SyncWrites::kNone) store->images_partial_ = true;
-  if (sync == SyncWrites::kDirect) store->latest_cycle_ = 0;
+  if (sync == SyncWrites::kDirect) {
+    store->latest_cycle_ = 0;
+    store->has_latest_ = false;
+  }
+  if (at.materializing) {
+    // The journal must stay as it is until the images are that point: nothing collected.
+    store->materializing_ = at.materializing;
+    store->images_partial_ = true;
+    return store;
+  }
   if (sync == SyncWrites::kStaged && !store->journal_->Find(applied_cycle)) {
     // The undo file of the point was lost (LoadPoints said why): the latest point cannot
     // be read until the sync ends; older points still can.
@@ -72,6 +82,21 @@ Result<std::shared_ptr<PointStore>> PointStore::Open(const fs::path& dir,
         dir.string(), applied_cycle);
   }
   std::unique_lock lock(store->mu_);
+  if (sync != SyncWrites::kDirect) {
+    // A chain point newer than the applied cycle is left by a materialization that
+    // recorded its (older) point and stopped before emptying the journal, or by a view of
+    // a cycle whose apply was not recorded yet. Either way the images are at the applied
+    // cycle (or being made the next one again), so those files hold no older point's
+    // content that the older files and the images do not hold: drop them, no merge.
+    const UndoJournal& j = *store->journal_;
+    size_t keep = 0;
+    while (keep < j.size() && j.point(keep).cycle <= applied_cycle) ++keep;
+    if (keep < j.size()) {
+      spdlog::warn("replica {}: dropping {} undo point(s) newer than the applied cycle {}",
+                   dir.string(), j.size() - keep, applied_cycle);
+      SR_RETURN_IF_ERROR(store->journal_->KeepOldest(keep));
+    }
+  }
   // Points that only views pinned (views do not survive a restart).
   SR_RETURN_IF_ERROR(store->CollectLocked());
   return store;
@@ -160,12 +185,15 @@ Status PointStore::Writer::SyncImages() {
 void PointStore::Writer::Finish(uint64_t cycle, int64_t cut_unix_nanos) {
   store_->latest_cycle_ = cycle;
   store_->latest_cut_unix_nanos_ = cut_unix_nanos;
+  store_->has_latest_ = true;
   store_->images_partial_ = false;
 }
 
 Status PointStore::AfterApplied(uint64_t cycle, int64_t cut_unix_nanos, const PointPolicy& policy) {
   std::unique_lock lock(mu_);
-  if (policy.recovery_points > 0 && cycle != 0) {
+  // The journal is the materialization's until it ends (FinishMaterialize runs this then).
+  if (materializing_) return Status::Ok();
+  if (policy.recovery_points > 0 && (cycle != 0 || has_latest_)) {
     const UndoPoint* newest_retained = nullptr;
     for (size_t i = journal_->size(); i-- > 0;) {
       if (journal_->point(i).retained) {
@@ -192,6 +220,7 @@ Status PointStore::AfterApplied(uint64_t cycle, int64_t cut_unix_nanos, const Po
 
 Status PointStore::Prune(int recovery_points) {
   std::unique_lock lock(mu_);
+  if (materializing_) return Status::Ok();  // FinishMaterialize prunes
   return PruneLocked(recovery_points);
 }
 
@@ -225,12 +254,13 @@ Status PointStore::CollectLocked() {
 std::vector<RecoveryPoint> PointStore::Points() const {
   std::shared_lock lock(mu_);
   std::vector<RecoveryPoint> out;
+  if (materializing_) return out;
   for (size_t i = 0; i < journal_->size(); ++i) {
     const UndoPoint& p = journal_->point(i);
     if (p.retained)
       out.push_back(RecoveryPoint{p.cycle, p.cut_unix_nanos, p.cycle == latest_cycle_});
   }
-  if (latest_cycle_ != 0 && (out.empty() || out.back().id != latest_cycle_)) {
+  if (has_latest_ && (out.empty() || out.back().id != latest_cycle_)) {
     out.push_back(RecoveryPoint{latest_cycle_, latest_cut_unix_nanos_, true});
   }
   return out;
@@ -244,29 +274,35 @@ uint64_t PointStore::undo_bytes() const {
 std::string PointStore::PointList() const {
   std::string list;
   for (size_t i = 0; i < journal_->size(); ++i) {
-    if (!journal_->point(i).retained) continue;
-    list += (list.empty() ? "" : ", ") + std::to_string(journal_->point(i).cycle);
+    const UndoPoint& p = journal_->point(i);
+    if (!p.retained || (has_latest_ && p.cycle == latest_cycle_)) continue;  // listed below
+    list += (list.empty() ? "" : ", ") + std::to_string(p.cycle);
   }
-  if (latest_cycle_ != 0)
-    list += (list.empty() ? "" : ", ") + std::to_string(latest_cycle_) + " (latest)";
+  if (has_latest_) list += (list.empty() ? "" : ", ") + std::to_string(latest_cycle_) + " (latest)";
   return list.empty() ? "none" : list;
 }
 
 Result<RecoveryPoint> PointStore::Pin(uint64_t point_id) {
   std::unique_lock lock(mu_);
+  if (materializing_) {
+    return Status::Error(EBUSY, "the images are being made point " +
+                                    std::to_string(*materializing_) +
+                                    "; no point can be read until that ends");
+  }
   const uint64_t cycle = point_id == kLatestPoint ? latest_cycle_ : point_id;
-  if (cycle == 0 && sync_ == SyncWrites::kDirect) {
+  const bool is_latest = has_latest_ && cycle == latest_cycle_;
+  if (cycle == 0 && !has_latest_ && sync_ == SyncWrites::kDirect) {
     return Status::Error(ENOENT, "the replica has no consistent point until its sync ends");
   }
-  if (cycle == 0) {
+  if (cycle == 0 && !has_latest_) {
     return Status::Error(ENOENT, "the replica has no recovery point yet (no cycle applied)");
   }
   const std::optional<size_t> at = journal_->Find(cycle);
-  if (at && (journal_->point(*at).retained || cycle == latest_cycle_)) {
+  if (at && (journal_->point(*at).retained || is_latest)) {
     ++pins_[cycle];
-    return RecoveryPoint{cycle, journal_->point(*at).cut_unix_nanos, cycle == latest_cycle_};
+    return RecoveryPoint{cycle, journal_->point(*at).cut_unix_nanos, is_latest};
   }
-  if (cycle != latest_cycle_) {
+  if (!is_latest) {
     return Status::Error(
         ENOENT, "no recovery point " + std::to_string(point_id) + " (points: " + PointList() + ")");
   }
@@ -339,7 +375,7 @@ Status PointStore::Read(uint64_t cycle, size_t disk, uint64_t offset,
 bool PointStore::CanStage() const {
   std::shared_lock lock(mu_);
   if (sync_ != SyncWrites::kNone) return sync_ == SyncWrites::kStaged;
-  if (latest_cycle_ == 0) return false;
+  if (!has_latest_) return false;
   if (!images_partial_) return true;
   return !journal_->empty() && journal_->point(journal_->size() - 1).cycle == latest_cycle_;
 }
@@ -351,8 +387,9 @@ Status PointStore::BeginSync(SyncWrites mode) {
   if (sync_ != SyncWrites::kNone) {
     return Status::Invalid("replica images: an unfinished sync writes them another way");
   }
+  if (materializing_) return Status::Invalid("replica images: a materialization is unfinished");
   if (mode == SyncWrites::kStaged) {
-    if (latest_cycle_ == 0) return Status::Invalid("replica images: no point to keep for a sync");
+    if (!has_latest_) return Status::Invalid("replica images: no point to keep for a sync");
     const bool newest =
         !journal_->empty() && journal_->point(journal_->size() - 1).cycle == latest_cycle_;
     if (!newest) {
@@ -364,10 +401,14 @@ Status PointStore::BeginSync(SyncWrites mode) {
     }
   }
   pre_sync_latest_cycle_ = latest_cycle_;
+  pre_sync_has_latest_ = has_latest_;
   pre_sync_partial_ = images_partial_;
   sync_ = mode;
   images_partial_ = true;
-  if (mode == SyncWrites::kDirect) latest_cycle_ = 0;
+  if (mode == SyncWrites::kDirect) {
+    latest_cycle_ = 0;
+    has_latest_ = false;
+  }
   return Status::Ok();
 }
 
@@ -376,6 +417,7 @@ void PointStore::CancelSync() {
   if (sync_ == SyncWrites::kNone) return;
   sync_ = SyncWrites::kNone;
   latest_cycle_ = pre_sync_latest_cycle_;
+  has_latest_ = pre_sync_has_latest_;
   images_partial_ = pre_sync_partial_;
   Status s = CollectLocked();
   if (!s.ok()) spdlog::warn("replica undo: after a cancelled sync: {}", s.ToString());
@@ -465,11 +507,120 @@ Status PointStore::FinishSync(uint64_t cycle, int64_t cut_unix_nanos, const Poin
     sync_ = SyncWrites::kNone;
     latest_cycle_ = cycle;
     latest_cut_unix_nanos_ = cut_unix_nanos;
+    has_latest_ = true;
     images_partial_ = false;
     // The sync's point goes now unless it is retained or a view reads it.
     SR_RETURN_IF_ERROR(CollectLocked());
   }
   return AfterApplied(cycle, cut_unix_nanos, policy);
+}
+
+// ---------------------------------------------------------------------------------------
+// Materializing a point
+
+Result<MaterializePlan> PointStore::BeginMaterialize(uint64_t point_id, bool resume) {
+  std::unique_lock lock(mu_);
+  const std::string what = "point " + std::to_string(point_id);
+  if (materializing_ && *materializing_ != point_id) {
+    return Status::Error(EBUSY, "the images are being made point " +
+                                    std::to_string(*materializing_) + "; that must end first");
+  }
+  const std::optional<size_t> at = journal_->Find(point_id);
+  if (resume) {
+    // The images may hold anything between the old latest point and point_id.
+    materializing_ = point_id;
+    const int64_t cut = at ? journal_->point(*at).cut_unix_nanos : latest_cut_unix_nanos_;
+    return MaterializePlan{cut, true};
+  }
+  if (sync_ != SyncWrites::kNone) {
+    return Status::Error(EBUSY, what + " cannot be materialized while a sync writes the images");
+  }
+  if (!pins_.empty()) {
+    std::string pinned;
+    for (const auto& [cycle, n] : pins_) {
+      pinned += (pinned.empty() ? "" : ", ") + std::to_string(cycle);
+    }
+    return Status::Error(EBUSY, what + " cannot be materialized while views are open (of points " +
+                                    pinned + "); close them first");
+  }
+  const bool is_latest = has_latest_ && point_id == latest_cycle_;
+  if (!is_latest && !(at && journal_->point(*at).retained)) {
+    return Status::Error(
+        ENOENT, "no recovery point " + std::to_string(point_id) + " (points: " + PointList() + ")");
+  }
+  MaterializePlan plan;
+  plan.cut_unix_nanos = is_latest ? latest_cut_unix_nanos_ : journal_->point(*at).cut_unix_nanos;
+  if (is_latest && !images_partial_) {
+    plan.write_back = false;
+  } else if (is_latest && !(at && *at + 1 == journal_->size())) {
+    // The interrupted apply saved what it overwrote into an older point's file, which
+    // already held older contents of some of those blocks: the latest point is gone.
+    return Status::Error(EBUSY, "the latest " + what +
+                                    " cannot be materialized: the apply of the next cycle was "
+                                    "interrupted and the undo journal does not hold all it "
+                                    "overwrote; apply the pending cycles first (then materialize "
+                                    "the new latest point) or choose an older point");
+  } else {
+    plan.write_back = true;
+  }
+  materializing_ = point_id;
+  return plan;
+}
+
+void PointStore::CancelMaterialize() {
+  std::unique_lock lock(mu_);
+  materializing_.reset();
+}
+
+Status PointStore::WriteBackPoint(uint64_t point_id, FunctionRef<Status()> after_block) {
+  std::unique_lock lock(mu_);
+  const std::optional<size_t> at = journal_->Find(point_id);
+  if (!at) {
+    return Status::Error(ENOENT, "point " + std::to_string(point_id) +
+                                     " is not in the undo journal; the images cannot be made it");
+  }
+  std::vector<std::byte> block(kUndoBlockSize);
+  for (size_t disk = 0; disk < disks_.size(); ++disk) {
+    const Disk& d = disks_[disk];
+    for (uint64_t b : journal_->BlocksFrom(*at, disk)) {
+      const uint64_t offset = b * kUndoBlockSize;
+      if (offset >= d.def.size) continue;  // no record names one (Save checks the range)
+      SR_ASSIGN_OR_RETURN(bool held, journal_->ReadAsOf(*at, disk, b, block));
+      if (!held) continue;  // cannot be: BlocksFrom lists only held blocks
+      const uint64_t n = std::min<uint64_t>(kUndoBlockSize, d.def.size - offset);
+      if (AllZeros(block)) {
+        tracker::RecordHeader h;
+        h.kind = RecordKind::kDiscard;
+        h.offset = offset;
+        h.length = n;
+        Status s = tracker::ApplyRecord(d.fd.get(), d.def.size, h, {});
+        if (!s.ok()) return s.WithContext("replica image " + d.path.string());
+      } else {
+        SR_RETURN_IF_ERROR(PWriteAll(d.fd.get(), block.data(), n, offset, d.path.string()));
+      }
+      SR_RETURN_IF_ERROR(after_block());
+    }
+  }
+  for (const Disk& d : disks_) {
+    if (::fdatasync(d.fd.get()) != 0)
+      return Status::FromErrno(errno, "fdatasync " + d.path.string());
+  }
+  return Status::Ok();
+}
+
+Status PointStore::FinishMaterialize(uint64_t point_id, int64_t cut_unix_nanos,
+                                     const PointPolicy& policy) {
+  {
+    std::unique_lock lock(mu_);
+    latest_cycle_ = point_id;
+    latest_cut_unix_nanos_ = cut_unix_nanos;
+    has_latest_ = true;
+    images_partial_ = false;
+    // No pin exists (BeginMaterialize refused them, Pin refuses meanwhile).
+    SR_RETURN_IF_ERROR(journal_->KeepOldest(0));
+    materializing_.reset();
+  }
+  return AfterApplied(point_id, cut_unix_nanos, policy);
 }
 
 }  // namespace siterep::applier

@@ -23,6 +23,17 @@
 // point stay readable. Direct (no consistent point): there is no latest point until
 // FinishSync; blocks are still saved if the chain has points (older retained points stay
 // right), which it usually has not.
+//
+// Materializing a point P (Replica::MaterializePoint, at a failover) makes the images P
+// for good: every block an undo file of P or a newer chain point holds is written back
+// with its content as of P (ReadAsOf), the images are synced, and only after the replica
+// recorded P as its applied cycle is the journal emptied. The write-back only reads the
+// journal, so it can be run again from the start after a crash at any moment. While it is
+// unfinished no point is listed or readable (the images are neither the old latest point
+// nor P) and nothing else writes the images.
+//
+// The latest point is usually the applied cycle, which is never 0 (cycles start at 1);
+// only images adopted in sync with a new primary (Replica::Adopt) have a latest point 0.
 #pragma once
 
 #include <cstdint>
@@ -30,12 +41,14 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <span>
 #include <vector>
 
 #include "applier/segment_sink.h"
 #include "applier/undo_journal.h"
+#include "common/function_ref.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
 #include "tracker/log_format.h"
@@ -60,18 +73,42 @@ struct PointPolicy {
   int64_t interval_ms = 0;
 };
 
+// Where the images stand when a PointStore opens (from the replica's position.json).
+struct ImagesState {
+  uint64_t applied_cycle = 0;
+  int64_t applied_cut_unix_nanos = 0;
+  // applied_cycle 0 is a consistent point (images adopted in sync); else 0 is no point.
+  bool cycle0_is_point = false;
+  // An apply was interrupted: the images are between applied_cycle and the next cycle
+  // (no view of the latest point until the next cycle is applied).
+  bool partial = false;
+  // An unfinished sync writes the images (the replica's position.json says how); kStaged
+  // keeps applied_cycle's chain point, kDirect has no latest point.
+  SyncWrites sync = SyncWrites::kNone;
+  // An unfinished materialization of this point rewrites the images.
+  std::optional<uint64_t> materializing;
+};
+
+// What materializing a point takes (PointStore::BeginMaterialize).
+struct MaterializePlan {
+  int64_t cut_unix_nanos = 0;  // the point's
+  // The images must be written back (false: they are the point already).
+  bool write_back = false;
+};
+
 class PointStore {
  public:
-  // Opens the images <dir>/<disk>.img (which must exist with their disk's size) and the
-  // journal <dir>/undo/. The images are at applied_cycle, or - images_partial - somewhere
-  // between it and the next cycle (an apply was interrupted; no view of the latest point
-  // until the next cycle is applied). Removes chain points no view can pin any more.
-  // sync: an unfinished sync writes the images (the replica's position.json says how);
-  // kStaged keeps applied_cycle's chain point, kDirect has no latest point.
-  static Result<std::shared_ptr<PointStore>> Open(
-      const std::filesystem::path& dir, std::vector<DiskDefinition> disks, uint64_t applied_cycle,
-      int64_t applied_cut_unix_nanos, bool images_partial, SyncWrites sync = SyncWrites::kNone);
+  // Opens the images <dir>/<disk>.img (which must exist with their disk's size; a symlink
+  // is followed, never replaced) and the journal <dir>/undo/, the images standing as `at`
+  // says. Removes chain points no view can pin any more, and chain points newer than the
+  // applied cycle (left by a materialization that recorded its point but had not emptied
+  // the journal yet; they hold no point's content). Neither while a materialization is
+  // unfinished: it needs the journal as it is.
+  static Result<std::shared_ptr<PointStore>> Open(const std::filesystem::path& dir,
+                                                  std::vector<DiskDefinition> disks,
+                                                  const ImagesState& at);
 
+  // <dir>/<disk>.img: the path the replica opens (a symlink stays a symlink).
   static std::filesystem::path ImagePath(const std::filesystem::path& dir, const std::string& disk);
 
   size_t disk_count() const { return disks_.size(); }
@@ -111,11 +148,13 @@ class PointStore {
   Status Prune(int recovery_points);
 
   // Retained points, oldest first, then the latest (marked latest; it may be retained).
+  // None while a materialization is unfinished.
   std::vector<RecoveryPoint> Points() const;
   uint64_t undo_bytes() const;
 
   // Keeps point_id (or kLatestPoint) readable until Unpin. ENOENT when there is no such
-  // point; EBUSY for the latest point while the images are partial.
+  // point; EBUSY for the latest point while the images are partial, and for every point
+  // while a materialization is unfinished.
   Result<RecoveryPoint> Pin(uint64_t point_id);
   void Unpin(uint64_t cycle);
 
@@ -155,6 +194,31 @@ class PointStore {
   // cycle even when the point policy fails.
   Status FinishSync(uint64_t cycle, int64_t cut_unix_nanos, const PointPolicy& policy);
 
+  // --- Materializing a point (see the header comment). One at a time, from one thread (the
+  // replica's, holding its apply and receive locks); no Writer and no sync meanwhile.
+
+  // Starts making the images point_id: from here on no point is listed or can be pinned.
+  // resume: the replica recorded this materialization already (an earlier attempt failed
+  // or crashed): the images must be written back again, whatever they hold now.
+  // Otherwise refuses ENOENT (point_id is neither the latest point nor a retained one),
+  // EBUSY (a sync is unfinished, views are open, or the images are between cycles and the
+  // journal cannot give the latest point back: apply the interrupted cycle first). Also
+  // EBUSY while another point is being materialized.
+  Result<MaterializePlan> BeginMaterialize(uint64_t point_id, bool resume);
+  // Undoes a BeginMaterialize (not resumed) before the images were touched.
+  void CancelMaterialize();
+  // Writes back into the images, for every block an undo file of point_id or a newer chain
+  // point holds, its content as of point_id (from the first such file), then fdatasyncs
+  // the images. after_block runs after each block written; an error from it stops the
+  // write-back (a test's failpoint). Reads the journal only: running it again gives the
+  // same images. ENOENT when point_id is not in the journal.
+  Status WriteBackPoint(uint64_t point_id, FunctionRef<Status()> after_block);
+  // The images are point_id, synced and recorded by the replica: makes it the latest point,
+  // empties the journal, ends the materialization, then runs AfterApplied (point_id may
+  // become a retained point again). On an error before the end, the materialization stays
+  // open: BeginMaterialize(point_id, false) then finds the images are point_id.
+  Status FinishMaterialize(uint64_t point_id, int64_t cut_unix_nanos, const PointPolicy& policy);
+
  private:
   struct Disk {
     DiskDefinition def;
@@ -185,14 +249,20 @@ class PointStore {
   // Taken after Replica's locks (Replica never holds its mu_ while taking it).
   mutable std::shared_mutex mu_;
   std::unique_ptr<UndoJournal> journal_;
+  // The latest point: the cycle the images are at, when has_latest_ (not during a direct
+  // sync, nor before the first cycle of a replica whose images are not a point).
   uint64_t latest_cycle_ = 0;
   int64_t latest_cut_unix_nanos_ = 0;
+  bool has_latest_ = false;
   bool images_partial_ = false;
+  // An unfinished materialization of this point: nothing listed, nothing pinned.
+  std::optional<uint64_t> materializing_;
   std::map<uint64_t, int> pins_;  // cycle -> open views
   // An unfinished sync. kStaged: latest_cycle_ is its point, kept in the chain (pinned by
   // the sync). kDirect: latest_cycle_ is 0.
   SyncWrites sync_ = SyncWrites::kNone;
   uint64_t pre_sync_latest_cycle_ = 0;  // for CancelSync
+  bool pre_sync_has_latest_ = false;    //
   bool pre_sync_partial_ = false;       //
 };
 

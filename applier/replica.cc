@@ -24,18 +24,6 @@ namespace {
 constexpr char kLockFile[] = "lock";
 constexpr char kPartSuffix[] = ".part";
 
-// One Replica per folder, also across processes: the lock goes with the fd.
-Result<UniqueFd> LockDir(const fs::path& dir) {
-  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(dir / kLockFile, O_RDWR | O_CREAT, 0600));
-  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK) {
-      return Status::Error(EBUSY, "replica " + dir.string() + " is already open");
-    }
-    return Status::FromErrno(errno, "lock " + (dir / kLockFile).string());
-  }
-  return fd;
-}
-
 std::string DiskList(const ReplicaDefinition& def) {
   std::string out;
   for (const DiskDefinition& d : def.disks) {
@@ -83,6 +71,18 @@ Status PrepareImage(const fs::path& path, uint64_t size) {
 }
 
 }  // namespace
+
+// One Replica per folder, also across processes: the lock goes with the fd.
+Result<UniqueFd> Replica::LockDir(const fs::path& dir) {
+  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(dir / kLockFile, O_RDWR | O_CREAT, 0600));
+  if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      return Status::Error(EBUSY, "replica " + dir.string() + " is already open");
+    }
+    return Status::FromErrno(errno, "lock " + (dir / kLockFile).string());
+  }
+  return fd;
+}
 
 Replica::Replica(fs::path dir, UniqueFd lock_fd, ReplicaDefinition def, PositionState state,
                  std::shared_ptr<PointStore> store)
@@ -147,23 +147,34 @@ Result<std::unique_ptr<Replica>> Replica::OpenLocked(const fs::path& dir, Unique
   SR_ASSIGN_OR_RETURN(ReplicaDefinition def, LoadDefinition(dir));
   SR_ASSIGN_OR_RETURN(PositionState state, LoadPosition(dir, def));
   const bool partial = state.applying_cycle > state.applied_cycle;
-  const SyncWrites sync = !state.sync          ? SyncWrites::kNone
-                          : state.sync->staged ? SyncWrites::kStaged
-                                               : SyncWrites::kDirect;
-  SR_ASSIGN_OR_RETURN(std::shared_ptr<PointStore> store,
-                      PointStore::Open(dir, def.disks, state.applied_cycle,
-                                       state.applied_cut_unix_nanos, partial, sync));
+  ImagesState at;
+  at.applied_cycle = state.applied_cycle;
+  at.applied_cut_unix_nanos = state.applied_cut_unix_nanos;
+  at.cycle0_is_point = state.cycle0_is_point;
+  at.partial = partial;
+  at.sync = !state.sync          ? SyncWrites::kNone
+            : state.sync->staged ? SyncWrites::kStaged
+                                 : SyncWrites::kDirect;
+  if (state.materialize) at.materializing = state.materialize->point;
+  SR_ASSIGN_OR_RETURN(std::shared_ptr<PointStore> store, PointStore::Open(dir, def.disks, at));
   const PointPolicy policy{def.recovery_points, def.recovery_point_interval_ms};
   std::unique_ptr<Replica> r(
       new Replica(dir, std::move(lock_fd), std::move(def), std::move(state), std::move(store)));
   SR_RETURN_IF_ERROR(r->CleanReceived());
   // A crash may have come between recording the applied cycle and taking its point.
-  // (Not during a sync: the applied cycle is then the sync's point, or not a point.)
-  if (r->state_.applied_cycle != 0 && !r->state_.sync) {
+  // (Not during a sync: the applied cycle is then the sync's point, or not a point. Not
+  // during a materialization: the journal is its own until it ends.)
+  if ((r->state_.applied_cycle != 0 || r->state_.cycle0_is_point) && !r->state_.sync &&
+      !r->state_.materialize) {
     SR_RETURN_IF_ERROR(
         r->store_->AfterApplied(r->state_.applied_cycle, r->state_.applied_cut_unix_nanos, policy));
   }
-  if (r->state_.sync) {
+  if (r->state_.materialize) {
+    spdlog::warn(
+        "replica of VM {}: making the images point {} was interrupted; nothing reads or "
+        "writes them until MaterializePoint({}) has run again",
+        r->def_.vm, r->state_.materialize->point, r->state_.materialize->point);
+  } else if (r->state_.sync) {
     spdlog::info(
         "replica of VM {}: sync {} is unfinished ({}); it goes on when the primary "
         "starts it again",
@@ -299,6 +310,7 @@ Status Replica::WriteSegmentLocked(size_t disk, uint64_t number, uint64_t offset
   uint64_t last_segment;
   {
     std::lock_guard lk(mu_);
+    SR_RETURN_IF_ERROR(RefuseWhileMaterializingLocked(what));
     if (state_.sync) {
       return Status::Error(EBUSY, what + ": sync " + std::to_string(state_.sync->sync_id) +
                                       " is unfinished; segments come after it ends");
@@ -389,6 +401,7 @@ Status Replica::CommitCycle(const CycleInfo& cycle) {
   {
     std::lock_guard lk(mu_);
     const std::string what = "commit of cycle " + std::to_string(cycle.cycle);
+    SR_RETURN_IF_ERROR(RefuseWhileMaterializingLocked(what));
     if (state_.sync) {
       return Status::Error(EBUSY, what + ": sync " + std::to_string(state_.sync->sync_id) +
                                       " is unfinished; cycles come after it ends");

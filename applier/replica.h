@@ -13,7 +13,11 @@
 //                                replica exists
 //   lock                         flock'ed while a Replica has the folder open
 //   position.json                received and applied position (replica_state.h)
-//   <disk>.img                   the replica images (sparse when created here)
+//   <disk>.img                   the replica images (sparse when created here). May be
+//                                symlinks to images elsewhere (Adopt of a demoted
+//                                primary's own images): the applier opens them through the
+//                                link and never replaces, renames or unlinks them; every
+//                                other file above and below stays in dir itself.
 //   received/<disk>/<20-digit segment number>.seg
 //                                segments received durably: written as .seg.part, checked
 //                                when the last chunk arrives, fdatasync'd, renamed, folder
@@ -43,6 +47,11 @@
 // the images cycle sync_id in one position update. A restart keeps the sync; BeginSync
 // with the same sync_id resumes it.
 //
+// Failover (roles). Adopt makes dir a fresh replica over images already there (a site that
+// was primary becomes the replica of the new primary), in sync or not. MaterializePoint
+// turns the images into one recovery point for good, before the replica site's images
+// become the primary's; DropState then removes the replica's state and keeps the images.
+//
 // Failpoints (common/failpoint.h; "error" makes the apply fail there, "abort" crashes):
 //   applier.before_apply     after the checks, before anything is written
 //   applier.after_undo       undo saved and synced, images untouched
@@ -52,6 +61,13 @@
 //   applier.before_delete    point policy run, applied segments not yet deleted
 //   applier.sync_mid_write   a sync's block written to the image, progress not yet noted
 //   applier.sync_before_end  EndSync: images synced, the sync's end not yet recorded
+//   applier.adopt_after_remove      Adopt: old state removed, nothing new written
+//   applier.adopt_before_definition Adopt: position.json written, replica.json not yet
+//   applier.materialize_mid         after each block MaterializePoint wrote back (@skip)
+//   applier.materialize_before_position  images written back and synced, not recorded
+//   applier.materialize_before_drop  point recorded, received stream dropped, undo
+//                                   journal not yet emptied
+//   applier.drop_state_mid          DropState: replica.json removed, the rest not yet
 #pragma once
 
 #include <chrono>
@@ -85,6 +101,37 @@ class Replica : public SegmentSink {
                                                  const ReplicaDefinition& def);
   // Opens the replica in dir after a restart. The applier thread is not started.
   static Result<std::unique_ptr<Replica>> Open(const std::filesystem::path& dir);
+
+  // Makes dir a fresh replica of def over images that are there already: <dir>/<disk>.img
+  // must exist for every disk with exactly its size (a regular file or a symlink to one;
+  // a symlink is kept as it is). Whatever replica state dir held is discarded
+  // (replica.json, position.json, received/, undo/, temp files; replica.json first, and
+  // the new one is written last, so until Adopt returns Ok, Open finds no replica and
+  // Adopt again with the same arguments starts over: a crash at any moment is safe).
+  // The position is fresh at def.epoch: nothing received, applied cycle 0, so a primary
+  // whose new change log starts at cycle 1 can ship to it.
+  //   in_sync_cut_unix_nanos set: the images ARE the primary's disks as of its cycle 0
+  //     (a planned failover). Points() lists one latest point, id 0, with that cut time
+  //     (a retained point too when def.recovery_points > 0); views of it work;
+  //     Position().applied_cut_unix_nanos is that time. A later sync is staged.
+  //   unset: the images are not a consistent copy. Points() is empty and views are
+  //     refused (ENOENT) until a sync (sync_id >= 1, written directly) ends.
+  // Refuses: an invalid def (EINVAL), a missing dir or image (ENOENT), an image that is not
+  // a regular file (EINVAL) or not of its disk's size (EINVAL), dir open by a Replica
+  // (EBUSY); nothing is changed then. The applier thread is not started.
+  static Result<std::unique_ptr<Replica>> Adopt(const std::filesystem::path& dir,
+                                                const ReplicaDefinition& def,
+                                                std::optional<int64_t> in_sync_cut_unix_nanos);
+
+  // Removes every file a Replica keeps in dir - replica.json (first, synced: its presence
+  // means "a replica exists here"), position.json, received/, undo/, temp files (*.tmp),
+  // then the lock file - and keeps the images <disk>.img (files or symlinks, and their
+  // targets) untouched. The folder is fsync'd at the end. For a replica that is not open
+  // (EBUSY if a Replica holds dir); a missing dir or a dir with no state is Ok
+  // (idempotent). Used when a replica site is promoted and its images become the
+  // primary's.
+  static Status DropState(const std::filesystem::path& dir);
+
   ~Replica() override;  // Stop()s
   Replica(const Replica&) = delete;
   Replica& operator=(const Replica&) = delete;
@@ -94,6 +141,8 @@ class Replica : public SegmentSink {
   Status UpdateDefinition(const ReplicaDefinition& def);
   ReplicaDefinition Definition() const;
   const std::filesystem::path& dir() const { return dir_; }
+  // <dir>/<disk>.img of the disk_index-th disk of the definition: the path the replica
+  // opens, which is the symlink itself when the image is one (not its target).
   std::filesystem::path ImagePath(size_t disk_index) const;
 
   // Starts the applier thread: it applies committed cycles as they arrive. After an
@@ -108,6 +157,36 @@ class Replica : public SegmentSink {
   // Forgets a persistent apply_error (after the operator dealt with it, e.g. a resync),
   // so the apply is tried again.
   Status ClearApplyError();
+
+  // Makes the images exactly recovery point point_id for good (a failover to that point):
+  // point_id is a retained point or the latest point's id, from Points() (not
+  // kLatestPoint: EINVAL; the caller must record which point it is making). The blocks
+  // the undo files of point_id and of newer points hold are written back with their
+  // content as of point_id, the images fdatasync'd, and only then is the replica recorded
+  // at point_id: applied_cycle = received_cycle = point_id (its cut time), nothing
+  // pending, received/ emptied, apply_error cleared; the undo journal is emptied, so
+  // Points() lists only point_id (latest; retained too when recovery_points > 0). The
+  // latest point with nothing to write back costs only that record (the images are not
+  // touched). The segment continuity (per disk last seq) is kept only when point_id is
+  // the received cycle; otherwise the replica takes segments again only after a sync.
+  //
+  // Needs: the applier stopped (Stop() called, or never started), no unfinished sync, no
+  // open view (each EBUSY). ENOENT for an unknown point. EBUSY for the latest point when an
+  // interrupted apply left the images between it and the next cycle and the journal
+  // cannot give it back (recovery_points 0, or the latest point not retained): apply the
+  // pending cycles first (ApplyPending) and materialize the new latest point, or choose an
+  // older point. (Where the journal can, an interrupted apply is undone too.)
+  //
+  // Crash safety: from the first image write until it returns Ok, position.json records
+  // that point_id is being materialized. Meanwhile (and after a restart, Open) the images
+  // are neither the old point nor point_id: Points() is empty, views are refused (EBUSY),
+  // nothing is applied or received, a sync is refused, MaterializePoint of another point
+  // is refused (EBUSY). MaterializePoint(point_id) again - in this process after an error,
+  // or after Open following a crash at any moment - writes back again from the journal,
+  // which stays whole until the new position is recorded, and finishes. So a caller that
+  // recorded "materializing P" before calling must, after a crash, Open and call
+  // MaterializePoint(P) before anything reads the images; with that, the images are P.
+  Status MaterializePoint(uint64_t point_id);
 
   std::vector<RecoveryPoint> Points() const;
   // A view of point_id (a cycle from Points(), or kLatestPoint). ENOENT: no such point.
@@ -159,8 +238,13 @@ class Replica : public SegmentSink {
 
   Replica(std::filesystem::path dir, UniqueFd lock_fd, ReplicaDefinition def, PositionState state,
           std::shared_ptr<PointStore> store);
+  // Takes the folder's flock (dir/lock, created if missing); EBUSY when a Replica has it.
+  static Result<UniqueFd> LockDir(const std::filesystem::path& dir);
   static Result<std::unique_ptr<Replica>> OpenLocked(const std::filesystem::path& dir,
                                                      UniqueFd lock_fd);
+  // replica_role.cc: refuses (error Status) while a materialization is unfinished; what is
+  // the refused operation, for the message. Needs mu_.
+  Status RefuseWhileMaterializingLocked(const std::string& what) const;
   std::filesystem::path ReceivedDir(size_t disk_index) const;
   std::filesystem::path PartPath(size_t disk_index, uint64_t number) const;
   std::optional<size_t> DiskIndex(uint32_t disk_id) const;

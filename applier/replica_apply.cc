@@ -57,7 +57,8 @@ void Replica::ApplierLoop() {
   auto delay = std::chrono::milliseconds(0);
   std::unique_lock lk(mu_);
   while (!stop_) {
-    if (state_.pending.empty() || !state_.apply_error.empty() || state_.sync) {
+    if (state_.pending.empty() || !state_.apply_error.empty() || state_.sync ||
+        state_.materialize) {
       cv_.wait(lk);
       continue;
     }
@@ -106,6 +107,7 @@ Result<bool> Replica::ApplyNext() {
     if (!state_.apply_error.empty()) {
       return Status::Error(EBADMSG, "the apply is stopped: " + state_.apply_error);
     }
+    SR_RETURN_IF_ERROR(RefuseWhileMaterializingLocked("apply"));
     // A sync rewrites the images until it ends; the cycles after it come then.
     if (state_.pending.empty() || state_.sync) return false;
     cycle = state_.pending.front();

@@ -230,6 +230,11 @@ std::string PositionToJson(const PositionState& s, const ReplicaDefinition& def)
             {"pending", pending},
             {"last_sync_id", s.last_sync_id}};
   if (s.sync) j["sync"] = SyncToJson(*s.sync, def);
+  if (s.cycle0_is_point) j["cycle0_is_point"] = true;
+  if (s.materialize) {
+    j["materialize"] = {{"point", s.materialize->point},
+                        {"cut_unix_nanos", s.materialize->cut_unix_nanos}};
+  }
   return j.dump(2) + "\n";
 }
 
@@ -335,6 +340,20 @@ Result<PositionState> PositionFromJson(const std::string& text, const ReplicaDef
                                std::to_string(s.applied_cycle));
       }
       s.sync = std::move(sync);
+    }
+    s.cycle0_is_point = j.value("cycle0_is_point", false);
+    if (j.contains("materialize")) {
+      const json& m = j.at("materialize");
+      s.materialize =
+          MaterializeState{m.at("point").get<uint64_t>(), m.at("cut_unix_nanos").get<int64_t>()};
+      if (s.sync) {
+        return Status::Corrupt(where + ": a sync and a materialization are both unfinished");
+      }
+      if (s.materialize->point > s.applied_cycle) {
+        return Status::Corrupt(where + ": point " + std::to_string(s.materialize->point) +
+                               " being materialized is newer than the applied cycle " +
+                               std::to_string(s.applied_cycle));
+      }
     }
     return s;
   } catch (const json::exception& e) {

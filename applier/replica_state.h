@@ -19,6 +19,11 @@
 //   apply_error      a bad record stopped the apply (kept across restarts)
 //   last_sync_id     the cycle of the last sync that ended (0: none); EndSync again with it
 //                    is a no-op
+//   cycle0_is_point  Replica::Adopt of images in sync with the primary's cycle 0: applied
+//                    cycle 0 is a consistent point (otherwise applied_cycle 0 is no point)
+//   materialize      only while a MaterializePoint is unfinished (replica.h): the point
+//                    (and its cut time) the images are being rewritten into; nothing may
+//                    read or apply to the images until MaterializePoint of it ends
 //   sync             only while a sync is unfinished (replica_sync.cc): the plan (sync_id,
 //                    kind, epoch, cut, per disk mode/last_seq/last_segment/bytes_total), how
 //                    it writes (staged: the applied cycle stays readable through the undo
@@ -97,6 +102,12 @@ struct SyncState {
   std::vector<SyncDiskState> disks;  // one per disk, in definition order
 };
 
+// An unfinished Replica::MaterializePoint.
+struct MaterializeState {
+  uint64_t point = 0;
+  int64_t cut_unix_nanos = 0;
+};
+
 struct PositionState {
   uint64_t received_cycle = 0;
   uint64_t applying_cycle = 0;  // 0: the images are exactly applied_cycle
@@ -108,6 +119,9 @@ struct PositionState {
   std::vector<PendingCycle> pending;  // oldest first
   uint64_t last_sync_id = 0;
   std::optional<SyncState> sync;  // an unfinished sync
+  // Applied cycle 0 is a consistent point (Adopt in sync); meaningless once it is not 0.
+  bool cycle0_is_point = false;
+  std::optional<MaterializeState> materialize;  // an unfinished MaterializePoint
 };
 
 // A fresh SyncState for plan: nothing done, nothing written.

@@ -104,6 +104,7 @@ Result<SyncResume> Replica::BeginSync(const SyncPlan& plan) {
   PositionState state;
   {
     std::lock_guard lk(mu_);
+    SR_RETURN_IF_ERROR(RefuseWhileMaterializingLocked(what));
     state = state_;
   }
 

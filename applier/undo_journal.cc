@@ -341,6 +341,39 @@ Status UndoJournal::DropThrough(size_t i, const Status& why) {
   return SyncDir(dir_);
 }
 
+Status UndoJournal::KeepOldest(size_t n) {
+  if (n >= points_.size()) return Status::Ok();
+  // The newest point goes, and with it whatever it has buffered.
+  buffer_.clear();
+  buffered_.clear();
+  std::vector<std::unique_ptr<Point>> removed;
+  for (size_t k = n; k < points_.size(); ++k) removed.push_back(std::move(points_[k]));
+  points_.resize(n);
+  Status s = StorePoints();
+  if (!s.ok()) {
+    for (auto& p : removed) points_.push_back(std::move(p));
+    return s;
+  }
+  for (auto& p : removed) {
+    const fs::path path = PathOf(p->meta.cycle);
+    p.reset();
+    if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "remove " + path.string());
+    }
+  }
+  return SyncDir(dir_);
+}
+
+std::vector<uint64_t> UndoJournal::BlocksFrom(size_t i, size_t disk) const {
+  std::vector<uint64_t> blocks;
+  for (size_t k = i; k < points_.size(); ++k) {
+    for (const auto& [block, entry] : points_[k]->index[disk]) blocks.push_back(block);
+  }
+  std::sort(blocks.begin(), blocks.end());
+  blocks.erase(std::unique(blocks.begin(), blocks.end()), blocks.end());
+  return blocks;
+}
+
 bool UndoJournal::NewestHas(size_t disk, uint64_t block) const {
   return !points_.empty() && points_.back()->index[disk].count(block) != 0;
 }

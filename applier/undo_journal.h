@@ -83,6 +83,18 @@ class UndoJournal {
   // dropped with it (logged as an error).
   Status RemovePoint(size_t i);
 
+  // Removes every point after the n oldest (all of them for n = 0) with their files,
+  // WITHOUT merging their blocks into older points: only right when the images are
+  // point n - 1 or older again (a materialized point), so that what the removed files
+  // held is no point's content any more. points.json first, then the files (a crash in
+  // between leaves unlisted files, which Open deletes).
+  Status KeepOldest(size_t n);
+
+  // Every block of disk that the undo files of points i..newest hold, in increasing order:
+  // the blocks that differ between point i and the images (the blocks to write back to
+  // make the images point i).
+  std::vector<uint64_t> BlocksFrom(size_t i, size_t disk) const;
+
   // Whether the newest point holds block (false when there are no points).
   bool NewestHas(size_t disk, uint64_t block) const;
   // Appends the content of block as of the newest point (kUndoBlockSize bytes) to the

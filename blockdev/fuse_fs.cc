@@ -149,6 +149,7 @@ class FuseFs::Impl {
   Status Run();
   void Stop();
   Status RemoveDisk(const std::string& vm, const std::string& disk);
+  Status DropCache(const std::string& vm, const std::string& disk);
 
   // Request handlers (called through the trampolines in kOps).
   void Init(fuse_conn_info* conn);
@@ -663,6 +664,24 @@ Status FuseFs::Impl::RemoveDisk(const std::string& vm, const std::string& disk) 
   return Status::Ok();
 }
 
+Status FuseFs::Impl::DropCache(const std::string& vm, const std::string& disk) {
+  NodeInfo vm_node, disk_node;
+  if (table_.Lookup(kRootIno, vm, &vm_node) != 0 ||
+      table_.Lookup(vm_node.ino, disk, &disk_node) != 0 || disk_node.kind != NodeKind::kDisk) {
+    return Status::Error(ENOENT, "drop the cached pages of " + vm + "/" + disk + ": no such disk");
+  }
+  {
+    // A loop that has not run yet has served nothing; one that stopped serves nothing more.
+    std::lock_guard lock(run_mu_);
+    if (!running_ || stop_requested_) return Status::Ok();
+  }
+  const int rc = fuse_lowlevel_notify_inval_inode(se_, disk_node.ino, 0, 0);
+  if (rc != 0 && rc != -ENOENT) {  // ENOENT: the kernel has nothing of the disk cached
+    return Status::FromErrno(-rc, "drop the cached pages of " + vm + "/" + disk);
+  }
+  return Status::Ok();
+}
+
 FuseFs::Impl::~Impl() {
   if (se_ == nullptr) return;  // never mounted
   Stop();
@@ -711,6 +730,10 @@ Status FuseFs::AddDisk(ExportedDisk disk) {
 
 Status FuseFs::RemoveDisk(const std::string& vm, const std::string& disk) {
   return impl_->RemoveDisk(vm, disk);
+}
+
+Status FuseFs::DropCache(const std::string& vm, const std::string& disk) {
+  return impl_->DropCache(vm, disk);
 }
 
 }  // namespace siterep::blockdev

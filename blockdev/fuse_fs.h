@@ -51,8 +51,14 @@ class FuseFs {
   void Stop();
 
   Status AddDisk(ExportedDisk disk);
-  // Open files of a removed disk get EIO from then on.
+  // Open files of a removed disk get EIO from then on. Waits for the requests in flight.
   Status RemoveDisk(const std::string& vm, const std::string& disk);
+  // Drops the pages of vm/disk that the kernel caches for buffered opens (a loop device):
+  // call it when the backend's contents changed other than through the mount (a DiskSlot
+  // got an inner backend with other contents). ENOENT if there is no such disk. Blocks
+  // while a buffered write to the disk is in flight (the kernel holds its pages locked), so
+  // not while the disk's writes are held (SlotMode::kHold).
+  Status DropCache(const std::string& vm, const std::string& disk);
 
  private:
   class Impl;

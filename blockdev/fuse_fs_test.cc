@@ -17,9 +17,11 @@
 #include <atomic>
 #include <chrono>
 #include <cstring>
+#include <future>
 #include <set>
 #include <thread>
 
+#include "blockdev/disk_slot.h"
 #include "blockdev/test_util.h"
 #include "common/unique_fd.h"
 
@@ -460,6 +462,70 @@ TEST_F(FuseFsTest, RemoveDiskWaitsForRequestsInFlight) {
   writer.join();
   EXPECT_GT(writes_at_removal, 0u);
   EXPECT_EQ(bad.load(), 0);
+}
+
+TEST_F(FuseFsTest, DiskSlotSwapsBackendsUnderAnOpenFile) {
+  // The disk file stays while its backend changes: an open descriptor follows the slot.
+  DiskSlot slot(kDiskSize);
+  MemBackend first(kDiskSize), second(kDiskSize);
+  first.Fill(0, kDiskSize, std::byte{0x11});
+  second.Fill(0, kDiskSize, std::byte{0x22});
+  ASSERT_TRUE(running_->fs()->AddDisk({"vm3", "slot", &slot}).ok());
+  struct stat st {};
+  ASSERT_EQ(::stat(Disk("vm3", "slot").c_str(), &st), 0);
+  const ino_t ino = st.st_ino;
+  UniqueFd direct = Open(Disk("vm3", "slot"), O_RDWR | O_DIRECT);
+  ASSERT_TRUE(direct.valid()) << std::strerror(errno);  // opens while offline
+  AlignedBuffer buf(4096);
+  errno = 0;
+  EXPECT_EQ(::pread(direct.get(), buf.data(), 4096, 0), -1);
+  EXPECT_EQ(errno, EIO);
+
+  slot.Set(&first, SlotMode::kReadWrite);
+  ASSERT_EQ(::pread(direct.get(), buf.data(), 4096, 0), 4096);
+  EXPECT_EQ(buf.data()[0], std::byte{0x11});
+  AlignedBuffer out(4096);
+  out.FillPattern(9);
+  ASSERT_EQ(::pwrite(direct.get(), out.data(), 4096, 8192), 4096);
+  EXPECT_EQ(first.Contents(8192, 4096), out.ToVector());
+
+  slot.Set(&second, SlotMode::kReadOnly);
+  ASSERT_EQ(::pread(direct.get(), buf.data(), 4096, 8192), 4096);
+  EXPECT_EQ(buf.data()[0], std::byte{0x22});
+  errno = 0;
+  EXPECT_EQ(::pwrite(direct.get(), out.data(), 4096, 0), -1);
+  EXPECT_EQ(errno, EROFS);
+  EXPECT_EQ(::fsync(direct.get()), 0);
+  EXPECT_EQ(second.flushes(), 1);
+
+  // Held: the guest's write waits in the FUSE worker until the mode changes.
+  slot.SetMode(SlotMode::kHold);
+  auto held = std::async(std::launch::async,
+                         [&] { return ::pwrite(direct.get(), out.data(), 4096, 4096); });
+  EXPECT_EQ(held.wait_for(std::chrono::milliseconds(200)), std::future_status::timeout);
+  EXPECT_TRUE(second.writes().empty());
+  slot.SetMode(SlotMode::kReadWrite);
+  EXPECT_EQ(held.get(), 4096);
+  EXPECT_EQ(second.Contents(4096, 4096), out.ToVector());
+
+  // A buffered reader keeps pages read through the old backend until they are dropped.
+  UniqueFd buffered = Open(Disk("vm3", "slot"), O_RDWR);
+  ASSERT_TRUE(buffered.valid());
+  char page[4096];
+  ASSERT_EQ(::pread(buffered.get(), page, sizeof(page), kMiB), 4096);
+  EXPECT_EQ(page[0], 0x22);
+  slot.Set(&first, SlotMode::kReadWrite);
+  ASSERT_EQ(::pread(buffered.get(), page, sizeof(page), kMiB), 4096);
+  EXPECT_EQ(page[0], 0x22);  // still cached
+  ASSERT_TRUE(running_->fs()->DropCache("vm3", "slot").ok());
+  ASSERT_EQ(::pread(buffered.get(), page, sizeof(page), kMiB), 4096);
+  EXPECT_EQ(page[0], 0x11);
+  EXPECT_EQ(running_->fs()->DropCache("vm3", "nope").code(), ENOENT);
+  EXPECT_EQ(running_->fs()->DropCache("vm9", "slot").code(), ENOENT);
+
+  ASSERT_EQ(::stat(Disk("vm3", "slot").c_str(), &st), 0);
+  EXPECT_EQ(st.st_ino, ino);
+  ASSERT_TRUE(running_->fs()->RemoveDisk("vm3", "slot").ok());
 }
 
 TEST_F(FuseFsTest, StopReturnsRunPromptlyWithFilesOpen) {

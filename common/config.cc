@@ -138,6 +138,26 @@ Status ParseDisk(const toml::table& t, const std::string& where, const fs::path&
   return r.CheckNoUnknownKeys();
 }
 
+// A duration key ("60s", "5m"); positive.
+Status Duration(TableReader& r, std::string_view key, std::chrono::milliseconds* out) {
+  std::string text;
+  SR_RETURN_IF_ERROR(r.String(key, &text, false));
+  if (text.empty()) return Status::Ok();
+  auto d = ParseDuration(text);
+  if (!d.ok()) return d.status().WithContext(r.Key(key));
+  if (d->count() <= 0) return Status::Invalid(r.Key(key) + ": must be positive");
+  *out = *d;
+  return Status::Ok();
+}
+
+// pre_failover, post_failover and the timeout key (hook_timeout in [[vms]], timeout in
+// [[hooks]]).
+Status ParseHooks(TableReader& r, std::string_view timeout_key, FailoverHooks* hooks) {
+  SR_RETURN_IF_ERROR(r.String("pre_failover", &hooks->pre_failover, false));
+  SR_RETURN_IF_ERROR(r.String("post_failover", &hooks->post_failover, false));
+  return Duration(r, timeout_key, &hooks->timeout);
+}
+
 Status ParseVm(const toml::table& t, const std::string& where, const fs::path& base, VmConfig* vm) {
   TableReader r(t, where);
   SR_RETURN_IF_ERROR(r.String("name", &vm->name, true));
@@ -161,15 +181,7 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
   SR_RETURN_IF_ERROR(r.Int("recovery_points", &points, 0, 24 * 365));
   vm->recovery_points = static_cast<int>(points);
 
-  std::string interval;
-  SR_RETURN_IF_ERROR(r.String("recovery_point_interval", &interval, false));
-  if (!interval.empty()) {
-    auto d = ParseDuration(interval);
-    if (!d.ok()) return d.status().WithContext(r.Key("recovery_point_interval"));
-    if (d->count() <= 0)
-      return Status::Invalid(r.Key("recovery_point_interval") + ": must be positive");
-    vm->recovery_point_interval = *d;
-  }
+  SR_RETURN_IF_ERROR(Duration(r, "recovery_point_interval", &vm->recovery_point_interval));
 
   std::string budget;
   SR_RETURN_IF_ERROR(r.String("log_budget", &budget, false));
@@ -244,6 +256,8 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
     vm->resync_window_end = end;
   }
 
+  SR_RETURN_IF_ERROR(ParseHooks(r, "hook_timeout", &vm->hooks));
+
   Status status;
   const toml::array* disks = r.Array("disks", &status);
   SR_RETURN_IF_ERROR(status);
@@ -273,6 +287,29 @@ const VmConfig* SiteConfig::FindVm(std::string_view vm_name) const {
     if (vm.name == vm_name) return &vm;
   }
   return nullptr;
+}
+
+FailoverHooks SiteConfig::HooksFor(std::string_view vm_name) const {
+  if (const VmConfig* vm = FindVm(vm_name)) return vm->hooks;
+  for (const HookConfig& h : hooks) {
+    if (h.vm == vm_name) return h.hooks;
+  }
+  return {};
+}
+
+std::string FrequencyName(std::chrono::milliseconds frequency) {
+  switch (frequency.count()) {
+    case 1000:
+      return "continuous";
+    case 30000:
+      return "30s";
+    case 300000:
+      return "5m";
+    case 900000:
+      return "15m";
+    default:
+      return std::to_string(frequency.count() / 1000) + "s";
+  }
 }
 
 std::string_view TrackingModeName(TrackingMode mode) {
@@ -307,6 +344,7 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
     if (s.ok()) s = r.String("mountpoint", &mountpoint, true);
     if (s.ok()) s = r.String("control_socket", &socket, false);
     if (s.ok()) s = r.String("listen", &cfg.listen, false);
+    if (s.ok()) s = Duration(r, "peer_wait", &cfg.peer_wait);
     if (s.ok()) s = r.CheckNoUnknownKeys();
     if (!s.ok()) return fail(s);
     cfg.state_dir = Resolve(base_dir, state_dir);
@@ -384,6 +422,32 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
         }
       }
       cfg.vms.push_back(std::move(vm));
+    }
+  }
+  const toml::array* hooks = top.Array("hooks", &status);
+  if (!status.ok()) return fail(status);
+  if (hooks != nullptr) {
+    std::set<std::string> names;
+    for (size_t i = 0; i < hooks->size(); ++i) {
+      std::string w = "hooks[" + std::to_string(i) + "]";
+      const toml::table* ht = (*hooks)[i].as_table();
+      if (ht == nullptr) return fail(Status::Invalid(w + ": must be a table"));
+      TableReader r(*ht, w);
+      HookConfig h;
+      Status s = r.String("vm", &h.vm, true);
+      if (s.ok()) s = CheckName(r, "vm", h.vm);
+      if (s.ok()) s = ParseHooks(r, "timeout", &h.hooks);
+      if (s.ok()) s = r.CheckNoUnknownKeys();
+      if (!s.ok()) return fail(s);
+      if (cfg.FindVm(h.vm) != nullptr) {
+        return fail(Status::Invalid(w + ".vm: VM '" + h.vm +
+                                    "' is in [[vms]]; put its hooks there (pre_failover, "
+                                    "post_failover, hook_timeout)"));
+      }
+      if (!names.insert(h.vm).second) {
+        return fail(Status::Invalid(w + ".vm: VM '" + h.vm + "' has hooks twice"));
+      }
+      cfg.hooks.push_back(std::move(h));
     }
   }
   Status s = top.CheckNoUnknownKeys();

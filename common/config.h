@@ -41,6 +41,15 @@ struct LogBudget {
   }
 };
 
+// Commands run around a failover (sh -c, with SITEREP_VM, SITEREP_SITE, SITEREP_EVENT
+// and SITEREP_MOUNTPOINT set): pre_failover at the site giving up the VM (e.g. shutting it
+// down), post_failover at the site taking it over (e.g. starting it). Empty: none.
+struct FailoverHooks {
+  std::string pre_failover;
+  std::string post_failover;
+  std::chrono::milliseconds timeout{300'000};
+};
+
 struct VmConfig {
   std::string name;
   std::string frequency_text = "5m";             // as written: continuous | 30s | 5m | 15m
@@ -57,7 +66,14 @@ struct VmConfig {
   bool auto_resync = true;
   int resync_window_start = 0;
   int resync_window_end = 24 * 60;
+  FailoverHooks hooks;
   std::vector<DiskConfig> disks;
+};
+
+// [[hooks]]: the hooks of a VM whose primary is another site (vm names it).
+struct HookConfig {
+  std::string vm;
+  FailoverHooks hooks;
 };
 
 // Whether minute_of_day (0..1439) is inside the VM's resync window.
@@ -86,8 +102,14 @@ struct SiteConfig {
   TlsConfig tls;
   std::vector<PeerConfig> peers;
   std::vector<VmConfig> vms;
+  std::vector<HookConfig> hooks;
+  // How long a restarted primary holds guest writes while it asks its peer whether a
+  // newer epoch took over (then they go on, with a warning, if the peer did not answer).
+  std::chrono::milliseconds peer_wait{10'000};
 
   const VmConfig* FindVm(std::string_view name) const;
+  // The VM's hooks: from its [[vms]] entry, else from [[hooks]]; none when neither.
+  FailoverHooks HooksFor(std::string_view vm) const;
 };
 
 // Reads and validates the file at path.
@@ -97,5 +119,7 @@ Result<SiteConfig> ParseConfig(std::string_view text, const std::filesystem::pat
                                std::string_view source);
 
 std::string_view TrackingModeName(TrackingMode mode);
+// A frequency as the config writes it: "continuous", "30s", "5m", "15m" (others in seconds).
+std::string FrequencyName(std::chrono::milliseconds frequency);
 
 }  // namespace siterep

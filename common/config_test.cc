@@ -12,6 +12,7 @@ state_dir = "state"
 mountpoint = "/run/siterep/east"
 control_socket = "/run/siterep/east.sock"
 listen = "127.0.0.1:7410"
+peer_wait = "20s"
 
 [tls]
 ca = "certs/ca.pem"
@@ -33,6 +34,9 @@ log_budget = "25%"
 tracking = "log"
 resync = "auto"
 resync_window = "18:30-06:00"
+pre_failover = "virsh shutdown web01"
+post_failover = "virsh start web01"
+hook_timeout = "2m"
   [[vms.disks]]
   name = "os"
   image = "/var/lib/images/web01-os.img"
@@ -49,6 +53,11 @@ image_cache = "none"
   [[vms.disks]]
   name = "os"
   image = "/var/lib/images/db1.img"
+
+[[hooks]]
+vm = "app7"
+post_failover = "/usr/local/bin/start-vm app7"
+timeout = "90s"
 )";
 
 Result<SiteConfig> Parse(const std::string& text) { return ParseConfig(text, "/etc/siterep", "site.toml"); }
@@ -98,6 +107,23 @@ name = "v"
   EXPECT_TRUE(cfg->vms[0].auto_resync);
   EXPECT_TRUE(InResyncWindow(cfg->vms[0], 0));
   EXPECT_TRUE(InResyncWindow(cfg->vms[0], 1439));
+}
+
+TEST(ConfigTest, FailoverHooksFromVmsAndHooks) {
+  auto cfg = Parse(kGood);
+  ASSERT_TRUE(cfg.ok()) << cfg.status().message();
+  EXPECT_EQ(cfg->peer_wait, std::chrono::seconds(20));
+  FailoverHooks web = cfg->HooksFor("web01");
+  EXPECT_EQ(web.pre_failover, "virsh shutdown web01");
+  EXPECT_EQ(web.post_failover, "virsh start web01");
+  EXPECT_EQ(web.timeout, std::chrono::minutes(2));
+  FailoverHooks app = cfg->HooksFor("app7");
+  EXPECT_EQ(app.pre_failover, "");
+  EXPECT_EQ(app.post_failover, "/usr/local/bin/start-vm app7");
+  EXPECT_EQ(app.timeout, std::chrono::seconds(90));
+  FailoverHooks none = cfg->HooksFor("db1");
+  EXPECT_TRUE(none.pre_failover.empty() && none.post_failover.empty());
+  EXPECT_EQ(none.timeout, std::chrono::minutes(5));
 }
 
 TEST(ConfigTest, ResyncWindowMayWrapPastMidnight) {
@@ -152,7 +178,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"name = \"db1\"", "name = \"web01\"", "vms[1].name"},
         BadCase{"name = \"west\"", "name = \"east\"", "peers[0].name"},
         BadCase{"name = \"web01\"", "name = \"../etc\"", "vms[0].name"},
-        BadCase{"[tls]", "[tls]\nca = 1", "site.toml:11:"},
+        BadCase{"[tls]", "[tls]\nca = 1", "site.toml:12:"},
         BadCase{"bandwidth_limit = \"50MiB\"", "bandwidth_limit = \"fast\"",
                 "peers[0].bandwidth_limit"},
         BadCase{"bandwidth_limit = \"50MiB\"", "bandwidth_limit = -5", "peers[0].bandwidth_limit"},
@@ -162,6 +188,10 @@ INSTANTIATE_TEST_SUITE_P(
                 "vms[0].resync_window"},
         BadCase{"resync_window = \"18:30-06:00\"", "resync_window = \"25:00-06:00\"",
                 "vms[0].resync_window"},
+        BadCase{"hook_timeout = \"2m\"", "hook_timeout = \"soon\"", "vms[0].hook_timeout"},
+        BadCase{"peer_wait = \"20s\"", "peer_wait = \"0s\"", "site.peer_wait: must be positive"},
+        BadCase{"vm = \"app7\"", "vm = \"web01\"", "hooks[0].vm: VM 'web01' is in [[vms]]"},
+        BadCase{"timeout = \"90s\"", "timeout = \"90s\"\nwhen = \"now\"", "hooks[0].when: unknown key"},
         BadCase{"[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/east.pem\"\nkey = \"certs/east.key\"",
                 "", "tls: the [tls] table"}));
 

@@ -74,9 +74,14 @@ void ControlServer::Stop() {
   char b = 1;
   [[maybe_unused]] ssize_t n = ::write(wake_write_.get(), &b, 1);
   thread_.join();
+  ReapWorkers(/*all=*/true);
   listen_fd_.Reset();
   ::unlink(path_.c_str());
 }
+
+namespace {
+bool SendAll(int fd, const std::string& data);
+}  // namespace
 
 void ControlServer::Serve() {
   for (;;) {
@@ -88,9 +93,31 @@ void ControlServer::Serve() {
     }
     if (fds[1].revents != 0) return;
     if ((fds[0].revents & POLLIN) == 0) continue;
+    ReapWorkers(/*all=*/false);
     UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!conn.valid()) continue;
-    HandleConnection(conn.get());
+    if (workers_.size() >= static_cast<size_t>(kMaxClients)) {
+      SendAll(conn.get(), Refused("busy", "too many control requests at once").dump() + "\n");
+      continue;
+    }
+    auto done = std::make_shared<std::atomic<bool>>(false);
+    workers_.push_back({std::thread([this, fd = std::move(conn), done]() mutable {
+                          HandleConnection(fd.get());
+                          fd.Reset();
+                          done->store(true);
+                        }),
+                        done});
+  }
+}
+
+void ControlServer::ReapWorkers(bool all) {
+  for (auto it = workers_.begin(); it != workers_.end();) {
+    if (all || it->done->load()) {
+      it->thread.join();
+      it = workers_.erase(it);
+    } else {
+      ++it;
+    }
   }
 }
 

@@ -1,6 +1,7 @@
 // ControlServer: the daemon's end of the control socket (common/control_client.h has
-// the protocol). One thread accepts connections and answers them one at a time; each
-// request is handed to the handler, whose JSON reply is sent back.
+// the protocol). One thread accepts connections; each is answered on a thread of its own
+// (a failover may take minutes while `status` must still answer), at most kMaxClients at
+// once. Each request is handed to the handler, whose JSON reply is sent back.
 //
 // The socket file is created with mode 0600 (owner root), and a peer whose uid
 // (SO_PEERCRED) is neither 0 nor the daemon's own is refused; its request is never parsed.
@@ -11,7 +12,9 @@
 #include <atomic>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -31,18 +34,27 @@ class ControlServer {
   ControlServer& operator=(const ControlServer&) = delete;
 
   Status Start(const std::filesystem::path& path, Handler handler);
-  // Stops accepting, joins the thread, removes the socket file. Idempotent.
+  // Stops accepting, waits for the requests being answered, removes the socket file.
+  // Idempotent.
   void Stop();
+
+  static constexpr int kMaxClients = 32;
 
  private:
   void Serve();
   void HandleConnection(int fd);
+  void ReapWorkers(bool all);
 
   std::filesystem::path path_;
   Handler handler_;
   UniqueFd listen_fd_;
   UniqueFd wake_read_, wake_write_;  // a pipe that wakes poll() on Stop
   std::thread thread_;
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
+  std::vector<Worker> workers_;  // Serve's thread only (and Stop after joining it)
 };
 
 // Reply helpers shared by every handler.

@@ -1,5 +1,7 @@
 #include "control/daemon.h"
 
+#include <set>
+
 #include <spdlog/spdlog.h>
 
 #include "common/failpoint.h"
@@ -26,32 +28,26 @@ Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions o
     d->tls_ = std::move(*tls);
   }
 
-  std::vector<blockdev::ExportedDisk> exported;
-  for (const VmConfig& vm_config : d->config_.vms) {
-    SR_ASSIGN_OR_RETURN(auto vm,
-                        OpenProtectedVm(vm_config, d->config_.state_dir, d->options_.archive_logs));
-    for (ProtectedDisk& disk : vm->disks) {
-      exported.push_back({vm_config.name, disk.name, disk.backend.get()});
-    }
-    spdlog::info("VM {}: {} disk(s), epoch {}, tracking {}", vm_config.name, vm->disks.size(),
-                 vm->epoch, TrackingModeName(vm_config.tracking));
-    d->vms_.push_back(std::move(vm));
-  }
-
-  SR_ASSIGN_OR_RETURN(d->fuse_,
-                      blockdev::FuseFs::Mount(d->config_.mountpoint, std::move(exported)));
+  SR_RETURN_IF_ERROR(d->LoadSlots());
+  SR_ASSIGN_OR_RETURN(d->fuse_, blockdev::FuseFs::Mount(d->config_.mountpoint, {}));
   spdlog::info("disks mounted at {}", d->config_.mountpoint.string());
 
   d->inbound_ = std::make_unique<Inbound>(d->config_, d->tls_);
-  SR_RETURN_IF_ERROR(d->inbound_->Start());
-  for (auto& vm : d->vms_) {
-    auto out = std::make_unique<Outbound>(d->config_, vm.get(), d->tls_);
-    Status loaded = out->Load();
-    if (!loaded.ok()) return loaded.WithContext("VM " + vm->config->name + " replication");
-    d->outbound_.push_back(std::move(out));
+  std::vector<std::string> replicas;
+  for (VmSlot* slot : d->Slots()) {
+    Status s = d->ResumeSlot(*slot, &replicas);
+    if (!s.ok()) return s.WithContext("VM " + slot->name);
   }
-
   Daemon* self = d.get();
+  SR_RETURN_IF_ERROR(d->inbound_->Start(
+      replicas,
+      [self](const std::string& peer, const applier::ReplicaDefinition& def) {
+        return self->Admit(peer, def);
+      },
+      [self](const std::string& peer, const json& request) {
+        return self->HandlePeer(peer, request);
+      }));
+
   SR_RETURN_IF_ERROR(d->control_.Start(d->config_.control_socket,
                                        [self](const json& r) { return self->Handle(r); }));
   spdlog::info("control socket {}", d->config_.control_socket.string());
@@ -89,21 +85,38 @@ siterep::Status Daemon::Shutdown() {
   stop_cv_.notify_all();
   if (discard_thread_.joinable()) discard_thread_.join();
   if (monitor_thread_.joinable()) monitor_thread_.join();
-  for (auto& out : outbound_) out->Stop();
+  const std::vector<VmSlot*> slots = Slots();
+  for (VmSlot* slot : slots) {
+    if (slot->outbound) slot->outbound->Stop();
+    // Held writes are requests in flight: let them fail so the unmount can finish.
+    for (auto& d : slot->disks) {
+      if (d->mode() == blockdev::SlotMode::kHold || d->mode() == blockdev::SlotMode::kPaused) {
+        d->SetMode(blockdev::SlotMode::kReadOnly);
+      }
+    }
+  }
   if (inbound_) inbound_->Stop();
   fuse_.reset();  // unmounts; in-flight requests are answered first
   siterep::Status result;
-  for (auto& vm : vms_) {
-    if (!vm->tracker) continue;
-    siterep::Status s = vm->tracker->Close();
+  for (VmSlot* slot : slots) {
+    if (!slot->primary || !slot->primary->tracker) continue;
+    siterep::Status s = slot->primary->tracker->Close();
     if (!s.ok()) {
-      spdlog::error("VM {}: closing the change logs: {}", vm->config->name, s.message());
+      spdlog::error("VM {}: closing the change logs: {}", slot->name, s.message());
       if (result.ok()) result = s;
     }
   }
-  outbound_.clear();
+  {
+    std::lock_guard lk(slots_mu_);
+    for (auto& [name, slot] : slots_) {
+      slot->test.reset();
+      slot->failed_over.reset();
+      slot->outbound.reset();
+      slot->primary.reset();  // closes and unlocks the images
+    }
+    slots_.clear();
+  }
   inbound_.reset();
-  vms_.clear();  // closes and unlocks the images
   return result;
 }
 
@@ -112,7 +125,11 @@ void Daemon::MonitorLoop() {
   while (!stop_cv_.wait_for(lock, std::chrono::seconds(1), [this] { return stopping_; })) {
     lock.unlock();
     const int64_t now = NowUnixNanos();
-    for (auto& out : outbound_) out->Tick(now);
+    CheckRoles(now);
+    for (VmSlot* slot : Slots()) {
+      std::lock_guard lk(slot->mu);
+      if (slot->outbound) slot->outbound->Tick(now);
+    }
     if (inbound_) inbound_->Tick(now);
     lock.lock();
   }
@@ -122,88 +139,166 @@ void Daemon::DiscardLoop() {
   std::unique_lock lock(stop_mu_);
   while (!stop_cv_.wait_for(lock, std::chrono::milliseconds(200), [this] { return stopping_; })) {
     lock.unlock();
-    for (size_t i = 0; i < vms_.size(); ++i) {
-      auto& vm = vms_[i];
-      if (!vm->tracker || (i < outbound_.size() && outbound_[i]->enabled())) continue;
+    for (VmSlot* slot : Slots()) {
+      std::lock_guard lk(slot->mu);
+      if (!slot->primary || !slot->primary->tracker) continue;
+      if (slot->outbound && slot->outbound->enabled()) continue;
       uint64_t through = 0;
-      for (const auto& seg : vm->tracker->SealedSegments()) through = std::max(through, seg.cycle);
-      if (through > 0) (void)vm->tracker->ReleaseThrough(through);
+      for (const auto& seg : slot->primary->tracker->SealedSegments()) {
+        through = std::max(through, seg.cycle);
+      }
+      if (through > 0) (void)slot->primary->tracker->ReleaseThrough(through);
     }
     lock.lock();
   }
 }
 
+json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
+  const ProtectedVm* vm = slot.primary.get();
+  const VmConfig& cfg = slot.config;
+  tracker::VmStats stats;
+  if (vm->tracker) stats = vm->tracker->Stats();
+  json disks = json::array();
+  uint64_t pending = 0;
+  std::string reasons;
+  for (size_t i = 0; i < vm->disks.size(); ++i) {
+    const ProtectedDisk& disk = vm->disks[i];
+    json d = {{"name", disk.name},
+              {"size", disk.size},
+              {"image", disk.image.string()},
+              {"path", (config_.mountpoint / cfg.name / disk.name).string()},
+              {"tracking", "off"},
+              {"pending_bytes", 0},
+              {"last_seq", 0},
+              {"last_cut", ""},
+              {"resync_required", false},
+              {"resync_reason", ""},
+              {"dirty_bytes", 0}};
+    if (vm->tracker) {
+      const tracker::DiskStats& ds = stats.disks[i];
+      d["tracking"] = tracker::DiskTrackingName(ds.tracking);
+      d["pending_bytes"] = ds.unshipped_bytes;
+      d["last_seq"] = ds.last_seq;
+      d["last_cut"] = FormatUtc(ds.last_cut_unix_nanos);
+      d["resync_required"] = ds.resync_required;
+      d["resync_reason"] = ds.resync_reason;
+      d["dirty_bytes"] = ds.dirty_bytes;
+      pending += ds.unshipped_bytes;
+      if (ds.resync_required) {
+        if (!reasons.empty()) reasons += "; ";
+        reasons += "disk " + disk.name + ": resync required (" + ds.resync_reason + ")";
+      }
+    }
+    disks.push_back(std::move(d));
+  }
+  // A VM is "not replicating" until `siterep enable`; Outbound::Report then fills in the
+  // link, RPO and health. A disk that lost its log needs a resync (critical).
+  std::string state = slot.role.committed ? "committed" : "not replicating";
+  std::string health = "normal";
+  if (!reasons.empty()) {
+    state = "resync required";
+    health = "critical";
+  }
+  json out = {{"name", cfg.name},
+              {"role", "primary"},
+              {"peer", slot.role.peer.empty() ? json(nullptr) : json(slot.role.peer)},
+              {"epoch", vm->epoch},
+              {"state", state},
+              {"health", health},
+              {"health_reason", reasons},
+              {"frequency", cfg.frequency_text},
+              {"tracking", TrackingModeName(cfg.tracking)},
+              {"image_cache", cfg.image_cache == ImageCache::kNone ? "none" : "writeback"},
+              {"rpo_seconds", nullptr},
+              {"pending_bytes", pending},
+              {"last_cycle", stats.last_cycle},
+              {"last_cut", FormatUtc(stats.last_cut_unix_nanos)},
+              {"last_recovery_point", nullptr},
+              {"progress", IdleProgress()},
+              {"disks", std::move(disks)}};
+  if (slot.outbound) slot.outbound->Report(now, &out);
+  if (slot.role.committed && out["state"] == "not replicating") out["state"] = "committed";
+  if (!slot.home && out["state"] == "replicating") out["state"] = "reverse replicating";
+  if (slot.role.committed && out["state"] == "committed") {
+    out["health"] = "warning";
+    out["health_reason"] = "failed over and committed; not protected until siterep reverse " +
+                           cfg.name;
+  }
+  if (slot.role.phase == Phase::kFenced) {
+    out["state"] = "fenced";
+    out["health"] = "critical";
+    out["health_reason"] = "fenced: " + slot.role.note + "; guest writes are refused";
+  } else if (slot.role.phase == Phase::kFailingOver) {
+    out["state"] = "failing over";
+    out["health"] = "warning";
+    out["health_reason"] = "planned failover to " + slot.role.peer + " under way; disks read-only";
+  }
+  if (slot.confirm_until_nanos != 0) {
+    out["health_reason"] = "guest writes wait until " + slot.role.peer +
+                           " confirms this site is still primary";
+  }
+  return out;
+}
+
 json Daemon::StatusReport(const std::string& vm_filter) const {
   json vms = json::array();
   const int64_t now = NowUnixNanos();
-  for (size_t vi = 0; vi < vms_.size(); ++vi) {
-    const auto& vm = vms_[vi];
-    const VmConfig& cfg = *vm->config;
-    if (!vm_filter.empty() && cfg.name != vm_filter) continue;
-    tracker::VmStats stats;
-    if (vm->tracker) stats = vm->tracker->Stats();
-    json disks = json::array();
-    uint64_t pending = 0;
-    std::string reasons;
-    for (size_t i = 0; i < vm->disks.size(); ++i) {
-      const ProtectedDisk& disk = vm->disks[i];
-      json d = {{"name", disk.name},
-                {"size", disk.size},
-                {"image", disk.image.string()},
-                {"path", (config_.mountpoint / cfg.name / disk.name).string()},
-                {"tracking", "off"},
-                {"pending_bytes", 0},
-                {"last_seq", 0},
-                {"last_cut", ""},
-                {"resync_required", false},
-                {"resync_reason", ""},
-                {"dirty_bytes", 0}};
-      if (vm->tracker) {
-        const tracker::DiskStats& ds = stats.disks[i];
-        d["tracking"] = tracker::DiskTrackingName(ds.tracking);
-        d["pending_bytes"] = ds.unshipped_bytes;
-        d["last_seq"] = ds.last_seq;
-        d["last_cut"] = FormatUtc(ds.last_cut_unix_nanos);
-        d["resync_required"] = ds.resync_required;
-        d["resync_reason"] = ds.resync_reason;
-        d["dirty_bytes"] = ds.dirty_bytes;
-        pending += ds.unshipped_bytes;
-        if (ds.resync_required) {
-          if (!reasons.empty()) reasons += "; ";
-          reasons += "disk " + disk.name + ": resync required (" + ds.resync_reason + ")";
-        }
+  for (VmSlot* slot : Slots()) {
+    if (!vm_filter.empty() && slot->name != vm_filter) continue;
+    std::lock_guard lk(slot->mu);
+    const RoleState& role = slot->role;
+    json v;
+    if (role.role == Role::kReplica) {
+      json r = inbound_ ? inbound_->Report(now, slot->name) : json::array();
+      if (r.empty()) {
+        v = {{"name", slot->name}, {"role", "replica"}, {"peer", role.peer}, {"epoch", role.epoch},
+             {"state", role.phase == Phase::kNone ? "waiting for " + role.peer : std::string(PhaseName(role.phase))},
+             {"health", "warning"}, {"health_reason", "no replica data yet"}, {"rpo_seconds", nullptr},
+             {"pending_bytes", 0}, {"last_recovery_point", nullptr}, {"progress", IdleProgress()},
+             {"disks", json::array()}};
+      } else {
+        v = std::move(r[0]);
       }
-      disks.push_back(std::move(d));
+      if (slot->test) {
+        uint64_t written = 0;
+        for (const auto& ov : slot->test->overlays) written += ov->written_bytes();
+        v["test_failover"] = {{"point", slot->test->point},
+                              {"path", (config_.mountpoint / (slot->name + "-test")).string()},
+                              {"written_bytes", written}};
+      }
+    } else if (role.role == Role::kPrimary && slot->primary) {
+      v = PrimaryReport(*slot, now);
+    } else if (role.role == Role::kPrimary && slot->failed_over) {
+      const PointCopy& copy = *slot->failed_over;
+      json disks = json::array();
+      uint64_t written = 0;
+      for (size_t i = 0; i < copy.overlays.size(); ++i) {
+        written += copy.overlays[i]->written_bytes();
+        disks.push_back({{"name", copy.view->disk_name(i)},
+                         {"size", copy.view->disk_size(i)},
+                         {"path", (config_.mountpoint / slot->name / copy.view->disk_name(i)).string()},
+                         {"tracking", "off"},
+                         {"written_since_failover", copy.overlays[i]->written_bytes()}});
+      }
+      const json point = {{"id", copy.point}, {"time", FormatUtc(copy.view->point().cut_unix_nanos)}};
+      v = {{"name", slot->name}, {"role", "primary"}, {"peer", role.peer}, {"epoch", role.epoch},
+           {"state", "failed over"}, {"health", "warning"},
+           {"health_reason", "failed over to recovery point " + std::to_string(copy.point) +
+                                 ", not committed and not protected (siterep commit " + slot->name + ")"},
+           {"rpo_seconds", nullptr}, {"pending_bytes", 0}, {"failover_point", point},
+           {"last_recovery_point", point}, {"written_since_failover", written},
+           {"progress", IdleProgress()}, {"disks", disks}};
+    } else {
+      v = {{"name", slot->name}, {"role", RoleName(role.role)}, {"peer", role.peer},
+           {"epoch", role.epoch}, {"state", std::string(PhaseName(role.phase))},
+           {"health", "critical"}, {"health_reason", "not running here"},
+           {"rpo_seconds", nullptr}, {"pending_bytes", 0}, {"last_recovery_point", nullptr},
+           {"progress", IdleProgress()}, {"disks", json::array()}};
     }
-    // A VM is "not replicating" until `siterep enable`; Outbound::Report then fills in the
-    // link, RPO and health. A disk that lost its log needs a resync (critical).
-    std::string state = "not replicating";
-    std::string health = "normal";
-    if (!reasons.empty()) {
-      state = "resync required";
-      health = "critical";
-    }
-    vms.push_back({{"name", cfg.name},
-                   {"role", "primary"},
-                   {"peer", nullptr},
-                   {"epoch", vm->epoch},
-                   {"state", state},
-                   {"health", health},
-                   {"health_reason", reasons},
-                   {"frequency", cfg.frequency_text},
-                   {"tracking", TrackingModeName(cfg.tracking)},
-                   {"image_cache", cfg.image_cache == ImageCache::kNone ? "none" : "writeback"},
-                   {"rpo_seconds", nullptr},
-                   {"pending_bytes", pending},
-                   {"last_cycle", stats.last_cycle},
-                   {"last_cut", FormatUtc(stats.last_cut_unix_nanos)},
-                   {"last_recovery_point", nullptr},
-                   {"progress", IdleProgress()},
-                   {"disks", std::move(disks)}});
-    if (vi < outbound_.size()) outbound_[vi]->Report(now, &vms.back());
-  }
-  if (inbound_) {
-    for (json& r : inbound_->Report(now, vm_filter)) vms.push_back(std::move(r));
+    v["home"] = slot->home;
+    if (!slot->last_operation.is_null()) v["last_operation"] = slot->last_operation;
+    if (!slot->disks.empty()) v["access"] = blockdev::SlotModeName(slot->disks[0]->mode());
+    vms.push_back(std::move(v));
   }
   return {{"site", config_.name}, {"mountpoint", config_.mountpoint.string()}, {"vms", vms}};
 }
@@ -213,22 +308,10 @@ json Daemon::Handle(const json& request) {
   std::string vm =
       request.contains("vm") && request["vm"].is_string() ? request["vm"].get<std::string>() : "";
   if (op == "status") {
-    if (!vm.empty() && config_.FindVm(vm) == nullptr && !(inbound_ && inbound_->HasVm(vm))) {
+    if (!vm.empty() && Slot(vm) == nullptr) {
       return Refused("unknown-vm", "no VM named '" + vm + "' at site " + config_.name);
     }
     return Ok(StatusReport(vm));
-  }
-  if (op == "cut") {
-    // Cuts a VM's logs now (ends the current cycle); for tests and operators who want a
-    // recovery point at a known instant.
-    for (auto& v : vms_) {
-      if (v->config->name != vm) continue;
-      if (!v->tracker) return Refused("not-tracked", "VM " + vm + " has tracking = \"off\"");
-      auto cycle = v->tracker->Cut();
-      if (!cycle.ok()) return Refused("cut-failed", cycle.status().message());
-      return Ok({{"cycle", *cycle}});
-    }
-    return Refused("unknown-vm", "no VM named '" + vm + "' at site " + config_.name);
   }
   if (op == "failpoint") {
     // Tests arm failpoints in a running daemon (common/failpoint.h).
@@ -239,22 +322,27 @@ json Daemon::Handle(const json& request) {
     if (!s.ok()) return Refused("bad-failpoint", s.message());
     return Ok({{"armed", failpoint::Armed()}});
   }
-  if (op == "enable" || op == "pause" || op == "resume" || op == "resync" || op == "points" ||
-      op == "export") {
+  static const std::set<std::string> kVmOps = {
+      "cut",    "enable",   "pause",    "resume",  "resync",   "points",       "export",
+      "failover", "commit", "reverse", "failback", "test-failover"};
+  if (kVmOps.contains(op)) {
     if (vm.empty()) return Refused("bad-request", op + " needs a VM");
-    return HandleVmOp(op, vm, request);
+    VmSlot* slot = Slot(vm);
+    if (slot == nullptr) {
+      return Refused("unknown-vm", "no VM named '" + vm + "' at site " + config_.name);
+    }
+    return HandleVmOp(op, *slot, request);
   }
   return Refused("unknown-op", "unknown request '" + op + "'");
 }
 
-json Daemon::HandleVmOp(const std::string& op, const std::string& vm, const json& request) {
+json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request) {
+  const std::string& vm = slot.name;
   if (op == "points" || op == "export") {
-    if (!inbound_ || !inbound_->HasVm(vm)) {
-      return Refused("not-a-replica",
-                     config_.FindVm(vm) != nullptr
-                         ? "VM " + vm + " is a primary at " + config_.name +
-                               "; its recovery points are kept at the replica site"
-                         : "no replica of VM '" + vm + "' at site " + config_.name);
+    std::shared_ptr<applier::Replica> replica = inbound_ ? inbound_->Get(vm) : nullptr;
+    if (!replica) {
+      return Refused("not-a-replica", "VM " + vm + " is not a replica at " + config_.name +
+                                          "; its recovery points are kept at the replica site");
     }
     if (op == "points") {
       auto points = inbound_->Points(vm);
@@ -272,24 +360,73 @@ json Daemon::HandleVmOp(const std::string& op, const std::string& vm, const json
     if (!s.ok()) return Refused("export-failed", s.message());
     return Ok({{"out", request["out"]}});
   }
+
+  // Role changes: one at a time per VM.
+  if (op == "failover" || op == "commit" || op == "reverse" || op == "failback" ||
+      op == "test-failover") {
+    std::unique_lock op_lock(slot.op_mu, std::try_to_lock);
+    if (!op_lock.owns_lock()) {
+      return Refused("busy", "another role change of VM " + vm + " runs at " + config_.name);
+    }
+    if (op == "failover") {
+      const std::string kind = request.value("kind", "");
+      if (kind == "planned") return FailoverPlanned(slot);
+      if (kind == "unplanned") return FailoverUnplanned(slot, request);
+      return Refused("bad-request", "failover needs --planned or --unplanned");
+    }
+    if (op == "commit") return Commit(slot);
+    if (op == "reverse") return Reverse(slot);
+    if (op == "failback") return Failback(slot);
+    return TestFailover(slot, request);
+  }
+
+  // Operations on a running primary.
+  std::unique_lock op_lock(slot.op_mu, std::try_to_lock);
+  if (!op_lock.owns_lock()) {
+    return Refused("busy", "a role change of VM " + vm + " runs at " + config_.name);
+  }
   Outbound* out = nullptr;
-  for (size_t i = 0; i < vms_.size(); ++i) {
-    if (vms_[i]->config->name == vm) out = outbound_[i].get();
+  tracker::VmTracker* tracker = nullptr;
+  {
+    std::lock_guard lk(slot.mu);
+    if (slot.role.role == Role::kPrimary && slot.primary) {
+      out = slot.outbound.get();
+      tracker = slot.primary->tracker.get();
+    }
   }
   if (out == nullptr) {
-    return Refused("unknown-vm", inbound_ && inbound_->HasVm(vm)
-                                     ? "VM " + vm + " is a replica at " + config_.name +
-                                           "; run this at its primary site"
-                                     : "no VM named '" + vm + "' at site " + config_.name);
+    return Refused("not-primary", "VM " + vm + " is not running as primary at " + config_.name +
+                                      (slot.role.role == Role::kReplica
+                                           ? "; run this at its primary site (" + slot.role.peer + ")"
+                                           : ""));
+  }
+  if (op == "cut") {
+    // Cuts a VM's logs now (ends the current cycle); for tests and operators who want a
+    // recovery point at a known instant.
+    if (!tracker) return Refused("not-tracked", "VM " + vm + " has tracking = \"off\"");
+    auto cycle = tracker->Cut();
+    if (!cycle.ok()) return Refused("cut-failed", cycle.status().message());
+    return Ok({{"cycle", *cycle}});
+  }
+  if (slot.role.phase == Phase::kFenced || slot.role.phase == Phase::kFailingOver) {
+    return Refused("fenced", "VM " + vm + " is " + std::string(PhaseName(slot.role.phase)) +
+                                 " at " + config_.name);
   }
   Status s;
   if (op == "enable") {
     if (!request.contains("to") || !request["to"].is_string()) {
       return Refused("bad-request", "enable needs \"to\": SITE");
     }
-    s = out->Enable(request["to"].get<std::string>(), request.value("seed", false));
+    const std::string to = request["to"].get<std::string>();
+    s = out->Enable(to, request.value("seed", false) ? applier::SyncKind::kSeeded
+                                                     : applier::SyncKind::kInitial);
     if (s.code() == EEXIST) return Refused("already-replicated", s.message());
     if (s.code() == ENOENT) return Refused("unknown-site", s.message());
+    if (s.ok()) {
+      RoleState r = slot.role;
+      r.peer = to;
+      (void)PersistRole(slot, r);
+    }
   } else if (op == "resync") {
     s = out->Resync(request.value("full", false));
     if (s.code() == EBUSY) return Refused("sync-running", s.message());
@@ -299,6 +436,7 @@ json Daemon::HandleVmOp(const std::string& op, const std::string& vm, const json
     s = out->Resume();
   }
   if (!s.ok()) return Refused(op + "-refused", s.message());
+  op_lock.unlock();
   return Ok(StatusReport(vm));
 }
 

@@ -1,7 +1,8 @@
-// Daemon: siterepd's wiring. Reads the site config, opens every protected VM (images,
-// locks, trackers), mounts the FUSE file system, opens the replicas this site holds and
-// listens for peers (Inbound), resumes shipping the VMs it replicates (Outbound), and
-// serves the control socket.
+// Daemon: siterepd's wiring. Reads the site config and the persisted roles (role.h), opens
+// every VM in its role here (a primary's images, locks and tracker; a replica; an
+// uncommitted failover), mounts the FUSE file system, opens the replicas this site holds
+// and listens for peers (Inbound), resumes shipping the VMs it replicates (Outbound),
+// serves the control socket, and carries out role changes (failover.cc, roles.cc).
 //
 // Start-up order matters to users and tests: the control socket appears only once the
 // disks are mounted and replication is set up, so "siterep status succeeds" means "the
@@ -14,6 +15,7 @@
 
 #include <atomic>
 #include <condition_variable>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -27,6 +29,7 @@
 #include "control/inbound.h"
 #include "control/outbound.h"
 #include "control/protected_disk.h"
+#include "control/vm_slot.h"
 
 namespace siterep::control {
 
@@ -54,20 +57,72 @@ class Daemon {
  private:
   Daemon(SiteConfig config, DaemonOptions options);
   nlohmann::json Handle(const nlohmann::json& request);
-  nlohmann::json HandleVmOp(const std::string& op, const std::string& vm,
-                            const nlohmann::json& request);
+  nlohmann::json HandleVmOp(const std::string& op, VmSlot& slot, const nlohmann::json& request);
   void DiscardLoop();
   void MonitorLoop();
   siterep::Status Shutdown();
+  nlohmann::json PrimaryReport(const VmSlot& slot, int64_t now) const;  // slot.mu held
+
+  // --- Slots (roles.cc) ---------------------------------------------------------------
+  VmSlot* Slot(const std::string& vm) const;  // null: unknown here
+  std::vector<VmSlot*> Slots() const;
+  VmSlot* AddSlot(std::unique_ptr<VmSlot> slot);
+  // Finds every VM this site knows (config, role.json, replica folders) and its role.
+  Status LoadSlots();
+  // Brings a slot up in its persisted role, finishing an interrupted role change first.
+  // Replica VMs are added to *replicas (Inbound opens them).
+  Status ResumeSlot(VmSlot& slot, std::vector<std::string>* replicas);
+  // The VmConfig of a VM run here as primary: its [[vms]] entry, or built from the
+  // definition with the images in the replica folder.
+  VmConfig ConfigFor(const std::string& vm, const applier::ReplicaDefinition& def) const;
+  Status PersistRole(VmSlot& slot, const RoleState& state);
+  // Opens the images and tracker at the slot's epoch, exports the disks (mode), and
+  // starts its Outbound (replication.json decides whether it ships).
+  Status OpenPrimary(VmSlot& slot, blockdev::SlotMode mode);
+  // Stops the Outbound, takes the disks offline and closes tracker and images.
+  Status ClosePrimary(VmSlot& slot);
+  Status ExportDisks(VmSlot& slot, const std::vector<blockdev::DiskBackend*>& backends,
+                     blockdev::SlotMode mode);
+  void SetDisksMode(VmSlot& slot, blockdev::SlotMode mode);
+  void UnexportDisks(VmSlot& slot);
+  // Steps of role changes that a restart finishes (roles.cc).
+  Status FinishPromotion(VmSlot& slot);
+  Status FinishDemotion(VmSlot& slot);
+  Status FinishCommit(VmSlot& slot);
+  Status OpenFailedOver(VmSlot& slot, std::shared_ptr<applier::Replica> replica, bool fresh);
+  // The VM's definition as this site would send it as primary at epoch.
+  applier::ReplicaDefinition DefinitionOf(const VmSlot& slot, uint64_t epoch) const;
+  // May peer replicate def here (Inbound's admission)?
+  Status Admit(const std::string& peer, const applier::ReplicaDefinition& def);
+  // Monitor: a restarted primary waiting for its peer; a peer that holds a newer epoch.
+  void CheckRoles(int64_t now);
+  Status Fence(VmSlot& slot, const std::string& why);
+  HookResult RunVmHook(const VmSlot& slot, bool pre);
+  Result<nlohmann::json> CallPeer(const std::string& peer, const nlohmann::json& request,
+                                  std::chrono::milliseconds timeout);
+
+  // --- Role changes (failover.cc) -------------------------------------------------------
+  nlohmann::json HandlePeer(const std::string& peer, const nlohmann::json& request);
+  nlohmann::json PeerVmStatus(const std::string& vm);
+  nlohmann::json FailoverPlanned(VmSlot& slot);
+  nlohmann::json Promote(VmSlot& slot, const std::string& peer, const nlohmann::json& request);
+  nlohmann::json FailoverUnplanned(VmSlot& slot, const nlohmann::json& request);
+  nlohmann::json Commit(VmSlot& slot);
+  nlohmann::json Reverse(VmSlot& slot);
+  nlohmann::json Demote(VmSlot& slot, const std::string& peer, const nlohmann::json& request);
+  nlohmann::json Failback(VmSlot& slot);
+  nlohmann::json TestFailover(VmSlot& slot, const nlohmann::json& request);
+  Status StopTestCopy(VmSlot& slot);
 
   SiteConfig config_;
   DaemonOptions options_;
-  std::vector<std::unique_ptr<ProtectedVm>> vms_;
-  std::shared_ptr<const shipper::TlsContext> tls_;   // null without [tls]
-  std::vector<std::unique_ptr<Outbound>> outbound_;  // one per entry of vms_, same order
+  std::shared_ptr<const shipper::TlsContext> tls_;  // null without [tls]
   std::unique_ptr<Inbound> inbound_;
   std::unique_ptr<blockdev::FuseFs> fuse_;
   ControlServer control_;
+
+  mutable std::mutex slots_mu_;  // protects slots_ (the map; slots are never removed)
+  std::map<std::string, std::unique_ptr<VmSlot>> slots_;
 
   std::mutex stop_mu_;  // protects stopping_; leaf lock
   std::condition_variable stop_cv_;

@@ -32,21 +32,6 @@ const shipper::ReceiverVmStats* FindLink(const std::vector<shipper::ReceiverVmSt
   return nullptr;
 }
 
-// The primary's frequency as the config writes it.
-std::string FrequencyText(int64_t ms) {
-  switch (ms) {
-    case 1000:
-      return "continuous";
-    case 30000:
-      return "30s";
-    case 300000:
-      return "5m";
-    case 900000:
-      return "15m";
-    default:
-      return std::to_string(ms) + "ms";
-  }
-}
 }  // namespace
 
 Inbound::Inbound(const SiteConfig& site, std::shared_ptr<const shipper::TlsContext> tls)
@@ -57,28 +42,18 @@ Inbound::Inbound(const SiteConfig& site, std::shared_ptr<const shipper::TlsConte
 
 Inbound::~Inbound() { Stop(); }
 
-Status Inbound::Start() {
-  if (fs::is_directory(dir_)) {
-    std::error_code ec;
-    for (const fs::directory_entry& e : fs::directory_iterator(dir_, ec)) {
-      if (!e.is_directory() || !fs::exists(e.path() / "replica.json")) continue;
-      auto replica = applier::Replica::Open(e.path());
-      if (!replica.ok()) return replica.status().WithContext("replica " + e.path().string());
-      const applier::ReplicaDefinition& def = (*replica)->Definition();
-      if (site_.FindVm(def.vm) != nullptr) {
-        return Status::Invalid("VM " + def.vm +
-                               " is configured here as a primary and also has a replica at " +
-                               e.path().string());
-      }
-      SR_RETURN_IF_ERROR((*replica)->Start());
-      auto entry = std::make_unique<Entry>(std::chrono::milliseconds(def.frequency_ms));
-      entry->replica = std::move(*replica);
-      spdlog::info("replica of VM {} from {}: opened at cycle {}", def.vm, def.primary_site,
-                   entry->replica->Position().applied_cycle);
-      std::lock_guard lk(mu_);
-      replicas_[def.vm] = std::move(entry);
-    }
-    if (ec) return Status::FromErrno(ec.value(), "list " + dir_.string());
+fs::path Inbound::ReplicaDir(const SiteConfig& site, const std::string& vm) {
+  return site.state_dir / "replicas" / vm;
+}
+
+Status Inbound::Start(const std::vector<std::string>& vms, Admission admit,
+                      PeerHandler peer_handler) {
+  admit_ = std::move(admit);
+  for (const std::string& vm : vms) {
+    const fs::path dir = dir_ / vm;
+    auto replica = applier::Replica::Open(dir);
+    if (!replica.ok()) return replica.status().WithContext("replica " + dir.string());
+    SR_RETURN_IF_ERROR(Add(std::move(*replica)));
   }
   if (site_.listen.empty()) return Status::Ok();
   if (!tls_) return Status::Invalid("site.listen is set but [tls] is missing");
@@ -90,10 +65,44 @@ Status Inbound::Start() {
   o.provider = [this](const std::string& peer, const applier::ReplicaDefinition& def) {
     return Provide(peer, def);
   };
+  o.peer_handler = std::move(peer_handler);
   auto receiver = shipper::Receiver::Start(std::move(o));
   if (!receiver.ok()) return receiver.status().WithContext("replication listener " + site_.listen);
   receiver_ = std::move(*receiver);
   return Status::Ok();
+}
+
+Status Inbound::Add(std::shared_ptr<applier::Replica> replica) {
+  const applier::ReplicaDefinition def = replica->Definition();
+  SR_RETURN_IF_ERROR(replica->Start());
+  auto entry = std::make_unique<Entry>(std::chrono::milliseconds(def.frequency_ms));
+  entry->replica = std::move(replica);
+  spdlog::info("replica of VM {} from {}: at cycle {}", def.vm, def.primary_site,
+               entry->replica->Position().applied_cycle);
+  std::lock_guard lk(mu_);
+  replicas_[def.vm] = std::move(entry);
+  return Status::Ok();
+}
+
+std::shared_ptr<applier::Replica> Inbound::Take(const std::string& vm) {
+  // The connection first: once DropVm returns, no receiver thread uses the sink.
+  if (receiver_) receiver_->DropVm(vm);
+  std::unique_ptr<Entry> entry;
+  {
+    std::lock_guard lk(mu_);
+    auto it = replicas_.find(vm);
+    if (it == replicas_.end()) return nullptr;
+    entry = std::move(it->second);
+    replicas_.erase(it);
+  }
+  entry->replica->Stop();
+  return std::move(entry->replica);
+}
+
+std::shared_ptr<applier::Replica> Inbound::Get(const std::string& vm) const {
+  std::lock_guard lk(mu_);
+  const Entry* e = Find(vm);
+  return e == nullptr ? nullptr : e->replica;
 }
 
 void Inbound::Stop() {
@@ -104,14 +113,11 @@ void Inbound::Stop() {
 
 Result<applier::SegmentSink*> Inbound::Provide(const std::string& peer,
                                                const applier::ReplicaDefinition& def) {
-  if (site_.FindVm(def.vm) != nullptr) {
-    return Status::Error(EPERM, "VM " + def.vm + " is a primary at site " + site_.name +
-                                    ": it cannot be a replica here too");
-  }
   if (def.primary_site != peer) {
     return Status::Error(
         EPERM, "site " + peer + " sent the definition of a VM of site " + def.primary_site);
   }
+  if (admit_) SR_RETURN_IF_ERROR(admit_(peer, def));
   std::lock_guard lk(mu_);
   auto it = replicas_.find(def.vm);
   if (it != replicas_.end()) {
@@ -256,7 +262,7 @@ json Inbound::Report(int64_t now, const std::string& vm_filter) const {
                {"state", state},
                {"health", HealthName(v.health)},
                {"health_reason", v.reason},
-               {"frequency", FrequencyText(def.frequency_ms)},
+               {"frequency", FrequencyName(std::chrono::milliseconds(def.frequency_ms))},
                {"rpo_seconds", rpo ? json(*rpo) : json(nullptr)},
                {"pending_bytes", pos.pending_bytes + primary_pending},
                {"received_cycle", pos.received_cycle},
@@ -309,14 +315,9 @@ Result<json> Inbound::Points(const std::string& vm) const {
 
 Status Inbound::Export(const std::string& vm, const std::string& disk, uint64_t point,
                        const fs::path& out) const {
-  applier::Replica* replica = nullptr;
-  {
-    std::lock_guard lk(mu_);
-    const Entry* e = Find(vm);
-    if (e == nullptr) {
-      return Status::Error(ENOENT, "no replica of VM '" + vm + "' at site " + site_.name);
-    }
-    replica = e->replica.get();  // entries live until Stop(), after the control socket
+  std::shared_ptr<applier::Replica> replica = Get(vm);
+  if (replica == nullptr) {
+    return Status::Error(ENOENT, "no replica of VM '" + vm + "' at site " + site_.name);
   }
   const applier::ReplicaDefinition def = replica->Definition();
   for (size_t i = 0; i < def.disks.size(); ++i) {

@@ -9,11 +9,13 @@
 #pragma once
 
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <vector>
 
 #include "applier/replica.h"
 #include "common/config.h"
@@ -24,18 +26,40 @@
 
 namespace siterep::control {
 
+// Asked before a primary's Hello reaches a replica: may peer replicate def here? The
+// daemon refuses a VM it runs as primary (a split-brain attempt, or a failover still
+// completing) and records the role of a VM it has not seen.
+using Admission =
+    std::function<Status(const std::string& peer, const applier::ReplicaDefinition& def)>;
+
+// Answers a request of a peer site (promote, demote, vm-status: see Daemon).
+using PeerHandler =
+    std::function<nlohmann::json(const std::string& peer, const nlohmann::json& request)>;
+
 class Inbound {
  public:
   Inbound(const SiteConfig& site, std::shared_ptr<const shipper::TlsContext> tls);
   ~Inbound();
 
-  // Opens the replicas found under state_dir and starts their appliers, then listens on
-  // [site] listen (when set).
-  Status Start();
+  // Opens the replicas of vms (folders under <state_dir>/replicas) and starts their
+  // appliers, then listens on [site] listen (when set). Peer requests (failover) go to
+  // peer_handler.
+  Status Start(const std::vector<std::string>& vms, Admission admit,
+               PeerHandler peer_handler);
   // Stops the receiver first (no more segments), then the appliers.
   void Stop();
 
+  static std::filesystem::path ReplicaDir(const SiteConfig& site, const std::string& vm);
+
   bool HasVm(const std::string& vm) const;
+  std::shared_ptr<applier::Replica> Get(const std::string& vm) const;
+  // The VM stops being a replica here: its connection is dropped, its applier stopped,
+  // and the replica handed over (null if there is none).
+  std::shared_ptr<applier::Replica> Take(const std::string& vm);
+  // A replica made here (a demoted primary's images): starts its applier and takes its
+  // primary's connections from now on.
+  Status Add(std::shared_ptr<applier::Replica> replica);
+
   void Tick(int64_t now_nanos);
   // Status objects (as in `siterep status --json`) of the replica VMs, optionally one.
   nlohmann::json Report(int64_t now_nanos, const std::string& vm_filter) const;
@@ -49,7 +73,7 @@ class Inbound {
  private:
   struct Entry {
     explicit Entry(std::chrono::milliseconds frequency) : monitor(frequency) {}
-    std::unique_ptr<applier::Replica> replica;
+    std::shared_ptr<applier::Replica> replica;
     HealthMonitor monitor;
   };
   Result<applier::SegmentSink*> Provide(const std::string& peer,
@@ -62,11 +86,12 @@ class Inbound {
   const std::shared_ptr<const shipper::TlsContext> tls_;
   const std::filesystem::path dir_;  // <state_dir>/replicas
   const int64_t started_nanos_;
+  Admission admit_;
   std::unique_ptr<shipper::Receiver> receiver_;
 
-  // Protects replicas_ (the map; a Replica is thread-safe on its own). Entries are only
-  // added while the daemon runs, and removed at Stop after the receiver has stopped, so a
-  // sink pointer handed to the receiver stays valid.
+  // Protects replicas_ (the map; a Replica is thread-safe on its own). An entry leaves
+  // (Take) only after the receiver dropped the VM's connection, so a sink pointer handed
+  // to the receiver stays valid while it is used.
   mutable std::mutex mu_;
   std::map<std::string, std::unique_ptr<Entry>> replicas_;
 };

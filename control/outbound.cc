@@ -105,8 +105,24 @@ Status Outbound::Load() {
 }
 
 Status Outbound::Persist(const ReplicationSettings& s) const {
-  SR_RETURN_IF_ERROR(MakeDirs(file_.parent_path()));
-  return WriteFileAtomic(file_, json{{"peer", s.peer}, {"paused", s.paused}}.dump() + "\n");
+  return WriteSettings(site_, vm_->config->name, s);
+}
+
+Status Outbound::WriteSettings(const SiteConfig& site, const std::string& vm,
+                               const ReplicationSettings& s) {
+  const std::filesystem::path file = site.state_dir / "vms" / vm / "replication.json";
+  SR_RETURN_IF_ERROR(MakeDirs(file.parent_path()));
+  return WriteFileAtomic(file, json{{"peer", s.peer}, {"paused", s.paused}}.dump() + "\n");
+}
+
+Status Outbound::Forget(const SiteConfig& site, const std::string& vm) {
+  for (const char* name : {"sync.json", "replication.json"}) {
+    const std::filesystem::path file = site.state_dir / "vms" / vm / name;
+    std::error_code ec;
+    std::filesystem::remove(file, ec);
+    if (ec) return Status::FromErrno(ec.value(), "remove " + file.string());
+  }
+  return SyncDir(site.state_dir / "vms" / vm);
 }
 
 Status Outbound::BeginSync(applier::SyncKind kind, bool full) {
@@ -230,7 +246,7 @@ void Outbound::MaybeAutoResync(int64_t now_nanos) {
   if (!s.ok()) spdlog::warn("VM {}: automatic resync: {}", cfg.name, s.ToString());
 }
 
-Status Outbound::Enable(const std::string& peer, bool seeded) {
+Status Outbound::Enable(const std::string& peer, applier::SyncKind kind) {
   const std::string& name = vm_->config->name;
   std::lock_guard lk(mu_);
   if (FindPeer(site_, peer) == nullptr) {
@@ -253,7 +269,7 @@ Status Outbound::Enable(const std::string& peer, bool seeded) {
   settings_ = s;  // BeginSync names the peer
   // sync.json before replication.json: a crash in between leaves a sync.json without a
   // peer, which Load ignores.
-  Status begun = BeginSync(seeded ? applier::SyncKind::kSeeded : applier::SyncKind::kInitial, false);
+  Status begun = BeginSync(kind, kind == applier::SyncKind::kResync);
   if (begun.ok()) begun = Persist(s);
   if (!begun.ok()) {
     settings_ = ReplicationSettings{};
@@ -265,8 +281,8 @@ Status Outbound::Enable(const std::string& peer, bool seeded) {
     std::filesystem::remove(sync_file_, ec);
     return begun;
   }
-  spdlog::info("VM {}: replication to {} enabled ({} copy)", name, peer,
-               seeded ? "seeded: only differing blocks" : "full");
+  spdlog::info("VM {}: replication to {} enabled ({})", name, peer,
+               kind == applier::SyncKind::kInitial ? "full copy" : "only differing blocks");
   return StartShipper();
 }
 
@@ -340,6 +356,22 @@ void Outbound::Stop() {
 bool Outbound::enabled() const {
   std::lock_guard lk(mu_);
   return !settings_.peer.empty();
+}
+
+std::string Outbound::peer() const {
+  std::lock_guard lk(mu_);
+  return settings_.peer;
+}
+
+bool Outbound::sync_owed() const {
+  std::lock_guard lk(sync_mu_);
+  return owed_.has_value();
+}
+
+std::optional<shipper::ShipperStats> Outbound::LinkStats() const {
+  std::lock_guard lk(mu_);
+  if (!shipper_) return std::nullopt;
+  return shipper_->Stats();
 }
 
 std::optional<double> Outbound::RpoSeconds(int64_t now_nanos,

@@ -49,7 +49,9 @@ class Outbound : public shipper::SyncSource {
   Status Load();
   // `siterep enable VM --to peer`: refuses a VM that is already replicated, an unknown
   // peer, an untracked VM or a site without certificates; persists, then starts shipping.
-  Status Enable(const std::string& peer, bool seeded = false);
+  // kind: kInitial copies, kSeeded compares every block, kResync with full (reverse
+  // replication onto an old primary's images) compares every block too.
+  Status Enable(const std::string& peer, applier::SyncKind kind = applier::SyncKind::kInitial);
   // `siterep resync VM`: snapshot now and compare (bitmap-guided where the dirty blocks are
   // known, every block otherwise); refused while a sync runs or when not replicated.
   Status Resync(bool full = false);
@@ -58,6 +60,17 @@ class Outbound : public shipper::SyncSource {
   void Stop();  // stops the shipper (daemon shutdown); settings stay
 
   bool enabled() const;
+  std::string peer() const;
+  bool sync_owed() const;
+  // The shipper's figures; nullopt when it does not run.
+  std::optional<shipper::ShipperStats> LinkStats() const;
+
+  // replication.json of vm: written for a VM that becomes primary here with replication to
+  // peer already in place (the old primary becomes its replica); Forget deletes it and
+  // sync.json when the site stops being the VM's primary.
+  static Status WriteSettings(const SiteConfig& site, const std::string& vm,
+                              const ReplicationSettings& settings);
+  static Status Forget(const SiteConfig& site, const std::string& vm);
   // Called about once a second: feeds the health monitor.
   void Tick(int64_t now_nanos);
   // Fills the replication fields of the VM's status object.

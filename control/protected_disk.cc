@@ -54,27 +54,9 @@ Status OpenImage(const DiskConfig& config, const std::string& vm, ImageCache cac
   return Status::Ok();
 }
 
-// The VM's epoch lives in <state_dir>/vms/<vm>/epoch.json; a new VM starts at epoch 1.
-Result<uint64_t> LoadOrCreateEpoch(const fs::path& state_dir, const std::string& vm) {
-  fs::path dir = state_dir / "vms" / vm;
-  fs::path file = dir / "epoch.json";
-  SR_RETURN_IF_ERROR(MakeDirs(dir));
-  if (!fs::exists(file)) {
-    SR_RETURN_IF_ERROR(WriteFileAtomic(file, nlohmann::json{{"epoch", 1}}.dump() + "\n"));
-    return uint64_t{1};
-  }
-  SR_ASSIGN_OR_RETURN(std::string text, ReadFile(file));
-  auto j = nlohmann::json::parse(text, nullptr, false);
-  if (j.is_discarded() || !j.contains("epoch") || !j["epoch"].is_number_unsigned()) {
-    return Status::Corrupt(file.string() + " is damaged: expected {\"epoch\": N}");
-  }
-  return j["epoch"].get<uint64_t>();
-}
-
 }  // namespace
 
-Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config,
-                                                     const fs::path& state_dir,
+Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config, uint64_t epoch,
                                                      const fs::path& archive_dir) {
   auto vm = std::make_unique<ProtectedVm>();
   vm->config = &config;
@@ -83,7 +65,7 @@ Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config,
     SR_RETURN_IF_ERROR(OpenImage(dc, config.name, config.image_cache, &disk));
     vm->disks.push_back(std::move(disk));
   }
-  SR_ASSIGN_OR_RETURN(vm->epoch, LoadOrCreateEpoch(state_dir, config.name));
+  vm->epoch = epoch;
 
   if (config.tracking == TrackingMode::kLog) {
     tracker::VmTrackerOptions options;
@@ -108,6 +90,23 @@ Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config,
                                                             disk.direct_fd.get());
   }
   return vm;
+}
+
+}  // namespace siterep::control
+
+namespace siterep::control {
+
+Status DiscardChangeLogs(const VmConfig& vm) {
+  for (const DiskConfig& d : vm.disks) {
+    for (const char* suffix : {".srlog", ".srsnap"}) {
+      fs::path p = d.image;
+      p += suffix;
+      std::error_code ec;
+      fs::remove_all(p, ec);
+      if (ec) return Status::FromErrno(ec.value(), "remove " + p.string());
+    }
+  }
+  return Status::Ok();
 }
 
 }  // namespace siterep::control

@@ -32,13 +32,17 @@ struct ProtectedVm {
   std::unique_ptr<tracker::VmTracker> tracker;  // null when tracking = "off"
 };
 
-// Opens and locks every image of vm, reads or creates the VM's persisted epoch under
-// state_dir, opens the tracker (which recovers the logs), and builds the backends.
-// Refuses a missing image, an image that is not a regular file, a size that is zero or
-// not a multiple of 512, and an image locked by another process. archive_dir (may be
-// empty): where shipped log segments go instead of being deleted.
-Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& vm,
-                                                     const std::filesystem::path& state_dir,
+// Opens and locks every image of vm, opens the tracker at epoch (which recovers the logs),
+// and builds the backends. Refuses a missing image, an image that is not a regular file, a
+// size that is zero or not a multiple of 512, and an image locked by another process.
+// archive_dir (may be empty): where shipped log segments go instead of being deleted.
+Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& vm, uint64_t epoch,
                                                      const std::filesystem::path& archive_dir = {});
+
+// Deletes what a tracker keeps next to vm's images (the change logs "<image>.srlog" and a
+// leftover snapshot "<image>.srsnap"). Done when the site stops being the VM's primary
+// and before it becomes primary again: a new epoch starts a new log, and an old log's
+// records must never be redone into images that changed since.
+Status DiscardChangeLogs(const VmConfig& vm);
 
 }  // namespace siterep::control

@@ -148,6 +148,10 @@ int main(int argc, char** argv) {
       {FrameType::kSyncData, EncodeSyncData(sync_zero)},
       {FrameType::kSyncAck, EncodeSyncAck({chunk.disk_id, 64 << 10})},
       {FrameType::kSyncEnd, EncodeSyncEnd({4, 1'700'000'000'000'000'000})},
+      {FrameType::kPeerRequest,
+       EncodePeerMessage({{"op", "promote"}, {"vm", "vm1"}, {"epoch", 3}, {"through_cycle", 9}})
+           .value()},
+      {FrameType::kPeerReply, EncodePeerMessage({{"ok", true}, {"result", {{"epoch", 3}}}}).value()},
   };
   int n = 0;
   for (const auto& [type, payload] : frames) {

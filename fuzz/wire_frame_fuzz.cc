@@ -73,6 +73,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       case FrameType::kSyncEnd:
         (void)DecodeSyncEnd(payload);
         break;
+      case FrameType::kPeerRequest:
+      case FrameType::kPeerReply:
+        (void)DecodePeerMessage(payload);
+        break;
     }
   }
   return 0;

@@ -15,8 +15,10 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <functional>
+#include <future>
 #include <map>
 #include <mutex>
 #include <random>
@@ -28,6 +30,7 @@
 #include "common/block_hash.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
+#include "shipper/peer_call.h"
 #include "shipper/receiver.h"
 #include "shipper/shipper.h"
 #include "shipper/testing/test_certs.h"
@@ -105,6 +108,17 @@ class RecordingSink : public applier::SegmentSink {
   }
 
   Status CommitCycle(const applier::CycleInfo& cycle) override {
+    {
+      std::unique_lock lk(hold_mu_);
+      ++commits_in_progress_;
+      hold_cv_.wait(lk, [&] { return !hold_; });
+    }
+    Status s = Commit(cycle);
+    std::lock_guard lk(hold_mu_);
+    --commits_in_progress_;
+    return s;
+  }
+  Status Commit(const applier::CycleInfo& cycle) {
     std::lock_guard lk(mu_);
     if (cycle.cycle <= received_) {
       return Violation("duplicate commit of cycle " + std::to_string(cycle.cycle));
@@ -339,6 +353,23 @@ class RecordingSink : public applier::SegmentSink {
     std::lock_guard lk(mu_);
     sync_refusal_ = std::move(s);
   }
+  // While held, CommitCycle waits before it commits, as a slow fsync would; the call counts
+  // as in progress from its start until it returns.
+  void HoldCommits() {
+    std::lock_guard lk(hold_mu_);
+    hold_ = true;
+  }
+  void ReleaseCommits() {
+    {
+      std::lock_guard lk(hold_mu_);
+      hold_ = false;
+    }
+    hold_cv_.notify_all();
+  }
+  int commits_in_progress() const {
+    std::lock_guard lk(hold_mu_);
+    return commits_in_progress_;
+  }
 
  private:
   struct Partial {
@@ -397,6 +428,11 @@ class RecordingSink : public applier::SegmentSink {
   Status sync_refusal_;
   uint64_t hash_calls_ = 0;
   uint64_t sync_data_calls_ = 0;
+  // HoldCommits; a leaf lock, never held with mu_.
+  mutable std::mutex hold_mu_;
+  std::condition_variable hold_cv_;
+  bool hold_ = false;
+  int commits_in_progress_ = 0;
 };
 
 // A TCP forwarder between shipper and receiver that a test can cut (close every
@@ -770,8 +806,9 @@ class LinkTest : public tracker::testing::TrackerFixture {
   }
 
   void StartReceiver(std::vector<std::string> allowed = {"east"},
-                     std::chrono::milliseconds io_timeout = 15s) {
+                     std::chrono::milliseconds io_timeout = 15s, PeerHandler peer_handler = {}) {
     ReceiverOptions o;
+    o.peer_handler = std::move(peer_handler);
     o.site = "west";
     o.listen = "127.0.0.1:0";
     o.tls = west_;
@@ -1214,6 +1251,150 @@ TEST_F(LinkTest, AProviderRefusalReachesTheShipper) {
   ASSERT_TRUE(WaitAcked(1));
   EXPECT_FALSE(shipper_->Stats().refused);
   EXPECT_TRUE(shipper_->Stats().last_error.empty());
+}
+
+// The replica holds a newer epoch (the primary was failed over and must be fenced): the
+// first refused Hello shows in Stats at once, with the refusal's name and message, and the
+// shipper keeps retrying with its backoff, never sending a segment.
+TEST_F(LinkTest, AnEpochOlderRefusalShowsAtOnceAndIsRetriedWithBackoff) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  const std::string message = "VM vm1 is at epoch 9 on site west, the primary at epoch 3";
+  SetRefusal(Status::Error(ESTALE, message));
+  StartReceiver();
+  ShipperOptions o = ShipperOpts(receiver_->port());
+  o.min_backoff = 20ms;
+  o.max_backoff = 300ms;
+  const auto start = std::chrono::steady_clock::now();
+  StartShipper(std::move(o));
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().refused; }, 5s));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, 2s) << "the first refusal shows at once";
+  EXPECT_EQ(provider_calls_, 1);
+  ShipperStats s = shipper_->Stats();
+  EXPECT_EQ(s.refusal, "epoch_older");
+  EXPECT_EQ(s.refusal_message, message);
+  EXPECT_NE(s.last_error.find(message), std::string::npos) << s.last_error;
+  EXPECT_FALSE(s.connected);
+  // Retried, but at the refusal's pace (max_backoff), not hammered.
+  ASSERT_TRUE(WaitFor([&] { return provider_calls_ >= 3; }, 10s));
+  EXPECT_GE(std::chrono::steady_clock::now() - start, 550ms);
+  s = shipper_->Stats();
+  EXPECT_TRUE(s.refused);
+  EXPECT_EQ(s.refusal, "epoch_older");
+  EXPECT_EQ(s.refusal_message, message);
+  EXPECT_EQ(s.connects, 0u);
+  EXPECT_EQ(s.sent_cycle, 0u);
+  EXPECT_EQ(s.bytes_wire, 0u);
+  EXPECT_EQ(sink_->write_calls(), 0u) << "nothing reaches the sink of a refusing replica";
+  EXPECT_TRUE(sink_->Commits().empty());
+  EXPECT_FALSE(tracker_->SealedSegments().empty()) << "nothing released";
+}
+
+// --- DropVm ----------------------------------------------------------------------------
+
+// This site stops being the VM's replica (a promotion): DropVm ends the live connection,
+// resets the VM's stats, and the primary's reconnects go through the provider again (here
+// refused until the replica is taken back, then accepted).
+TEST_F(LinkTest, DropVmEndsTheConnectionAndHellosGoThroughTheProviderAgain) {
+  OpenTracker();
+  Write(0, 0, Pattern(100 << 10, 1));
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(1));
+  ASSERT_EQ(receiver_->Stats().size(), 1u);
+  EXPECT_GT(receiver_->Stats()[0].bytes_raw, 0u);
+  const int calls = provider_calls_;
+  const uint64_t connects = shipper_->Stats().connects;
+
+  SetRefusal(Status::Error(EPERM, "VM vm1 is primary on site west"));
+  receiver_->DropVm("vm1");
+  // Gone, or back only as the refused reconnect: the old counters are not there.
+  for (const ReceiverVmStats& st : receiver_->Stats()) {
+    EXPECT_EQ(st.bytes_raw, 0u);
+    EXPECT_EQ(st.received_cycle, 0u);
+  }
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().refusal == "not_permitted"; }));
+  EXPECT_GT(provider_calls_, calls);
+  Write(1, 0, Pattern(4096, 2));
+  ASSERT_EQ(Cut(), 2u);
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(sink_->Commits(), (std::vector<uint64_t>{1}));
+
+  SetRefusal(Status::Ok());
+  ASSERT_TRUE(WaitAcked(2));
+  EXPECT_EQ(sink_->Commits(), (std::vector<uint64_t>{1, 2}));
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+  EXPECT_GT(shipper_->Stats().connects, connects);
+  ASSERT_EQ(receiver_->Stats().size(), 1u);
+  EXPECT_TRUE(receiver_->Stats()[0].connected);
+
+  // Without a connection, DropVm only forgets the stats.
+  shipper_->Stop();
+  ASSERT_TRUE(WaitFor([&] { return !receiver_->Stats()[0].connected; }));
+  receiver_->DropVm("vm1");
+  EXPECT_TRUE(receiver_->Stats().empty());
+  receiver_->DropVm("no-such-vm");
+}
+
+// DropVm returns only once the connection's thread has left the sink: here it is inside a
+// slow CommitCycle when DropVm is called.
+TEST_F(LinkTest, DropVmWaitsUntilTheConnectionHasLeftTheSink) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(1));
+  sink_->HoldCommits();
+  Write(0, 8192, Pattern(4096, 2));
+  ASSERT_EQ(Cut(), 2u);
+  ASSERT_TRUE(WaitFor([&] { return sink_->commits_in_progress() == 1; }));
+
+  SetRefusal(Status::Error(EPERM, "VM vm1 is primary on site west"));
+  std::future<void> dropped = std::async(std::launch::async, [&] { receiver_->DropVm("vm1"); });
+  EXPECT_EQ(dropped.wait_for(300ms), std::future_status::timeout)
+      << "DropVm returned while the connection was inside CommitCycle";
+  sink_->ReleaseCommits();
+  ASSERT_EQ(dropped.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(sink_->commits_in_progress(), 0);
+  // The provider refuses now, so nothing touches the sink any more.
+  const uint64_t writes = sink_->write_calls();
+  std::this_thread::sleep_for(300ms);
+  EXPECT_EQ(sink_->write_calls(), writes);
+  EXPECT_EQ(shipper_->Stats().refusal, "not_permitted");
+
+  SetRefusal(Status::Ok());
+  ASSERT_TRUE(WaitAcked(2));
+  EXPECT_EQ(sink_->Commits(), (std::vector<uint64_t>{1, 2}));
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+}
+
+// How control/ promotes on a peer's request: the peer handler makes the provider refuse the
+// VM and drops it, on the receiver's own connection thread; the VM's connection ends.
+TEST_F(LinkTest, APeerHandlerCanDropAVm) {
+  OpenTracker();
+  Write(0, 0, Pattern(4096, 1));
+  ASSERT_EQ(Cut(), 1u);
+  StartReceiver({"east"}, 15s, [this](const std::string& peer, const nlohmann::json& request) {
+    SetRefusal(Status::Error(
+        EPERM, "VM " + request.at("vm").get<std::string>() + " is primary on site west"));
+    receiver_->DropVm(request.at("vm"));
+    return nlohmann::json{{"ok", true}, {"asked_by", peer}};
+  });
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitAcked(1));
+  PeerCallOptions call;
+  call.tls = east_;
+  call.local_site = "east";
+  call.peer_site = "west";
+  call.address = "127.0.0.1:" + std::to_string(receiver_->port());
+  Result<nlohmann::json> reply = CallPeer(call, {{"op", "promote"}, {"vm", "vm1"}});
+  ASSERT_TRUE(reply.ok()) << reply.status().ToString();
+  EXPECT_EQ(*reply, (nlohmann::json{{"ok", true}, {"asked_by", "east"}}));
+  ASSERT_TRUE(WaitFor([&] { return shipper_->Stats().refusal == "not_permitted"; }));
+  EXPECT_FALSE(shipper_->Stats().connected);
 }
 
 // (e) The bandwidth limit holds: 2 MiB at 1 MiB/s cannot take less than ~1.5 s.

@@ -18,6 +18,7 @@
 
 #include "common/failpoint.h"
 #include "common/time_util.h"
+#include "shipper/peer_call.h"
 #include "shipper/rate_limiter.h"
 #include "shipper/wire_format.h"
 #include "tracker/log_format.h"
@@ -50,6 +51,14 @@ std::string PeerAddress(int fd) {
   return std::string(host) + ":" + std::to_string(port);
 }
 
+// A site name from a peer request, for messages: a peer chooses these bytes, so a long one
+// is cut and a value that is not a string is named by its type.
+std::string SiteText(const nlohmann::json& j) {
+  if (!j.is_string()) return std::string("(a JSON ") + j.type_name() + ")";
+  const std::string& name = j.get_ref<const std::string&>();
+  return name.size() <= 64 ? name : name.substr(0, 64) + "...";
+}
+
 // Why a connection ended: a clean end leaves no error in the VM's stats.
 struct Outcome {
   Status status;
@@ -67,6 +76,7 @@ class Receiver::Impl {
   void Stop();
   uint16_t port() const { return listener_->port(); }
   std::vector<ReceiverVmStats> Stats() const;
+  void DropVm(const std::string& vm);
   std::vector<std::string> RefusedPeers() const {
     std::lock_guard lk(mu_);
     return std::vector<std::string>(refused_.begin(), refused_.end());
@@ -90,10 +100,18 @@ class Receiver::Impl {
 
   void AcceptLoop();
   void Serve(std::shared_ptr<Conn> conn, UniqueFd fd);
+  // Reads the first frame and serves what it asks for: a VM's replication (Hello) or one
+  // peer request.
   Outcome Converse(Conn& conn, TlsStream& stream);
-  // Hello checks, VM takeover, provider: the sink to feed, or a refusal already sent.
+  // Hello checks (the first frame's payload), VM takeover, provider: the sink to feed, or
+  // a refusal already sent.
   Result<applier::SegmentSink*> Handshake(Conn& conn, TlsStream& stream,
+                                          std::span<const std::byte> payload,
                                           applier::ReplicaDefinition* definition);
+  // Checks a PeerRequest, has the handler answer it, and sends the PeerReply.
+  Outcome AnswerPeer(TlsStream& stream, std::span<const std::byte> payload);
+  // The handler's answer to a request that passed the checks, or "internal".
+  nlohmann::json RunPeerHandler(const std::string& peer, const nlohmann::json& request);
   Outcome Stream(Conn& conn, TlsStream& stream, applier::SegmentSink& sink,
                  const applier::ReplicaDefinition& definition);
   // The sync in progress on one connection, from its SyncBegin to its SyncEnd.
@@ -292,21 +310,9 @@ void SendError(TlsStream& stream, int code, const std::string& reason) {
 }  // namespace
 
 Result<applier::SegmentSink*> Receiver::Impl::Handshake(Conn& conn, TlsStream& stream,
+                                                        std::span<const std::byte> payload,
                                                         applier::ReplicaDefinition* definition) {
   const std::string peer = stream.peer_name();
-  std::vector<std::byte> payload;
-  const Deadline deadline = Clock::now() + opts_.handshake_timeout;
-  Result<FrameHeader> header = ReadFrame(
-      [&](std::span<std::byte> out) { return stream.ReadExact(out, deadline); }, &payload);
-  Status s = header.ok() ? VerifyFrame(*header, payload) : header.status();
-  if (!s.ok()) {
-    if (s.code() == EBADMSG) SendError(stream, EPROTO, s.message());
-    return s.WithContext("Hello from " + peer);
-  }
-  if (header->type != FrameType::kHello) {
-    return Refuse(stream, peer, EPROTO,
-                  "expected Hello, got " + std::string(FrameTypeName(header->type)));
-  }
   Result<Hello> hello = DecodeHello(payload);
   if (!hello.ok()) return Refuse(stream, peer, EPROTO, hello.status().message());
   applier::ReplicaDefinition& def = hello->definition;
@@ -396,10 +402,89 @@ Result<applier::SegmentSink*> Receiver::Impl::Handshake(Conn& conn, TlsStream& s
 }
 
 Outcome Receiver::Impl::Converse(Conn& conn, TlsStream& stream) {
+  const std::string peer = stream.peer_name();
+  std::vector<std::byte> payload;
+  const Deadline deadline = Clock::now() + opts_.handshake_timeout;
+  Result<FrameHeader> header = ReadFrame(
+      [&](std::span<std::byte> out) { return stream.ReadExact(out, deadline); }, &payload);
+  Status s = header.ok() ? VerifyFrame(*header, payload) : header.status();
+  if (!s.ok()) {
+    if (s.code() == EBADMSG) SendError(stream, EPROTO, s.message());
+    return Outcome{s.WithContext("first frame from " + peer), s.code() == ECANCELED};
+  }
+  if (header->type == FrameType::kPeerRequest) return AnswerPeer(stream, payload);
+  if (header->type != FrameType::kHello) {
+    Status refused = Refuse(stream, peer, EPROTO,
+                            "expected Hello, got " + std::string(FrameTypeName(header->type)));
+    return Outcome{refused, false};
+  }
   applier::ReplicaDefinition definition;
-  Result<applier::SegmentSink*> sink = Handshake(conn, stream, &definition);
+  Result<applier::SegmentSink*> sink = Handshake(conn, stream, payload, &definition);
   if (!sink.ok()) return Outcome{sink.status(), sink.status().code() == ECANCELED};
   return Stream(conn, stream, **sink, definition);
+}
+
+Outcome Receiver::Impl::AnswerPeer(TlsStream& stream, std::span<const std::byte> payload) {
+  const std::string peer = stream.peer_name();
+  nlohmann::json reply;
+  // The receiver's own refusals are noted like refused Hellos.
+  auto refuse = [&](int code, const std::string& message) {
+    NoteRefusal(peer + " (peer request): " + std::string(RefusalName(code)) + ": " + message);
+    return PeerErrorReply(RefusalName(code), message);
+  };
+  Result<nlohmann::json> request = DecodePeerMessage(payload);
+  if (!request.ok()) {
+    reply = refuse(EPROTO, request.status().message());
+  } else {
+    auto from = request->find("from");
+    auto to = request->find("to");
+    if (from == request->end() || !from->is_string() || from->get<std::string>() != peer) {
+      const std::string says = from != request->end() && from->is_string()
+                                   ? "says it comes from site " + SiteText(*from)
+                                   : "names no site in \"from\"";
+      reply = refuse(EACCES, "the request " + says + ", but the certificate names site " + peer);
+    } else if (to != request->end() && (!to->is_string() || to->get<std::string>() != opts_.site)) {
+      reply = refuse(EACCES, "the request is addressed to site " + SiteText(*to) +
+                                 ", this is site " + opts_.site);
+    } else if (!opts_.peer_handler) {
+      reply = PeerErrorReply("unsupported", "site " + opts_.site + " does not serve peer requests");
+    } else {
+      reply = RunPeerHandler(peer, *request);
+    }
+  }
+  Result<std::vector<std::byte>> body = EncodePeerMessage(reply);
+  if (!body.ok()) {
+    spdlog::error("receiver: the answer to a peer request from {}: {}", peer,
+                  body.status().ToString());
+    body = EncodePeerMessage(PeerErrorReply(
+        "internal",
+        "site " + opts_.site + " could not send its answer: " + body.status().message()));
+  }
+  // The reply's deadline starts now: the handler may have run for minutes.
+  Status s =
+      stream.WriteAll(EncodeFrame(FrameType::kPeerReply, *body), Clock::now() + opts_.io_timeout);
+  if (!s.ok()) {
+    return Outcome{s.WithContext("reply to a peer request from " + peer), s.code() == ECANCELED};
+  }
+  spdlog::debug("receiver: answered a peer request from {}", peer);
+  return Outcome{Status::Ok(), true};
+}
+
+nlohmann::json Receiver::Impl::RunPeerHandler(const std::string& peer,
+                                              const nlohmann::json& request) {
+  // The handler is the daemon's code, typically reading fields with at(): an exception
+  // must not end the thread (std::terminate) but answer the caller.
+  try {
+    nlohmann::json reply = opts_.peer_handler(peer, request);
+    if (reply.is_object()) return reply;
+    spdlog::error("receiver: the peer handler answered a request from {} with a JSON {}", peer,
+                  reply.type_name());
+    return PeerErrorReply("internal", "site " + opts_.site + " answered with a JSON " +
+                                          reply.type_name() + ", not an object");
+  } catch (const std::exception& e) {
+    spdlog::error("receiver: the peer handler failed on a request from {}: {}", peer, e.what());
+    return PeerErrorReply("internal", "site " + opts_.site + " failed: " + e.what());
+  }
 }
 
 Outcome Receiver::Impl::Stream(Conn& conn, TlsStream& stream, applier::SegmentSink& sink,
@@ -705,6 +790,26 @@ std::optional<Outcome> Receiver::Impl::SyncFrame(TlsStream& stream, applier::Seg
   }
 }
 
+void Receiver::Impl::DropVm(const std::string& vm) {
+  std::unique_lock lk(mu_);
+  // A connection that takes the VM over while we wait (its provider call came first) is
+  // ended too: loop until no connection owns the VM.
+  while (true) {
+    auto it = owner_.find(vm);
+    if (it == owner_.end()) break;
+    Conn* old = it->second;
+    CancelLocked(*old);
+    // The owner leaves owner_ only after its last sink call (Serve, after Converse).
+    done_cv_.wait(lk, [&] {
+      auto now_owner = owner_.find(vm);
+      return now_owner == owner_.end() || now_owner->second != old;
+    });
+  }
+  vms_.erase(vm);
+  lk.unlock();
+  spdlog::info("receiver: VM {} dropped", vm);
+}
+
 std::vector<ReceiverVmStats> Receiver::Impl::Stats() const {
   std::lock_guard lk(mu_);
   std::vector<ReceiverVmStats> out;
@@ -731,5 +836,6 @@ void Receiver::Stop() { impl_->Stop(); }
 uint16_t Receiver::port() const { return impl_->port(); }
 std::vector<ReceiverVmStats> Receiver::Stats() const { return impl_->Stats(); }
 std::vector<std::string> Receiver::RefusedPeers() const { return impl_->RefusedPeers(); }
+void Receiver::DropVm(const std::string& vm) { impl_->DropVm(vm); }
 
 }  // namespace siterep::shipper

@@ -32,20 +32,35 @@
 // sink), so a primary reconnecting after a network cut does not wait for the old one's
 // timeout. A connection for the VM from another peer is refused ("vm_busy").
 //
+// Peer calls (shipper/peer_call.h): a connection whose first frame is a PeerRequest
+// instead of a Hello asks one question. The receiver checks that the request's "from" is
+// the certificate's site (and its "to", when present, is ours; else it replies
+// {"ok": false, "error": "unknown_site"}), calls peer_handler on the connection's thread,
+// sends its answer as the PeerReply and closes the connection. No io_timeout applies
+// while the handler runs (a promotion runs hooks and may take minutes); the reply is then
+// written within io_timeout. Without a handler the reply is "unsupported"; a handler that
+// throws, or answers with something that is not a JSON object of at most kMaxPeerMessage
+// bytes, gets "internal" sent in its place.
+//
+// Dropping a VM: DropVm(vm) ends the VM's connection, for when this site stops being the
+// VM's replica (a promotion): afterwards no connection thread uses the VM's sink.
+//
 // Failpoints: "receiver.corrupt_frame" (trigger: one byte of the next frame's payload is
 // flipped after decryption, before the CRC check), "receiver.before_ack" (error: the
 // connection drops after a CommitCycle, before its Ack; abort: crash there).
 //
 // Threads: an accept thread, plus one thread per connection (each owns its TLS stream and
 // is the only caller of its sink while it runs). Public methods may be called from any
-// thread. The provider is called from connection threads, possibly concurrently for
-// different VMs.
+// thread, the peer handler included. The provider is called from connection threads,
+// possibly concurrently for different VMs; so is the peer handler, possibly concurrently
+// for different connections.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
@@ -62,14 +77,25 @@ namespace siterep::shipper {
 using SinkProvider = std::function<Result<applier::SegmentSink*>(
     const std::string& peer_site, const applier::ReplicaDefinition& definition)>;
 
+// Answers one peer request (shipper/peer_call.h). peer_site is the site the caller's
+// certificate names (the request's "from" has been checked against it). Returns the reply,
+// a JSON object; by convention {"ok": true, ...} or PeerErrorReply(name, message). Runs on
+// the connection's thread, may block for as long as the request takes (the caller's
+// PeerCallOptions::timeout bounds what it waits for), and may be called concurrently for
+// different connections. Exceptions are caught and answered as "internal".
+using PeerHandler =
+    std::function<nlohmann::json(const std::string& peer_site, const nlohmann::json& request)>;
+
 struct ReceiverOptions {
   std::string site;    // our site name (Hello.to must equal it)
   std::string listen;  // host:port, port 0 for tests
   std::shared_ptr<const TlsContext> tls;
   std::vector<std::string> allowed_peers;  // site names from [[peers]]
   SinkProvider provider;
-  std::chrono::milliseconds io_timeout{15000};         // no frame this long: close
-  std::chrono::milliseconds handshake_timeout{10000};  // TLS handshake + Hello
+  PeerHandler peer_handler;                     // empty: peer requests are answered "unsupported"
+  std::chrono::milliseconds io_timeout{15000};  // no frame this long: close
+  // TLS handshake and the first frame (Hello or PeerRequest).
+  std::chrono::milliseconds handshake_timeout{10000};
 };
 
 struct ReceiverVmStats {
@@ -95,8 +121,20 @@ class Receiver {
   Receiver& operator=(const Receiver&) = delete;
 
   // Stops accepting, cancels every connection (handshakes included) and joins every
-  // thread. Idempotent. No sink is called after it returns.
+  // thread. Idempotent. No sink is called after it returns. A peer handler in progress
+  // cannot be interrupted: Stop waits for it to return (its reply is then not sent), so
+  // the owner must not call Stop from a peer handler, and must not leave a handler
+  // waiting on something that only happens after Stop.
   void Stop();
+  // Ends the VM's connection, if any (cancelled; the primary sees the link drop and
+  // reconnects with its backoff), waits until no connection thread uses the VM's sink any
+  // more, and removes the VM from Stats(). Afterwards the caller may destroy the sink. A
+  // later Hello for the VM goes through the provider again, so make the provider refuse
+  // the VM (or hand out another sink) before calling DropVm; a connection the provider
+  // accepts while DropVm waits is ended as well. Blocks while a sink call of the VM's
+  // connection (a commit's fsync) or the provider is running: do not call it with a lock
+  // held that the provider or the sink takes. May be called from a peer handler.
+  void DropVm(const std::string& vm);
   uint16_t port() const;
   // One entry per VM that has connected since Start, ordered by VM name.
   std::vector<ReceiverVmStats> Stats() const;

@@ -83,11 +83,13 @@ void Shipper::Impl::Sleep(Clock::time_point until) const {
   }
 }
 
-void Shipper::Impl::SetError(const Status& s, bool refused, std::string refusal) {
+void Shipper::Impl::SetError(const Status& s, bool refused, std::string refusal,
+                             std::string refusal_message) {
   std::lock_guard lk(mu_);
   stats_.connected = false;
   stats_.refused = refused;
   stats_.refusal = std::move(refusal);
+  stats_.refusal_message = std::move(refusal_message);
   stats_.last_error = s.message();
 }
 
@@ -182,7 +184,7 @@ Status Shipper::Impl::RunConnection(bool* accepted) {
   if (!reply->accepted) {
     s = Status::Error(RefusalCode(reply->error), opts_.peer + " refused VM " + opts_.definition.vm +
                                                      " (" + reply->error + "): " + reply->message);
-    SetError(s, true, reply->error);
+    SetError(s, true, reply->error, reply->message);
     return s;
   }
   *accepted = true;
@@ -202,6 +204,7 @@ Status Shipper::Impl::RunConnection(bool* accepted) {
     stats_.connected = true;
     stats_.refused = false;
     stats_.refusal.clear();
+    stats_.refusal_message.clear();
     stats_.last_error.clear();
     stats_.connects++;
     stats_.acked_cycle = pos.received_cycle;

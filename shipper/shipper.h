@@ -12,7 +12,8 @@
 // the connection, waits (backoff doubling from min_backoff to max_backoff, reset by an
 // accepted Hello), reconnects and resends the partly sent cycle from its start: no gap and
 // no duplicate committed cycle. A refusal by the peer (wrong epoch, unknown site, definition
-// mismatch...) is recorded in Stats() (refused, last_error) and retried after max_backoff.
+// mismatch...) is recorded in Stats() (refused, refusal, refusal_message, last_error) and
+// retried after max_backoff; nothing but Hello goes to a peer that has not accepted it.
 //
 // Failpoints: "shipper.after_send" (error: the connection fails right after a chunk was
 // sent, as a broken link would).
@@ -108,7 +109,11 @@ struct ShipperStats {
   bool connected = false;
   bool paused = false;
   bool refused = false;        // the peer refused us (TLS, epoch, definition): not just unreachable
-  std::string refusal;         // the peer's refusal name (wire_format.h), when refused by Hello
+  // The peer's refusal name (wire_format.h RefusalName: "epoch_older", ...) and its message,
+  // when a HelloReply or SyncReply refused us; empty for a TLS refusal. Set as soon as the
+  // refusal arrives and kept until a Hello is accepted or a later attempt fails otherwise.
+  std::string refusal;
+  std::string refusal_message;
   std::string last_error;      // why the last connection failed / was refused; "" when fine
   uint64_t sent_cycle = 0;     // last cycle whose CycleEnd went out on this connection
   uint64_t acked_cycle = 0;    // last cycle the replica holds durably (released here)

@@ -108,7 +108,8 @@ class Shipper::Impl {
   void Sleep(Clock::time_point until) const;
   // Backlog for RPO and pending bytes, from the source and what the replica told us.
   Backlog ComputeBacklog() const;
-  void SetError(const Status& s, bool refused, std::string refusal = "");
+  void SetError(const Status& s, bool refused, std::string refusal = "",
+                std::string refusal_message = "");
 
   const ShipperOptions opts_;
   std::shared_ptr<Waker> waker_;

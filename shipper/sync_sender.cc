@@ -132,7 +132,7 @@ Status Shipper::Impl::Connection::RunSync(const applier::SyncPlan& plan) {
                                        std::string(applier::SyncKindName(plan.kind)) +
                                        " sync of VM " + vm + " (" + sync_reply_->error +
                                        "): " + sync_reply_->message);
-    impl_.SetError(s, true, sync_reply_->error);
+    impl_.SetError(s, true, sync_reply_->error, sync_reply_->message);
     return s;
   }
   const applier::SyncResume resume = sync_reply_->resume;

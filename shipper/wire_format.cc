@@ -140,6 +140,10 @@ std::string_view FrameTypeName(FrameType type) {
       return "SyncAck";
     case FrameType::kSyncEnd:
       return "SyncEnd";
+    case FrameType::kPeerRequest:
+      return "PeerRequest";
+    case FrameType::kPeerReply:
+      return "PeerReply";
   }
   return "unknown";
 }
@@ -160,7 +164,7 @@ Result<FrameHeader> ParseFrameHeader(std::span<const std::byte> in) {
   }
   const uint16_t type = Get16(p + 6);
   if (type < static_cast<uint16_t>(FrameType::kHello) ||
-      type > static_cast<uint16_t>(FrameType::kSyncEnd)) {
+      type > static_cast<uint16_t>(kLastFrameType)) {
     return Bad(kWhat, "unknown frame type " + std::to_string(type));
   }
   if (Get32(p + 8) != 0) return Bad(kWhat, "reserved flags are set");
@@ -847,6 +851,71 @@ Result<SyncEnd> DecodeSyncEnd(std::span<const std::byte> payload) {
   e.sync_id = Get64(payload.data());
   e.cut_unix_nanos = static_cast<int64_t>(Get64(payload.data() + 8));
   return e;
+}
+
+// --- PeerRequest / PeerReply ------------------------------------------------------------
+
+namespace {
+// True when the JSON text nests arrays and objects deeper than limit. Brackets inside
+// strings do not count; for text that is not JSON the answer does not matter (the parser
+// refuses it).
+bool NestedDeeperThan(std::string_view text, int limit) {
+  int depth = 0;
+  bool in_string = false;
+  bool escaped = false;
+  for (char c : text) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      if (++depth > limit) return true;
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return false;
+}
+}  // namespace
+
+Result<std::vector<std::byte>> EncodePeerMessage(const json& message) {
+  if (!message.is_object()) {
+    return Status::Invalid(std::string("peer message: a JSON object is needed, not ") +
+                           message.type_name());
+  }
+  std::vector<std::byte> out = JsonBytes(message);
+  if (out.size() > kMaxPeerMessage) {
+    return Status::Error(EMSGSIZE, "peer message: " + std::to_string(out.size()) +
+                                       " bytes of JSON, at most " +
+                                       std::to_string(kMaxPeerMessage) + " may be sent");
+  }
+  if (NestedDeeperThan(std::string_view(reinterpret_cast<const char*>(out.data()), out.size()),
+                       kMaxPeerMessageDepth)) {
+    return Status::Error(EMSGSIZE, "peer message: nested deeper than " +
+                                       std::to_string(kMaxPeerMessageDepth) + " levels");
+  }
+  return out;
+}
+
+Result<json> DecodePeerMessage(std::span<const std::byte> payload) {
+  constexpr std::string_view kWhat = "peer message";
+  if (payload.size() > kMaxPeerMessage) {
+    return Bad(kWhat, "payload of " + std::to_string(payload.size()) + " bytes exceeds " +
+                          std::to_string(kMaxPeerMessage));
+  }
+  if (NestedDeeperThan(
+          std::string_view(reinterpret_cast<const char*>(payload.data()), payload.size()),
+          kMaxPeerMessageDepth)) {
+    return Bad(kWhat,
+               "JSON nested deeper than " + std::to_string(kMaxPeerMessageDepth) + " levels");
+  }
+  return ParseJsonObject(payload, kWhat);
 }
 
 }  // namespace siterep::shipper

@@ -40,6 +40,12 @@
 //         <------------------------------------ Ack (received = applied = sync_id)
 //   ... then segments of cycles > sync_id, as above. Heartbeats may come at any time.
 //
+// A peer call (shipper/peer_call.h) is a connection of its own that asks one question
+// between the two daemons (failover: promote, demote, role and health of a VM):
+//   PeerRequest ------------------------------>  (ReceiverOptions::peer_handler)
+//         <------------------------------------ PeerReply
+//   ... and the receiver closes the connection.
+//
 // The epoch fences split brain (DESIGN.md invariant 5) without a field in every frame: a
 // connection is bound to the epoch its Hello carries (the receiver refuses an epoch older
 // than the replica's), and every record inside a segment carries its own epoch, which the
@@ -82,6 +88,14 @@
 //     done_to >= offset + length.
 //   SyncAck (binary, 16 bytes): disk_id u32, zero u32, durable done offset u64
 //   SyncEnd (binary, 16 bytes): sync_id u64, cut_unix_nanos i64
+//   PeerRequest, PeerReply (JSON object as UTF-8 text, at most kMaxPeerMessage bytes,
+//     nested at most kMaxPeerMessageDepth deep). The fields are the daemons' business,
+//     except: a request carries "from" (the caller's site; the receiver refuses one that is
+//     not the certificate's site) and "to" (the receiver's site); a reply that the receiver
+//     itself makes (not its handler) is {"ok": false, "error": name, "message": line} with
+//     name "unknown_site" (from/to do not match), "unsupported" (no handler), "protocol"
+//     (undecodable request) or "internal" (the handler threw or answered a non-object or
+//     an oversize object).
 //
 // Every function here is pure (no I/O, no global state) except ReadFrame, which reads only
 // through the callback it is given; each decoder checks lengths before it reads, so any
@@ -90,6 +104,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <nlohmann/json.hpp>
 #include <span>
 #include <string>
 #include <string_view>
@@ -131,7 +146,10 @@ enum class FrameType : uint16_t {
   kSyncData = 12,
   kSyncAck = 13,
   kSyncEnd = 14,
+  kPeerRequest = 15,
+  kPeerReply = 16,
 };
+inline constexpr FrameType kLastFrameType = FrameType::kPeerReply;
 std::string_view FrameTypeName(FrameType type);
 
 struct FrameHeader {
@@ -333,5 +351,21 @@ struct SyncEnd {
 };
 std::vector<std::byte> EncodeSyncEnd(const SyncEnd& end);
 Result<SyncEnd> DecodeSyncEnd(std::span<const std::byte> payload);
+
+// --- PeerRequest / PeerReply ------------------------------------------------------------
+
+inline constexpr size_t kMaxPeerMessage = 1u << 20;
+// Deeper JSON is refused before it is parsed: nothing that walks a parsed value
+// recursively (dump, comparison) can then run out of stack on what a peer sent.
+inline constexpr int kMaxPeerMessageDepth = 64;
+
+// The object as compact UTF-8 JSON (invalid UTF-8 in strings is replaced, never thrown).
+// Refuses a value that is not an object (EINVAL) or whose text exceeds kMaxPeerMessage or
+// kMaxPeerMessageDepth (EMSGSIZE).
+Result<std::vector<std::byte>> EncodePeerMessage(const nlohmann::json& message);
+// Refuses (EBADMSG, saying why) a payload above kMaxPeerMessage bytes or nested deeper
+// than kMaxPeerMessageDepth, text that is not JSON (invalid UTF-8 included), and JSON that
+// is not an object.
+Result<nlohmann::json> DecodePeerMessage(std::span<const std::byte> payload);
 
 }  // namespace siterep::shipper

@@ -74,7 +74,7 @@ TEST(WireFormat, RefusesOtherVersion) {
 }
 
 TEST(WireFormat, RefusesUnknownTypeAndFlags) {
-  for (uint16_t type : {0, 15, 0xffff}) {
+  for (uint16_t type : {0, 17, 0xffff}) {
     std::vector<std::byte> frame = EncodeFrame(FrameType::kAck, {});
     frame[6] = static_cast<std::byte>(type);
     frame[7] = static_cast<std::byte>(type >> 8);
@@ -404,7 +404,7 @@ void ExpectRefused(const Status& s, std::string_view why, const std::string& con
 }
 
 TEST(WireFormat, EveryFrameTypeParsesAndHasAName) {
-  for (uint16_t t = 1; t <= static_cast<uint16_t>(FrameType::kSyncEnd); ++t) {
+  for (uint16_t t = 1; t <= static_cast<uint16_t>(kLastFrameType); ++t) {
     const FrameType type = static_cast<FrameType>(t);
     const std::vector<std::byte> frame = EncodeFrame(type, Random(16, t));
     std::span<const std::byte> payload;
@@ -420,6 +420,10 @@ TEST(WireFormat, EveryFrameTypeParsesAndHasAName) {
   EXPECT_EQ(FrameTypeName(FrameType::kSyncData), "SyncData");
   EXPECT_EQ(FrameTypeName(FrameType::kSyncAck), "SyncAck");
   EXPECT_EQ(FrameTypeName(FrameType::kSyncEnd), "SyncEnd");
+  EXPECT_EQ(FrameTypeName(FrameType::kPeerRequest), "PeerRequest");
+  EXPECT_EQ(FrameTypeName(FrameType::kPeerReply), "PeerReply");
+  EXPECT_EQ(static_cast<uint16_t>(FrameType::kPeerRequest), 15);
+  EXPECT_EQ(static_cast<uint16_t>(FrameType::kPeerReply), 16);
 }
 
 applier::SyncPlan Plan() {
@@ -805,6 +809,105 @@ TEST(WireFormat, SyncAckAndSyncEndRoundTripAndRefusals) {
   ExpectRefused(DecodeSyncEnd(bad).status(), "payload of");
 }
 
+// --- PeerRequest / PeerReply ------------------------------------------------------------
+
+TEST(WireFormat, PeerMessageRoundTripsThroughAFrame) {
+  const nlohmann::json request = {
+      {"op", "promote"},
+      {"vm", "vm1"},
+      {"epoch", 7},
+      {"from", "east"},
+      {"note", "caf\u00e9 \"quoted\" [not a bracket] {nor this}"},
+      {"hooks", {{"pre", {"a", "b"}}, {"timeout_ms", 120000}}},
+  };
+  Result<std::vector<std::byte>> payload = EncodePeerMessage(request);
+  ASSERT_TRUE(payload.ok()) << payload.status().ToString();
+  const std::vector<std::byte> frame = EncodeFrame(FrameType::kPeerRequest, *payload);
+  std::span<const std::byte> got;
+  Result<FrameHeader> h = ParseWhole(frame, &got);
+  ASSERT_TRUE(h.ok()) << h.status().ToString();
+  EXPECT_EQ(h->type, FrameType::kPeerRequest);
+  Result<nlohmann::json> decoded = DecodePeerMessage(got);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().ToString();
+  EXPECT_EQ(*decoded, request);
+  // An empty object is a message too.
+  Result<std::vector<std::byte>> empty = EncodePeerMessage(nlohmann::json::object());
+  ASSERT_TRUE(empty.ok());
+  Result<nlohmann::json> back = DecodePeerMessage(*empty);
+  ASSERT_TRUE(back.ok());
+  EXPECT_TRUE(back->is_object() && back->empty());
+}
+
+TEST(WireFormat, PeerMessageRefusesWhatIsNotAJsonObject) {
+  const std::pair<std::string, std::string> cases[] = {
+      {"", "not valid JSON"},
+      {"not json", "not valid JSON"},
+      {"{\"a\": 1", "not valid JSON"},
+      {"{\"a\": 1} trailing", "not valid JSON"},
+      {"{\"a\": \"\xff\xfe\"}", "not valid JSON"},  // invalid UTF-8
+      {"[1, 2]", "not a JSON object"},
+      {"42", "not a JSON object"},
+      {"\"text\"", "not a JSON object"},
+      {"null", "not a JSON object"},
+  };
+  for (const auto& [text, why] : cases) {
+    Result<nlohmann::json> j = DecodePeerMessage(Bytes(text));
+    ASSERT_FALSE(j.ok()) << text;
+    EXPECT_EQ(j.status().code(), EBADMSG) << text;
+    EXPECT_NE(j.status().message().find("peer message"), std::string::npos) << j.status().message();
+    EXPECT_NE(j.status().message().find(why), std::string::npos) << j.status().message();
+  }
+}
+
+TEST(WireFormat, PeerMessageSizeLimitBothWays) {
+  // {"x":"..."} of exactly kMaxPeerMessage bytes passes; one more byte does not.
+  const size_t overhead = std::string(R"({"x":""})").size();
+  nlohmann::json at_limit = {{"x", std::string(kMaxPeerMessage - overhead, 'a')}};
+  Result<std::vector<std::byte>> ok = EncodePeerMessage(at_limit);
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->size(), kMaxPeerMessage);
+  EXPECT_TRUE(DecodePeerMessage(*ok).ok());
+
+  nlohmann::json over = {{"x", std::string(kMaxPeerMessage - overhead + 1, 'a')}};
+  Result<std::vector<std::byte>> refused = EncodePeerMessage(over);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), EMSGSIZE);
+  const std::vector<std::byte> big = Bytes(R"({"x":")" + std::string(kMaxPeerMessage, 'a') + "\"}");
+  Result<nlohmann::json> j = DecodePeerMessage(big);
+  ASSERT_FALSE(j.ok());
+  EXPECT_EQ(j.status().code(), EBADMSG);
+  EXPECT_NE(j.status().message().find("exceeds"), std::string::npos) << j.status().message();
+
+  Result<std::vector<std::byte>> not_object = EncodePeerMessage(nlohmann::json::array({1, 2}));
+  ASSERT_FALSE(not_object.ok());
+  EXPECT_EQ(not_object.status().code(), EINVAL);
+}
+
+// Nesting is bounded before parsing; brackets inside strings do not count.
+TEST(WireFormat, PeerMessageDepthLimit) {
+  auto nested = [](int depth) {  // an object holding arrays: depth levels in all
+    return "{\"a\":" + std::string(depth - 1, '[') + std::string(depth - 1, ']') + "}";
+  };
+  EXPECT_TRUE(DecodePeerMessage(Bytes(nested(kMaxPeerMessageDepth))).ok());
+  Result<nlohmann::json> deep = DecodePeerMessage(Bytes(nested(kMaxPeerMessageDepth + 1)));
+  ASSERT_FALSE(deep.ok());
+  EXPECT_EQ(deep.status().code(), EBADMSG);
+  EXPECT_NE(deep.status().message().find("nested deeper"), std::string::npos);
+  // A hostile peer's hundred thousand open brackets are refused without parsing them.
+  EXPECT_FALSE(DecodePeerMessage(Bytes(std::string(100000, '['))).ok());
+  const std::string brackets(1000, '[');
+  Result<nlohmann::json> in_string = DecodePeerMessage(Bytes("{\"a\":\"" + brackets + "\\\"{\"}"));
+  ASSERT_TRUE(in_string.ok()) << in_string.status().ToString();
+  EXPECT_EQ((*in_string)["a"], brackets + "\"{");
+
+  nlohmann::json too_deep = nlohmann::json::object();
+  nlohmann::json* at = &too_deep;
+  for (int i = 0; i < kMaxPeerMessageDepth; ++i) at = &((*at)["n"] = nlohmann::json::object());
+  Result<std::vector<std::byte>> refused = EncodePeerMessage(too_deep);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), EMSGSIZE);
+}
+
 // Every decoder takes any bytes without crashing (a tiny stand-in for the fuzzer).
 TEST(WireFormat, DecodersSurviveRandomInput) {
   std::mt19937_64 rng(42);
@@ -824,6 +927,7 @@ TEST(WireFormat, DecodersSurviveRandomInput) {
     (void)DecodeHashReply(junk);
     (void)DecodeSyncAck(junk);
     (void)DecodeSyncEnd(junk);
+    (void)DecodePeerMessage(junk);
     Result<SegmentChunk> c = DecodeSegmentChunk(junk);
     if (c.ok()) (void)ChunkData(*c, &out);
     Result<SyncData> d = DecodeSyncData(junk);

@@ -63,6 +63,12 @@ int Call(const Globals& g, const json& request, json* result) {
   return 0;
 }
 
+std::string Seconds(double s) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.2f s", s);
+  return buf;
+}
+
 std::string Str(const json& j, const char* key) {
   if (!j.contains(key) || j[key].is_null()) return "-";
   if (j[key].is_string())
@@ -79,6 +85,21 @@ void PrintStatus(const json& s) {
                 Str(vm, "health").c_str(), Str(vm, "epoch").c_str(), Str(vm, "frequency").c_str());
     if (!vm.value("health_reason", "").empty()) {
       std::printf("  reason: %s\n", vm["health_reason"].get<std::string>().c_str());
+    }
+    if (vm.value("access", "read-write") != "read-write") {
+      std::printf("  disks: %s\n", Str(vm, "access").c_str());
+    }
+    if (vm.contains("test_failover")) {
+      const json& t = vm["test_failover"];
+      std::printf("  test failover of point %s at %s/ (%s written)\n", Str(t, "point").c_str(),
+                  Str(t, "path").c_str(),
+                  siterep::FormatSize(t.value("written_bytes", uint64_t{0})).c_str());
+    }
+    if (vm.contains("last_operation") && vm["last_operation"].is_object()) {
+      const json& op = vm["last_operation"];
+      std::printf("  last role change: %s%s%s\n", Str(op, "operation").c_str(),
+                  op.contains("finished") ? " at " : "",
+                  op.contains("finished") ? Str(op, "finished").c_str() : "");
     }
     if (vm.contains("peer") && !vm["peer"].is_null()) {
       std::string rpo = "-";
@@ -280,6 +301,48 @@ int main(int argc, char** argv) {
   exp->add_option("--point", point, "recovery point id (siterep points VM)")->required();
   exp->add_flag("--json", g.json, "machine-readable output");
 
+  bool planned = false, unplanned = false, force = false;
+  std::string point_text;
+  auto* failover = app.add_subcommand(
+      "failover", "move a VM to its other site: --planned at the primary, --unplanned at the "
+                  "replica when the primary is lost");
+  failover->add_option("VM", vm, "the VM")->required();
+  auto* planned_flag = failover->add_flag(
+      "--planned", planned, "run pre_failover, ship every change, then the replica takes over");
+  failover->add_flag("--unplanned", unplanned,
+                     "bring the replica up at a recovery point (the primary is unreachable)")
+      ->excludes(planned_flag);
+  failover->add_option("--point", point_text,
+                       "--unplanned: recovery point id or latest (default latest)");
+  failover->add_flag("--force", force, "--unplanned: even while the primary answers");
+  failover->add_flag("--json", g.json, "machine-readable output");
+
+  auto* commit = app.add_subcommand(
+      "commit", "keep an unplanned failover's state; drops the other recovery points");
+  commit->add_option("VM", vm, "the VM")->required();
+  commit->add_flag("--json", g.json, "machine-readable output");
+  bool reverse_wait = false;
+  auto* reverse = app.add_subcommand(
+      "reverse", "make the old primary the replica of this site (after a failover)");
+  reverse->add_option("VM", vm, "the VM")->required();
+  reverse->add_flag("--wait", reverse_wait, "wait until the replica is in line (progress bar)");
+  reverse->add_flag("--json", g.json, "machine-readable output");
+  auto* failback = app.add_subcommand(
+      "failback", "reverse replication, planned failover back, reverse again: the original "
+                  "site runs the VM, protected (run where the VM runs now)");
+  failback->add_option("VM", vm, "the VM")->required();
+  failback->add_flag("--json", g.json, "machine-readable output");
+  std::string test_action;
+  auto* test = app.add_subcommand(
+      "test-failover", "a writable copy of a recovery point at the replica site, while "
+                       "replication goes on: start [--point ID] | stop");
+  test->add_option("VM", vm, "the VM")->required();
+  test->add_option("ACTION", test_action, "start or stop")
+      ->required()
+      ->check(CLI::IsMember({"start", "stop"}));
+  test->add_option("--point", point_text, "recovery point id or latest (default latest)");
+  test->add_flag("--json", g.json, "machine-readable output");
+
   std::string spec;
   auto* fp = app.add_subcommand("failpoint", "arm failpoints in the daemon (tests)");
   fp->add_option("SPEC", spec, "name=abort|error|trigger|off[@skip][*count],...")->required();
@@ -373,6 +436,87 @@ int main(int argc, char** argv) {
     else
       std::printf("VM %s disk %s at point %llu written to %s\n", vm.c_str(), disk.c_str(),
                   static_cast<unsigned long long>(point), abs.c_str());
+    return 0;
+  }
+  auto point_value = [&]() -> json {
+    if (point_text.empty() || point_text == "latest") return "latest";
+    return point_text;
+  };
+  auto print = [&](const std::string& line) {
+    if (g.json)
+      std::cout << result.dump(2) << "\n";
+    else
+      std::cout << line << "\n";
+  };
+  if (failover->parsed()) {
+    if (!planned && !unplanned) {
+      std::fprintf(stderr, "siterep: failover needs --planned or --unplanned\n");
+      return 2;
+    }
+    json req = {{"op", "failover"}, {"vm", vm}, {"kind", planned ? "planned" : "unplanned"}};
+    if (unplanned) {
+      req["point"] = point_value();
+      req["force"] = force;
+    }
+    if (int rc = Call(g, req, &result); rc != 0) return rc;
+    if (planned) {
+      print("VM " + vm + ": " + Str(result, "result") + " (" +
+            Seconds(result.value("seconds", 0.0)) + ", disks writable after " +
+            Seconds(result.value("rto_seconds", 0.0)) + ")");
+    } else if (result.value("unchanged", false)) {
+      print("VM " + vm + " runs at recovery point " + Str(result, "point") + " already");
+    } else if (result.contains("warning")) {
+      print("VM " + vm + " now runs at recovery point " + Str(result, "point") + " (" +
+            Str(result, "time") + "); warning: " + Str(result, "warning"));
+    } else {
+      print("VM " + vm + " runs here at recovery point " + Str(result["point"], "id") + " (" +
+            Str(result["point"], "time") + "), epoch " + Str(result, "epoch") +
+            ". Not protected: siterep commit " + vm + ", then siterep reverse " + vm);
+    }
+    for (const char* hook : {"pre_failover", "post_failover"}) {
+      if (!g.json && result.contains(hook) && !result[hook].is_null() &&
+          result[hook].value("exit_code", 0) != 0) {
+        std::fprintf(stderr, "siterep: warning: %s hook exited with %d\n", hook,
+                     result[hook].value("exit_code", 0));
+      }
+    }
+    return 0;
+  }
+  if (commit->parsed()) {
+    if (int rc = Call(g, {{"op", "commit"}, {"vm", vm}}, &result); rc != 0) return rc;
+    print("VM " + vm + ": failover to recovery point " + Str(result, "point") +
+          " committed; next: " + Str(result, "next"));
+    return 0;
+  }
+  if (reverse->parsed()) {
+    if (int rc = Call(g, {{"op", "reverse"}, {"vm", vm}}, &result); rc != 0) return rc;
+    if (reverse_wait) return WaitCaughtUp(g, vm);
+    print("VM " + vm + ": " + Str(result, "result"));
+    return 0;
+  }
+  if (failback->parsed()) {
+    if (int rc = Call(g, {{"op", "failback"}, {"vm", vm}}, &result); rc != 0) return rc;
+    if (g.json) {
+      std::cout << result.dump(2) << "\n";
+      return 0;
+    }
+    int n = 1;
+    for (const json& step : result["steps"]) {
+      std::printf("%d. %s: %s\n", n++, Str(step, "step").c_str(), Str(step, "result").c_str());
+    }
+    return 0;
+  }
+  if (test->parsed()) {
+    json req = {{"op", "test-failover"}, {"vm", vm}, {"action", test_action}};
+    if (test_action == "start") req["point"] = point_value();
+    if (int rc = Call(g, req, &result); rc != 0) return rc;
+    if (test_action == "start") {
+      print("VM " + vm + ": test copy of recovery point " + Str(result["point"], "id") + " (" +
+            Str(result["point"], "time") + ") at " + Str(result, "path") +
+            "/; replication goes on");
+    } else {
+      print("VM " + vm + ": test failover stopped, its writes discarded");
+    }
     return 0;
   }
   if (fp->parsed()) {

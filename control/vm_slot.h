@@ -1,0 +1,73 @@
+// VmSlot: everything the daemon holds for one VM, whatever its role here. The slot lives as
+// long as the daemon; role changes swap what is inside it.
+//
+//   primary (committed)      ProtectedVm (images, tracker) + Outbound; disks exported
+//   primary, failed over     the held replica (applier stopped), a view of the chosen
+//                            point and one overlay per disk; disks exported
+//   replica                  the Replica lives in Inbound; disks not exported; a test
+//                            failover exports <vm>-test/<disk> (TestCopy)
+//
+// Disks are exported through DiskSlots that stay mounted across role changes, so a loop
+// device or a qemu drive on <mountpoint>/<vm>/<disk> keeps its file when an unplanned
+// failover is committed (overlay swapped for the image) or when the site is fenced.
+//
+// Locks: op_mu serialises role changes of the VM (held for a whole failover, try_lock
+// refuses a second one). mu protects the fields below against the status and monitor
+// threads; it is held only to read or swap them, never while waiting on I/O or the peer.
+#pragma once
+
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "applier/point_view.h"
+#include "applier/replica.h"
+#include "blockdev/disk_slot.h"
+#include "blockdev/overlay_backend.h"
+#include "common/config.h"
+#include "control/hooks.h"
+#include "control/outbound.h"
+#include "control/protected_disk.h"
+#include "control/role.h"
+
+namespace siterep::control {
+
+// A writable copy of a replica's recovery point (test failover, or an unplanned failover
+// before commit): a view of the point plus an overlay per disk.
+struct PointCopy {
+  uint64_t point = 0;
+  std::shared_ptr<applier::Replica> replica;  // keeps the store; applier may run (test)
+  std::unique_ptr<applier::PointView> view;
+  std::vector<std::unique_ptr<blockdev::OverlayBackend>> overlays;
+  std::vector<std::unique_ptr<blockdev::DiskSlot>> slots;  // test copy: its own exports
+};
+
+struct VmSlot {
+  explicit VmSlot(std::string vm_name) : name(std::move(vm_name)) {}
+
+  const std::string name;
+  std::mutex op_mu;
+
+  mutable std::mutex mu;
+  RoleState role;
+  bool home = false;  // the site config lists the VM ([[vms]]): this is its home site
+  VmConfig config;    // the VM as run here when primary
+  std::vector<std::unique_ptr<blockdev::DiskSlot>> disks;  // one per disk, once exported
+  bool exported = false;
+  std::unique_ptr<ProtectedVm> primary;
+  std::unique_ptr<Outbound> outbound;
+  std::unique_ptr<PointCopy> failed_over;  // phase kFailedOver
+  std::unique_ptr<PointCopy> test;         // test failover at a replica
+  // A restarted primary holds writes until its peer confirms no newer epoch took over,
+  // or until this time (unix nanos; 0: not waiting).
+  int64_t confirm_until_nanos = 0;
+  nlohmann::json last_operation;  // the last role change here: what, when, hooks, result
+
+  RoleState CurrentRole() const {
+    std::lock_guard lk(mu);
+    return role;
+  }
+};
+
+}  // namespace siterep::control
