@@ -45,6 +45,11 @@ Result<nlohmann::json> CallControl(const std::filesystem::path& socket_path,
     reply.append(buf, static_cast<size_t>(n));
     if (reply.size() > kMaxControlMessage) return Status::Error(EMSGSIZE, "control reply too large");
   }
+  if (reply.empty()) {
+    return Status::Error(ECONNRESET, "siterepd at " + socket_path.string() +
+                                         " closed the connection without an answer (did it "
+                                         "stop? siterep status shows where things stand)");
+  }
   auto parsed = nlohmann::json::parse(reply, nullptr, /*allow_exceptions=*/false);
   if (parsed.is_discarded() || !parsed.is_object() || !parsed.contains("ok")) {
     return Status::Error(EPROTO, "malformed reply from siterepd at " + socket_path.string());

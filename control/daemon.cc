@@ -225,6 +225,8 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
                            cfg.name;
   }
   if (slot.role.phase == Phase::kFenced) {
+    // Not a primary any more (a newer epoch runs elsewhere), not yet a replica.
+    out["role"] = "none";
     out["state"] = "fenced";
     out["health"] = "critical";
     out["health_reason"] = "fenced: " + slot.role.note + "; guest writes are refused";

@@ -105,6 +105,8 @@ class Daemon {
   nlohmann::json HandlePeer(const std::string& peer, const nlohmann::json& request);
   nlohmann::json PeerVmStatus(const std::string& vm);
   nlohmann::json FailoverPlanned(VmSlot& slot);
+  nlohmann::json HandOver(VmSlot& slot, const RoleState& role,
+                          std::chrono::steady_clock::time_point t0, nlohmann::json* op);
   nlohmann::json Promote(VmSlot& slot, const std::string& peer, const nlohmann::json& request);
   nlohmann::json FailoverUnplanned(VmSlot& slot, const nlohmann::json& request);
   nlohmann::json Commit(VmSlot& slot);

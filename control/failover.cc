@@ -10,6 +10,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/failpoint.h"
 #include "common/file_util.h"
 #include "common/time_util.h"
 #include "control/daemon.h"
@@ -116,25 +117,14 @@ json Daemon::PeerVmStatus(const std::string& vm) {
 
 // --- Planned failover -------------------------------------------------------------------
 
-json Daemon::FailoverPlanned(VmSlot& slot) {
+// Ships everything and has the peer take over (planned failover): validates, runs the
+// pre_failover hook, persists kFailingOver, makes the disks read-only, cuts, waits until
+// the peer holds the last cycle, and asks it to promote itself. Null when the peer is
+// primary now; else the refusal (the VM stays here, writable, unless the peer's answer is
+// unknown: then it stays read-only in kFailingOver).
+json Daemon::HandOver(VmSlot& slot, const RoleState& role,
+                      std::chrono::steady_clock::time_point t0, json* op) {
   const std::string& vm = slot.name;
-  RoleState role = slot.CurrentRole();
-  if (role.role == Role::kReplica) {
-    return Refused("wrong-site", "VM " + vm + " is a replica at " + config_.name +
-                                     "; a planned failover runs at its primary (" + role.peer +
-                                     "); here, siterep failover " + vm + " --unplanned");
-  }
-  if (role.role != Role::kPrimary) {
-    return Refused("not-primary", "VM " + vm + " is not primary at " + config_.name);
-  }
-  if (role.phase == Phase::kFenced) {
-    return Refused("fenced", "VM " + vm + " is fenced at " + config_.name + " (" + role.note +
-                                 "); run siterep reverse " + vm + " at " + role.peer);
-  }
-  if (role.phase == Phase::kFailedOver || role.phase == Phase::kCommitting) {
-    return Refused("not-committed", "VM " + vm + " runs on an uncommitted failover; run "
-                                    "siterep commit " + vm + " and siterep reverse " + vm + " first");
-  }
   const bool resuming = role.phase == Phase::kFailingOver;
   if (!slot.outbound || !slot.outbound->enabled()) {
     return Refused("not-replicating", "VM " + vm + " is not replicated: no site to fail over to");
@@ -154,17 +144,10 @@ json Daemon::FailoverPlanned(VmSlot& slot) {
   if (st->paused) {
     return Refused("paused", "replication of VM " + vm + " is paused (siterep resume " + vm + ")");
   }
-
-  const auto t0 = std::chrono::steady_clock::now();
-  json op = {{"operation", "planned failover"},
-             {"vm", vm},
-             {"from", config_.name},
-             {"to", peer},
-             {"started", FormatUtc(NowUnixNanos())}};
   uint64_t target = role.target_epoch;
   if (!resuming) {
     HookResult pre = RunVmHook(slot, /*pre=*/true);
-    op["pre_failover"] = pre.ToJson();
+    (*op)["pre_failover"] = pre.ToJson();
     if (!pre.ok()) {
       return Refused("hook-failed", pre.Failure() + "; nothing changed, VM " + vm + " stays here");
     }
@@ -174,6 +157,7 @@ json Daemon::FailoverPlanned(VmSlot& slot) {
     r.target_epoch = target;
     r.peer = peer;
     if (Status s = PersistRole(slot, r); !s.ok()) return Refused("state-error", s.ToString());
+    failpoint::Check("control.planned_after_persist");
   }
   // No write after the last cut: the peer gets exactly what the disks hold.
   SetDisksMode(slot, blockdev::SlotMode::kReadOnly);
@@ -202,14 +186,16 @@ json Daemon::FailoverPlanned(VmSlot& slot) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  op["drained_cycle"] = *cycle;
-  op["drain_seconds"] = SecondsSince(t0);
+  (*op)["drained_cycle"] = *cycle;
+  (*op)["drain_seconds"] = SecondsSince(t0);
+  failpoint::Check("control.planned_after_drain");
 
-  const FailoverHooks peer_hooks_bound = config_.HooksFor(vm);  // our bound for their hook
+  // The peer runs its post_failover hook before it answers; give it our own hooks' time.
+  const FailoverHooks hooks = config_.HooksFor(vm);
   Result<json> reply = CallPeer(peer,
                                 {{"op", "promote"}, {"vm", vm}, {"epoch", target},
                                  {"through_cycle", *cycle}},
-                                peer_hooks_bound.timeout + std::chrono::minutes(5));
+                                hooks.timeout + std::chrono::minutes(5));
   if (!reply.ok()) {
     // Did the peer take over? Unknown: stay read-only, never two primaries.
     return Refused("peer-unreachable",
@@ -221,8 +207,53 @@ json Daemon::FailoverPlanned(VmSlot& slot) {
     return Refused("peer-refused", peer + " refused to take over: " + PeerMessage(*reply) +
                                        "; the VM stays here, writable");
   }
-  op["rto_seconds"] = (*reply)["result"].value("rto_seconds", SecondsSince(t0));
-  op["peer"] = (*reply)["result"];
+  (*op)["rto_seconds"] = (*reply)["result"].value("rto_seconds", SecondsSince(t0));
+  (*op)["peer"] = (*reply)["result"];
+  return json();
+}
+
+json Daemon::FailoverPlanned(VmSlot& slot) {
+  const std::string& vm = slot.name;
+  RoleState role = slot.CurrentRole();
+  if (role.role == Role::kReplica) {
+    return Refused("wrong-site", "VM " + vm + " is a replica at " + config_.name +
+                                     "; a planned failover runs at its primary (" + role.peer +
+                                     "); here, siterep failover " + vm + " --unplanned");
+  }
+  if (role.role != Role::kPrimary) {
+    return Refused("not-primary", "VM " + vm + " is not primary at " + config_.name);
+  }
+  if (role.phase == Phase::kFenced) {
+    return Refused("fenced", "VM " + vm + " is fenced at " + config_.name + " (" + role.note +
+                                 "); run siterep reverse " + vm + " at " + role.peer);
+  }
+  if (role.phase == Phase::kFailedOver || role.phase == Phase::kCommitting) {
+    return Refused("not-committed", "VM " + vm + " runs on an uncommitted failover; run "
+                                    "siterep commit " + vm + " and siterep reverse " + vm + " first");
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string peer = role.phase == Phase::kFailingOver
+                               ? role.peer
+                               : (slot.outbound ? slot.outbound->peer() : role.peer);
+  json op = {{"operation", "planned failover"},
+             {"vm", vm},
+             {"from", config_.name},
+             {"to", peer},
+             {"started", FormatUtc(NowUnixNanos())}};
+  // Resuming after a crash or a lost answer: the peer may have taken over already.
+  bool taken_over = false;
+  if (role.phase == Phase::kFailingOver) {
+    Result<json> answer = CallPeer(peer, {{"op", "vm-status"}, {"vm", vm}}, kStatusTimeout);
+    taken_over = answer.ok() && answer->value("ok", false) &&
+                 (*answer)["result"].value("role", "") == "primary" &&
+                 (*answer)["result"].value("epoch", uint64_t{0}) == role.target_epoch;
+  }
+  if (!taken_over) {
+    json refused = HandOver(slot, role, t0, &op);
+    if (!refused.is_null()) return refused;
+  }
+  const uint64_t target = slot.CurrentRole().target_epoch;
+  failpoint::Check("control.planned_before_demote");
 
   // The peer is primary at target: this site becomes its replica, with the same data.
   RoleState r;
@@ -234,6 +265,7 @@ json Daemon::FailoverPlanned(VmSlot& slot) {
   r.definition = DefinitionOf(slot, target);
   r.definition.primary_site = peer;
   if (Status s = PersistRole(slot, r); !s.ok()) return Refused("state-error", s.ToString());
+  failpoint::Check("control.demote_after_persist");
   Status s = ClosePrimary(slot);
   if (s.ok()) s = FinishDemotion(slot);
   if (s.ok()) {
@@ -303,6 +335,7 @@ json Daemon::Promote(VmSlot& slot, const std::string& peer, const json& request)
   r.definition.primary_site = config_.name;
   replica.reset();  // the last reference: closes the replica
   if (Status s = PersistRole(slot, r); !s.ok()) return Refused("state-error", s.ToString());
+  failpoint::Check("control.promote_after_persist");
   Status s = FinishPromotion(slot);
   if (s.ok()) s = OpenPrimary(slot, blockdev::SlotMode::kReadWrite);
   if (!s.ok()) {
@@ -414,6 +447,7 @@ json Daemon::FailoverUnplanned(VmSlot& slot, const json& request) {
     (void)inbound_->Add(replica);
     return Refused("state-error", s.ToString());
   }
+  failpoint::Check("control.unplanned_after_persist");
   if (Status s = OpenFailedOver(slot, replica, /*fresh=*/true); !s.ok()) {
     return Refused("failover-failed", "VM " + vm + " failed over, but its disks could not be "
                                       "exposed: " + s.ToString() + " (restart siterepd)");
@@ -447,6 +481,7 @@ json Daemon::Commit(VmSlot& slot) {
     RoleState r = role;
     r.phase = Phase::kCommitting;
     if (Status s = PersistRole(slot, r); !s.ok()) return Refused("state-error", s.ToString());
+    failpoint::Check("control.commit_after_persist");
   }
   // Guest I/O waits while the images become point + overlay (reads included: the view
   // and the overlays go away).
@@ -571,6 +606,7 @@ json Daemon::Demote(VmSlot& slot, const std::string& peer, const json& request) 
   r.definition = DefinitionOf(slot, epoch);
   r.definition.primary_site = peer;
   if (Status s = PersistRole(slot, r); !s.ok()) return Refused("state-error", s.ToString());
+  failpoint::Check("control.demote_after_persist");
   spdlog::warn("VM {}: {} is primary at epoch {}: this site becomes its replica; writes made "
                "here since the failover are discarded",
                vm, peer, epoch);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -37,7 +38,9 @@ std::string LastLine(const std::string& text) {
 
 std::string HookResult::Failure() const {
   if (ok()) return "";
-  std::string why = timed_out ? "timed out after " + std::to_string(static_cast<int>(seconds)) + " s"
+  char took[32];
+  std::snprintf(took, sizeof took, "%.1f s", seconds);
+  std::string why = timed_out ? std::string("timed out (killed after ") + took + ")"
                               : "exited with " + std::to_string(exit_code);
   std::string line = LastLine(output);
   return "hook '" + command + "' " + why + (line.empty() ? "" : ": " + line);

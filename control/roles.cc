@@ -9,6 +9,7 @@
 #include <spdlog/spdlog.h>
 
 #include "applier/replica_state.h"
+#include "common/failpoint.h"
 #include "common/file_util.h"
 #include "common/time_util.h"
 #include "control/daemon.h"
@@ -348,6 +349,7 @@ Status Daemon::FinishCommit(VmSlot& slot) {
     SR_ASSIGN_OR_RETURN(std::unique_ptr<applier::Replica> replica, applier::Replica::Open(dir));
     SR_RETURN_IF_ERROR(replica->MaterializePoint(point));
   }
+  failpoint::Check("control.commit_mid");
   // 2. The writes made since the failover go in (again, after a crash: the same result).
   for (const applier::DiskDefinition& d : def.disks) {
     const fs::path overlay = OverlayPath(overlay_dir, d.name, point);
@@ -518,8 +520,10 @@ void Daemon::CheckRoles(int64_t now) {
     std::string peer;
     {
       std::lock_guard lk(slot->mu);
+      // A planned failover under way has its disks read-only already; the peer's refusal
+      // then means it took over, which the failover itself finds out.
       if (slot->role.role != Role::kPrimary || !slot->outbound ||
-          slot->role.phase == Phase::kFenced) {
+          slot->role.phase == Phase::kFenced || slot->role.phase == Phase::kFailingOver) {
         continue;
       }
       st = slot->outbound->LinkStats();
