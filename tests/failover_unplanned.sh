@@ -75,6 +75,10 @@ log "fsck: clean after the journal replay"
 detach_loop "$LOOP"
 west_sha=$(sha256sum <"$WEST_MNT/vm1/d0" | cut -d' ' -f1)
 
+expect_exit1 "reverse with east down" "$SITEREP" -c "$WEST_CONF" reverse vm1
+expect_output_has "cannot reach east"
+[[ $(vm_field "$WEST_CONF" vm1 "v['state']") == "failed over" ]] || fail "the refused reverse committed"
+
 step "east comes back believing it is primary: it is fenced"
 start_daemon "$EAST_CONF"
 EAST_PID=$DAEMON_PID
