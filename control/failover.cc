@@ -192,6 +192,7 @@ json Daemon::HandOver(VmSlot& slot, const RoleState& role,
 
   // The peer runs its post_failover hook before it answers; give it our own hooks' time.
   const FailoverHooks hooks = config_.HooksFor(vm);
+  const double asked_after = SecondsSince(t0);
   Result<json> reply = CallPeer(peer,
                                 {{"op", "promote"}, {"vm", vm}, {"epoch", target},
                                  {"through_cycle", *cycle}},
@@ -207,7 +208,9 @@ json Daemon::HandOver(VmSlot& slot, const RoleState& role,
     return Refused("peer-refused", peer + " refused to take over: " + PeerMessage(*reply) +
                                        "; the VM stays here, writable");
   }
-  (*op)["rto_seconds"] = (*reply)["result"].value("rto_seconds", SecondsSince(t0));
+  // From the command to the disks writable at the peer: the hook, the drain, and the
+  // peer's promotion (its post_failover hook runs after).
+  (*op)["rto_seconds"] = asked_after + (*reply)["result"].value("rto_seconds", 0.0);
   (*op)["peer"] = (*reply)["result"];
   return json();
 }
@@ -433,6 +436,7 @@ json Daemon::FailoverUnplanned(VmSlot& slot, const json& request) {
       op["primary_status"] = answer.ok() ? *answer : json(answer.status().message());
     }
   }
+  const std::optional<double> loss_window = inbound_->DataLossWindow(vm, point);
   replica = inbound_->Take(vm);  // the old primary's stream stops; its Hellos now fail
   RoleState r;
   r.role = Role::kPrimary;
@@ -454,8 +458,7 @@ json Daemon::FailoverUnplanned(VmSlot& slot, const json& request) {
   }
   op["rto_seconds"] = SecondsSince(t0);
   op["point"] = {{"id", point.id}, {"time", FormatUtc(point.cut_unix_nanos)}};
-  op["data_loss_window_seconds"] =
-      static_cast<double>(NowUnixNanos() - point.cut_unix_nanos) / 1e9;
+  op["data_loss_window_seconds"] = loss_window ? json(*loss_window) : json(nullptr);
   op["epoch"] = r.epoch;
   spdlog::warn("VM {}: unplanned failover to recovery point {} ({}), epoch {}; not protected "
                "until siterep commit {} and siterep reverse {}",

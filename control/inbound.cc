@@ -179,6 +179,17 @@ std::optional<double> Inbound::RpoSeconds(int64_t now, const shipper::ReceiverVm
   return std::max(0.0, static_cast<double>(now - oldest) / kNanos);
 }
 
+std::optional<double> Inbound::DataLossWindow(const std::string& vm,
+                                              const applier::RecoveryPoint& point) const {
+  if (!receiver_) return std::nullopt;
+  const std::vector<shipper::ReceiverVmStats> links = receiver_->Stats();
+  const shipper::ReceiverVmStats* link = FindLink(links, vm);
+  if (link == nullptr || link->last_contact_unix_nanos == 0) return std::nullopt;
+  if (point.latest && link->primary_oldest_unapplied_change_unix_nanos == 0) return 0.0;
+  return std::max(0.0,
+                  static_cast<double>(link->last_contact_unix_nanos - point.cut_unix_nanos) / kNanos);
+}
+
 void Inbound::Tick(int64_t now) {
   std::vector<shipper::ReceiverVmStats> links;
   if (receiver_) links = receiver_->Stats();

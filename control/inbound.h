@@ -60,6 +60,12 @@ class Inbound {
   // primary's connections from now on.
   Status Add(std::shared_ptr<applier::Replica> replica);
 
+  // How much time of writes a failover to point would lose, as far as this site knows:
+  // 0 when the primary reported nothing unapplied at its last contact and point is the
+  // latest; else from the point's cut to the last contact (writes after it are unknown
+  // here). nullopt: the primary never connected since this daemon started.
+  std::optional<double> DataLossWindow(const std::string& vm,
+                                       const applier::RecoveryPoint& point) const;
   void Tick(int64_t now_nanos);
   // Status objects (as in `siterep status --json`) of the replica VMs, optionally one.
   nlohmann::json Report(int64_t now_nanos, const std::string& vm_filter) const;

@@ -443,6 +443,12 @@ Status Daemon::Admit(const std::string& peer, const applier::ReplicaDefinition& 
     AddSlot(std::move(fresh));
     return Status::Ok();
   }
+  // No replica may appear or change under a role change of the VM (a promotion has taken
+  // the replica away; a demotion is making one).
+  std::unique_lock op(slot->op_mu, std::try_to_lock);
+  if (!op.owns_lock()) {
+    return Status::Error(EAGAIN, "VM " + def.vm + " is changing roles at " + config_.name);
+  }
   RoleState role = slot->CurrentRole();
   const std::string vm = def.vm;
   const std::string e = std::to_string(def.epoch);

@@ -103,7 +103,8 @@ void Shipper::Impl::Run() {
     {
       std::lock_guard lk(mu_);
       stats_.connected = false;
-      refused = stats_.refused;
+      // "try_again" names a passing state at the peer: not worth the slow retry.
+      refused = stats_.refused && stats_.refusal != "try_again";
     }
     spdlog::warn("VM {}: replication to {} ({}): {}", opts_.definition.vm, opts_.peer,
                  opts_.peer_address, s.ToString());

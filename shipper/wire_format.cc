@@ -334,7 +334,7 @@ struct RefusalEntry {
 constexpr RefusalEntry kRefusals[] = {
     {ESTALE, "epoch_older"},         {EACCES, "unknown_site"}, {EBUSY, "vm_busy"},
     {EINVAL, "definition_mismatch"}, {EPROTO, "protocol"},     {ENOSPC, "no_space"},
-    {EPERM, "not_permitted"},
+    {EPERM, "not_permitted"},       {EAGAIN, "try_again"},
 };
 }  // namespace
 

@@ -198,7 +198,9 @@ Result<HelloReply> DecodeHelloReply(std::span<const std::byte> payload);
 
 // The refusal name sent for a Status code, and back: ESTALE "epoch_older", EACCES
 // "unknown_site", EBUSY "vm_busy", EINVAL "definition_mismatch", EPROTO "protocol",
-// ENOSPC "no_space", EPERM "not_permitted"; anything else "refused" (ECONNREFUSED).
+// ENOSPC "no_space", EPERM "not_permitted", EAGAIN "try_again" (a passing state, e.g. a
+// role change under way: the shipper retries at its normal pace); anything else "refused"
+// (ECONNREFUSED).
 std::string_view RefusalName(int code);
 int RefusalCode(std::string_view name);
 

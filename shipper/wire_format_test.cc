@@ -243,7 +243,7 @@ TEST(WireFormat, HelloReplyRoundTrip) {
 }
 
 TEST(WireFormat, RefusalNamesMapBothWays) {
-  for (int code : {ESTALE, EACCES, EBUSY, EINVAL, EPROTO, ENOSPC, EPERM}) {
+  for (int code : {ESTALE, EACCES, EBUSY, EINVAL, EPROTO, ENOSPC, EPERM, EAGAIN}) {
     EXPECT_EQ(RefusalCode(RefusalName(code)), code) << RefusalName(code);
   }
   EXPECT_EQ(RefusalName(EIO), "refused");
