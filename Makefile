@@ -6,6 +6,7 @@
 #   make bench       build, then bench/run.sh (fio: raw image vs FUSE vs FUSE + log) and
 #                    bench/replication.sh (two sites on loopback: guest cost, shipping, RPO)
 #                    and bench/sync.sh (initial copy vs openssl, seeded enable, sparse disk)
+#                    and bench/failover.sh (planned and unplanned failover RTO, reverse replication)
 #   make check-asan  unit tests built with AddressSanitizer/UBSan in build-asan/
 #   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers,
 #                    FUZZ_SECONDS each (default 60), in build-fuzz/
@@ -67,6 +68,7 @@ bench: build
 	bash bench/run.sh $(BUILD_DIR)/bin
 	bash bench/replication.sh $(BUILD_DIR)/bin
 	bash bench/sync.sh $(BUILD_DIR)/bin
+	bash bench/failover.sh $(BUILD_DIR)/bin
 
 check-asan: deps
 	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSITEREP_SANITIZE=ON

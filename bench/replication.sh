@@ -57,13 +57,7 @@ cleanup() {
       fusermount3 -u "$W/$s/mnt" || fusermount3 -uz "$W/$s/mnt"
     fi
   done
-  if findmnt -rn -o TARGET | grep -q "^$W/"; then
-    echo "bench: mounts remain under $W; leaving it" >&2
-  else
-    rm -rf "$W"
-  fi
-  [[ $rc -eq 0 ]] || echo "bench: failed (exit $rc)" >&2
-  exit "$rc"
+  bench_finish "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT

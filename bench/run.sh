@@ -19,6 +19,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BIN=$(realpath "${1:-$ROOT/build/bin}")
+source "$ROOT/bench/sites.sh"
 RUNTIME=${BENCH_RUNTIME:-20}
 RAMP=${BENCH_RAMP:-5}
 ROUNDS=${BENCH_ROUNDS:-3}
@@ -51,13 +52,7 @@ cleanup() {
       fusermount3 -u "${MNT[$c]}" || fusermount3 -uz "${MNT[$c]}"
     fi
   done
-  if findmnt -rn -o TARGET | grep -q "^$W/"; then
-    echo "bench: mounts remain under $W; leaving it" >&2
-  else
-    rm -rf "$W"
-  fi
-  [[ $rc -eq 0 ]] || echo "bench: failed (exit $rc)" >&2
-  exit "$rc"
+  bench_finish "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT

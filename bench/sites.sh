@@ -1,5 +1,18 @@
-# Shared by the two-site benchmarks (bench/replication.sh, bench/sync.sh): certificates and
-# the two site configs. Source it; it defines functions only.
+# Shared by the benchmarks (bench/run.sh, replication.sh, sync.sh, failover.sh): the exit
+# trap's end, certificates and the two site configs. Source it; it defines functions only.
+
+# bench_finish RC: the end of every bench script's exit trap: removes the work folder $W
+# (unless something is still mounted under it) and exits with RC.
+bench_finish() {
+  local rc=$1
+  if findmnt -rn -o TARGET | grep -q "^$W/"; then
+    echo "bench: mounts remain under $W; leaving it" >&2
+  else
+    rm -rf "$W"
+  fi
+  [[ $rc -eq 0 ]] || echo "bench: failed (exit $rc)" >&2
+  exit "$rc"
+}
 
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'

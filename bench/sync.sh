@@ -53,13 +53,7 @@ cleanup() {
   trap - EXIT INT TERM
   [[ -n $SSL_PID ]] && kill "$SSL_PID" 2>/dev/null && wait "$SSL_PID" 2>/dev/null
   stop_sites
-  if findmnt -rn -o TARGET | grep -q "^$W/"; then
-    echo "bench: mounts remain under $W; leaving it" >&2
-  else
-    rm -rf "$W"
-  fi
-  [[ $rc -eq 0 ]] || echo "bench: failed (exit $rc)" >&2
-  exit "$rc"
+  bench_finish "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
