@@ -1,7 +1,8 @@
 # siterep: top-level entry points. Every target does its own set-up on a fresh Debian 12
 # machine as root: `make deps` installs whatever is missing, the others build on it.
 #
-#   make demo        build, then run tools/demo.sh (one site, one VM, ext4 on a disk)
+#   make demo        build, then run tools/demo.sh (two sites: enable, write, planned
+#                    failover, failback, with status between the steps)
 #   make test        build, then every test (unit + integration) through ctest
 #   make bench       build, then bench/run.sh (fio: raw image vs FUSE vs FUSE + log) and
 #                    bench/replication.sh (two sites on loopback: guest cost, shipping, RPO)

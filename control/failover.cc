@@ -644,7 +644,7 @@ json Daemon::Failback(VmSlot& slot) {
   if (!slot.outbound || !slot.outbound->enabled() || role.phase != Phase::kNone) {
     json res = Reverse(slot);
     if (!res.value("ok", false)) return stop(1, "reverse replication", res);
-    steps.push_back({{"step", "reverse replication"}, {"result", res["result"]}});
+    steps.push_back({{"step", "reverse replication"}, {"result", res["result"]["result"]}});
   } else {
     steps.push_back({{"step", "reverse replication"}, {"result", "already running"}});
   }
@@ -658,7 +658,8 @@ json Daemon::Failback(VmSlot& slot) {
   // 2. Planned failover back; 3. it makes this site the replica, so the VM is protected.
   json res = FailoverPlanned(slot);
   if (!res.value("ok", false)) return stop(2, "planned failover", res);
-  steps.push_back({{"step", "planned failover"}, {"result", res["result"]}});
+  steps.push_back({{"step", "planned failover"}, {"result", res["result"]["result"]},
+                   {"details", res["result"]}});
   steps.push_back({{"step", "reverse replication"},
                    {"result", role.peer + " replicates VM " + vm + " to " + config_.name}});
   return Ok({{"vm", vm}, {"primary", role.peer}, {"steps", steps}});

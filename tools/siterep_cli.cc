@@ -460,7 +460,7 @@ int main(int argc, char** argv) {
     }
     if (int rc = Call(g, req, &result); rc != 0) return rc;
     if (planned) {
-      print("VM " + vm + ": " + Str(result, "result") + " (" +
+      print(Str(result, "result") + " (" +
             Seconds(result.value("seconds", 0.0)) + ", disks writable after " +
             Seconds(result.value("rto_seconds", 0.0)) + ")");
     } else if (result.value("unchanged", false)) {
