@@ -327,6 +327,29 @@ void PointStore::Unpin(uint64_t cycle) {
     spdlog::warn("replica undo: dropping point {} after its last view: {}", cycle, s.ToString());
 }
 
+Result<std::vector<std::vector<uint64_t>>> PointStore::UndoBlocksSince(uint64_t point_id) const {
+  std::shared_lock lock(mu_);
+  const std::optional<size_t> at = journal_->Find(point_id);
+  if (materializing_) {
+    if (point_id != *materializing_) {
+      return Status::Error(EBUSY, "the images are being made point " +
+                                      std::to_string(*materializing_) +
+                                      "; no other point can be looked at until that ends");
+    }
+  } else {
+    const bool is_latest = has_latest_ && point_id == latest_cycle_;
+    if (!is_latest && !(at && journal_->point(*at).retained)) {
+      return Status::Error(ENOENT, "no recovery point " + std::to_string(point_id) +
+                                       " (points: " + PointList() + ")");
+    }
+  }
+  std::vector<std::vector<uint64_t>> out(disks_.size());
+  if (at) {
+    for (size_t disk = 0; disk < disks_.size(); ++disk) out[disk] = journal_->BlocksFrom(*at, disk);
+  }
+  return out;
+}
+
 Status PointStore::Read(uint64_t cycle, size_t disk, uint64_t offset,
                         std::span<std::byte> out) const {
   std::shared_lock lock(mu_);

@@ -158,6 +158,17 @@ class PointStore {
   Result<RecoveryPoint> Pin(uint64_t point_id);
   void Unpin(uint64_t cycle);
 
+  // Per disk (in order), the blocks (kUndoBlockSize units, increasing) that the undo files
+  // of point_id and of every newer chain point hold: every block the images have had
+  // overwritten since they were point_id (by applied cycles, an interrupted apply, sync
+  // writes), i.e. what differs between point_id and the images. A discard saves only the
+  // blocks that held data, so blocks that read as zeros before and after are not among
+  // them. Empty for the latest point unless it is a chain point whose file holds blocks
+  // (an interrupted apply or a staged sync wrote over it). point_id: a retained point or
+  // the latest point (ENOENT otherwise); while a materialization is unfinished only the
+  // point being materialized (EBUSY for others), whose journal is still whole.
+  Result<std::vector<std::vector<uint64_t>>> UndoBlocksSince(uint64_t point_id) const;
+
   // Reads [offset, offset + out.size()) of disk as of the pinned point cycle.
   Status Read(uint64_t cycle, size_t disk, uint64_t offset, std::span<std::byte> out) const;
 

@@ -87,6 +87,7 @@
 #include "applier/segment_sink.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
+#include "tracker/vm_tracker.h"
 
 namespace siterep::applier {
 
@@ -188,6 +189,39 @@ class Replica : public SegmentSink {
   // MaterializePoint(P) before anything reads the images; with that, the images are P.
   Status MaterializePoint(uint64_t point_id);
 
+  // The blocks of each disk (in definition order) that may differ between recovery point
+  // point_id and everything this replica received: the blocks of every cycle applied after
+  // the point (the undo journal's saved blocks of the point and every newer chain point),
+  // the blocks of committed cycles received but not yet applied (their segments' records,
+  // writes and discards), and, if an apply was interrupted, what that apply may have
+  // written. kSnapshotBlockSize-aligned (tracker/vm_tracker.h ByteRange, 64 KiB; the last
+  // range may end at the disk's size), sorted, merged. ENOENT for an unknown point; for the
+  // latest point only the received-but-unapplied part. Call with the applier stopped (or
+  // never started).
+  //
+  // Details (replica_changed.cc):
+  //  - point_id is a retained point or the latest point, from Points(): ENOENT otherwise
+  //    (also for a point only a view keeps), EINVAL for kLatestPoint (name it by its id).
+  //  - Applied cycles count through the undo journal, which saves a block before its first
+  //    overwrite: a write's covering blocks always, a discard's only where they held data
+  //    (a discard of blocks that already read as zeros changed nothing and is not listed);
+  //    writes and discards of a staged or direct sync are in the journal the same way.
+  //    Committed, unapplied cycles count with their records' whole ranges (discards too).
+  //    Segments being received or received but not committed are not included: the
+  //    primary still holds those cycles (they were never acknowledged, received_cycle).
+  //  - A committed segment that is missing or fails the applier's checks (a bad record
+  //    stopped the apply) cannot tell what it changes: that disk is reported whole
+  //    ([0, size)) and a warning logged. Other read errors are returned.
+  //  - The latest point includes what an interrupted apply may have written (the
+  //    interrupted cycle is still pending; its records' ranges cover it).
+  //  - Needs the applier stopped: EBUSY while the thread runs. Receiving is held off
+  //    while it runs (it takes the receive lock), so the answer is one consistent state.
+  //  - While MaterializePoint(M) is unfinished only ChangedSince(M) is answered (EBUSY for
+  //    others), and it gives what it gave before the materialization began. Once
+  //    MaterializePoint(point_id) has returned Ok the journal and the received stream are
+  //    gone: the answer is empty from then on, so record it BEFORE materializing.
+  Result<std::vector<std::vector<tracker::ByteRange>>> ChangedSince(uint64_t point_id) const;
+
   std::vector<RecoveryPoint> Points() const;
   // A view of point_id (a cycle from Points(), or kLatestPoint). ENOENT: no such point.
   Result<std::unique_ptr<PointView>> OpenView(uint64_t point_id);
@@ -284,11 +318,12 @@ class Replica : public SegmentSink {
 
   // Lock order: apply_mu_, recv_mu_, persist_mu_, mu_, then PointStore's lock. mu_ is
   // never held across I/O.
-  std::mutex apply_mu_;         // one apply at a time (the thread or ApplyPending)
-  std::mutex recv_mu_;          // serialises the SegmentSink calls; protects incoming_
-  std::mutex persist_mu_;       // serialises writes of position.json and replica.json
-  mutable std::mutex mu_;       // protects def_, state_, staged_, transient_error_, stop_
-  std::condition_variable cv_;  // applier wake-up: a commit, Stop, ClearApplyError
+  // mutable: ChangedSince (const) holds them to see one consistent state.
+  mutable std::mutex apply_mu_;  // one apply at a time (the thread or ApplyPending)
+  mutable std::mutex recv_mu_;   // serialises the SegmentSink calls; protects incoming_
+  std::mutex persist_mu_;        // serialises writes of position.json and replica.json
+  mutable std::mutex mu_;        // protects def_, state_, staged_, transient_error_, stop_
+  std::condition_variable cv_;   // applier wake-up: a commit, Stop, ClearApplyError
   ReplicaDefinition def_;
   PositionState state_;                            // as in position.json
   std::vector<std::optional<Incoming>> incoming_;  // per disk

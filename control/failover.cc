@@ -563,9 +563,32 @@ json Daemon::Reverse(VmSlot& slot) {
                                        PeerMessage(*reply));
   }
   // The old primary's disks may hold writes never shipped, and this site wrote since the
-  // failover: compare every block, send those that differ.
-  Status s = slot.outbound->Enable(role.peer, applier::SyncKind::kResync);
+  // failover: compare the blocks either side changed since the fork when both are known,
+  // else every block; send those that differ.
+  Result<std::optional<ForkRecord>> fork = LoadFork(config_.state_dir, vm);
+  std::optional<DiskRanges> theirs;
+  const json& result = (*reply)["result"];
+  if (result.contains("divergent")) theirs = DiskRangesFromJson(result["divergent"]);
+  std::optional<DiskRanges> compare;
+  if (fork.ok() && *fork && theirs) {
+    compare = (*fork)->changed;
+    for (const auto& [disk, ranges] : *theirs) (*compare)[disk] = UnionRanges((*compare)[disk], ranges);
+    uint64_t n = 0;
+    for (const auto& [disk, ranges] : *compare) n += tracker::RangeBytes(ranges);
+    out["compare"] = "blocks changed since recovery point " + std::to_string((*fork)->point) +
+                     " at either site";
+    out["compare_bytes"] = n;
+  } else {
+    out["compare"] = "every block";
+    spdlog::info("VM {}: reverse replication compares every block ({})", vm,
+                 !fork.ok() ? fork.status().ToString()
+                 : !*fork   ? "no record of the fork here"
+                            : std::string(role.peer) + " did not know its divergent blocks");
+  }
+  Status s = slot.outbound->Enable(role.peer, applier::SyncKind::kResync,
+                                   compare ? &*compare : nullptr);
   if (!s.ok()) return Refused("reverse-failed", s.ToString());
+  (void)RemoveFork(config_.state_dir, vm);
   RoleState r = role;
   r.committed = false;
   (void)PersistRole(slot, r);
@@ -600,6 +623,29 @@ json Daemon::Demote(VmSlot& slot, const std::string& peer, const json& request) 
                                           std::to_string(role.epoch) + "; epoch " +
                                           std::to_string(epoch) + " is not newer");
   }
+  // What this site wrote that the peer never acknowledged (its divergent tail): the
+  // unreleased log and the dirty bitmap, read through a snapshot's cut. Unknown (a disk
+  // fell back without a narrower set, or no log) means the peer compares every block.
+  json dirty = nullptr;
+  if (slot.primary && slot.primary->tracker) {
+    Result<tracker::SnapshotInfo> snap = slot.primary->tracker->StartSnapshot();
+    if (snap.ok()) {
+      DiskRanges ranges;
+      size_t count = 0;
+      bool known = true;
+      for (const tracker::SnapshotDisk& d : snap->disks) {
+        known &= !d.all_dirty;
+        count += d.dirty.size();
+        ranges[d.name] = d.dirty;
+      }
+      (void)slot.primary->tracker->EndSnapshot(false);
+      // A peer message holds at most 1 MiB: a very scattered tail goes as "unknown".
+      if (known && count <= 20000) dirty = DiskRangesToJson(ranges);
+    } else {
+      spdlog::warn("VM {}: the divergent blocks are not known ({}); {} compares every block",
+                   vm, snap.status().ToString(), peer);
+    }
+  }
   RoleState r;
   r.role = Role::kReplica;
   r.epoch = epoch;
@@ -623,7 +669,7 @@ json Daemon::Demote(VmSlot& slot, const std::string& peer, const json& request) 
   std::lock_guard lk(slot.mu);
   slot.last_operation = {{"operation", "demoted"}, {"primary", peer}, {"epoch", epoch},
                          {"finished", FormatUtc(NowUnixNanos())}};
-  return Ok({{"role", "replica"}, {"epoch", epoch}});
+  return Ok({{"role", "replica"}, {"epoch", epoch}, {"divergent", dirty}});
 }
 
 // --- Failback ---------------------------------------------------------------------------------

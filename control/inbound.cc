@@ -295,7 +295,8 @@ json Inbound::Report(int64_t now, const std::string& vm_filter) const {
                                                        static_cast<double>(link->bytes_wire);
       vm["link"] = {{"state", link->connected ? "connected" : "disconnected"},
                     {"peer", def.primary_site},
-                    {"last_error", link->last_error},
+                    // What ended the previous connection, while there is no new one.
+                    {"last_error", link->connected ? std::string() : link->last_error},
                     {"last_contact", FormatUtc(link->last_contact_unix_nanos)},
                     {"throughput_bytes_per_s", link->throughput_bytes_per_s},
                     {"compression_ratio", ratio},

@@ -125,7 +125,7 @@ Status Outbound::Forget(const SiteConfig& site, const std::string& vm) {
   return SyncDir(site.state_dir / "vms" / vm);
 }
 
-Status Outbound::BeginSync(applier::SyncKind kind, bool full) {
+Status Outbound::BeginSync(applier::SyncKind kind, bool full, const DiskRanges* compare) {
   const VmConfig& cfg = *vm_->config;
   SR_RETURN_IF_ERROR(MakeDirs(sync_file_.parent_path()));
   SR_RETURN_IF_ERROR(WriteFileAtomic(
@@ -136,6 +136,24 @@ Status Outbound::BeginSync(applier::SyncKind kind, bool full) {
   for (const ProtectedDisk& d : vm_->disks) fds.push_back(d.fd.get());
   shipper::SyncJob job = shipper::PlanSync(*info, kind, full, vm_->epoch, fds);
   applier::SyncPlan& plan = job.plan;
+  if (compare != nullptr) {
+    // Widened to the comparison's blocks, added to what the snapshot knows is dirty.
+    constexpr uint64_t kBlock = tracker::kSnapshotBlockSize;
+    for (size_t i = 0; i < job.ranges.size() && i < vm_->disks.size(); ++i) {
+      auto it = compare->find(vm_->disks[i].name);
+      if (it == compare->end()) continue;
+      const uint64_t size = vm_->disks[i].size;
+      std::vector<tracker::ByteRange> wide;
+      for (const tracker::ByteRange& r : it->second) {
+        if (r.length == 0 || r.offset >= size) continue;
+        const uint64_t start = r.offset / kBlock * kBlock;
+        const uint64_t end = std::min(size, (std::min(size, r.offset + r.length) + kBlock - 1) / kBlock * kBlock);
+        wide.push_back({start, end - start});
+      }
+      job.ranges[i] = UnionRanges(job.ranges[i], UnionRanges(wide, {}));
+      plan.disks[i].bytes_total = tracker::RangeBytes(job.ranges[i]);
+    }
+  }
   uint64_t total = 0;
   for (const applier::SyncDiskPlan& d : plan.disks) total += d.bytes_total;
   spdlog::info("VM {}: {} sync {} to {}: snapshot at cycle {}, {} to {}", cfg.name,
@@ -246,7 +264,8 @@ void Outbound::MaybeAutoResync(int64_t now_nanos) {
   if (!s.ok()) spdlog::warn("VM {}: automatic resync: {}", cfg.name, s.ToString());
 }
 
-Status Outbound::Enable(const std::string& peer, applier::SyncKind kind) {
+Status Outbound::Enable(const std::string& peer, applier::SyncKind kind,
+                        const DiskRanges* compare) {
   const std::string& name = vm_->config->name;
   std::lock_guard lk(mu_);
   if (FindPeer(site_, peer) == nullptr) {
@@ -269,7 +288,8 @@ Status Outbound::Enable(const std::string& peer, applier::SyncKind kind) {
   settings_ = s;  // BeginSync names the peer
   // sync.json before replication.json: a crash in between leaves a sync.json without a
   // peer, which Load ignores.
-  Status begun = BeginSync(kind, kind == applier::SyncKind::kResync);
+  Status begun =
+      BeginSync(kind, kind == applier::SyncKind::kResync && compare == nullptr, compare);
   if (begun.ok()) begun = Persist(s);
   if (!begun.ok()) {
     settings_ = ReplicationSettings{};

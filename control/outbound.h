@@ -26,6 +26,7 @@
 #include "common/status.h"
 #include "control/health.h"
 #include "control/protected_disk.h"
+#include "control/role.h"
 #include "shipper/shipper.h"
 #include "shipper/tls.h"
 
@@ -51,7 +52,11 @@ class Outbound : public shipper::SyncSource {
   // peer, an untracked VM or a site without certificates; persists, then starts shipping.
   // kind: kInitial copies, kSeeded compares every block, kResync with full (reverse
   // replication onto an old primary's images) compares every block too.
-  Status Enable(const std::string& peer, applier::SyncKind kind = applier::SyncKind::kInitial);
+  // compare (kResync only): the blocks that may differ, by disk name (reverse replication:
+  // both sides' changes since the fork); the snapshot's own dirty blocks are added. Without
+  // it a kResync compares every block.
+  Status Enable(const std::string& peer, applier::SyncKind kind = applier::SyncKind::kInitial,
+                const DiskRanges* compare = nullptr);
   // `siterep resync VM`: snapshot now and compare (bitmap-guided where the dirty blocks are
   // known, every block otherwise); refused while a sync runs or when not replicated.
   Status Resync(bool full = false);
@@ -89,7 +94,7 @@ class Outbound : public shipper::SyncSource {
   Status Persist(const ReplicationSettings& s) const;
   Status StartShipper();  // mu_ held
   // Persists sync.json, takes the snapshot and makes the plan. mu_ held, no shipper.
-  Status BeginSync(applier::SyncKind kind, bool full);
+  Status BeginSync(applier::SyncKind kind, bool full, const DiskRanges* compare = nullptr);
   Status ResyncLocked(const std::string& why, bool full);  // mu_ held
   void MaybeAutoResync(int64_t now_nanos);      // mu_ held
   // The "progress" objects of the VM and its disks while a sync is owed.

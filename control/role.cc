@@ -1,5 +1,8 @@
 #include "control/role.h"
 
+#include <algorithm>
+#include <iterator>
+
 #include <nlohmann/json.hpp>
 
 #include "applier/replica_state.h"
@@ -126,6 +129,92 @@ Status StoreRole(const fs::path& state_dir, const std::string& vm, const RoleSta
     j["definition"] = json::parse(applier::DefinitionToJson(s.definition));
   }
   return WriteFileAtomic(file, j.dump(1) + "\n");
+}
+
+std::vector<tracker::ByteRange> UnionRanges(const std::vector<tracker::ByteRange>& a,
+                                            const std::vector<tracker::ByteRange>& b) {
+  std::vector<tracker::ByteRange> all;
+  all.reserve(a.size() + b.size());
+  std::merge(a.begin(), a.end(), b.begin(), b.end(), std::back_inserter(all),
+             [](const tracker::ByteRange& x, const tracker::ByteRange& y) {
+               return x.offset < y.offset;
+             });
+  std::vector<tracker::ByteRange> out;
+  for (const tracker::ByteRange& r : all) {
+    if (r.length == 0) continue;
+    if (!out.empty() && r.offset <= out.back().offset + out.back().length) {
+      const uint64_t end = std::max(out.back().offset + out.back().length, r.offset + r.length);
+      out.back().length = end - out.back().offset;
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+json DiskRangesToJson(const DiskRanges& ranges) {
+  json out = json::object();
+  for (const auto& [disk, list] : ranges) {
+    json a = json::array();
+    for (const tracker::ByteRange& r : list) a.push_back({r.offset, r.length});
+    out[disk] = std::move(a);
+  }
+  return out;
+}
+
+std::optional<DiskRanges> DiskRangesFromJson(const json& j) {
+  if (!j.is_object()) return std::nullopt;
+  DiskRanges out;
+  for (const auto& [disk, list] : j.items()) {
+    if (!list.is_array()) return std::nullopt;
+    std::vector<tracker::ByteRange>& v = out[disk];
+    for (const json& r : list) {
+      if (!r.is_array() || r.size() != 2 || !r[0].is_number_unsigned() ||
+          !r[1].is_number_unsigned()) {
+        return std::nullopt;
+      }
+      v.push_back({r[0].get<uint64_t>(), r[1].get<uint64_t>()});
+    }
+    // Whatever the sender did, the list is sorted and merged here.
+    std::sort(v.begin(), v.end(), [](const tracker::ByteRange& x, const tracker::ByteRange& y) {
+      return x.offset < y.offset;
+    });
+    v = UnionRanges(v, {});
+  }
+  return out;
+}
+
+namespace {
+fs::path ForkFile(const fs::path& state_dir, const std::string& vm) {
+  return state_dir / "vms" / vm / "fork.json";
+}
+}  // namespace
+
+Status StoreFork(const fs::path& state_dir, const std::string& vm, const ForkRecord& fork) {
+  const fs::path file = ForkFile(state_dir, vm);
+  SR_RETURN_IF_ERROR(MakeDirs(file.parent_path()));
+  return WriteFileAtomic(
+      file, json{{"point", fork.point}, {"changed", DiskRangesToJson(fork.changed)}}.dump() + "\n");
+}
+
+Result<std::optional<ForkRecord>> LoadFork(const fs::path& state_dir, const std::string& vm) {
+  const fs::path file = ForkFile(state_dir, vm);
+  if (!fs::exists(file)) return std::optional<ForkRecord>();
+  SR_ASSIGN_OR_RETURN(std::string text, ReadFile(file));
+  json j = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  std::optional<DiskRanges> changed;
+  if (j.is_object() && j.contains("changed")) changed = DiskRangesFromJson(j["changed"]);
+  if (!changed || !j.contains("point") || !j["point"].is_number_unsigned()) {
+    return Status::Corrupt(file.string() + " is damaged: expected {\"point\", \"changed\"}");
+  }
+  return std::optional<ForkRecord>(ForkRecord{j["point"].get<uint64_t>(), std::move(*changed)});
+}
+
+Status RemoveFork(const fs::path& state_dir, const std::string& vm) {
+  std::error_code ec;
+  fs::remove(ForkFile(state_dir, vm), ec);
+  if (ec) return Status::FromErrno(ec.value(), "remove " + ForkFile(state_dir, vm).string());
+  return Status::Ok();
 }
 
 }  // namespace siterep::control

@@ -19,8 +19,14 @@
 #include <string>
 #include <string_view>
 
+#include <map>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
 #include "applier/segment_sink.h"
 #include "common/status.h"
+#include "tracker/vm_tracker.h"
 
 namespace siterep::control {
 
@@ -75,5 +81,34 @@ Result<std::optional<RoleState>> LoadRole(const std::filesystem::path& state_dir
 Result<uint64_t> LegacyEpoch(const std::filesystem::path& state_dir, const std::string& vm);
 Status StoreRole(const std::filesystem::path& state_dir, const std::string& vm,
                  const RoleState& state);
+
+// --- What changed since a fork ------------------------------------------------------------
+//
+// Reverse replication after an unplanned failover sends only the blocks that may differ
+// between the two sites: those the new primary changed since the recovery point it failed
+// over to (cycles the replica applied or received after it, the writes made before commit,
+// the log since), and those the old primary wrote and never had acknowledged (its
+// unreleased log and dirty bitmap). Each side's part is a list of byte ranges per disk.
+
+using DiskRanges = std::map<std::string, std::vector<tracker::ByteRange>>;  // by disk name
+
+// Sorted, merged union of two sorted range lists.
+std::vector<tracker::ByteRange> UnionRanges(const std::vector<tracker::ByteRange>& a,
+                                            const std::vector<tracker::ByteRange>& b);
+// {"disk": [[offset, length], ...], ...}; nullopt for anything else.
+nlohmann::json DiskRangesToJson(const DiskRanges& ranges);
+std::optional<DiskRanges> DiskRangesFromJson(const nlohmann::json& j);
+
+// <state_dir>/vms/<vm>/fork.json: the new primary's part, written at commit (before the
+// replica's state that tells it is dropped), used and deleted by reverse.
+struct ForkRecord {
+  uint64_t point = 0;
+  DiskRanges changed;
+};
+Status StoreFork(const std::filesystem::path& state_dir, const std::string& vm,
+                 const ForkRecord& fork);
+Result<std::optional<ForkRecord>> LoadFork(const std::filesystem::path& state_dir,
+                                           const std::string& vm);
+Status RemoveFork(const std::filesystem::path& state_dir, const std::string& vm);
 
 }  // namespace siterep::control

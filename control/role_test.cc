@@ -89,6 +89,45 @@ TEST(RoleTest, LegacyEpochFileOrOne) {
   EXPECT_EQ(*five, 5u);
 }
 
+TEST(ForkTest, UnionMergesOverlapsAndNeighbours) {
+  using R = tracker::ByteRange;
+  std::vector<R> a = {{0, 10}, {20, 5}, {100, 50}};
+  std::vector<R> b = {{5, 10}, {25, 5}, {40, 10}, {149, 2}};
+  EXPECT_EQ(UnionRanges(a, b), (std::vector<R>{{0, 15}, {20, 10}, {40, 10}, {100, 51}}));
+  EXPECT_EQ(UnionRanges({}, b), (std::vector<R>{{5, 10}, {25, 5}, {40, 10}, {149, 2}}));
+  EXPECT_TRUE(UnionRanges({}, {}).empty());
+}
+
+TEST(ForkTest, RangesRoundTripAndRefuseGarbage) {
+  DiskRanges r = {{"os", {{0, 65536}, {131072, 65536}}}, {"data", {}}};
+  auto back = DiskRangesFromJson(DiskRangesToJson(r));
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(*back, r);
+  // An unsorted, overlapping list from a peer comes back sorted and merged.
+  auto messy = DiskRangesFromJson(nlohmann::json::parse(R"({"os": [[100, 10], [0, 50], [40, 20]]})"));
+  ASSERT_TRUE(messy.has_value());
+  EXPECT_EQ((*messy)["os"], (std::vector<tracker::ByteRange>{{0, 60}, {100, 10}}));
+  for (const char* bad : {R"([1, 2])", R"({"os": 5})", R"({"os": [[1]]})", R"({"os": [[-1, 2]]})",
+                          R"({"os": [["a", 2]]})"}) {
+    EXPECT_FALSE(DiskRangesFromJson(nlohmann::json::parse(bad)).has_value()) << bad;
+  }
+}
+
+TEST(ForkTest, StoredAndRemoved) {
+  testing::TempDir tmp;
+  auto none = LoadFork(tmp.path(), "vm");
+  ASSERT_TRUE(none.ok());
+  EXPECT_FALSE(none->has_value());
+  ForkRecord f{17, {{"os", {{65536, 65536}}}}};
+  ASSERT_TRUE(StoreFork(tmp.path(), "vm", f).ok());
+  auto got = LoadFork(tmp.path(), "vm");
+  ASSERT_TRUE(got.ok() && got->has_value());
+  EXPECT_EQ((*got)->point, 17u);
+  EXPECT_EQ((*got)->changed, f.changed);
+  ASSERT_TRUE(RemoveFork(tmp.path(), "vm").ok());
+  EXPECT_FALSE(LoadFork(tmp.path(), "vm")->has_value());
+}
+
 HookContext Context() { return {"vm1", "east", "pre_failover", "/run/siterep/east"}; }
 
 TEST(HookTest, NoCommandRunsNothing) {

@@ -344,26 +344,44 @@ Status Daemon::FinishCommit(VmSlot& slot) {
   const fs::path dir = Inbound::ReplicaDir(config_, vm);
   const fs::path overlay_dir = config_.state_dir / "vms" / vm / "failover";
   const applier::ReplicaDefinition& def = slot.role.definition;
-  // 1. The images become the point (a no-op once done: the replica state goes in step 3).
+  std::vector<std::unique_ptr<blockdev::OverlayBackend>> overlays(def.disks.size());
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    const fs::path overlay = OverlayPath(overlay_dir, def.disks[i].name, point);
+    if (!fs::exists(overlay)) continue;
+    SR_ASSIGN_OR_RETURN(overlays[i], blockdev::OverlayBackend::Open(
+                                         overlay, def.disks[i].size,
+                                         [](uint64_t, std::span<std::byte>) {
+                                           return Status::Error(EIO, "no base while committing");
+                                         }));
+  }
+  // 1. What this site changed since the point (for reverse replication), recorded before
+  //    the replica's state that tells it goes; then the images become the point (a no-op
+  //    once done: the replica's state goes in step 3).
   if (fs::exists(dir / applier::kDefinitionFile)) {
     SR_ASSIGN_OR_RETURN(std::unique_ptr<applier::Replica> replica, applier::Replica::Open(dir));
+    SR_ASSIGN_OR_RETURN(std::optional<ForkRecord> fork, LoadFork(config_.state_dir, vm));
+    if (!fork || fork->point != point) {
+      SR_ASSIGN_OR_RETURN(auto changed, replica->ChangedSince(point));
+      ForkRecord record{point, {}};
+      for (size_t i = 0; i < def.disks.size() && i < changed.size(); ++i) {
+        std::vector<tracker::ByteRange> written;
+        if (overlays[i]) written = overlays[i]->WrittenRanges();
+        record.changed[def.disks[i].name] = UnionRanges(changed[i], written);
+      }
+      SR_RETURN_IF_ERROR(StoreFork(config_.state_dir, vm, record));
+    }
     SR_RETURN_IF_ERROR(replica->MaterializePoint(point));
   }
   failpoint::Check("control.commit_mid");
   // 2. The writes made since the failover go in (again, after a crash: the same result).
-  for (const applier::DiskDefinition& d : def.disks) {
-    const fs::path overlay = OverlayPath(overlay_dir, d.name, point);
-    if (!fs::exists(overlay)) continue;
-    SR_ASSIGN_OR_RETURN(
-        std::unique_ptr<blockdev::OverlayBackend> ov,
-        blockdev::OverlayBackend::Open(overlay, d.size, [](uint64_t, std::span<std::byte>) {
-          return Status::Error(EIO, "no base while committing");
-        }));
-    const fs::path image = applier::PointStore::ImagePath(dir, d.name);
+  for (size_t i = 0; i < def.disks.size(); ++i) {
+    if (!overlays[i]) continue;
+    const fs::path image = applier::PointStore::ImagePath(dir, def.disks[i].name);
     UniqueFd fd(::open(image.c_str(), O_RDWR | O_CLOEXEC));
     if (!fd.valid()) return Status::FromErrno(errno, "open " + image.string());
-    SR_RETURN_IF_ERROR(ov->CopyWrittenTo(fd.get()));
+    SR_RETURN_IF_ERROR(overlays[i]->CopyWrittenTo(fd.get()));
   }
+  overlays.clear();
   // 3. The replica's state and the overlays go; the images are the primary's now.
   SR_RETURN_IF_ERROR(applier::Replica::DropState(dir));
   std::error_code ec;

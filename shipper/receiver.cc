@@ -374,7 +374,6 @@ Result<applier::SegmentSink*> Receiver::Impl::Handshake(Conn& conn, TlsStream& s
     e.stats.vm = def.vm;
     e.stats.peer = peer;
     e.stats.connected = true;
-    e.stats.last_error.clear();  // what ended an earlier connection is past
     e.stats.last_contact_unix_nanos = NowUnixNanos();
   }
 
