@@ -52,7 +52,12 @@ Result<uint64_t> ParseSize(std::string_view text) {
   else if (u == "t" || u == "tb" || u == "tib") mult = 1024.0 * 1024 * 1024 * 1024;
   else return Status::Invalid("'" + std::string(text) + "' has an unknown size unit '" +
                               std::string(unit) + "'");
-  return static_cast<uint64_t>(number * mult);
+  // At most 1 EiB: beyond that the conversion to an integer is undefined.
+  const double bytes = number * mult;
+  if (!(bytes >= 0) || bytes > 1024.0 * 1024 * 1024 * 1024 * 1024 * 1024) {
+    return Status::Invalid("'" + std::string(text) + "' is out of range (at most 1 EiB)");
+  }
+  return static_cast<uint64_t>(bytes);
 }
 
 Result<std::chrono::milliseconds> ParseDuration(std::string_view text) {
@@ -71,6 +76,11 @@ Result<std::chrono::milliseconds> ParseDuration(std::string_view text) {
   else if (u == "d") ms = number * 86'400'000;
   else return Status::Invalid("'" + std::string(text) + "' has an unknown duration unit '" +
                               std::string(unit) + "'");
+  // At most 100 years: beyond that the conversion to an integer is undefined.
+  constexpr double kMaxMs = 100.0 * 365 * 86'400'000;
+  if (!(ms >= 0) || ms > kMaxMs) {
+    return Status::Invalid("'" + std::string(text) + "' is out of range (0 to 100 years)");
+  }
   return std::chrono::milliseconds(static_cast<int64_t>(ms));
 }
 

@@ -14,6 +14,7 @@ TEST(UnitsTest, Sizes) {
   EXPECT_FALSE(ParseSize("").ok());
   EXPECT_FALSE(ParseSize("lots").ok());
   EXPECT_FALSE(ParseSize("12 parsecs").ok());
+  EXPECT_FALSE(ParseSize("99999999999999999999T").ok());  // would overflow
 }
 
 TEST(UnitsTest, Durations) {
@@ -23,6 +24,9 @@ TEST(UnitsTest, Durations) {
   EXPECT_EQ(ParseDuration("250ms")->count(), 250);
   EXPECT_FALSE(ParseDuration("30").ok());  // a bare number is ambiguous
   EXPECT_FALSE(ParseDuration("5 fortnights").ok());
+  EXPECT_FALSE(ParseDuration("200000000000d").ok());  // would overflow
+  EXPECT_FALSE(ParseDuration("1e400s").ok());
+  EXPECT_EQ(ParseDuration("3650d")->count(), 3650LL * 86'400'000);
 }
 
 TEST(UnitsTest, FormatSize) {
