@@ -3,14 +3,16 @@
 #
 #   make demo        build, then run tools/demo.sh (two sites: enable, write, planned
 #                    failover, failback, with status between the steps)
-#   make test        build, then every test (unit + integration) through ctest
+#   make test        build, a short fuzz run (TEST_FUZZ_SECONDS, default 10, per harness),
+#                    then every test (unit + integration) through ctest
 #   make bench       build, then bench/run.sh (fio: raw image vs FUSE vs FUSE + log) and
 #                    bench/replication.sh (two sites on loopback: guest cost, shipping, RPO)
 #                    and bench/sync.sh (initial copy vs openssl, seeded enable, sparse disk)
 #                    and bench/failover.sh (planned and unplanned failover RTO, reverse replication)
 #   make check-asan  unit tests built with AddressSanitizer/UBSan in build-asan/
-#   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers,
-#                    FUZZ_SECONDS each (default 60), in build-fuzz/
+#   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers
+#                    and the control daemon's plan and peer-reply parsers, FUZZ_SECONDS
+#                    each (default 60), in build-fuzz/
 #   make deps | build | clean
 
 SHELL := /bin/bash
@@ -21,6 +23,7 @@ BUILD_DIR ?= build
 ASAN_DIR ?= build-asan
 FUZZ_DIR ?= build-fuzz
 FUZZ_SECONDS ?= 60
+TEST_FUZZ_SECONDS ?= 10
 BUILD_TYPE ?= RelWithDebInfo
 JOBS ?= $(shell nproc)
 
@@ -60,6 +63,7 @@ build: deps
 # Unit tests run in parallel; integration tests are RUN_SERIAL (see tests/CMakeLists.txt).
 # ctest's own closing lines ("N% tests passed, ...") are the last thing printed.
 test: build
+	$(MAKE) fuzz FUZZ_SECONDS=$(TEST_FUZZ_SECONDS)
 	ctest --test-dir $(BUILD_DIR) --output-on-failure -j$(JOBS)
 
 demo: build
@@ -82,11 +86,14 @@ fuzz: deps
 	cmake -S . -B $(FUZZ_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ -DSITEREP_FUZZ=ON
 	cmake --build $(FUZZ_DIR) -j$(JOBS)
 	$(FUZZ_DIR)/bin/make_seeds $(FUZZ_DIR)/corpus
-	for f in log_record wire_frame; do \
+	@rc=0; for f in log_record wire_frame control_input; do \
 	  mkdir -p $(FUZZ_DIR)/found/$$f; \
 	  $(FUZZ_DIR)/bin/$${f}_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
-	    -artifact_prefix=$(FUZZ_DIR)/found/$$f/ $(FUZZ_DIR)/corpus/$$f 2>&1 | tail -n 12; \
-	done
+	    -artifact_prefix=$(FUZZ_DIR)/found/$$f/ $(FUZZ_DIR)/corpus/$$f >$(FUZZ_DIR)/$$f.log 2>&1 || rc=1; \
+	  echo "== $$f ($(FUZZ_SECONDS) s)"; tail -n 12 $(FUZZ_DIR)/$$f.log; \
+	done; \
+	if [ $$rc -ne 0 ]; then echo "fuzz: a harness failed; inputs in $(FUZZ_DIR)/found/" >&2; fi; \
+	exit $$rc
 
 clean:
 	rm -rf $(BUILD_DIR) $(ASAN_DIR) $(FUZZ_DIR) build-int

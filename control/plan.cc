@@ -352,8 +352,10 @@ void ReadGroup(Table& t, const Sites& sites, PlanGroup* group) {
     }
     group->vms = std::move(*vms);
   }
-  for (auto [key, list] : {std::pair{"pre", &group->pre}, std::pair{"post", &group->post}}) {
-    t.Tables(key, [&](size_t, Table& a) {
+  // (Not a structured binding: clang 14 cannot capture one in a lambda.)
+  for (const auto& entry : {std::pair{"pre", &group->pre}, std::pair{"post", &group->post}}) {
+    std::vector<PlanAction>* list = entry.second;
+    t.Tables(entry.first, [&](size_t, Table& a) {
       PlanAction action;
       ReadAction(a, sites, &action);
       list->push_back(std::move(action));

@@ -160,5 +160,34 @@ int main(int argc, char** argv) {
     Append(&stream, frame);
   }
   Write(dir / "wire_frame" / "stream", stream);
+
+  // control_input: the first byte picks the parser (0 plan TOML, 1 plan JSON, 2 ranges).
+  fs::create_directories(dir / "control_input");
+  auto text = [](char kind, std::string_view body) {
+    std::vector<std::byte> out{std::byte(kind)};
+    for (char c : body) out.push_back(std::byte(c));
+    return out;
+  };
+  const char* plan_toml = R"(name = "east-outage"
+from = "east"
+to = "west"
+[[groups]]
+name = "databases"
+vms = ["db1"]
+  [[groups.pre]]
+  site = "west"
+  run = "/usr/local/bin/check-storage"
+  timeout = "60s"
+  [[groups.manual]]
+  message = "Confirm that the database accepts connections"
+[[groups]]
+name = "web"
+vms = ["web01", "web02"]
+)";
+  Write(dir / "control_input" / "plan_toml", text(0, plan_toml));
+  Write(dir / "control_input" / "plan_json",
+        text(1, R"({"name":"p","from":"east","to":"west","groups":[{"name":"g","vms":["a"],)"
+                R"("pre":[{"site":"west","run":"true","timeout_ms":1000}],"manual":[{"message":"m"}]}]})"));
+  Write(dir / "control_input" / "ranges", text(2, R"({"os":[[0,65536],[131072,65536]],"data":[]})"));
   return 0;
 }
