@@ -324,6 +324,7 @@ json Daemon::Handle(const json& request) {
     if (!s.ok()) return Refused("bad-failpoint", s.message());
     return Ok({{"armed", failpoint::Armed()}});
   }
+  if (op == "plan-validate") return ValidatePlan(request);
   static const std::set<std::string> kVmOps = {
       "cut",    "enable",   "pause",    "resume",  "resync",   "points",       "export",
       "failover", "commit", "reverse", "failback", "test-failover"};

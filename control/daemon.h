@@ -114,6 +114,8 @@ class Daemon {
   nlohmann::json Demote(VmSlot& slot, const std::string& peer, const nlohmann::json& request);
   nlohmann::json Failback(VmSlot& slot);
   nlohmann::json TestFailover(VmSlot& slot, const nlohmann::json& request);
+  // `siterep plan validate`: what this site knows of the plan's VMs (plans.cc).
+  nlohmann::json ValidatePlan(const nlohmann::json& request);
   Status StopTestCopy(VmSlot& slot);
 
   SiteConfig config_;

@@ -15,6 +15,7 @@
 #include "common/config.h"
 #include "common/control_client.h"
 #include "common/units.h"
+#include "control/plan.h"
 
 namespace {
 
@@ -343,6 +344,16 @@ int main(int argc, char** argv) {
   test->add_option("--point", point_text, "recovery point id or latest (default latest)");
   test->add_flag("--json", g.json, "machine-readable output");
 
+  auto* plan = app.add_subcommand("plan", "recovery plans: many VMs failed over in order");
+  plan->require_subcommand(1);
+  std::string plan_file;
+  bool plan_force = false;
+  auto* plan_validate = plan->add_subcommand(
+      "validate", "check a plan file, and what this site knows of its VMs, without running it");
+  plan_validate->add_option("PLAN", plan_file, "the plan (TOML)")->required();
+  plan_validate->add_flag("--force", plan_force, "accept VMs whose replication is critical");
+  plan_validate->add_flag("--json", g.json, "machine-readable output");
+
   std::string spec;
   auto* fp = app.add_subcommand("failpoint", "arm failpoints in the daemon (tests)");
   fp->add_option("SPEC", spec, "name=abort|error|trigger|off[@skip][*count],...")->required();
@@ -516,6 +527,28 @@ int main(int argc, char** argv) {
             "/; replication goes on");
     } else {
       print("VM " + vm + ": test failover stopped, its writes discarded");
+    }
+    return 0;
+  }
+  if (plan_validate->parsed()) {
+    auto parsed = siterep::control::LoadPlan(plan_file);
+    if (!parsed.ok()) {
+      std::fprintf(stderr, "siterep: %s\n", parsed.status().message().c_str());
+      return 1;
+    }
+    json req = {{"op", "plan-validate"},
+                {"plan", siterep::control::PlanToJson(*parsed)},
+                {"force", plan_force}};
+    if (int rc = Call(g, req, &result); rc != 0) return rc;
+    if (g.json) {
+      std::cout << result.dump(2) << "\n";
+      return 0;
+    }
+    std::printf("plan %s: valid at %s (%zu groups)\n", Str(result, "plan").c_str(),
+                Str(result, "site").c_str(), result["groups"].get<size_t>());
+    for (const json& v : result["vms"]) {
+      std::printf("  %-10s %-12s %-8s %-20s %s\n", Str(v, "group").c_str(), Str(v, "vm").c_str(),
+                  Str(v, "role").c_str(), Str(v, "state").c_str(), Str(v, "health").c_str());
     }
     return 0;
   }

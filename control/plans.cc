@@ -1,0 +1,77 @@
+// Recovery plans in the daemon: what a site checks of a plan before any of it runs (the
+// file's own rules are control/plan.h's). Running plans comes next (issue 6).
+#include <set>
+
+#include "control/daemon.h"
+#include "control/plan.h"
+
+namespace siterep::control {
+
+using nlohmann::json;
+
+json Daemon::ValidatePlan(const json& request) {
+  if (!request.contains("plan")) return Refused("bad-request", "plan-validate needs \"plan\"");
+  Result<RecoveryPlan> plan = PlanFromJson(request["plan"]);
+  if (!plan.ok()) return Refused("bad-plan", plan.status().message());
+  const bool force = request.value("force", false);
+  const bool at_from = config_.name == plan->from;
+  if (!at_from && config_.name != plan->to) {
+    return Refused("wrong-site", "plan " + plan->name + " moves VMs from " + plan->from + " to " +
+                                     plan->to + "; this is site " + config_.name);
+  }
+  // Every problem at once, one line each, as the file's own check does.
+  std::vector<std::string> problems;
+  json vms = json::array();
+  const json report = StatusReport("");
+  for (const PlanGroup& group : plan->groups) {
+    for (const std::string& vm : group.vms) {
+      const std::string where = "group " + group.name + ": VM " + vm + ": ";
+      VmSlot* slot = Slot(vm);
+      if (slot == nullptr) {
+        problems.push_back(where + "unknown at " + config_.name);
+        continue;
+      }
+      const RoleState role = slot->CurrentRole();
+      json status;
+      for (const json& v : report["vms"]) {
+        if (v.value("name", "") == vm) status = v;
+      }
+      const std::string state = status.value("state", "");
+      const std::string health = status.value("health", "");
+      vms.push_back({{"vm", vm}, {"group", group.name}, {"role", RoleName(role.role)},
+                     {"state", state}, {"health", health}});
+      const std::string other = at_from ? plan->to : plan->from;
+      if (at_from) {
+        if (role.role != Role::kPrimary || role.phase != Phase::kNone) {
+          problems.push_back(where + "not running as primary at " + config_.name + " (" + state + ")");
+          continue;
+        }
+        if (!slot->outbound || !slot->outbound->enabled() || slot->outbound->peer() != other) {
+          problems.push_back(where + "not replicated to " + other);
+          continue;
+        }
+      } else {
+        if (role.role != Role::kReplica || role.peer != other) {
+          problems.push_back(where + "not a replica of " + other + " at " + config_.name + " (" +
+                             std::string(RoleName(role.role)) + ", " + state + ")");
+          continue;
+        }
+      }
+      if (state == "initial replication" || state == "resynchronising") {
+        problems.push_back(where + "its replica is not a consistent copy yet (" + state + ")");
+      } else if (health == "critical" && !force) {
+        problems.push_back(where + "replication is critical (" +
+                           status.value("health_reason", std::string()) + "); --force to go on");
+      }
+    }
+  }
+  if (!problems.empty()) {
+    std::string message;
+    for (const std::string& p : problems) message += (message.empty() ? "" : "\n") + p;
+    return Refused("plan-invalid", message);
+  }
+  return Ok({{"plan", plan->name}, {"site", config_.name}, {"groups", plan->groups.size()},
+             {"vms", vms}});
+}
+
+}  // namespace siterep::control
