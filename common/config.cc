@@ -8,6 +8,7 @@
 #define TOML_EXCEPTIONS 1
 #include <toml++/toml.h>
 
+#include "common/toml_guard.h"
 #include "common/units.h"
 
 namespace siterep {
@@ -318,6 +319,7 @@ std::string_view TrackingModeName(TrackingMode mode) {
 
 Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
                                std::string_view source) {
+  if (Status s = CheckTomlText(text, source); !s.ok()) return s;
   toml::table root;
   try {
     root = toml::parse(text, std::string(source));

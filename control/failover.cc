@@ -203,6 +203,14 @@ json Daemon::HandOver(VmSlot& slot, const RoleState& role,
                    reply.status().message() + "; VM " + vm + " stays read-only here. Run the same "
                    "command again (or siterep status " + vm + " at " + peer + ")");
   }
+  if (!reply->value("ok", false) && reply->value("error", "") == "promote-failed") {
+    // The peer recorded its promotion but could not start: it will at its restart. Stay
+    // read-only, never two primaries.
+    return Refused("peer-failed", peer + " took over but could not start the VM: " +
+                                      PeerMessage(*reply) + "; VM " + vm + " stays read-only "
+                                      "here. Restart siterepd at " + peer +
+                                      ", then run the same command again");
+  }
   if (!reply->value("ok", false)) {
     back_out(PeerMessage(*reply));
     return Refused("peer-refused", peer + " refused to take over: " + PeerMessage(*reply) +
@@ -314,6 +322,13 @@ json Daemon::Promote(VmSlot& slot, const std::string& peer, const json& request)
   if (replica->Sync().active) {
     return Refused("sync-running", "the replica is in the middle of a sync");
   }
+  {
+    std::lock_guard lk(slot.mu);
+    if (slot.test) {
+      return Refused("test-running", "a test failover of VM " + vm + " runs at " + config_.name +
+                                         " (siterep test-failover " + vm + " stop there)");
+    }
+  }
   if (replica->Position().received_cycle < through) {
     return Refused("not-drained", "the replica received cycle " +
                                       std::to_string(replica->Position().received_cycle) +
@@ -423,6 +438,11 @@ json Daemon::FailoverUnplanned(VmSlot& slot, const json& request) {
     Result<json> answer = CallPeer(role.peer, {{"op", "vm-status"}, {"vm", vm}}, kStatusTimeout);
     if (answer.ok() && answer->value("ok", false)) {
       const json& r = (*answer)["result"];
+      if (r.value("role", "") == "primary" && r.value("phase", "") == "failing over") {
+        return Refused("failover-running",
+                       role.peer + " is handing VM " + vm + " over to this site (a planned "
+                       "failover runs there): let it finish, or --force");
+      }
       if (r.value("role", "") == "primary" && r.value("phase", "") == "" &&
           r.value("health", "") != "critical") {
         return Refused("primary-reachable",

@@ -13,6 +13,7 @@
 #include <toml++/toml.h>
 
 #include "common/file_util.h"
+#include "common/toml_guard.h"
 #include "common/units.h"
 
 namespace siterep::control {
@@ -437,6 +438,7 @@ json ActionsToJson(const std::vector<PlanAction>& actions) {
 }  // namespace
 
 Result<RecoveryPlan> ParsePlan(std::string_view text, std::string_view source) {
+  if (Status s = CheckTomlText(text, source); !s.ok()) return s;
   toml::table root;
   try {
     root = toml::parse(text, source);
