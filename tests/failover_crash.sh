@@ -136,12 +136,8 @@ write_at "$WEST_MNT"
 step "5. reverse at west; east dies when it recorded its demotion"
 start_ready "$EAST_CONF"
 EAST_PID=$DAEMON_PID
-for ((i = 0; i < 100; i++)); do
-  [[ $(vm_field "$EAST_CONF" vm1 "v['state']") == fenced ]] && break
-  sleep 0.2
-done
+wait_state "$EAST_CONF" vm1 fenced
 roles none primary
-[[ $(vm_field "$EAST_CONF" vm1 "v['state']") == fenced ]] || fail "east is not fenced"
 "$SITEREP" -c "$EAST_CONF" failpoint control.demote_after_persist=abort*1 >/dev/null
 expect_exit1 "reverse with east crashing" "$SITEREP" -c "$WEST_CONF" reverse vm1
 crashed "$EAST_PID" "$EAST_CONF"

@@ -82,12 +82,7 @@ head -c 2M /dev/urandom >"$T/west-fs/data/written-at-west"
 sha_west_file=$(sha256sum <"$T/west-fs/data/written-at-west" | cut -d' ' -f1)
 umount "$T/west-fs"
 detach_loop "$LOOP"
-for ((i = 0; i < 150; i++)); do
-  [[ $(vm_field "$WEST_CONF" vm1 "v['state']") == "reverse replicating" ]] && break
-  sleep 0.2
-done
-[[ $(vm_field "$WEST_CONF" vm1 "v['state']") == "reverse replicating" ]] ||
-  fail "west does not replicate back: $(vm_field "$WEST_CONF" vm1 "v['state'] + ': ' + v['health_reason']")"
+wait_state "$WEST_CONF" vm1 "reverse replicating"
 wait_caught_up "$WEST_CONF" vm1
 same_sha256 "$WEST_MNT/vm1/d0" "$T/d0.img" "east's copy after reverse replication"
 
@@ -97,11 +92,7 @@ step "failback: vm1 runs at east again, protected"
 [[ $(vm_field "$WEST_CONF" vm1 "v['role']") == replica ]] || fail "west is not the replica"
 epoch=$(vm_field "$EAST_CONF" vm1 "v['epoch']")
 [[ $epoch -eq 3 ]] || fail "east's epoch is $epoch (want 3)"
-for ((i = 0; i < 150; i++)); do
-  [[ $(vm_field "$EAST_CONF" vm1 "v['state']") == replicating ]] && break
-  sleep 0.2
-done
-[[ $(vm_field "$EAST_CONF" vm1 "v['state']") == replicating ]] || fail "east does not replicate"
+wait_state "$EAST_CONF" vm1 replicating
 wait_caught_up "$EAST_CONF" vm1
 same_sha256 "$EAST_MNT/vm1/d0" "$WEST_STATE/replicas/vm1/d0.img" "d0 after failback"
 same_sha256 "$EAST_MNT/vm1/d1" "$WEST_STATE/replicas/vm1/d1.img" "d1 after failback"

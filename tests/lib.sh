@@ -431,6 +431,26 @@ wait_caught_up() {
   fail "VM $vm: the replica did not reach cycle $target in ${timeout}s (at $applied); $(status_json "$conf" | head -c 2000)"
 }
 
+# wait_state CONF VM STATE [TIMEOUT_S]: waits until the VM's state (status) is STATE.
+wait_state() {
+  local conf=$1 vm=$2 want=$3 timeout=${4:-30} i
+  for ((i = 0; i < timeout * 5; i++)); do
+    [[ $(vm_field "$conf" "$vm" "v['state']") == "$want" ]] && return 0
+    sleep 0.2
+  done
+  fail "VM $vm is not $want: $(vm_field "$conf" "$vm" "v['state'] + ': ' + v['health_reason']")"
+}
+
+# expect_erofs DISK: a direct 4 KiB write to DISK (a fenced disk file) fails with EROFS.
+expect_erofs() {
+  if dd if=/dev/zero of="$1" bs=4k count=1 seek=100 conv=notrunc oflag=direct status=none \
+    2>"$T/dd.err"; then
+    fail "a write to fenced $1 succeeded"
+  fi
+  grep -q "Read-only file system" "$T/dd.err" ||
+    fail "the write to $1 was not refused with EROFS: $(cat "$T/dd.err")"
+}
+
 # start_proxy LISTEN_PORT TARGET_PORT: a TCP proxy (tests/tcp_proxy.py) whose mode is set
 # with proxy_mode. Sets PROXY_PID, PROXY_CTL.
 start_proxy() {
