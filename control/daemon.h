@@ -112,6 +112,9 @@ class Daemon {
   nlohmann::json Commit(VmSlot& slot);
   nlohmann::json Reverse(VmSlot& slot);
   nlohmann::json Demote(VmSlot& slot, const std::string& peer, const nlohmann::json& request);
+  // Persists kDemoting at epoch (the peer primary), closes the primary, adopts the images as
+  // the peer's replica (in_sync: they equal the peer's) and starts receiving.
+  Status BecomeReplica(VmSlot& slot, const std::string& peer, uint64_t epoch, bool in_sync);
   nlohmann::json Failback(VmSlot& slot);
   nlohmann::json TestFailover(VmSlot& slot, const nlohmann::json& request);
   // `siterep plan validate`: what this site knows of the plan's VMs (plans.cc).

@@ -267,23 +267,7 @@ json Daemon::FailoverPlanned(VmSlot& slot) {
   failpoint::Check("control.planned_before_demote");
 
   // The peer is primary at target: this site becomes its replica, with the same data.
-  RoleState r;
-  r.role = Role::kReplica;
-  r.epoch = target;
-  r.peer = peer;
-  r.phase = Phase::kDemoting;
-  r.in_sync = true;
-  r.definition = DefinitionOf(slot, target);
-  r.definition.primary_site = peer;
-  if (Status s = PersistRole(slot, r); !s.ok()) return Refused("state-error", s.ToString());
-  failpoint::Check("control.demote_after_persist");
-  Status s = ClosePrimary(slot);
-  if (s.ok()) s = FinishDemotion(slot);
-  if (s.ok()) {
-    auto replica = applier::Replica::Open(Inbound::ReplicaDir(config_, vm));
-    s = replica.ok() ? inbound_->Add(std::move(*replica)) : replica.status();
-  }
-  if (!s.ok()) {
+  if (Status s = BecomeReplica(slot, peer, target, /*in_sync=*/true); !s.ok()) {
     return Refused("demote-failed", peer + " is primary now, but this site could not become its "
                                            "replica: " + s.ToString() + " (restart siterepd to finish)");
   }
@@ -666,30 +650,34 @@ json Daemon::Demote(VmSlot& slot, const std::string& peer, const json& request) 
                    vm, snap.status().ToString(), peer);
     }
   }
+  spdlog::warn("VM {}: {} is primary at epoch {}: this site becomes its replica; writes made "
+               "here since the failover are discarded",
+               vm, peer, epoch);
+  if (Status s = BecomeReplica(slot, peer, epoch, /*in_sync=*/false); !s.ok()) {
+    return Refused("demote-failed", s.ToString());
+  }
+  std::lock_guard lk(slot.mu);
+  slot.last_operation = {{"operation", "demoted"}, {"primary", peer}, {"epoch", epoch},
+                         {"finished", FormatUtc(NowUnixNanos())}};
+  return Ok({{"role", "replica"}, {"epoch", epoch}, {"divergent", dirty}});
+}
+
+Status Daemon::BecomeReplica(VmSlot& slot, const std::string& peer, uint64_t epoch,
+                             bool in_sync) {
   RoleState r;
   r.role = Role::kReplica;
   r.epoch = epoch;
   r.peer = peer;
   r.phase = Phase::kDemoting;
-  r.in_sync = false;
+  r.in_sync = in_sync;
   r.definition = DefinitionOf(slot, epoch);
   r.definition.primary_site = peer;
-  if (Status s = PersistRole(slot, r); !s.ok()) return Refused("state-error", s.ToString());
+  SR_RETURN_IF_ERROR(PersistRole(slot, r));
   failpoint::Check("control.demote_after_persist");
-  spdlog::warn("VM {}: {} is primary at epoch {}: this site becomes its replica; writes made "
-               "here since the failover are discarded",
-               vm, peer, epoch);
-  Status s = ClosePrimary(slot);
-  if (s.ok()) s = FinishDemotion(slot);
-  if (s.ok()) {
-    auto replica = applier::Replica::Open(Inbound::ReplicaDir(config_, vm));
-    s = replica.ok() ? inbound_->Add(std::move(*replica)) : replica.status();
-  }
-  if (!s.ok()) return Refused("demote-failed", s.ToString());
-  std::lock_guard lk(slot.mu);
-  slot.last_operation = {{"operation", "demoted"}, {"primary", peer}, {"epoch", epoch},
-                         {"finished", FormatUtc(NowUnixNanos())}};
-  return Ok({{"role", "replica"}, {"epoch", epoch}, {"divergent", dirty}});
+  SR_RETURN_IF_ERROR(ClosePrimary(slot));
+  SR_RETURN_IF_ERROR(FinishDemotion(slot));
+  SR_ASSIGN_OR_RETURN(auto replica, applier::Replica::Open(Inbound::ReplicaDir(config_, slot.name)));
+  return inbound_->Add(std::move(replica));
 }
 
 // --- Failback ---------------------------------------------------------------------------------
