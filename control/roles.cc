@@ -200,7 +200,7 @@ Status Daemon::ResumeSlot(VmSlot& slot, std::vector<std::string>* replicas) {
 
 Status Daemon::ExportDisks(VmSlot& slot, const std::vector<blockdev::DiskBackend*>& backends,
                            blockdev::SlotMode mode) {
-  if (slot.exported) {
+  if (!slot.disks.empty()) {
     for (size_t i = 0; i < backends.size() && i < slot.disks.size(); ++i) {
       slot.disks[i]->Set(backends[i], mode);
     }
@@ -221,7 +221,6 @@ Status Daemon::ExportDisks(VmSlot& slot, const std::vector<blockdev::DiskBackend
   }
   std::lock_guard lk(slot.mu);
   slot.disks = std::move(disks);
-  slot.exported = true;
   return Status::Ok();
 }
 
@@ -230,7 +229,7 @@ void Daemon::SetDisksMode(VmSlot& slot, blockdev::SlotMode mode) {
 }
 
 void Daemon::UnexportDisks(VmSlot& slot) {
-  if (!slot.exported) return;
+  if (slot.disks.empty()) return;
   for (auto& d : slot.disks) d->Set(nullptr, blockdev::SlotMode::kOffline);
   for (size_t i = 0; i < slot.disks.size(); ++i) {
     Status s = fuse_->RemoveDisk(slot.name, slot.config.disks[i].name);
@@ -241,7 +240,6 @@ void Daemon::UnexportDisks(VmSlot& slot) {
     std::lock_guard lk(slot.mu);
     gone = std::move(slot.disks);
     slot.disks.clear();
-    slot.exported = false;
   }
 }
 
@@ -434,7 +432,7 @@ Status Daemon::OpenFailedOver(VmSlot& slot, std::shared_ptr<applier::Replica> re
     backends.push_back(overlay.get());
     copy->overlays.push_back(std::move(overlay));
   }
-  if (!slot.exported) slot.config = ConfigFor(slot.name, def);
+  if (slot.disks.empty()) slot.config = ConfigFor(slot.name, def);
   std::unique_ptr<PointCopy> old;
   {
     std::lock_guard lk(slot.mu);

@@ -53,8 +53,7 @@ struct VmSlot {
   RoleState role;
   bool home = false;  // the site config lists the VM ([[vms]]): this is its home site
   VmConfig config;    // the VM as run here when primary
-  std::vector<std::unique_ptr<blockdev::DiskSlot>> disks;  // one per disk, once exported
-  bool exported = false;
+  std::vector<std::unique_ptr<blockdev::DiskSlot>> disks;  // one per disk while exported
   std::unique_ptr<ProtectedVm> primary;
   std::unique_ptr<Outbound> outbound;
   std::unique_ptr<PointCopy> failed_over;  // phase kFailedOver
