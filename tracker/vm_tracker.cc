@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <functional>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <shared_mutex>
 
@@ -173,15 +175,38 @@ Status VmTracker::Impl::FlushDisk(size_t index) {
   return s;
 }
 
-VmTracker::Impl::CutWrite VmTracker::Impl::WriteCutsLocked() {
+void VmTracker::Impl::FinishFallbacksLocked() {
+  for (const auto& d : disks_) d->log->FinishFallback();
+}
+
+bool VmTracker::Impl::ChangedSinceCutLocked() {
+  FinishFallbacksLocked();
+  return std::any_of(disks_.begin(), disks_.end(),
+                     [](const auto& d) { return d->log->ChangedSinceCut(); });
+}
+
+int64_t VmTracker::Impl::NextCutNanosLocked() const {
+  return std::max(NowUnixNanos(), last_cut_nanos_.load() + 1);
+}
+
+VmTracker::Impl::CutWrite VmTracker::Impl::WriteCutsLocked(int64_t nanos) {
   CutWrite cut;
   cut.cycle = last_cycle_ + 1;
-  cut.nanos = NowUnixNanos();
+  cut.nanos = nanos;
   const int64_t first_change = open_first_change_.exchange(0);
   for (const auto& d : disks_) {
     cut.tickets.push_back(d->log->WriteCut(cut.cycle, cut.nanos, first_change));
     cut.any = cut.any || cut.tickets.back() != nullptr;
   }
+  return cut;
+}
+
+std::optional<VmTracker::Impl::CutWrite> VmTracker::Impl::CutLocked(CutWhen when, int64_t nanos) {
+  if (when == CutWhen::kIfChanged && !ChangedSinceCutLocked()) return std::nullopt;
+  CutWrite cut = WriteCutsLocked(nanos);
+  if (!cut.any) return std::nullopt;
+  last_cycle_ = cut.cycle;
+  last_cut_nanos_ = cut.nanos;
   return cut;
 }
 
@@ -205,26 +230,68 @@ std::vector<bool> VmTracker::Impl::FinishCut(CutWrite& cut) {
 
 Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
   std::lock_guard cut_guard(cut_mu_);
-  CutWrite cut;
+  std::optional<CutWrite> cut;
   {
     std::unique_lock vm(cut_lock_);
     if (closed_ && !closing) {
       return Status::Error(ESHUTDOWN, "VM " + options_.vm + ": change tracking is closed");
     }
     if (closing) closed_ = true;
-    // No change is in flight: finish pending fall backs, so those disks get no cut.
-    for (const auto& d : disks_) d->log->FinishFallback();
-    const bool changed = std::any_of(disks_.begin(), disks_.end(),
-                                     [](const auto& d) { return d->log->ChangedSinceCut(); });
-    if (!changed) return last_cycle_.load();
-    cut = WriteCutsLocked();
-    if (!cut.any) return last_cycle_.load();
-    last_cycle_ = cut.cycle;
-    last_cut_nanos_ = cut.nanos;
+    cut = CutLocked(CutWhen::kIfChanged, NextCutNanosLocked());
+    if (!cut) return last_cycle_.load();
   }
   // Outside the VM lock: changes after the cut proceed while the sealers seal.
-  FinishCut(cut);
-  return cut.cycle;
+  FinishCut(*cut);
+  return cut->cycle;
+}
+
+Result<std::vector<uint64_t>> VmTracker::Impl::CutTogether(std::span<Impl* const> group) {
+  // One lock order for every caller, whatever order it lists the trackers in.
+  std::vector<Impl*> order(group.begin(), group.end());
+  std::sort(order.begin(), order.end(), std::less<Impl*>());
+  if (std::adjacent_find(order.begin(), order.end()) != order.end()) {
+    return Status::Invalid("cut together: a tracker is listed twice");
+  }
+  const size_t n = order.size();
+  std::vector<std::unique_lock<std::mutex>> serialised;  // each member's cut_mu_
+  serialised.reserve(n);
+  for (Impl* t : order) serialised.emplace_back(t->cut_mu_);
+  std::vector<std::optional<CutWrite>> cuts(n);  // in the order of order
+  std::vector<uint64_t> cycles(n);
+  {
+    // The group's instant: no change in flight in any disk of any member.
+    std::vector<std::unique_lock<CutLock>> vm;
+    vm.reserve(n);
+    for (Impl* t : order) vm.emplace_back(t->cut_lock_);
+    for (Impl* t : order) {
+      if (t->closed_) {
+        return Status::Error(ESHUTDOWN,
+                             "cut together: VM " + t->options_.vm + ": change tracking is closed");
+      }
+    }
+    bool changed = false;
+    for (Impl* t : order) changed = t->ChangedSinceCutLocked() || changed;
+    if (changed) {
+      // One time for every member, past every member's last cut.
+      int64_t nanos = NowUnixNanos();
+      for (Impl* t : order) nanos = std::max(nanos, t->last_cut_nanos_.load() + 1);
+      for (size_t i = 0; i < n; ++i) cuts[i] = order[i]->CutLocked(CutWhen::kAlways, nanos);
+    }
+    for (size_t i = 0; i < n; ++i) cycles[i] = order[i]->last_cycle_;
+  }
+  // Outside the VM locks; each member's cut_mu_ until its cut is sealed and reported, so
+  // its cycles still seal and report in order.
+  for (size_t i = 0; i < n; ++i) {
+    if (cuts[i]) order[i]->FinishCut(*cuts[i]);
+    serialised[i].unlock();
+  }
+  std::vector<uint64_t> result;
+  result.reserve(n);
+  for (Impl* t : group) {
+    auto at = std::lower_bound(order.begin(), order.end(), t, std::less<Impl*>());
+    result.push_back(cycles[at - order.begin()]);
+  }
+  return result;
 }
 
 VmStats VmTracker::Impl::Stats() const {
@@ -343,6 +410,15 @@ Result<std::unique_ptr<VmTracker>> VmTracker::Open(VmTrackerOptions options) {
 
 WriteObserver& VmTracker::observer(size_t disk_index) { return impl_->observer(disk_index); }
 Result<uint64_t> VmTracker::Cut() { return impl_->Cut(/*closing=*/false); }
+Result<std::vector<uint64_t>> VmTracker::CutTogether(std::span<VmTracker* const> trackers) {
+  std::vector<Impl*> impls;
+  impls.reserve(trackers.size());
+  for (VmTracker* t : trackers) {
+    if (t == nullptr) return Status::Invalid("cut together: a tracker is null");
+    impls.push_back(t->impl_.get());
+  }
+  return Impl::CutTogether(impls);
+}
 VmStats VmTracker::Stats() const { return impl_->Stats(); }
 Status VmTracker::Close() { return impl_->Close(); }
 Result<SnapshotInfo> VmTracker::StartSnapshot() { return impl_->StartSnapshot(); }

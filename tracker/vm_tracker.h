@@ -17,7 +17,10 @@
 // disk's log, so no change straddles a cut, every change before it is in the image, and
 // every record before it is completely in the log. A cycle timer cuts every `cycle`; an
 // open segment past segment_roll_bytes asks for an early cut. Each disk's segment is
-// sealed (synced, closed) at its cut record by a sealer thread, off the write path.
+// sealed (synced, closed) at its cut record by a sealer thread, off the write path. Cut
+// times strictly increase within a VM. A consistency group of VMs is cut at one instant by
+// CutTogether, which holds every member's VM lock at once and gives all members one cut
+// time: the group's instants are the cut times that every member's log has.
 //
 // Log budget: when a disk's unshipped log passes log_budget bytes, or the log cannot be
 // written (ENOSPC, EIO), or an apply fails, the disk falls back to a persistent dirty
@@ -26,8 +29,8 @@
 // log are marked, the log is dropped, the disk is marked "resync required" (persisted in
 // "<log dir>/state.json"), and guest I/O carries on.
 //
-// Thread-safety: observer(i) may be called from any number of threads; Cut, Stats,
-// Close, the snapshot methods and the SegmentSource methods from any thread.
+// Thread-safety: observer(i) may be called from any number of threads; Cut, CutTogether,
+// Stats, Close, the snapshot methods and the SegmentSource methods from any thread.
 #pragma once
 
 #include <algorithm>
@@ -35,6 +38,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -152,7 +156,33 @@ class VmTracker : public SegmentSource {
 
   // Cuts every disk at one instant and seals the segments; returns the new cycle number.
   // A VM with no change since its last cut is not cut again: returns the last cycle.
+  // The cut time is now, or 1 ns past the VM's last cut time if the clock is not past it.
   Result<uint64_t> Cut();
+
+  // Cuts the VMs of a consistency group at one instant. Called by control/ for a group,
+  // whose trackers it opens with cycle = 0 (so only a full segment, through RequestCut,
+  // still cuts a VM alone); from any thread. trackers: distinct, non-null, in any order;
+  // they are borrowed for the call.
+  //
+  // Takes every tracker's cut serialisation, then every tracker's VM lock exclusively,
+  // each in address order (so concurrent calls listing the same trackers in other orders,
+  // and Cut() of one of them, cannot deadlock): at that instant no change is in flight in
+  // any disk of any of the VMs. If no logging disk of any tracker changed since its last
+  // cut, nothing is cut and each tracker's last cycle is returned. Otherwise every tracker
+  // is cut, also one whose disks did not change (its cycle holds only cut records, with
+  // first_change_unix_nanos 0), and all cuts carry one cut time, taken once under the
+  // locks and greater than every earlier cut time of every tracker (previous maximum + 1 if
+  // the clock is not past it), so replicas recognise a group instant by its identical cut
+  // time across VMs. Then the VM locks are let go and each tracker's cut is sealed and its
+  // sealed callback run as Cut() does, on the caller's thread, while the cut serialisation
+  // of group members not yet sealed is still held: a sealed callback must not cut any
+  // tracker of the group. A tracker none of whose disks logs (every one in bitmap mode)
+  // gets no cycle.
+  //
+  // Returns the cycle of each tracker (the new one, or its last if it was not cut), in
+  // the order of trackers; an empty span gives an empty vector. Errors, before anything is
+  // cut: EINVAL for a null or repeated tracker, ESHUTDOWN if one of them is closed.
+  static Result<std::vector<uint64_t>> CutTogether(std::span<VmTracker* const> trackers);
 
   VmStats Stats() const;
 

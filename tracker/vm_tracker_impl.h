@@ -8,6 +8,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <thread>
@@ -32,6 +33,8 @@ class VmTracker::Impl {
   Status Open();
   WriteObserver& observer(size_t i) { return disks_.at(i)->observer; }
   Result<uint64_t> Cut(bool closing);
+  // VmTracker::CutTogether, once the trackers are known to be non-null.
+  static Result<std::vector<uint64_t>> CutTogether(std::span<Impl* const> group);
   VmStats Stats() const;
   Status Close();
   std::vector<SealedSegment> SealedSegments() const;
@@ -100,10 +103,29 @@ class VmTracker::Impl {
     bool any = false;  // some disk logged it
   };
 
+  // Whether CutLocked cuts a VM without a change since its last cut.
+  enum class CutWhen {
+    kIfChanged,  // Cut(): an idle VM keeps its last cycle
+    kAlways,     // CutTogether: every member of the group gets the group's cycle
+  };
+
   Status Validate() const;
-  // With cut_mu_ held and cut_lock_ exclusive: takes the next cycle number (not committed
-  // to last_cycle_: the caller does that) and writes its cut record to every logging disk.
-  CutWrite WriteCutsLocked();
+  // The steps of a cut. Cut, CutTogether and StartSnapshot run them with cut_mu_ held and
+  // cut_lock_ exclusive (no change in flight), then FinishCut without cut_lock_.
+  //
+  // Finishes the pending fall backs (no change is in flight), so those disks get no cut.
+  void FinishFallbacksLocked();
+  // FinishFallbacksLocked, then whether a logging disk has a change since its last cut.
+  bool ChangedSinceCutLocked();
+  // The time for the next cut: now, or last_cut_nanos_ + 1 if the clock is not past it.
+  int64_t NextCutNanosLocked() const;
+  // Takes the next cycle number (not committed to last_cycle_: the caller does that) and
+  // writes its cut record, at nanos (> last_cut_nanos_), to every logging disk.
+  CutWrite WriteCutsLocked(int64_t nanos);
+  // Cut and CutTogether: if when is kAlways or ChangedSinceCutLocked(), WriteCutsLocked
+  // at nanos; if some disk logged the cut, commits its cycle and time (last_cycle_,
+  // last_cut_nanos_) and returns it for FinishCut. Otherwise nothing is cut: nullopt.
+  std::optional<CutWrite> CutLocked(CutWhen when, int64_t nanos);
   // With cut_mu_ held, without cut_lock_: waits until the cut's segments are sealed and
   // runs the sealed callback. Returns, per disk, whether its segment was sealed.
   std::vector<bool> FinishCut(CutWrite& cut);
@@ -126,7 +148,9 @@ class VmTracker::Impl {
   std::vector<std::unique_ptr<Disk>> disks_;  // fixed after Open
 
   // Serialises Close. Lock order: close_mu_, snapshot_ctl_mu_, cut_mu_, cut_lock_, then a
-  // disk's locks (its RangeLocks, then DiskLog's).
+  // disk's locks (its RangeLocks, then DiskLog's). Across trackers (CutTogether only): the
+  // cut_mu_ of each member, then the cut_lock_ of each, each in address order; no other
+  // path holds locks of two trackers.
   std::mutex close_mu_;
   bool close_done_ = false;  // guarded by close_mu_
   // Serialises StartSnapshot and EndSnapshot (and what they read of snapshot_: a snapshot
@@ -139,13 +163,16 @@ class VmTracker::Impl {
   std::shared_ptr<VmSnapshot> snapshot_;
   // Serialises cuts, so cycle numbers are given out in the order cut records are queued
   // and sealed callbacks fire in cycle order (the callback runs with it held, so it must
-  // not call Cut, Close, StartSnapshot or EndSnapshot).
+  // not call Cut, CutTogether, Close, StartSnapshot or EndSnapshot). CutTogether holds the
+  // cut_mu_ of several trackers, taken in address order, before any of their cut_lock_.
   std::mutex cut_mu_;
   // Shared by every change from its sequence number until its apply returns; exclusive
-  // while Cut queues one cut record per disk.
+  // while Cut queues one cut record per disk (CutTogether: of several trackers at once,
+  // taken in address order).
   CutLock cut_lock_;
   bool closed_ = false;                  // written with cut_lock_ exclusive, read with it shared
   std::atomic<uint64_t> last_cycle_{0};  // written with cut_mu_ held
+  // Written with cut_mu_ held; only increases (NextCutNanosLocked, CutTogether).
   std::atomic<int64_t> last_cut_nanos_{0};
   // Wall-clock time of the first change since the last cut (0: none). Set by the first
   // change with cut_lock_ shared, taken and reset by Cut with it exclusive.

@@ -58,9 +58,9 @@ Result<SnapshotInfo> VmTracker::Impl::StartSnapshot() {
         remove_files();
         return Status::Error(ESHUTDOWN, "VM " + options_.vm + ": change tracking is closed");
       }
-      for (const auto& d : disks_) d->log->FinishFallback();
+      FinishFallbacksLocked();
       for (size_t i = 0; i < n; ++i) log_resync[i] = disks_[i]->log->resync_required();
-      cut = WriteCutsLocked();  // a new cycle even when nothing changed
+      cut = WriteCutsLocked(NextCutNanosLocked());  // a new cycle even when nothing changed
       for (size_t i = 0; i < n; ++i) {
         // Bitmap mode, or fell back while writing the cut: back to the log after the cut.
         if (!cut.tickets[i] && disks_[i]->log->tracking_with_bitmap()) {

@@ -1,5 +1,6 @@
 #include "tracker/vm_tracker.h"
 
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <sys/resource.h>
 
@@ -10,7 +11,9 @@
 #include <cstring>
 #include <latch>
 #include <map>
+#include <mutex>
 #include <random>
+#include <span>
 #include <thread>
 
 #include "common/file_util.h"
@@ -18,6 +21,7 @@
 #include "tracker/dirty_bitmap.h"
 #include "tracker/disk_state.h"
 #include "tracker/log_reader.h"
+#include "tracker/prefix_check.h"
 #include "tracker/tracker_fixture.h"
 
 namespace siterep::tracker {
@@ -142,6 +146,10 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
   ASSERT_TRUE(tracker);
   std::atomic<uint64_t> counter{0};
   std::atomic<bool> stop{false};
+  // Writers keep pace with the cutter (100 writes per cut at most; sealing speed varies
+  // with the machine's load), so that cuts fall among the writes.
+  std::atomic<uint64_t> cuts{0};
+  std::atomic<bool> cutter_done{false};
   std::vector<std::thread> writers;
   for (int t = 0; t < 4; ++t) {
     writers.emplace_back([&] {
@@ -149,6 +157,7 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
       for (;;) {
         const uint64_t c = ++counter;
         if (c > 3000) break;
+        while (c > (cuts + 1) * 100 && !cutter_done) std::this_thread::sleep_for(50us);
         std::memcpy(block.data(), &c, sizeof(c));
         const uint64_t offset = (c % 256) * kBlock;
         ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), offset, block).ok());
@@ -157,8 +166,13 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
     });
   }
   std::thread cutter([&] {
+    struct Done {
+      std::atomic<bool>& done;
+      ~Done() { done = true; }
+    } done{cutter_done};
     while (!stop) {
       ASSERT_TRUE(tracker->Cut().ok());
+      ++cuts;
       std::this_thread::sleep_for(200us);
     }
   });
@@ -590,6 +604,519 @@ TEST_F(VmTrackerTest, ReleasedSegmentsGoToTheArchiveWhenOneIsSet) {
   ASSERT_TRUE(fs::exists(archived));
   EXPECT_EQ(*ReadFile(archived), before);
   ASSERT_TRUE(tracker->Close().ok());
+}
+
+// --- Consistency groups: CutTogether -----------------------------------------------------
+
+class VmTrackerGroupTest : public testing::TrackerFixture {
+ protected:
+  // The options of VM vm with the fixture's disks at the given indices (no cycle timer: a
+  // group is cut by CutTogether).
+  VmTrackerOptions VmOptions(const std::string& vm, std::initializer_list<size_t> disks) const {
+    VmTrackerOptions o;
+    o.vm = vm;
+    o.epoch = 3;
+    o.cycle = std::chrono::milliseconds(0);
+    for (size_t i : disks) {
+      const DiskFiles& d = disks_[i];
+      o.disks.push_back(TrackedDisk{d.name, d.fd.get(), d.size, d.log_dir, d.budget});
+    }
+    return o;
+  }
+
+  // Writes data at offset to disk vm_disk of tracker, whose image is fixture disk d.
+  static void Put(VmTracker& tracker, size_t vm_disk, const DiskFiles& d, uint64_t offset,
+                  std::span<const std::byte> data) {
+    Status s = WriteVia(tracker.observer(vm_disk), d.fd.get(), offset, data);
+    ASSERT_TRUE(s.ok()) << s.ToString();
+  }
+
+  static Result<std::vector<uint64_t>> CutTogether(std::initializer_list<VmTracker*> group) {
+    return VmTracker::CutTogether(std::span<VmTracker* const>(group.begin(), group.size()));
+  }
+
+  // The sealed segments of tracker's cycle.
+  static std::vector<SealedSegment> SegmentsOf(VmTracker& tracker, uint64_t cycle) {
+    std::vector<SealedSegment> out;
+    for (SealedSegment& s : tracker.SealedSegments()) {
+      if (s.cycle == cycle) out.push_back(std::move(s));
+    }
+    return out;
+  }
+
+  // Per cut record of a log: cycle -> cut time; and per write, its tag -> its cycle.
+  struct LogCycles {
+    std::map<uint64_t, int64_t> cut_time;
+    std::map<uint64_t, uint64_t> cycle_of_tag;
+  };
+  static LogCycles ReadCycles(const fs::path& log_dir) {
+    LogCycles out;
+    std::vector<uint64_t> open;
+    for (const Rec& r : ReadLog(log_dir)) {
+      if (r.header.kind == RecordKind::kCut) {
+        const CutPayload cut = DecodeCutPayload(std::span(r.payload).first<kCutPayloadSize>());
+        out.cut_time[cut.cycle] = cut.unix_nanos;
+        for (uint64_t tag : open) out.cycle_of_tag[tag] = cut.cycle;
+        open.clear();
+      } else {
+        uint64_t tag;
+        std::memcpy(&tag, r.payload.data(), sizeof(tag));
+        open.push_back(tag);
+      }
+    }
+    EXPECT_TRUE(open.empty()) << log_dir << ": Close leaves no record after the last cut";
+    return out;
+  }
+};
+
+// Two, then three trackers (listed in another order): each group cut gives every member a
+// cycle, sealed on every disk, with one cut time, later than every earlier one.
+TEST_F(VmTrackerGroupTest, MembersOfAGroupCutGetOneCutTimeThatOnlyIncreases) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  AddDisk("a1", 1 << 20);
+  const DiskFiles& b0 = AddDisk("b0", 1 << 20);
+  const DiskFiles& c0 = AddDisk("c0", 1 << 20);
+  auto a = Open(VmOptions("vm-a", {0, 1}));
+  auto b = Open(VmOptions("vm-b", {2}));
+  auto c = Open(VmOptions("vm-c", {3}));
+  ASSERT_TRUE(a && b && c);
+  int64_t previous = 0;
+  std::map<VmTracker*, uint64_t> last_cycle;
+  for (int round = 0; round < 20 && !HasFailure(); ++round) {
+    const bool three = round >= 10;
+    // One member changes per round, the others are cut anyway.
+    switch (round % 3) {
+      case 0:
+        Put(*a, 0, a0, round * kBlock, Pattern(kBlock, round));
+        break;
+      case 1:
+        Put(*b, 0, b0, round * kBlock, Pattern(kBlock, round));
+        break;
+      default:
+        if (three) {
+          Put(*c, 0, c0, round * kBlock, Pattern(kBlock, round));
+        } else {
+          Put(*a, 0, a0, round * kBlock, Pattern(kBlock, round));
+        }
+    }
+    std::vector<VmTracker*> group = {a.get(), b.get()};
+    if (three) group = {c.get(), a.get(), b.get()};
+    Result<std::vector<uint64_t>> cycles = VmTracker::CutTogether(group);
+    ASSERT_TRUE(cycles.ok()) << cycles.status().ToString();
+    ASSERT_EQ(cycles->size(), group.size());
+    const int64_t time = group[0]->Stats().last_cut_unix_nanos;
+    EXPECT_GT(time, previous) << "round " << round;
+    previous = time;
+    for (size_t i = 0; i < group.size(); ++i) {
+      VmTracker& t = *group[i];
+      EXPECT_EQ((*cycles)[i], last_cycle[&t] + 1) << "round " << round << " member " << i;
+      last_cycle[&t] = (*cycles)[i];
+      const VmStats stats = t.Stats();
+      EXPECT_EQ(stats.last_cycle, (*cycles)[i]);
+      EXPECT_EQ(stats.last_cut_unix_nanos, time) << "round " << round << " member " << i;
+      const std::vector<SealedSegment> segs = SegmentsOf(t, (*cycles)[i]);
+      ASSERT_EQ(segs.size(), stats.disks.size()) << "every disk is sealed at the cycle";
+      for (const SealedSegment& s : segs) EXPECT_EQ(s.cut_unix_nanos, time) << s.disk;
+    }
+  }
+  EXPECT_EQ(last_cycle[a.get()], 20u);
+  EXPECT_EQ(last_cycle[c.get()], 10u);
+  for (auto* t : {a.get(), b.get(), c.get()}) ASSERT_TRUE(t->Close().ok());
+  for (size_t i = 0; i < disks_.size(); ++i) ExpectReplayEqualsImage(i);
+}
+
+// A member without a change gets the cycle too: a segment of one cut record per disk,
+// with no first change; everything that reads segments takes such a cycle in its stride.
+TEST_F(VmTrackerGroupTest, AnUnchangedMemberGetsACycleOfCutRecordsOnly) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  const DiskFiles& b0 = AddDisk("b0", 1 << 20);
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  std::mutex mu;
+  std::vector<uint64_t> b_sealed;
+  b->SetSealedCallback([&](uint64_t cycle) {
+    std::lock_guard lk(mu);
+    b_sealed.push_back(cycle);
+  });
+  constexpr uint64_t kCutRecord = kHeaderSize + kCutPayloadSize;
+
+  Put(*a, 0, a0, 0, Pattern(kBlock, 1));
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{1, 1}));
+  std::vector<SealedSegment> sealed = b->SealedSegments();
+  ASSERT_EQ(sealed.size(), 1u);
+  EXPECT_EQ(sealed[0].cycle, 1u);
+  EXPECT_EQ(sealed[0].first_seq, 1u);
+  EXPECT_EQ(sealed[0].last_seq, 1u);
+  EXPECT_EQ(sealed[0].bytes, kCutRecord);
+  EXPECT_EQ(fs::file_size(sealed[0].path), kCutRecord);
+  EXPECT_EQ(sealed[0].first_change_unix_nanos, 0) << "the cycle holds no change";
+  EXPECT_EQ(sealed[0].cut_unix_nanos, a->Stats().last_cut_unix_nanos);
+  EXPECT_GT(a->SealedSegments().at(0).first_change_unix_nanos, 0);
+  VmStats stats = b->Stats();
+  EXPECT_EQ(stats.last_cycle, 1u);
+  EXPECT_EQ(stats.open_first_change_unix_nanos, 0);
+  EXPECT_EQ(stats.disks[0].unshipped_bytes, kCutRecord);
+  EXPECT_EQ(stats.disks[0].last_seq, 1u);
+  EXPECT_EQ(stats.disks[0].last_cut_unix_nanos, stats.last_cut_unix_nanos);
+
+  Put(*a, 0, a0, kBlock, Pattern(kBlock, 2));
+  ASSERT_EQ(*CutTogether({b.get(), a.get()}), (std::vector<uint64_t>{2, 2}));
+  Put(*b, 0, b0, 0, Pattern(kBlock, 3));
+  ASSERT_EQ(*b->Cut(), 3u) << "a full segment may still cut a member alone";
+  {
+    std::lock_guard lk(mu);
+    EXPECT_EQ(b_sealed, (std::vector<uint64_t>{1, 2, 3}));
+  }
+
+  // The reader: one sequence, two cycles of cuts alone.
+  std::vector<Rec> recs = ReadLog(b0.log_dir);
+  ASSERT_EQ(recs.size(), 4u);
+  for (size_t i = 0; i < recs.size(); ++i) EXPECT_EQ(recs[i].header.seq, i + 1);
+  EXPECT_EQ(recs[0].header.kind, RecordKind::kCut);
+  EXPECT_EQ(recs[1].header.kind, RecordKind::kCut);
+  EXPECT_EQ(recs[2].header.kind, RecordKind::kWrite);
+  EXPECT_EQ(recs[0].segment + 1, recs[1].segment);
+
+  // Replay through an empty cycle changes nothing; through the next one, everything.
+  const fs::path copy = tmp_.path() / "b0.replica";
+  fs::copy_file(b0.pre_image, copy);
+  Result<ReplayResult> replayed = ReplayLogToFile(b0.log_dir, copy, ReplayOptions{2});
+  ASSERT_TRUE(replayed.ok()) << replayed.status().ToString();
+  EXPECT_EQ(replayed->cuts, 2u);
+  EXPECT_EQ(replayed->writes, 0u);
+  EXPECT_EQ(replayed->last_cycle, 2u);
+  EXPECT_EQ(testing::ReadWhole(copy), testing::ReadWhole(b0.pre_image));
+
+  // The prefix check finds a replica at the pre-image at the empty cycles too.
+  Result<PrefixCheckResult> check =
+      CheckReplicaIsLogPrefix({{"b0", b0.pre_image, b0.log_dir, copy}}, tmp_.path());
+  ASSERT_TRUE(check.ok()) << check.status().ToString();
+  EXPECT_EQ(check->disks[0].matching_cycles, (std::vector<uint64_t>{0, 1, 2}));
+  EXPECT_EQ(check->cycle, std::optional<uint64_t>(2));
+  replayed = ReplayLogToFile(b0.log_dir, copy, ReplayOptions{3});
+  ASSERT_TRUE(replayed.ok()) << replayed.status().ToString();
+  check = CheckReplicaIsLogPrefix({{"b0", b0.pre_image, b0.log_dir, copy}}, tmp_.path());
+  ASSERT_TRUE(check.ok()) << check.status().ToString();
+  EXPECT_EQ(check->cycle, std::optional<uint64_t>(3));
+
+  // Release, and a restart: the recovered list holds the empty cycle as it was.
+  ASSERT_TRUE(b->ReleaseThrough(1).ok());
+  EXPECT_FALSE(fs::exists(sealed[0].path));
+  EXPECT_EQ(b->Stats().disks[0].unshipped_bytes, kCutRecord + kCutRecord + kHeaderSize + kBlock);
+  const std::vector<SealedSegment> before = b->SealedSegments();
+  ASSERT_TRUE(a->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+  b.reset();
+  b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(b);
+  const std::vector<SealedSegment> after = b->SealedSegments();
+  ASSERT_EQ(after.size(), 2u);
+  ASSERT_EQ(before.size(), 2u);
+  for (size_t i = 0; i < after.size(); ++i) {
+    EXPECT_EQ(after[i].cycle, before[i].cycle);
+    EXPECT_EQ(after[i].first_seq, before[i].first_seq);
+    EXPECT_EQ(after[i].last_seq, before[i].last_seq);
+    EXPECT_EQ(after[i].bytes, before[i].bytes);
+    EXPECT_EQ(after[i].cut_unix_nanos, before[i].cut_unix_nanos);
+    EXPECT_EQ(after[i].first_change_unix_nanos, before[i].first_change_unix_nanos);
+  }
+  EXPECT_EQ(after[0].first_change_unix_nanos, 0);
+  stats = b->Stats();
+  EXPECT_EQ(stats.last_cycle, 3u);
+  EXPECT_EQ(stats.open_first_change_unix_nanos, 0) << "nothing after the last cut";
+  ASSERT_TRUE(b->ReleaseThrough(3).ok());
+  EXPECT_TRUE(b->SealedSegments().empty());
+  EXPECT_EQ(b->Stats().disks[0].unshipped_bytes, 0u);
+  ExpectReplayEqualsImage(0);
+}
+
+TEST_F(VmTrackerGroupTest, NothingChangedAnywhereCutsNothing) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  AddDisk("b0", 1 << 20);
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{0, 0}));
+  EXPECT_TRUE(a->SealedSegments().empty());
+  EXPECT_TRUE(b->SealedSegments().empty());
+  EXPECT_EQ(a->Stats().last_cut_unix_nanos, 0);
+
+  Put(*a, 0, a0, 0, Pattern(kBlock, 1));
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{1, 1}));
+  const int64_t time = a->Stats().last_cut_unix_nanos;
+  ASSERT_EQ(*CutTogether({b.get(), a.get()}), (std::vector<uint64_t>{1, 1}));
+  EXPECT_EQ(a->SealedSegments().size(), 1u);
+  EXPECT_EQ(b->SealedSegments().size(), 1u);
+  EXPECT_EQ(a->Stats().last_cut_unix_nanos, time);
+  EXPECT_EQ(b->Stats().last_cut_unix_nanos, time);
+  EXPECT_EQ(*a->Cut(), 1u);
+  EXPECT_TRUE(VmTracker::CutTogether({})->empty());
+}
+
+// The cut time is past every member's last cut even when the clock is behind it (here:
+// a log whose last cut is dated an hour ahead).
+TEST_F(VmTrackerGroupTest, TheCutTimeIsPastEveryEarlierCutEvenWithTheClockBehind) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  const DiskFiles& b0 = AddDisk("b0", 1 << 20);
+  const int64_t ahead = NowUnixNanos() + int64_t{3600} * 1'000'000'000;
+  {
+    fs::create_directories(a0.log_dir);
+    RecordHeader h;
+    h.kind = RecordKind::kCut;
+    h.disk_id = DiskIdFor("vm-a", "a0");
+    h.epoch = 3;
+    h.seq = 1;
+    h.length = kCutPayloadSize;
+    std::byte payload[kCutPayloadSize];
+    EncodeCutPayload(CutPayload{1, ahead, 0}, payload);
+    const std::vector<std::byte> rec = testing::EncodeRecord(h, payload);
+    UniqueFd fd(::open(SegmentPath(a0.log_dir, 1).c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644));
+    ASSERT_TRUE(fd.valid());
+    ASSERT_TRUE(PWriteAll(fd.get(), rec.data(), rec.size(), 0, "segment").ok());
+  }
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->Stats().last_cut_unix_nanos, ahead);
+  Put(*b, 0, b0, 0, Pattern(kBlock, 1));
+  ASSERT_EQ(*CutTogether({b.get(), a.get()}), (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(a->Stats().last_cut_unix_nanos, ahead + 1);
+  EXPECT_EQ(b->Stats().last_cut_unix_nanos, ahead + 1);
+  EXPECT_EQ(SegmentsOf(*b, 1).at(0).cut_unix_nanos, ahead + 1);
+  EXPECT_EQ(SegmentsOf(*a, 2).at(0).cut_unix_nanos, ahead + 1);
+  // A VM cut alone goes on past it too, and the next group cut past that.
+  Put(*a, 0, a0, 0, Pattern(kBlock, 2));
+  ASSERT_EQ(*a->Cut(), 3u);
+  EXPECT_EQ(a->Stats().last_cut_unix_nanos, ahead + 2);
+  Put(*b, 0, b0, 0, Pattern(kBlock, 3));
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{4, 2}));
+  EXPECT_EQ(b->Stats().last_cut_unix_nanos, ahead + 3);
+  EXPECT_EQ(a->Stats().last_cut_unix_nanos, ahead + 3);
+}
+
+// Writers put a tag in VM a, then b, then c, while a cutter cuts the three together (in
+// changing orders). At every group instant each VM's log holds every write that had
+// returned before CutTogether was called and none that began after it returned; and
+// since the three writes of a tag are ordered, a group cut that holds a later one holds
+// the earlier ones.
+TEST_F(VmTrackerGroupTest, GroupCutsAreOneInstantAcrossVms) {
+  AddDisk("a0", 1 << 20);
+  AddDisk("b0", 1 << 20);
+  AddDisk("c0", 1 << 20);
+  std::vector<std::unique_ptr<VmTracker>> vms;
+  vms.push_back(Open(VmOptions("vm-a", {0})));
+  vms.push_back(Open(VmOptions("vm-b", {1})));
+  vms.push_back(Open(VmOptions("vm-c", {2})));
+  ASSERT_TRUE(vms[0] && vms[1] && vms[2]);
+  constexpr uint64_t kWrites = 3000;
+  constexpr int kWriters = 4;
+  constexpr uint64_t kWritesPerRound = 100;  // writers keep pace with the cutter (sealing
+                                             // speed varies), so cuts fall among the writes
+  std::atomic<uint64_t> counter{0};
+  std::atomic<uint64_t> rounds{0};
+  std::atomic<bool> cutter_done{false};
+  std::vector<std::atomic<int>> state(kWrites + 1);  // 0 not begun, 1 writing, 2 returned
+  for (auto& s : state) s = 0;
+  std::vector<std::thread> writers;
+  for (int w = 0; w < kWriters; ++w) {
+    writers.emplace_back([&] {
+      std::vector<std::byte> block(kBlock);
+      for (;;) {
+        const uint64_t tag = ++counter;
+        if (tag > kWrites) break;
+        while (tag > (rounds + 1) * kWritesPerRound && !cutter_done) {
+          std::this_thread::sleep_for(50us);
+        }
+        state[tag] = 1;
+        std::memcpy(block.data(), &tag, sizeof(tag));
+        for (size_t v = 0; v < vms.size(); ++v) {
+          Status s = WriteVia(vms[v]->observer(0), disks_[v].fd.get(), (tag % 256) * kBlock, block);
+          ASSERT_TRUE(s.ok()) << s.ToString();
+        }
+        state[tag] = 2;
+      }
+    });
+  }
+  struct Instant {
+    std::vector<uint64_t> cycles;    // per VM
+    std::vector<uint64_t> returned;  // tags whose writes had returned before the call
+    uint64_t began_after = 0;        // tags above this began after the call returned
+  };
+  std::vector<Instant> instants;
+  std::atomic<bool> stop{false};
+  std::thread cutter([&] {
+    struct Done {
+      std::atomic<bool>& done;
+      ~Done() { done = true; }  // also when an assertion ends the loop: writers stop waiting
+    } done{cutter_done};
+    for (int round = 0; !stop; ++round) {
+      Instant in;
+      const uint64_t seen = std::min(counter.load(), kWrites);
+      for (uint64_t t = 1; t <= seen; ++t) {
+        if (state[t] == 2) in.returned.push_back(t);
+      }
+      // The members in a changing order; the result comes back in that order.
+      std::vector<size_t> order = {0, 1, 2};
+      std::rotate(order.begin(), order.begin() + round % 3, order.end());
+      if (round % 2) std::swap(order[0], order[1]);
+      std::vector<VmTracker*> group;
+      for (size_t v : order) group.push_back(vms[v].get());
+      Result<std::vector<uint64_t>> cycles = VmTracker::CutTogether(group);
+      in.began_after = counter.load();
+      ASSERT_TRUE(cycles.ok()) << cycles.status().ToString();
+      in.cycles.assign(3, 0);
+      for (size_t i = 0; i < order.size(); ++i) in.cycles[order[i]] = (*cycles)[i];
+      instants.push_back(std::move(in));
+      ++rounds;
+      std::this_thread::sleep_for(200us);
+    }
+  });
+  for (auto& t : writers) t.join();
+  stop = true;
+  cutter.join();
+  for (auto& vm : vms) ASSERT_TRUE(vm->Close().ok());
+
+  std::vector<LogCycles> logs;
+  std::vector<std::vector<uint64_t>> cycle_of(vms.size());  // [vm][tag]
+  for (size_t v = 0; v < vms.size(); ++v) {
+    logs.push_back(ReadCycles(disks_[v].log_dir));
+    ASSERT_EQ(logs[v].cycle_of_tag.size(), kWrites) << "VM " << v;
+    cycle_of[v].resize(kWrites + 1);
+    for (const auto& [tag, cycle] : logs[v].cycle_of_tag) cycle_of[v].at(tag) = cycle;
+  }
+  size_t cut_instants = 0;
+  int64_t previous_time = 0;
+  std::vector<uint64_t> previous_cycles(3, 0);
+  int violations = 0;
+  for (const Instant& in : instants) {
+    if (in.cycles != previous_cycles) {
+      ++cut_instants;
+      const int64_t time = logs[0].cut_time.at(in.cycles[0]);
+      for (size_t v = 0; v < 3; ++v) {
+        EXPECT_EQ(in.cycles[v], previous_cycles[v] + 1) << "VM " << v;
+        EXPECT_EQ(logs[v].cut_time.at(in.cycles[v]), time)
+            << "VM " << v << " at cycle " << in.cycles[v];
+      }
+      EXPECT_GT(time, previous_time);
+      previous_time = time;
+      previous_cycles = in.cycles;
+    }
+    auto in_cut = [&](size_t v, uint64_t tag) { return cycle_of[v][tag] <= in.cycles[v]; };
+    for (uint64_t tag : in.returned) {
+      for (size_t v = 0; v < 3; ++v) violations += in_cut(v, tag) ? 0 : 1;
+    }
+    for (uint64_t tag = in.began_after + 1; tag <= kWrites; ++tag) {
+      for (size_t v = 0; v < 3; ++v) violations += in_cut(v, tag) ? 1 : 0;
+    }
+    for (uint64_t tag = 1; tag <= kWrites; ++tag) {
+      if (in_cut(2, tag) && !in_cut(1, tag)) ++violations;
+      if (in_cut(1, tag) && !in_cut(0, tag)) ++violations;
+    }
+  }
+  EXPECT_EQ(violations, 0);
+  EXPECT_GT(cut_instants, 5u) << "the test needs group cuts during the writes";
+  std::printf("%zu group cuts, %zu of them cut\n", instants.size(), cut_instants);
+  for (size_t v = 0; v < vms.size(); ++v) ExpectReplayEqualsImage(v);
+}
+
+// Group cuts listing the trackers in opposite orders, and a VM's own cuts, all at once
+// with writers on both VMs: nothing deadlocks, and each VM's cut times only increase.
+TEST_F(VmTrackerGroupTest, ConcurrentGroupCutsInAnyOrderDoNotDeadlock) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  const DiskFiles& b0 = AddDisk("b0", 1 << 20);
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  std::atomic<bool> stop{false};
+  std::vector<std::thread> threads;
+  for (int w = 0; w < 2; ++w) {
+    threads.emplace_back([&, w] {
+      std::mt19937_64 rng(w);
+      while (!stop) {
+        const uint64_t offset = (rng() % 256) * kBlock;
+        Put(*a, 0, a0, offset, Pattern(kBlock, rng()));
+        Put(*b, 0, b0, offset, Pattern(kBlock, rng()));
+      }
+    });
+  }
+  std::vector<std::thread> cutters;
+  cutters.emplace_back([&] {
+    for (int i = 0; i < 150; ++i) ASSERT_TRUE(CutTogether({a.get(), b.get()}).ok());
+  });
+  cutters.emplace_back([&] {
+    for (int i = 0; i < 150; ++i) ASSERT_TRUE(CutTogether({b.get(), a.get()}).ok());
+  });
+  cutters.emplace_back([&] {
+    for (int i = 0; i < 150; ++i) ASSERT_TRUE(a->Cut().ok());
+  });
+  for (auto& t : cutters) t.join();
+  stop = true;
+  for (auto& t : threads) t.join();
+  ASSERT_TRUE(a->Close().ok());
+  ASSERT_TRUE(b->Close().ok());
+  for (size_t v = 0; v < 2; ++v) {
+    int64_t previous = 0;
+    uint64_t cuts = 0;
+    for (const Rec& r : ReadLog(disks_[v].log_dir)) {
+      if (r.header.kind != RecordKind::kCut) continue;
+      const CutPayload cut = DecodeCutPayload(std::span(r.payload).first<kCutPayloadSize>());
+      EXPECT_GT(cut.unix_nanos, previous) << "VM " << v << " cycle " << cut.cycle;
+      previous = cut.unix_nanos;
+      ++cuts;
+    }
+    EXPECT_GT(cuts, 10u);
+    ExpectReplayEqualsImage(v);
+  }
+}
+
+TEST_F(VmTrackerGroupTest, AClosedMemberFailsTheWholeCut) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  AddDisk("b0", 1 << 20);
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  ASSERT_TRUE(b->Close().ok());
+  Put(*a, 0, a0, 0, Pattern(kBlock, 1));
+  Result<std::vector<uint64_t>> cycles = CutTogether({a.get(), b.get()});
+  EXPECT_EQ(cycles.status().code(), ESHUTDOWN);
+  EXPECT_NE(cycles.status().message().find("vm-b"), std::string::npos) << cycles.status().message();
+  EXPECT_EQ(CutTogether({b.get(), a.get()}).status().code(), ESHUTDOWN);
+  EXPECT_EQ(a->Stats().last_cycle, 0u) << "nothing was cut";
+  EXPECT_TRUE(a->SealedSegments().empty());
+  EXPECT_NE(a->Stats().open_first_change_unix_nanos, 0);
+  EXPECT_EQ(*a->Cut(), 1u);
+}
+
+TEST_F(VmTrackerGroupTest, ARepeatedOrNullMemberIsRefused) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  AddDisk("b0", 1 << 20);
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  Put(*a, 0, a0, 0, Pattern(kBlock, 1));
+  EXPECT_EQ(CutTogether({a.get(), a.get()}).status().code(), EINVAL);
+  EXPECT_EQ(CutTogether({a.get(), b.get(), a.get()}).status().code(), EINVAL);
+  EXPECT_EQ(CutTogether({a.get(), nullptr}).status().code(), EINVAL);
+  EXPECT_EQ(a->Stats().last_cycle, 0u) << "nothing was cut";
+  EXPECT_EQ(b->Stats().last_cycle, 0u);
+  ASSERT_EQ(*CutTogether({a.get()}), std::vector<uint64_t>{1}) << "a group of one is a Cut";
+}
+
+// A member whose only disk tracks with the bitmap has nothing to cut: it keeps its cycle,
+// and the others are cut.
+TEST_F(VmTrackerGroupTest, AMemberWithoutALoggingDiskGetsNoCycle) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  const DiskFiles& b0 = AddDisk("b0", 1 << 20, /*budget=*/16 << 10);
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  for (uint64_t i = 0; i < 8; ++i) Put(*b, 0, b0, i * kBlock, Pattern(kBlock, i));
+  ASSERT_EQ(b->Stats().disks[0].tracking, DiskTracking::kBitmap);
+  Put(*a, 0, a0, 0, Pattern(kBlock, 1));
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{1, 0}));
+  EXPECT_TRUE(b->SealedSegments().empty());
+  EXPECT_EQ(a->SealedSegments().size(), 1u);
 }
 
 }  // namespace
