@@ -461,6 +461,7 @@ ReplicaPosition Replica::Position() const {
     for (const PendingSegment& s : c.segments) p.pending_bytes += s.bytes;
   }
   p.apply_error = !state_.apply_error.empty() ? state_.apply_error : transient_error_;
+  p.apply_held = ApplyHeldLocked();
   return p;
 }
 

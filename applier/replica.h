@@ -7,6 +7,8 @@
 // Threads: the receiver calls WriteSegment/CommitCycle from its connection thread (at
 // most one at a time; they are serialised anyway); the applier thread (Start) applies;
 // Position, Points, Definition, OpenView, ExportPoint may be called from any thread.
+// Consistency groups: control/ sets an apply gate (SetApplyGate) that the applying thread
+// asks before each cycle, and reads CommittedCuts of the group's replicas to answer it.
 //
 // On disk, in `dir` (= <state_dir>/replicas/<vm>/):
 //   replica.json                 the ReplicaDefinition (replica_state.h); present = the
@@ -159,6 +161,53 @@ class Replica : public SegmentSink {
   // so the apply is tried again.
   Status ClearApplyError();
 
+  // --- Consistency groups. The VMs of a group (ReplicaDefinition::consistency_group) are
+  // cut by their primary at the same instants; a member's images must never run past a
+  // group instant another member has not received, so that one instant stays reachable
+  // for all by applying pending cycles. control/ decides that across the replicas; these
+  // are its hooks.
+
+  // Returns whether the committed cycle `next` may be applied now.
+  using ApplyGate = std::function<bool(const CycleInfo& next)>;
+  // Sets the apply gate (null: none, every cycle goes through; the default), replacing the
+  // previous one; a held cycle is asked about again at once. The gate is asked before each
+  // committed cycle is applied - by the applier thread, by ApplyPending and by the applies
+  // BeginSync makes before a sync - with that cycle's CycleInfo. true: the cycle is
+  // applied. false: it is held, and so are the ones after it: the applier thread asks
+  // again at least every 100 ms and at once on Wake(); ApplyPending returns Ok having
+  // applied the cycles before it; BeginSync lets the sync replace it and the ones after.
+  // Not asked about a cycle whose apply was interrupted (position.json's applying_cycle,
+  // after an error or a crash): the images hold part of it already, and only finishing it
+  // makes them a point again; the gate let it through when it started.
+  //
+  // Locks: the gate runs on the applying thread (the applier thread, the caller of
+  // ApplyPending, the receiver's thread in BeginSync) holding this replica's apply lock
+  // (apply_mu_; in BeginSync also its receive lock, recv_mu_), never mu_, persist_mu_ or a
+  // PointStore lock. So it may call CommittedCuts, CycleAtCut, ApplyHeld, Position,
+  // Definition, Points, Wake and SetApplyGate of this replica and of any other (each takes
+  // a mu_ briefly). It must not call, or wait for a thread that is calling, what takes this
+  // replica's apply or receive lock: ApplyPending, Stop (joins the applier thread),
+  // BeginSync and the other SegmentSink calls, MaterializePoint, ChangedSince. It should
+  // answer quickly: a sync or failover of this replica waits for it.
+  void SetApplyGate(ApplyGate gate);
+  // Makes the applier thread ask the gate about a held cycle again now (e.g. another
+  // member of the group committed a cycle). Cheap; any thread; a no-op when nothing is held.
+  void Wake();
+  // True while the next committed cycle is held: a gate is set, its last answer about that
+  // cycle was false, and the cycle is still the next (not applied, not replaced by a sync).
+  // Also Position().apply_held.
+  bool ApplyHeld() const;
+  // Cut times (unix nanos) of the replica's latest point, then of every committed cycle not
+  // yet applied, oldest first: every instant the images are at or can reach by applying.
+  // The latest point is the applied cycle when it is one (as Points() lists it: not before
+  // the first cycle of images that are no point, nor during a direct sync; also while an
+  // interrupted apply is unfinished). During a sync no cycle is pending; during a
+  // MaterializePoint the list is empty. Memory only (takes mu_ briefly).
+  std::vector<int64_t> CommittedCuts() const;
+  // The cycle of CommittedCuts() whose cut time is exactly cut_unix_nanos: the latest point
+  // or a committed cycle not yet applied. nullopt if none. Memory only.
+  std::optional<uint64_t> CycleAtCut(int64_t cut_unix_nanos) const;
+
   // Makes the images exactly recovery point point_id for good (a failover to that point):
   // point_id is a retained point or the latest point's id, from Points() (not
   // kLatestPoint: EINVAL; the caller must record which point it is making). The blocks
@@ -236,7 +285,8 @@ class Replica : public SegmentSink {
   Status CommitCycle(const CycleInfo& cycle) override;
   // pending_bytes counts the committed segments not yet applied (not a segment still
   // arriving or received but uncommitted); apply_error is the persistent one (a bad
-  // record) or else the last retryable error, "" once a cycle applies again.
+  // record) or else the last retryable error, "" once a cycle applies again; apply_held is
+  // ApplyHeld().
   ReplicaPosition Position() const override;
 
   // Syncs (replica_sync.cc). BeginSync refuses a sync_id older than the applied cycle
@@ -293,9 +343,18 @@ class Replica : public SegmentSink {
   void DropIncoming(size_t disk);
 
   // replica_apply.cc
+  enum class ApplyStep {
+    kApplied,  // the oldest committed cycle was applied
+    kNone,     // nothing to apply (no committed cycle, or a sync is unfinished)
+    kHeld,     // the apply gate holds the oldest committed cycle
+  };
   void ApplierLoop();
-  // Applies the oldest committed cycle; false when there is none. Needs apply_mu_.
-  Result<bool> ApplyNext();
+  // Asks the gate about the oldest committed cycle, then applies it. Needs apply_mu_.
+  Result<ApplyStep> ApplyNext();
+  // Needs mu_.
+  bool ApplyHeldLocked() const;
+  // Is the applied cycle a recovery point (see CommittedCuts)? Needs mu_.
+  bool AppliedIsPointLocked() const;
   Status ApplyCycle(const PendingCycle& cycle, const ReplicaDefinition& def);
   Status CheckCycle(const PendingCycle& cycle, const ReplicaDefinition& def) const;
   Status WriteCycle(const PendingCycle& cycle, const ReplicaDefinition& def);
@@ -322,8 +381,10 @@ class Replica : public SegmentSink {
   mutable std::mutex apply_mu_;  // one apply at a time (the thread or ApplyPending)
   mutable std::mutex recv_mu_;   // serialises the SegmentSink calls; protects incoming_
   std::mutex persist_mu_;        // serialises writes of position.json and replica.json
-  mutable std::mutex mu_;        // protects def_, state_, staged_, transient_error_, stop_
-  std::condition_variable cv_;   // applier wake-up: a commit, Stop, ClearApplyError
+  // protects def_, state_, staged_, transient_error_, stop_, gate_, held_cycle_, wakes_
+  mutable std::mutex mu_;
+  // applier wake-up: a commit, Stop, ClearApplyError, Wake, SetApplyGate
+  std::condition_variable cv_;
   ReplicaDefinition def_;
   PositionState state_;                            // as in position.json
   std::vector<std::optional<Incoming>> incoming_;  // per disk
@@ -337,6 +398,12 @@ class Replica : public SegmentSink {
   // Under recv_mu_: when the sync's progress was last recorded; the SyncHashes buffer.
   std::chrono::steady_clock::time_point sync_noted_at_;
   std::vector<std::byte> hash_buffer_;
+  // The apply gate (shared: ApplyNext calls its copy without mu_ while SetApplyGate may
+  // replace it); the cycle it last held (0: none; cycles start at 1); the number of Wake()s
+  // and gate changes, so that one coming while the gate is asked is not lost.
+  std::shared_ptr<const ApplyGate> gate_;
+  uint64_t held_cycle_ = 0;
+  uint64_t wakes_ = 0;
   bool stop_ = false;
   std::thread thread_;
 };

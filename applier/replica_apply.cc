@@ -22,6 +22,8 @@ namespace {
 
 constexpr auto kMaxRetryDelay = std::chrono::seconds(30);
 constexpr auto kFirstRetryDelay = std::chrono::milliseconds(100);
+// How often the applier thread asks the apply gate again about a cycle it holds.
+constexpr auto kGateRetry = std::chrono::milliseconds(100);
 
 Status AtFailpoint(std::string_view name) {
   if (failpoint::Check(name) == failpoint::Action::kError) {
@@ -62,14 +64,19 @@ void Replica::ApplierLoop() {
       cv_.wait(lk);
       continue;
     }
+    // A Wake() from here on makes a held cycle be asked about again at once.
+    const uint64_t wakes = wakes_;
     lk.unlock();
-    Result<bool> applied = [&] {
+    Result<ApplyStep> applied = [&] {
       std::lock_guard apply(apply_mu_);
       return ApplyNext();
     }();
     lk.lock();
     if (applied.ok()) {
       delay = std::chrono::milliseconds(0);
+      if (*applied == ApplyStep::kHeld) {
+        cv_.wait_for(lk, kGateRetry, [&] { return stop_ || wakes_ != wakes; });
+      }
     } else if (state_.apply_error.empty()) {
       // Worth retrying (I/O error, full disk): back off.
       delay = std::min<std::chrono::milliseconds>(std::max(delay * 2, kFirstRetryDelay),
@@ -84,9 +91,66 @@ void Replica::ApplierLoop() {
 Status Replica::ApplyPending() {
   std::lock_guard apply(apply_mu_);
   for (;;) {
-    SR_ASSIGN_OR_RETURN(bool applied, ApplyNext());
-    if (!applied) return Status::Ok();
+    SR_ASSIGN_OR_RETURN(ApplyStep step, ApplyNext());
+    if (step != ApplyStep::kApplied) return Status::Ok();  // none left, or held by the gate
   }
+}
+
+void Replica::SetApplyGate(ApplyGate gate) {
+  {
+    std::lock_guard lk(mu_);
+    gate_ = gate ? std::make_shared<const ApplyGate>(std::move(gate)) : nullptr;
+    held_cycle_ = 0;  // the new gate has not answered yet
+    ++wakes_;
+  }
+  cv_.notify_all();
+}
+
+void Replica::Wake() {
+  {
+    std::lock_guard lk(mu_);
+    ++wakes_;
+  }
+  cv_.notify_all();
+}
+
+bool Replica::ApplyHeld() const {
+  std::lock_guard lk(mu_);
+  return ApplyHeldLocked();
+}
+
+bool Replica::ApplyHeldLocked() const {
+  return gate_ && held_cycle_ != 0 && !state_.pending.empty() &&
+         state_.pending.front().info.cycle == held_cycle_;
+}
+
+bool Replica::AppliedIsPointLocked() const {
+  // As PointStore lists the latest point: none while a materialization rewrites the images
+  // or a direct sync writes them, none before the first cycle unless adopted in sync.
+  if (state_.materialize || (state_.sync && !state_.sync->staged)) return false;
+  return state_.applied_cycle != 0 || state_.cycle0_is_point;
+}
+
+std::vector<int64_t> Replica::CommittedCuts() const {
+  std::lock_guard lk(mu_);
+  std::vector<int64_t> cuts;
+  if (state_.materialize) return cuts;
+  cuts.reserve(state_.pending.size() + 1);
+  if (AppliedIsPointLocked()) cuts.push_back(state_.applied_cut_unix_nanos);
+  for (const PendingCycle& c : state_.pending) cuts.push_back(c.info.cut_unix_nanos);
+  return cuts;
+}
+
+std::optional<uint64_t> Replica::CycleAtCut(int64_t cut_unix_nanos) const {
+  std::lock_guard lk(mu_);
+  if (state_.materialize) return std::nullopt;
+  if (AppliedIsPointLocked() && state_.applied_cut_unix_nanos == cut_unix_nanos) {
+    return state_.applied_cycle;
+  }
+  for (const PendingCycle& c : state_.pending) {
+    if (c.info.cut_unix_nanos == cut_unix_nanos) return c.info.cycle;
+  }
+  return std::nullopt;
 }
 
 Status Replica::ClearApplyError() {
@@ -99,9 +163,10 @@ Status Replica::ClearApplyError() {
   return Status::Ok();
 }
 
-Result<bool> Replica::ApplyNext() {
+Result<Replica::ApplyStep> Replica::ApplyNext() {
   PendingCycle cycle;
   ReplicaDefinition def;
+  std::shared_ptr<const ApplyGate> gate;
   {
     std::lock_guard lk(mu_);
     if (!state_.apply_error.empty()) {
@@ -109,15 +174,30 @@ Result<bool> Replica::ApplyNext() {
     }
     SR_RETURN_IF_ERROR(RefuseWhileMaterializingLocked("apply"));
     // A sync rewrites the images until it ends; the cycles after it come then.
-    if (state_.pending.empty() || state_.sync) return false;
+    if (state_.pending.empty() || state_.sync) return ApplyStep::kNone;
     cycle = state_.pending.front();
     def = def_;
+    // An interrupted apply is finished whatever the gate says (see SetApplyGate).
+    if (state_.applying_cycle != cycle.info.cycle) gate = gate_;
+    if (!gate) held_cycle_ = 0;
+  }
+  if (gate) {
+    // Without mu_ (the gate reads other replicas, and this one): apply_mu_ keeps the
+    // pending front as it is until the cycle is applied.
+    const bool open = (*gate)(cycle.info);
+    std::lock_guard lk(mu_);
+    if (!open) {
+      // An answer of a gate replaced meanwhile says nothing; the loop asks the new one.
+      if (gate_ == gate) held_cycle_ = cycle.info.cycle;
+      return ApplyStep::kHeld;
+    }
+    held_cycle_ = 0;
   }
   Status s = ApplyCycle(cycle, def);
   if (s.ok()) {
     std::lock_guard lk(mu_);
     transient_error_.clear();
-    return true;
+    return ApplyStep::kApplied;
   }
   if (s.code() == EBADMSG) {
     // Bad data does not get better by trying again: stop until an operator steps in.

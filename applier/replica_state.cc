@@ -126,6 +126,10 @@ Status ValidateDefinition(const ReplicaDefinition& def) {
   if (!UsableFileName(def.vm)) {
     return Status::Invalid("replica definition: VM name \"" + def.vm + "\" is not a file name");
   }
+  if (!def.consistency_group.empty() && !UsableFileName(def.consistency_group)) {
+    return Status::Invalid("replica definition: VM " + def.vm + ": consistency group name \"" +
+                           def.consistency_group + "\" is not a file name");
+  }
   if (def.disks.empty())
     return Status::Invalid("replica definition: VM " + def.vm + " has no disks");
   if (def.epoch == 0) return Status::Invalid("replica definition: VM " + def.vm + " has epoch 0");
@@ -170,6 +174,8 @@ std::string DefinitionToJson(const ReplicaDefinition& def) {
             {"recovery_points", def.recovery_points},
             {"recovery_point_interval_ms", def.recovery_point_interval_ms},
             {"frequency_ms", def.frequency_ms}};
+  // Only when set: a replica outside any group keeps the replica.json it always had.
+  if (!def.consistency_group.empty()) j["consistency_group"] = def.consistency_group;
   return j.dump(2) + "\n";
 }
 
@@ -188,6 +194,7 @@ Result<ReplicaDefinition> DefinitionFromJson(const std::string& text, const std:
     def.recovery_points = j.value("recovery_points", 0);
     def.recovery_point_interval_ms = j.value("recovery_point_interval_ms", int64_t{3600000});
     def.frequency_ms = j.value("frequency_ms", int64_t{300000});
+    def.consistency_group = j.value("consistency_group", std::string());
     Status valid = ValidateDefinition(def);
     if (!valid.ok()) return Status::Corrupt(where + ": " + valid.message());
     return def;

@@ -47,9 +47,12 @@ inline constexpr char kDefinitionFile[] = "replica.json";
 inline constexpr char kPositionFile[] = "position.json";
 
 // Checks what a definition must hold before a replica is made from it: a VM name, at least
-// one disk, disk names usable as file names, unique names and ids, sizes > 0.
+// one disk, disk names usable as file names, unique names and ids, sizes > 0; a
+// consistency group name, if any, usable as a file name (like the VM name).
 Status ValidateDefinition(const ReplicaDefinition& def);
 
+// consistency_group is written only when it is set, and read as "" when the key is absent
+// (a replica.json from before groups).
 std::string DefinitionToJson(const ReplicaDefinition& def);
 // `where` names the file for error messages.
 Result<ReplicaDefinition> DefinitionFromJson(const std::string& text, const std::string& where);

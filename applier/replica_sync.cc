@@ -55,8 +55,14 @@ Status Replica::ApplyBeforeSync(uint64_t sync_id) {
         return Status::Ok();
       }
     }
-    SR_ASSIGN_OR_RETURN(bool applied, ApplyNext());
-    if (!applied) return Status::Ok();
+    SR_ASSIGN_OR_RETURN(ApplyStep step, ApplyNext());
+    if (step == ApplyStep::kHeld) {
+      // The group's other members have not got that far: the sync replaces the cycle.
+      spdlog::info("replica of VM {}: cycles held by the apply gate before sync {} are dropped",
+                   Definition().vm, sync_id);
+      return Status::Ok();
+    }
+    if (step != ApplyStep::kApplied) return Status::Ok();
   }
 }
 

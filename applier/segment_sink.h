@@ -42,6 +42,10 @@ struct ReplicaDefinition {
   int recovery_points = 0;                       // additional points kept
   int64_t recovery_point_interval_ms = 3600000;  // spacing of the additional points
   int64_t frequency_ms = 300000;                 // the primary's cycle (for RPO budgets)
+  // The consistency group the VM belongs to ("" = none); the same name rules as vm. Its
+  // members are cut by their primary at the same instants; control/ keeps the replicas of
+  // a group at a common point through Replica::SetApplyGate (replica.h).
+  std::string consistency_group;
 };
 
 struct CycleInfo {
@@ -53,7 +57,9 @@ struct CycleInfo {
 // Where the replica stands. received_cycle: every segment through this cycle is durable
 // on the replica (what the receiver acknowledges). applied_cycle: the replica images are
 // this cycle's recovery point. apply_error: non-empty once the apply stopped on a bad
-// record (the replica stays at applied_cycle; health Critical).
+// record (the replica stays at applied_cycle; health Critical). apply_held: the next
+// committed cycle is held by the replica's apply gate (a consistency group waits for
+// another member; not an error).
 struct ReplicaPosition {
   uint64_t epoch = 0;
   uint64_t received_cycle = 0;
@@ -61,6 +67,7 @@ struct ReplicaPosition {
   int64_t applied_cut_unix_nanos = 0;
   uint64_t pending_bytes = 0;  // received, not yet applied
   std::string apply_error;
+  bool apply_held = false;
 };
 
 // --- Sync: initial copy, seeded enable, resync -------------------------------------------
