@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <fstream>
+#include <map>
 #include <set>
 #include <sstream>
 
@@ -35,6 +36,16 @@ class TableReader {
     auto value = node->value<std::string>();
     if (!value) return Status::Invalid(Key(key) + ": must be a string");
     if (value->empty()) return Status::Invalid(Key(key) + ": must not be empty");
+    *out = *value;
+    return Status::Ok();
+  }
+
+  Status Bool(std::string_view key, bool* out) {
+    used_.insert(std::string(key));
+    const toml::node* node = table_.get(key);
+    if (node == nullptr) return Status::Ok();
+    auto value = node->value_exact<bool>();
+    if (!value) return Status::Invalid(Key(key) + ": must be true or false");
     *out = *value;
     return Status::Ok();
   }
@@ -258,6 +269,10 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
   }
 
   SR_RETURN_IF_ERROR(ParseHooks(r, "hook_timeout", &vm->hooks));
+  SR_RETURN_IF_ERROR(r.String("consistency_group", &vm->consistency_group, false));
+  if (!vm->consistency_group.empty()) {
+    SR_RETURN_IF_ERROR(CheckName(r, "consistency_group", vm->consistency_group));
+  }
 
   Status status;
   const toml::array* disks = r.Array("disks", &status);
@@ -390,6 +405,7 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
         s = Status::Invalid(r.Key("compression") + ": '" + compression +
                             "' is not one of zstd, none");
       }
+      if (s.ok()) s = r.Bool("allow_plan_actions", &peer.allow_plan_actions);
       if (s.ok()) s = r.CheckNoUnknownKeys();
       if (!s.ok()) return fail(s);
       if (peer.name == cfg.name) {
@@ -424,6 +440,25 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
         }
       }
       cfg.vms.push_back(std::move(vm));
+    }
+    // A consistency group is cut as one: its VMs share one frequency and track changes.
+    std::map<std::string, const VmConfig*> first_of;
+    for (size_t i = 0; i < cfg.vms.size(); ++i) {
+      const VmConfig& vm = cfg.vms[i];
+      if (vm.consistency_group.empty()) continue;
+      const std::string w = "vms[" + std::to_string(i) + "].consistency_group";
+      if (vm.tracking == TrackingMode::kOff) {
+        return fail(Status::Invalid(w + ": VM '" + vm.name + "' has tracking = \"off\"; a "
+                                    "consistency group needs its change logs"));
+      }
+      auto [it, added] = first_of.emplace(vm.consistency_group, &vm);
+      if (!added && it->second->frequency != vm.frequency) {
+        return fail(Status::Invalid(w + ": VM '" + vm.name + "' replicates every " +
+                                    vm.frequency_text + ", but VM '" + it->second->name +
+                                    "' of consistency group '" + vm.consistency_group +
+                                    "' every " + it->second->frequency_text +
+                                    "; a group has one frequency"));
+      }
     }
   }
   const toml::array* hooks = top.Array("hooks", &status);

@@ -67,6 +67,9 @@ struct VmConfig {
   int resync_window_start = 0;
   int resync_window_end = 24 * 60;
   FailoverHooks hooks;
+  // VMs of one consistency group are cut at the same instants (all disks of all of them),
+  // so their replicas share recovery points; "" = none.
+  std::string consistency_group;
   std::vector<DiskConfig> disks;
 };
 
@@ -84,6 +87,8 @@ struct PeerConfig {
   std::string address;           // host:port
   uint64_t bandwidth_limit = 0;  // bytes/s on the link to this peer; 0: unlimited
   bool compress = true;          // "compression": zstd (default) or none
+  // Recovery plans run at this peer may run their pre/post actions here (sh -c, as root).
+  bool allow_plan_actions = false;
 };
 
 struct TlsConfig {

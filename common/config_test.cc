@@ -24,6 +24,7 @@ name = "west"
 address = "127.0.0.1:7420"
 bandwidth_limit = "50MiB"
 compression = "zstd"
+allow_plan_actions = true
 
 [[vms]]
 name = "web01"
@@ -37,6 +38,7 @@ resync_window = "18:30-06:00"
 pre_failover = "virsh shutdown web01"
 post_failover = "virsh start web01"
 hook_timeout = "2m"
+consistency_group = "front"
   [[vms.disks]]
   name = "os"
   image = "/var/lib/images/web01-os.img"
@@ -126,6 +128,18 @@ TEST(ConfigTest, FailoverHooksFromVmsAndHooks) {
   EXPECT_EQ(none.timeout, std::chrono::minutes(5));
 }
 
+TEST(ConfigTest, ConsistencyGroupAndPlanActions) {
+  auto cfg = Parse(kGood);
+  ASSERT_TRUE(cfg.ok()) << cfg.status().message();
+  EXPECT_EQ(cfg->vms[0].consistency_group, "front");
+  EXPECT_EQ(cfg->vms[1].consistency_group, "");
+  EXPECT_TRUE(cfg->peers[0].allow_plan_actions);
+  auto plain = Parse(std::string(kGood).replace(std::string(kGood).find("allow_plan_actions = true"),
+                                                25, ""));
+  ASSERT_TRUE(plain.ok()) << plain.status().message();
+  EXPECT_FALSE(plain->peers[0].allow_plan_actions);
+}
+
 TEST(ConfigTest, ResyncWindowMayWrapPastMidnight) {
   auto cfg = Parse(kGood);
   ASSERT_TRUE(cfg.ok()) << cfg.status().message();
@@ -190,6 +204,14 @@ INSTANTIATE_TEST_SUITE_P(
                 "vms[0].resync_window"},
         BadCase{"hook_timeout = \"2m\"", "hook_timeout = \"soon\"", "vms[0].hook_timeout"},
         BadCase{"peer_wait = \"20s\"", "peer_wait = \"0s\"", "site.peer_wait: must be positive"},
+        BadCase{"allow_plan_actions = true", "allow_plan_actions = \"yes\"",
+                "peers[0].allow_plan_actions: must be true or false"},
+        BadCase{"consistency_group = \"front\"", "consistency_group = \"a b\"",
+                "vms[0].consistency_group: 'a b' is not a valid name"},
+        BadCase{"image_cache = \"none\"", "image_cache = \"none\"\nconsistency_group = \"front\"",
+                "vms[1].consistency_group: VM 'db1' has tracking = \"off\""},
+        BadCase{"tracking = \"off\"", "tracking = \"log\"\nconsistency_group = \"front\"",
+                "vms[1].consistency_group: VM 'db1' replicates every continuous, but VM 'web01'"},
         BadCase{"vm = \"app7\"", "vm = \"web01\"", "hooks[0].vm: VM 'web01' is in [[vms]]"},
         BadCase{"timeout = \"90s\"", "timeout = \"90s\"\nwhen = \"now\"", "hooks[0].when: unknown key"},
         BadCase{"[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/east.pem\"\nkey = \"certs/east.key\"",

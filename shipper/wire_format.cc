@@ -240,6 +240,7 @@ std::vector<std::byte> EncodeHello(const Hello& hello) {
               {"recovery_points", d.recovery_points},
               {"recovery_point_interval_ms", d.recovery_point_interval_ms},
               {"frequency_ms", d.frequency_ms}}}};
+  if (!d.consistency_group.empty()) j["definition"]["consistency_group"] = d.consistency_group;
   return JsonBytes(j);
 }
 
@@ -259,6 +260,9 @@ Result<Hello> DecodeHello(std::span<const std::byte> payload) {
     d.recovery_points = def.at("recovery_points").get<int>();
     d.recovery_point_interval_ms = def.at("recovery_point_interval_ms").get<int64_t>();
     d.frequency_ms = def.at("frequency_ms").get<int64_t>();
+    if (def.contains("consistency_group")) {
+      d.consistency_group = def.at("consistency_group").get<std::string>();
+    }
     const json& disks = def.at("disks");
     if (!disks.is_array()) return Bad(kWhat, "definition.disks is not an array");
     for (const json& disk : disks) {
@@ -276,6 +280,9 @@ Result<Hello> DecodeHello(std::span<const std::byte> payload) {
   }
   if (!h.definition.primary_site.empty() && !ValidName(h.definition.primary_site)) {
     return Bad(kWhat, "invalid primary site name \"" + Clip(h.definition.primary_site) + "\"");
+  }
+  if (!h.definition.consistency_group.empty() && !ValidName(h.definition.consistency_group)) {
+    return Bad(kWhat, "invalid consistency group \"" + Clip(h.definition.consistency_group) + "\"");
   }
   if (h.definition.disks.empty()) return Bad(kWhat, "VM " + h.definition.vm + " has no disks");
   for (const applier::DiskDefinition& disk : h.definition.disks) {

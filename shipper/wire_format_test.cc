@@ -186,6 +186,13 @@ TEST(WireFormat, HelloRoundTrip) {
   EXPECT_EQ(d.recovery_points, 4);
   EXPECT_EQ(d.recovery_point_interval_ms, 60000);
   EXPECT_EQ(d.frequency_ms, 30000);
+  EXPECT_EQ(d.consistency_group, "");
+  h.definition.consistency_group = "core";
+  got = DecodeHello(EncodeHello(h));
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->definition.consistency_group, "core");
+  h.definition.consistency_group = "a/b";
+  EXPECT_FALSE(DecodeHello(EncodeHello(h)).ok());
 }
 
 TEST(WireFormat, HelloRefusesMalformedJsonAndBadNames) {
