@@ -271,7 +271,12 @@ Result<std::vector<uint64_t>> VmTracker::Impl::CutTogether(std::span<Impl* const
     }
     bool changed = false;
     for (Impl* t : order) changed = t->ChangedSinceCutLocked() || changed;
-    if (changed) {
+    // Members whose last cuts differ (one was cut alone since, at a segment roll, or joined
+    // the group) share no latest instant: cut them all once more, so an idle group ends on
+    // one, and its replicas do not hold the lone cycle until the next change.
+    bool apart = false;
+    for (Impl* t : order) apart = apart || t->last_cut_nanos_.load() != order[0]->last_cut_nanos_.load();
+    if (changed || apart) {
       // One time for every member, past every member's last cut.
       int64_t nanos = NowUnixNanos();
       for (Impl* t : order) nanos = std::max(nanos, t->last_cut_nanos_.load() + 1);

@@ -168,7 +168,9 @@ class VmTracker : public SegmentSource {
   // each in address order (so concurrent calls listing the same trackers in other orders,
   // and Cut() of one of them, cannot deadlock): at that instant no change is in flight in
   // any disk of any of the VMs. If no logging disk of any tracker changed since its last
-  // cut, nothing is cut and each tracker's last cycle is returned. Otherwise every tracker
+  // cut and all trackers' last cuts have one time, nothing is cut and each tracker's last
+  // cycle is returned (last cuts that differ - a member cut alone since - are cut together
+  // again, so an idle group ends on a common instant). Otherwise every tracker
   // is cut, also one whose disks did not change (its cycle holds only cut records, with
   // first_change_unix_nanos 0), and all cuts carry one cut time, taken once under the
   // locks and greater than every earlier cut time of every tracker (previous maximum + 1 if

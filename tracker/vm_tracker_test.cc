@@ -854,6 +854,24 @@ TEST_F(VmTrackerGroupTest, NothingChangedAnywhereCutsNothing) {
   EXPECT_TRUE(VmTracker::CutTogether({})->empty());
 }
 
+// A member cut alone (a segment roll) leaves the group without a common latest instant:
+// the next group cut cuts every member again even though nothing changed, once.
+TEST_F(VmTrackerGroupTest, AMemberCutAloneIsCutWithTheGroupAgain) {
+  const DiskFiles& a0 = AddDisk("a0", 1 << 20);
+  AddDisk("b0", 1 << 20);
+  auto a = Open(VmOptions("vm-a", {0}));
+  auto b = Open(VmOptions("vm-b", {1}));
+  ASSERT_TRUE(a && b);
+  Put(*a, 0, a0, 0, Pattern(kBlock, 1));
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{1, 1}));
+  Put(*a, 0, a0, 0, Pattern(kBlock, 2));
+  ASSERT_EQ(*a->Cut(), 2u);  // alone
+  EXPECT_NE(a->Stats().last_cut_unix_nanos, b->Stats().last_cut_unix_nanos);
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{3, 2}));
+  EXPECT_EQ(a->Stats().last_cut_unix_nanos, b->Stats().last_cut_unix_nanos);
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{3, 2}));  // aligned: idle
+}
+
 // The cut time is past every member's last cut even when the clock is behind it (here:
 // a log whose last cut is dated an hour ahead).
 TEST_F(VmTrackerGroupTest, TheCutTimeIsPastEveryEarlierCutEvenWithTheClockBehind) {
