@@ -33,6 +33,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions o
   spdlog::info("disks mounted at {}", d->config_.mountpoint.string());
 
   d->inbound_ = std::make_unique<Inbound>(d->config_, d->tls_);
+  d->LoadPlanRuns();  // before the appliers start: a stopped run's held instants stay held
   std::vector<std::string> replicas;
   for (VmSlot* slot : d->Slots()) {
     Status s = d->ResumeSlot(*slot, &replicas);
@@ -57,6 +58,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions o
     d->discard_thread_ = std::thread([self] { self->DiscardLoop(); });
   }
   d->monitor_thread_ = std::thread([self] { self->MonitorLoop(); });
+  d->group_cut_thread_ = std::thread([self] { self->GroupCutLoop(); });
   return d;
 }
 
@@ -83,8 +85,10 @@ siterep::Status Daemon::Shutdown() {
     stopping_ = true;
   }
   stop_cv_.notify_all();
+  StopPlanRuns();  // a running plan finishes its step and is recorded as interrupted
   if (discard_thread_.joinable()) discard_thread_.join();
   if (monitor_thread_.joinable()) monitor_thread_.join();
+  if (group_cut_thread_.joinable()) group_cut_thread_.join();
   const std::vector<VmSlot*> slots = Slots();
   for (VmSlot* slot : slots) {
     if (slot->outbound) slot->outbound->Stop();
@@ -118,6 +122,57 @@ siterep::Status Daemon::Shutdown() {
   }
   inbound_.reset();
   return result;
+}
+
+void Daemon::GroupCutLoop() {
+  using Clock = std::chrono::steady_clock;
+  std::map<std::string, Clock::time_point> due;
+  std::unique_lock lock(stop_mu_);
+  while (!stop_cv_.wait_for(lock, std::chrono::milliseconds(100), [this] { return stopping_; })) {
+    lock.unlock();
+    std::map<std::string, std::chrono::milliseconds> period;
+    for (VmSlot* slot : Slots()) {
+      std::lock_guard lk(slot->mu);
+      const std::string& g = slot->config.consistency_group;
+      if (g.empty() || !slot->primary || !slot->primary->tracker) continue;
+      auto [it, added] = period.emplace(g, slot->config.frequency);
+      if (!added) it->second = std::min(it->second, slot->config.frequency);
+    }
+    const Clock::time_point now = Clock::now();
+    for (const auto& [g, p] : period) {
+      auto [it, added] = due.emplace(g, now + p);
+      if (now < it->second) continue;
+      it->second = now + p;
+      Result<std::map<std::string, uint64_t>> cycles = CutGroup(g);
+      if (!cycles.ok() && cycles.status().code() != ESHUTDOWN) {
+        spdlog::warn("consistency group {}: cut failed: {}", g, cycles.status().ToString());
+      }
+    }
+    lock.lock();
+  }
+}
+
+Result<std::map<std::string, uint64_t>> Daemon::CutGroup(const std::string& group) {
+  std::vector<VmSlot*> members;  // in name order (Slots), so cut_mu is taken in one order
+  for (VmSlot* slot : Slots()) {
+    std::lock_guard lk(slot->mu);
+    if (slot->config.consistency_group == group) members.push_back(slot);
+  }
+  std::vector<std::unique_lock<std::mutex>> held;
+  std::vector<tracker::VmTracker*> trackers;
+  std::vector<std::string> names;
+  for (VmSlot* slot : members) {
+    held.emplace_back(slot->cut_mu);
+    std::lock_guard lk(slot->mu);
+    if (slot->primary && slot->primary->tracker && slot->role.role == Role::kPrimary) {
+      trackers.push_back(slot->primary->tracker.get());
+      names.push_back(slot->name);
+    }
+  }
+  SR_ASSIGN_OR_RETURN(std::vector<uint64_t> cycles, tracker::VmTracker::CutTogether(trackers));
+  std::map<std::string, uint64_t> out;
+  for (size_t i = 0; i < names.size(); ++i) out[names[i]] = cycles[i];
+  return out;
 }
 
 void Daemon::MonitorLoop() {
@@ -217,6 +272,7 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
               {"progress", IdleProgress()},
               {"disks", std::move(disks)}};
   if (slot.outbound) slot.outbound->Report(now, &out);
+  if (!cfg.consistency_group.empty()) out["consistency_group"] = cfg.consistency_group;
   if (slot.role.committed && out["state"] == "not replicating") out["state"] = "committed";
   if (!slot.home && out["state"] == "replicating") out["state"] = "reverse replicating";
   if (slot.role.committed && out["state"] == "committed") {
@@ -325,6 +381,7 @@ json Daemon::Handle(const json& request) {
     return Ok({{"armed", failpoint::Armed()}});
   }
   if (op == "plan-validate") return ValidatePlan(request);
+  if (op.starts_with("plan-")) return PlanRequest(op, request);
   static const std::set<std::string> kVmOps = {
       "cut",    "enable",   "pause",    "resume",  "resync",   "points",       "export",
       "failover", "commit", "reverse", "failback", "test-failover"};
@@ -407,6 +464,13 @@ json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request
     // Cuts a VM's logs now (ends the current cycle); for tests and operators who want a
     // recovery point at a known instant.
     if (!tracker) return Refused("not-tracked", "VM " + vm + " has tracking = \"off\"");
+    if (!slot.config.consistency_group.empty()) {
+      // A member of a consistency group is cut with the whole group: one common point.
+      auto cycles = CutGroup(slot.config.consistency_group);
+      if (!cycles.ok()) return Refused("cut-failed", cycles.status().message());
+      return Ok({{"cycle", (*cycles)[vm]}, {"consistency_group", slot.config.consistency_group},
+                 {"cycles", *cycles}});
+    }
     auto cycle = tracker->Cut();
     if (!cycle.ok()) return Refused("cut-failed", cycle.status().message());
     return Ok({{"cycle", *cycle}});

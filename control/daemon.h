@@ -28,6 +28,7 @@
 #include "control/control_server.h"
 #include "control/inbound.h"
 #include "control/outbound.h"
+#include "control/plan.h"
 #include "control/protected_disk.h"
 #include "control/vm_slot.h"
 
@@ -60,6 +61,11 @@ class Daemon {
   nlohmann::json HandleVmOp(const std::string& op, VmSlot& slot, const nlohmann::json& request);
   void DiscardLoop();
   void MonitorLoop();
+  // Cuts each consistency group's VMs running as primary here together, every period of
+  // the group's frequency (VmTracker::CutTogether).
+  void GroupCutLoop();
+  // One cut of the group's VMs (those of members running as primary here): each VM's cycle.
+  Result<std::map<std::string, uint64_t>> CutGroup(const std::string& group);
   siterep::Status Shutdown();
   nlohmann::json PrimaryReport(const VmSlot& slot, int64_t now) const;  // slot.mu held
 
@@ -117,8 +123,47 @@ class Daemon {
   Status BecomeReplica(VmSlot& slot, const std::string& peer, uint64_t epoch, bool in_sync);
   nlohmann::json Failback(VmSlot& slot);
   nlohmann::json TestFailover(VmSlot& slot, const nlohmann::json& request);
-  // `siterep plan validate`: what this site knows of the plan's VMs (plans.cc).
+  // --- Recovery plans (plans.cc: checks; plan_run.cc: runs) ------------------------------
+  struct PlanRunSlot;
+  // `siterep plan validate`: what this site knows of the plan's VMs.
   nlohmann::json ValidatePlan(const nlohmann::json& request);
+  // Every reason the plan's VMs cannot be run here, one line each; kind "" (validate),
+  // "planned", "unplanned" or "test". *vms: what this site knows of each VM.
+  std::vector<std::string> PlanProblems(const RecoveryPlan& plan, const std::string& kind,
+                                        bool force, nlohmann::json* vms);
+  // plan-run, plan-status, plan-continue, plan-cancel, plan-cleanup.
+  nlohmann::json PlanRequest(const std::string& op, const nlohmann::json& request);
+  nlohmann::json StartPlanRun(const nlohmann::json& request);
+  nlohmann::json ContinuePlanRun(const std::shared_ptr<PlanRunSlot>& p,
+                                 const nlohmann::json& request);
+  nlohmann::json CleanupPlanRun(const std::shared_ptr<PlanRunSlot>& p);
+  void LoadPlanRuns();
+  void StopPlanRuns();
+  std::filesystem::path PlanDir(const std::string& plan) const;
+  void PlanEvent(PlanRunSlot& p, const std::string& text);  // p.mu held
+  void PersistPlanRun(PlanRunSlot& p);                      // p.mu held
+  void PlanRunLoop(std::shared_ptr<PlanRunSlot> p);  // the run's thread
+  void WalkPlan(const std::shared_ptr<PlanRunSlot>& p);
+  nlohmann::json RunPlanAction(const RecoveryPlan& plan, const PlanGroup& group,
+                               const PlanAction& action, const std::string& stage,
+                               const std::string& kind);
+  HookResult RunPlanHook(const nlohmann::json& request);
+  // The peer request "plan-action": a pre/post action of a plan run at the peer.
+  nlohmann::json HandlePlanAction(const std::string& peer, const nlohmann::json& request);
+  // Fails the group's VMs over at once; "" or what failed. lk (p.mu) is released meanwhile.
+  std::string RunPlanVms(PlanRunSlot& p, std::unique_lock<std::mutex>& lk,
+                         const RecoveryPlan& plan, const PlanGroup& group, size_t gi);
+  nlohmann::json PlanVmStep(const RecoveryPlan& plan, const std::string& kind,
+                            const std::string& vm, const nlohmann::json& request);
+  // For the group's VMs in a consistency group: the instant they all fail over to, held
+  // at the replicas (recorded in the run), and each VM's recovery point at that instant.
+  // "" or why there is none. p.mu held.
+  std::string ConsistentPoints(PlanRunSlot& p, const RecoveryPlan& plan, const PlanGroup& group,
+                               std::map<std::string, uint64_t>* points);
+  // Holds the replicas of the run's consistency groups at the instants it chose (a run
+  // loaded at start-up), or lets them apply past them (a run that ended).
+  void HoldPlanInstants(const nlohmann::json& run);
+  void ReleasePlanHolds(const nlohmann::json& run);
   Status StopTestCopy(VmSlot& slot);
 
   SiteConfig config_;
@@ -134,8 +179,12 @@ class Daemon {
   std::mutex stop_mu_;  // protects stopping_; leaf lock
   std::condition_variable stop_cv_;
   bool stopping_ = false;
+  std::mutex plans_mu_;  // protects plan_runs_ (the map); before a run's own mutex
+  std::map<std::string, std::shared_ptr<PlanRunSlot>> plan_runs_;
+
   std::thread discard_thread_;
   std::thread monitor_thread_;
+  std::thread group_cut_thread_;
 };
 
 }  // namespace siterep::control

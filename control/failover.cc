@@ -81,6 +81,7 @@ json Daemon::HandlePeer(const std::string& peer, const json& request) {
   const std::string op = request.value("op", "");
   const std::string vm = request.value("vm", "");
   if (op == "vm-status") return PeerVmStatus(vm);
+  if (op == "plan-action") return HandlePlanAction(peer, request);
   VmSlot* slot = Slot(vm);
   if (slot == nullptr) return Refused("unknown-vm", "no VM named '" + vm + "' at " + config_.name);
   if (op != "promote" && op != "demote") {

@@ -80,6 +80,7 @@ HookResult RunHook(const std::string& command, const HookContext& context,
   env_strings.push_back("SITEREP_SITE=" + context.site);
   env_strings.push_back("SITEREP_EVENT=" + context.event);
   env_strings.push_back("SITEREP_MOUNTPOINT=" + context.mountpoint);
+  for (const std::string& e : context.extra_env) env_strings.push_back(e);
   std::vector<char*> envp;
   for (std::string& s : env_strings) envp.push_back(s.data());
   envp.push_back(nullptr);

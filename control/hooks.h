@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -35,6 +36,7 @@ struct HookContext {
   std::string site;
   std::string event;
   std::string mountpoint;
+  std::vector<std::string> extra_env;  // more "SITEREP_NAME=value" (recovery plans)
 };
 
 // Runs command (nothing when empty) and waits for it or the timeout.

@@ -1,5 +1,9 @@
 #include "control/inbound.h"
 
+#include <algorithm>
+#include <iterator>
+#include <set>
+
 #include <spdlog/spdlog.h>
 
 #include "common/file_util.h"
@@ -74,6 +78,7 @@ Status Inbound::Start(const std::vector<std::string>& vms, Admission admit,
 
 Status Inbound::Add(std::shared_ptr<applier::Replica> replica) {
   const applier::ReplicaDefinition def = replica->Definition();
+  SetGate(*replica, def.vm);
   SR_RETURN_IF_ERROR(replica->Start());
   auto entry = std::make_unique<Entry>(std::chrono::milliseconds(def.frequency_ms));
   entry->replica = std::move(replica);
@@ -107,8 +112,92 @@ std::shared_ptr<applier::Replica> Inbound::Get(const std::string& vm) const {
 
 void Inbound::Stop() {
   if (receiver_) receiver_->Stop();
-  std::lock_guard lk(mu_);
-  for (auto& [name, e] : replicas_) e->replica->Stop();
+  // Not under mu_: an applier in its gate takes mu_.
+  std::vector<std::shared_ptr<applier::Replica>> all;
+  {
+    std::lock_guard lk(mu_);
+    for (auto& [name, e] : replicas_) all.push_back(e->replica);
+  }
+  for (auto& r : all) r->Stop();
+}
+
+// --- Consistency groups -------------------------------------------------------------------
+
+void Inbound::SetGate(applier::Replica& replica, const std::string& vm) {
+  replica.SetApplyGate(
+      [this, vm](const applier::CycleInfo& cycle) { return MayApply(vm, cycle); });
+}
+
+std::vector<std::shared_ptr<applier::Replica>> Inbound::Members(const std::string& group) const {
+  std::vector<std::shared_ptr<applier::Replica>> all, members;
+  {
+    std::lock_guard lk(mu_);
+    for (const auto& [name, e] : replicas_) all.push_back(e->replica);
+  }
+  for (auto& r : all) {
+    if (r->Definition().consistency_group == group) members.push_back(std::move(r));
+  }
+  return members;
+}
+
+std::string Inbound::GroupOf(const std::string& vm) const {
+  std::shared_ptr<applier::Replica> r = Get(vm);
+  return r ? r->Definition().consistency_group : "";
+}
+
+std::vector<std::string> Inbound::GroupMembers(const std::string& group) const {
+  std::vector<std::string> names;
+  for (const auto& r : Members(group)) names.push_back(r->Definition().vm);
+  return names;
+}
+
+std::optional<int64_t> Inbound::GroupInstant(const std::string& group) const {
+  std::optional<std::set<int64_t>> common;
+  for (const auto& r : Members(group)) {
+    if (r->Points().empty()) continue;  // no consistent point yet: not counted
+    const std::vector<int64_t> cuts = r->CommittedCuts();
+    std::set<int64_t> mine(cuts.begin(), cuts.end());
+    if (!common) {
+      common = std::move(mine);
+      continue;
+    }
+    std::set<int64_t> both;
+    std::set_intersection(common->begin(), common->end(), mine.begin(), mine.end(),
+                          std::inserter(both, both.end()));
+    *common = std::move(both);
+  }
+  if (!common || common->empty()) return std::nullopt;
+  return *common->rbegin();
+}
+
+void Inbound::HoldGroup(const std::string& group, std::optional<int64_t> instant) {
+  {
+    std::lock_guard lk(mu_);
+    if (instant) {
+      holds_[group] = *instant;
+    } else {
+      holds_.erase(group);
+    }
+  }
+  for (const auto& r : Members(group)) r->Wake();
+}
+
+bool Inbound::MayApply(const std::string& vm, const applier::CycleInfo& cycle) const {
+  std::shared_ptr<applier::Replica> self = Get(vm);
+  // Not registered (being created, or taken for a failover): no group rule applies.
+  if (!self) return true;
+  const std::string group = self->Definition().consistency_group;
+  if (group.empty()) return true;
+  {
+    std::lock_guard lk(mu_);
+    if (auto it = holds_.find(group); it != holds_.end()) {
+      return cycle.cut_unix_nanos <= it->second;
+    }
+  }
+  const std::optional<int64_t> instant = GroupInstant(group);
+  // No instant common to the counted members: wait for one (a member without a point is
+  // not counted, so a lone member or a fresh group does not wait).
+  return instant && cycle.cut_unix_nanos <= *instant;
 }
 
 Result<applier::SegmentSink*> Inbound::Provide(const std::string& peer,
@@ -143,6 +232,7 @@ Result<applier::SegmentSink*> Inbound::Provide(const std::string& peer,
   SR_RETURN_IF_ERROR(MakeDirs(dir));
   SR_ASSIGN_OR_RETURN(std::unique_ptr<applier::Replica> replica,
                       applier::Replica::Create(dir, def));
+  SetGate(*replica, def.vm);
   SR_RETURN_IF_ERROR(replica->Start());
   auto entry = std::make_unique<Entry>(std::chrono::milliseconds(def.frequency_ms));
   entry->replica = std::move(replica);
@@ -288,6 +378,11 @@ json Inbound::Report(int64_t now, const std::string& vm_filter) const {
     if (pos.applied_cycle > 0 && !(sync.active && sync.kind != applier::SyncKind::kResync)) {
       vm["last_recovery_point"] = {{"id", pos.applied_cycle},
                                    {"time", FormatUtc(pos.applied_cut_unix_nanos)}};
+    }
+    if (!def.consistency_group.empty()) {
+      vm["consistency_group"] = def.consistency_group;
+      // Held: a cycle waits until every member has received its group instant.
+      vm["apply_held"] = pos.apply_held;
     }
     if (link != nullptr) {
       const double ratio = link->bytes_wire == 0 ? 1.0

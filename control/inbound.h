@@ -13,6 +13,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
@@ -76,6 +77,20 @@ class Inbound {
                 const std::filesystem::path& out) const;
   uint16_t port() const;  // the receiver's port (0 when not listening)
 
+  // Consistency groups: replicas whose definition names one (the primary's
+  // consistency_group). Their primaries cut them at the same instants (one cut time for
+  // all); here a member applies a cycle only up to the latest instant every member has
+  // received (or up to a held instant), so all members can always reach one common
+  // recovery point by applying what they hold. A member without a consistent point yet
+  // (initial replication) does not count.
+  std::string GroupOf(const std::string& vm) const;  // "" for none, or not a replica here
+  std::vector<std::string> GroupMembers(const std::string& group) const;
+  // The latest cut time that every counted member has applied or holds committed.
+  std::optional<int64_t> GroupInstant(const std::string& group) const;
+  // Keeps the group's members at or below instant (a plan fails them over to it); nullopt
+  // lifts the hold.
+  void HoldGroup(const std::string& group, std::optional<int64_t> instant);
+
  private:
   struct Entry {
     explicit Entry(std::chrono::milliseconds frequency) : monitor(frequency) {}
@@ -85,6 +100,11 @@ class Inbound {
   Result<applier::SegmentSink*> Provide(const std::string& peer,
                                         const applier::ReplicaDefinition& definition);
   const Entry* Find(const std::string& vm) const;  // mu_ held
+  // The apply gate of a replica (applier thread, no Inbound lock held).
+  bool MayApply(const std::string& vm, const applier::CycleInfo& cycle) const;
+  void SetGate(applier::Replica& replica, const std::string& vm);
+  // Replicas of the group; takes mu_.
+  std::vector<std::shared_ptr<applier::Replica>> Members(const std::string& group) const;
   std::optional<double> RpoSeconds(int64_t now_nanos, const shipper::ReceiverVmStats* link,
                                    const applier::ReplicaPosition& pos) const;
 
@@ -100,6 +120,7 @@ class Inbound {
   // to the receiver stays valid while it is used.
   mutable std::mutex mu_;
   std::map<std::string, std::unique_ptr<Entry>> replicas_;
+  std::map<std::string, int64_t> holds_;  // consistency group -> held instant; under mu_
 };
 
 }  // namespace siterep::control

@@ -327,6 +327,7 @@ Status Outbound::StartShipper() {
   o.definition.recovery_points = cfg.recovery_points;
   o.definition.recovery_point_interval_ms = cfg.recovery_point_interval.count();
   o.definition.frequency_ms = cfg.frequency.count();
+  o.definition.consistency_group = cfg.consistency_group;
   o.source = vm_->tracker.get();
   o.sync = this;
   o.bandwidth_limit = peer->bandwidth_limit;

@@ -2,6 +2,7 @@
 
 #include <cctype>
 #include <cstdint>
+#include <cstdio>
 #include <limits>
 #include <map>
 #include <optional>
@@ -498,6 +499,107 @@ Result<RecoveryPlan> PlanFromJson(const json& j) {
                                                         : std::string("plan JSON"));
   }
   return plan;
+}
+
+// --- Run reports -------------------------------------------------------------------------
+
+namespace {
+
+std::string Text(const nlohmann::json& j, const char* key, const std::string& none = "-") {
+  if (!j.is_object() || !j.contains(key) || j[key].is_null()) return none;
+  if (j[key].is_string()) return j[key].get<std::string>().empty() ? none : j[key].get<std::string>();
+  if (j[key].is_number_float()) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%.2f", j[key].get<double>());
+    return buf;
+  }
+  return j[key].dump();
+}
+
+std::string LastLine(const std::string& output) {
+  std::string s = output;
+  while (!s.empty() && (s.back() == '\n' || s.back() == '\r')) s.pop_back();
+  const size_t nl = s.rfind('\n');
+  std::string line = nl == std::string::npos ? s : s.substr(nl + 1);
+  if (line.size() > 100) line = line.substr(0, 97) + "...";
+  return line;
+}
+
+void ActionLines(const nlohmann::json& actions, const char* stage, std::string* out) {
+  if (!actions.is_array()) return;
+  for (const nlohmann::json& a : actions) {
+    std::string line = std::string("    ") + stage + "  at " + Text(a, "site") + ": " +
+                       Text(a, "run") + "  " + Text(a, "state");
+    if (a.contains("exit_code")) line += ", exit " + Text(a, "exit_code");
+    if (a.value("timed_out", false)) line += ", timed out";
+    if (a.contains("seconds")) line += ", " + Text(a, "seconds") + " s";
+    if (a.contains("note")) line += " (" + Text(a, "note") + ")";
+    *out += line + "\n";
+    const std::string last = LastLine(a.value("output", std::string()));
+    if (!last.empty()) *out += "          output: " + last + "\n";
+    if (a.contains("error") && a.value("state", "") == "failed") {
+      *out += "          error: " + Text(a, "error") + "\n";
+    }
+  }
+}
+
+}  // namespace
+
+std::string PlanRunText(const nlohmann::json& run) {
+  std::string out;
+  const nlohmann::json plan = run.value("plan", nlohmann::json::object());
+  out += "plan " + Text(plan, "name") + ": " + Text(run, "kind") + " run, " + Text(plan, "from") +
+         " -> " + Text(plan, "to") + ", at " + Text(run, "site") + ": " + Text(run, "state") + "\n";
+  out += "  started " + Text(run, "started") +
+         (run.contains("ended") && !run["ended"].is_null() ? ", ended " + Text(run, "ended") : "") +
+         (run.contains("seconds") ? " (" + Text(run, "seconds") + " s)" : "") + "\n";
+  if (run.contains("consistency") && run["consistency"].is_object()) {
+    for (const auto& [g, c] : run["consistency"].items()) {
+      std::string members;
+      for (const auto& m : c.value("members", nlohmann::json::array())) {
+        members += (members.empty() ? "" : ", ") + m.get<std::string>();
+      }
+      out += "  consistency group " + g + " (" + members + "): instant " + Text(c, "time") + "\n";
+    }
+  }
+  for (const nlohmann::json& g : run.value("groups", nlohmann::json::array())) {
+    out += "  group " + Text(g, "name") + ": " + Text(g, "state");
+    if (g.contains("seconds")) out += ", " + Text(g, "seconds") + " s";
+    out += "\n";
+    ActionLines(g.value("pre", nlohmann::json::array()), "pre ", &out);
+    for (const nlohmann::json& v : g.value("vms", nlohmann::json::array())) {
+      std::string line = "    vm    " + Text(v, "vm") + "  " + Text(v, "state");
+      if (v.contains("rto_seconds")) line += ", RTO " + Text(v, "rto_seconds") + " s";
+      if (v.contains("point") && v["point"].is_object()) {
+        line += ", point " + Text(v["point"], "id");
+        if (v["point"].contains("time")) line += " (" + Text(v["point"], "time") + ")";
+      }
+      if (v.contains("data_loss_window_seconds")) {
+        line += ", data loss " + Text(v, "data_loss_window_seconds", "unknown") +
+                (v["data_loss_window_seconds"].is_null() ? "" : " s");
+      }
+      if (v.contains("path")) line += ", at " + Text(v, "path");
+      if (v.contains("note")) line += " (" + Text(v, "note") + ")";
+      out += line + "\n";
+      if (v.contains("hooks") && v["hooks"].is_object()) {
+        for (const auto& [name, h] : v["hooks"].items()) {
+          out += "          " + name + ": exit " + Text(h, "exit_code") +
+                 (h.value("timed_out", false) ? ", timed out" : "") + "\n";
+        }
+      }
+      if (v.contains("error") && v.value("state", "") == "failed") {
+        out += "          error: " + Text(v, "error") + "\n";
+      }
+    }
+    ActionLines(g.value("post", nlohmann::json::array()), "post", &out);
+    for (const nlohmann::json& m : g.value("manual", nlohmann::json::array())) {
+      out += "    manual \"" + Text(m, "message") + "\"  " + Text(m, "state");
+      if (m.contains("confirmed_by")) out += " by " + Text(m, "confirmed_by");
+      out += "\n";
+    }
+  }
+  if (!run.value("message", std::string()).empty()) out += Text(run, "message") + "\n";
+  return out;
 }
 
 }  // namespace siterep::control

@@ -91,4 +91,10 @@ nlohmann::json PlanToJson(const RecoveryPlan& plan);
 // "pre", "post", "manual" and "timeout_ms" may be left out (empty, none, 5 min).
 Result<RecoveryPlan> PlanFromJson(const nlohmann::json& json);
 
+// The report of a plan run (the daemon's run document, `siterep plan status --json`) as
+// text: the run's state, then per group its actions (exit code, time, last output line),
+// its VMs (state, RTO, recovery point, data-loss window, hooks) and manual steps, then
+// what failed or what the run waits for.
+std::string PlanRunText(const nlohmann::json& run);
+
 }  // namespace siterep::control

@@ -404,5 +404,52 @@ TEST(PlanJsonTest, EveryMistakeIsReportedOnItsOwnLine) {
                 "groups[0])"}));
 }
 
+TEST(PlanRunTextTest, ReportsEveryStepAndWhatFailed) {
+  auto plan = Parse(kPlan);
+  ASSERT_TRUE(plan.ok()) << plan.status().message();
+  json run = {{"plan", PlanToJson(*plan)},
+              {"kind", "unplanned"},
+              {"site", "west"},
+              {"state", "failed"},
+              {"started", "2026-11-26T10:00:00Z"},
+              {"ended", nullptr},
+              {"message", "group web: VM web01 failed: no recovery point"},
+              {"consistency", {{"core", {{"time", "2026-11-26T09:59:58Z"},
+                                         {"members", {"db1", "app1"}}}}}},
+              {"groups",
+               {{{"name", "databases"},
+                 {"state", "done"},
+                 {"seconds", 1.5},
+                 {"pre", {{{"site", "west"}, {"run", "check"}, {"state", "done"},
+                           {"exit_code", 0}, {"output", "first\nstorage ok\n"}}}},
+                 {"vms", {{{"vm", "db1"}, {"state", "done"}, {"rto_seconds", 0.25},
+                           {"point", {{"id", 12}, {"time", "2026-11-26T09:59:58Z"}}},
+                           {"data_loss_window_seconds", 2.0},
+                           {"hooks", {{"post_failover", {{"exit_code", 0}}}}}}}},
+                 {"post", json::array()},
+                 {"manual", {{{"message", "check db"}, {"state", "confirmed"},
+                              {"confirmed_by", "--yes"}}}}},
+                {{"name", "web"},
+                 {"state", "failed"},
+                 {"pre", json::array()},
+                 {"vms", {{{"vm", "web01"}, {"state", "failed"},
+                           {"data_loss_window_seconds", nullptr},
+                           {"error", "no recovery point"}}}},
+                 {"post", {{{"site", "east"}, {"run", "notify"}, {"state", "pending"}}}},
+                 {"manual", json::array()}}}}};
+  const std::string text = PlanRunText(run);
+  for (const char* part :
+       {"plan east-outage: unplanned run, east -> west, at west: failed",
+        "consistency group core (db1, app1): instant 2026-11-26T09:59:58Z",
+        "group databases: done, 1.50 s", "pre   at west: check  done, exit 0",
+        "output: storage ok", "vm    db1  done, RTO 0.25 s, point 12 (2026-11-26T09:59:58Z), "
+        "data loss 2.00 s",
+        "post_failover: exit 0", "manual \"check db\"  confirmed by --yes",
+        "vm    web01  failed, data loss unknown", "error: no recovery point",
+        "post  at east: notify  pending", "group web: VM web01 failed: no recovery point"}) {
+    EXPECT_NE(text.find(part), std::string::npos) << "missing: " << part << "\nin:\n" << text;
+  }
+}
+
 }  // namespace
 }  // namespace siterep::control

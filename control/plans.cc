@@ -1,5 +1,5 @@
 // Recovery plans in the daemon: what a site checks of a plan before any of it runs (the
-// file's own rules are control/plan.h's). Running plans comes next (issue 6).
+// file's own rules are control/plan.h's). Running them is plan_run.cc.
 #include <set>
 
 #include "control/daemon.h"
@@ -13,17 +13,30 @@ json Daemon::ValidatePlan(const json& request) {
   if (!request.contains("plan")) return Refused("bad-request", "plan-validate needs \"plan\"");
   Result<RecoveryPlan> plan = PlanFromJson(request["plan"]);
   if (!plan.ok()) return Refused("bad-plan", plan.status().message());
-  const bool force = request.value("force", false);
-  const bool at_from = config_.name == plan->from;
-  if (!at_from && config_.name != plan->to) {
+  if (config_.name != plan->from && config_.name != plan->to) {
     return Refused("wrong-site", "plan " + plan->name + " moves VMs from " + plan->from + " to " +
                                      plan->to + "; this is site " + config_.name);
   }
+  json vms;
+  std::vector<std::string> problems =
+      PlanProblems(*plan, "", request.value("force", false), &vms);
+  if (!problems.empty()) {
+    std::string message;
+    for (const std::string& p : problems) message += (message.empty() ? "" : "\n") + p;
+    return Refused("plan-invalid", message);
+  }
+  return Ok({{"plan", plan->name}, {"site", config_.name}, {"groups", plan->groups.size()},
+             {"vms", vms}});
+}
+
+std::vector<std::string> Daemon::PlanProblems(const RecoveryPlan& plan, const std::string& kind,
+                                              bool force, json* vms) {
+  const bool at_from = config_.name == plan.from;
   // Every problem at once, one line each, as the file's own check does.
   std::vector<std::string> problems;
-  json vms = json::array();
+  *vms = json::array();
   const json report = StatusReport("");
-  for (const PlanGroup& group : plan->groups) {
+  for (const PlanGroup& group : plan.groups) {
     for (const std::string& vm : group.vms) {
       const std::string where = "group " + group.name + ": VM " + vm + ": ";
       VmSlot* slot = Slot(vm);
@@ -38,9 +51,9 @@ json Daemon::ValidatePlan(const json& request) {
       }
       const std::string state = status.value("state", "");
       const std::string health = status.value("health", "");
-      vms.push_back({{"vm", vm}, {"group", group.name}, {"role", RoleName(role.role)},
-                     {"state", state}, {"health", health}});
-      const std::string other = at_from ? plan->to : plan->from;
+      vms->push_back({{"vm", vm}, {"group", group.name}, {"role", RoleName(role.role)},
+                      {"state", state}, {"health", health}});
+      const std::string other = at_from ? plan.to : plan.from;
       if (at_from) {
         if (role.role != Role::kPrimary || role.phase != Phase::kNone) {
           problems.push_back(where + "not running as primary at " + config_.name + " (" + state + ")");
@@ -56,22 +69,33 @@ json Daemon::ValidatePlan(const json& request) {
                              std::string(RoleName(role.role)) + ", " + state + ")");
           continue;
         }
+        std::lock_guard lk(slot->mu);
+        if (slot->test) {
+          problems.push_back(where + "a test failover of it runs (siterep test-failover " + vm +
+                             " stop, or siterep plan cleanup)");
+          continue;
+        }
       }
       if (state == "initial replication" || state == "resynchronising") {
         problems.push_back(where + "its replica is not a consistent copy yet (" + state + ")");
+        continue;
+      }
+      // An unplanned run expects a critical link (the primary is down); a replica that
+      // cannot apply is another matter.
+      std::shared_ptr<applier::Replica> replica = inbound_ ? inbound_->Get(vm) : nullptr;
+      const std::string apply_error = replica ? replica->Position().apply_error : "";
+      if (kind == "unplanned") {
+        if (!apply_error.empty() && !force) {
+          problems.push_back(where + "its replica stopped applying (" + apply_error +
+                             "); --force to go on");
+        }
       } else if (health == "critical" && !force) {
         problems.push_back(where + "replication is critical (" +
                            status.value("health_reason", std::string()) + "); --force to go on");
       }
     }
   }
-  if (!problems.empty()) {
-    std::string message;
-    for (const std::string& p : problems) message += (message.empty() ? "" : "\n") + p;
-    return Refused("plan-invalid", message);
-  }
-  return Ok({{"plan", plan->name}, {"site", config_.name}, {"groups", plan->groups.size()},
-             {"vms", vms}});
+  return problems;
 }
 
 }  // namespace siterep::control

@@ -71,7 +71,9 @@ Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config, uin
     tracker::VmTrackerOptions options;
     options.vm = config.name;
     options.epoch = vm->epoch;
-    options.cycle = config.frequency;
+    // A consistency group's VMs are cut together by the daemon (GroupCutLoop), at once.
+    options.cycle = config.consistency_group.empty() ? config.frequency
+                                                     : std::chrono::milliseconds(0);
     if (!archive_dir.empty()) options.archive_dir = archive_dir / config.name;
     for (const ProtectedDisk& disk : vm->disks) {
       fs::path log_dir = disk.image;

@@ -61,6 +61,7 @@ VmConfig Daemon::ConfigFor(const std::string& vm, const applier::ReplicaDefiniti
   c.recovery_points = def.recovery_points;
   c.recovery_point_interval = std::chrono::milliseconds(def.recovery_point_interval_ms);
   c.hooks = config_.HooksFor(vm);
+  c.consistency_group = def.consistency_group;
   const fs::path dir = Inbound::ReplicaDir(config_, vm);
   for (const applier::DiskDefinition& d : def.disks) {
     c.disks.push_back({d.name, applier::PointStore::ImagePath(dir, d.name)});
@@ -77,6 +78,7 @@ applier::ReplicaDefinition Daemon::DefinitionOf(const VmSlot& slot, uint64_t epo
   def.frequency_ms = cfg.frequency.count();
   def.recovery_points = cfg.recovery_points;
   def.recovery_point_interval_ms = cfg.recovery_point_interval.count();
+  def.consistency_group = cfg.consistency_group;
   if (slot.primary) {
     def.disks.clear();
     for (const ProtectedDisk& d : slot.primary->disks) {
@@ -267,6 +269,7 @@ Status Daemon::ClosePrimary(VmSlot& slot) {
   std::unique_ptr<Outbound> out;
   std::unique_ptr<ProtectedVm> vm;
   {
+    std::lock_guard cut(slot.cut_mu);
     std::lock_guard lk(slot.mu);
     out = std::move(slot.outbound);
     vm = std::move(slot.primary);

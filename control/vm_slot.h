@@ -48,6 +48,9 @@ struct VmSlot {
 
   const std::string name;
   std::mutex op_mu;
+  // Held by a consistency group's cut while it uses primary->tracker; ClosePrimary takes
+  // it before it takes the tracker away. After op_mu, before mu.
+  std::mutex cut_mu;
 
   mutable std::mutex mu;
   RoleState role;

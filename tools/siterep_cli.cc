@@ -1,6 +1,6 @@
 // siterep: the operator's command line. Talks to siterepd only through the control
 // socket (common/control_client.h). Exit codes: 0 done, 1 refused or failed (one line on
-// stderr), 2 usage.
+// stderr), 2 usage, 3 a plan run paused for an operator (siterep plan continue).
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -11,6 +11,7 @@
 #include <iostream>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <thread>
 
 #include "common/config.h"
 #include "common/control_client.h"
@@ -77,6 +78,86 @@ std::string Str(const json& j, const char* key) {
   return j[key].dump();
 }
 
+// --- Recovery plan runs -------------------------------------------------------------------
+
+// Exit code of a plan run's state: 0 done, 3 paused for an operator, 1 otherwise.
+int PlanExit(const std::string& state) {
+  if (state == "done" || state == "cleaned") return 0;
+  if (state == "paused") return 3;
+  return 1;
+}
+
+// Prints the run's events after *shown until it stops running; returns its last state.
+int FollowPlan(const Globals& g, const std::string& name, size_t* shown, json* run) {
+  while (true) {
+    json result;
+    if (int rc = Call(g, {{"op", "plan-status"}, {"plan", name}}, &result); rc != 0) return rc;
+    *run = result;
+    const json& events = result["events"];
+    for (; *shown < events.size(); ++(*shown)) {
+      if (!g.json) {
+        std::printf("%s  %s\n", events[*shown].value("at", "").c_str(),
+                    events[*shown].value("text", "").c_str());
+        std::fflush(stdout);
+      }
+    }
+    if (result.value("state", "") != "running") return 0;
+    std::this_thread::sleep_for(std::chrono::milliseconds(250));
+  }
+}
+
+int PlanCommand(const Globals& g, const std::string& op, const std::string& plan_arg,
+                const json& options) {
+  json request = {{"op", op}};
+  std::string name = plan_arg;
+  std::error_code ec;
+  if (op == "plan-run" || (!plan_arg.empty() && std::filesystem::is_regular_file(plan_arg, ec))) {
+    auto parsed = siterep::control::LoadPlan(plan_arg);
+    if (!parsed.ok()) {
+      std::fprintf(stderr, "siterep: %s\n", parsed.status().message().c_str());
+      return 1;
+    }
+    name = parsed->name;
+    if (op == "plan-run") {
+      if (options["kind"] == "") {
+        std::fprintf(stderr, "siterep: plan run needs --planned, --unplanned or --test\n");
+        return 2;
+      }
+      request["plan"] = siterep::control::PlanToJson(*parsed);
+      request["kind"] = options["kind"];
+      request["point"] = options["point"];
+      request["force"] = options["force"];
+    }
+  }
+  if (op != "plan-run") request["plan"] = name;
+  if (op == "plan-run" || op == "plan-continue") request["yes"] = options["yes"];
+  json result;
+  if (op == "plan-status" && name.empty()) {
+    if (int rc = Call(g, request, &result); rc != 0) return rc;
+    if (g.json) {
+      std::cout << result.dump(2) << "\n";
+      return 0;
+    }
+    if (result["runs"].empty()) std::printf("no plan has run at this site\n");
+    for (const json& run : result["runs"]) std::printf("%s\n", siterep::control::PlanRunText(run).c_str());
+    return 0;
+  }
+  if (int rc = Call(g, request, &result); rc != 0) return rc;
+  json run = result;
+  if ((op == "plan-run" || op == "plan-continue") && !options.value("detach", false)) {
+    size_t shown = 0;
+    if (op == "plan-continue") shown = run["events"].size() - 1;  // from the confirmation on
+    if (int rc = FollowPlan(g, name, &shown, &run); rc != 0) return rc;
+  }
+  if (g.json) {
+    std::cout << run.dump(2) << "\n";
+  } else {
+    std::printf("%s", siterep::control::PlanRunText(run).c_str());
+  }
+  if (op == "plan-status" || op == "plan-cancel" || options.value("detach", false)) return 0;
+  return PlanExit(run.value("state", ""));
+}
+
 void PrintStatus(const json& s) {
   std::printf("site %s (disks at %s)\n", Str(s, "site").c_str(), Str(s, "mountpoint").c_str());
   if (s["vms"].empty()) std::printf("no VMs\n");
@@ -89,6 +170,12 @@ void PrintStatus(const json& s) {
     }
     if (vm.value("access", "read-write") != "read-write") {
       std::printf("  disks: %s\n", Str(vm, "access").c_str());
+    }
+    if (vm.contains("consistency_group")) {
+      std::printf("  consistency group %s%s\n", Str(vm, "consistency_group").c_str(),
+                  vm.value("apply_held", false)
+                      ? ": applying held until every member has the next group instant"
+                      : "");
     }
     if (vm.contains("test_failover")) {
       const json& t = vm["test_failover"];
@@ -353,6 +440,41 @@ int main(int argc, char** argv) {
   plan_validate->add_option("PLAN", plan_file, "the plan (TOML)")->required();
   plan_validate->add_flag("--force", plan_force, "accept VMs whose replication is critical");
   plan_validate->add_flag("--json", g.json, "machine-readable output");
+  bool plan_planned = false, plan_unplanned = false, plan_test = false, plan_yes = false;
+  bool plan_detach = false;
+  std::string plan_point;
+  auto* plan_run = plan->add_subcommand(
+      "run", "run a plan: a planned run at the from site, an unplanned or test run at the to site");
+  plan_run->add_option("PLAN", plan_file, "the plan (TOML)")->required();
+  auto* run_planned = plan_run->add_flag("--planned", plan_planned,
+                                         "shut down, ship everything, then fail over: no data lost");
+  auto* run_unplanned =
+      plan_run->add_flag("--unplanned", plan_unplanned, "the from site is lost: each VM's latest "
+                                                        "recovery point (a consistency group's "
+                                                        "common one)");
+  auto* run_test = plan_run->add_flag("--test", plan_test,
+                                      "test copies of every VM at the to site; replication goes on");
+  run_planned->excludes(run_unplanned)->excludes(run_test);
+  run_unplanned->excludes(run_test);
+  plan_run->add_option("--point", plan_point, "--unplanned/--test: latest (default) or a point id");
+  plan_run->add_flag("--yes", plan_yes, "confirm the plan's manual steps without pausing");
+  plan_run->add_flag("--force", plan_force, "accept VMs whose replication is critical");
+  plan_run->add_flag("--detach", plan_detach, "start the run and return; follow it with plan status");
+  plan_run->add_flag("--json", g.json, "machine-readable report");
+  std::string plan_name;
+  auto* plan_status = plan->add_subcommand("status", "where the runs of plans stand, with reports");
+  plan_status->add_option("PLAN", plan_name, "a plan name or file (default: every run)");
+  plan_status->add_flag("--json", g.json, "machine-readable output");
+  auto* plan_continue = plan->add_subcommand(
+      "continue", "confirm the manual step a run waits for, or retry the step that failed");
+  plan_continue->add_option("PLAN", plan_name, "a plan name or file")->required();
+  plan_continue->add_flag("--yes", plan_yes, "confirm the later manual steps too");
+  plan_continue->add_flag("--json", g.json, "machine-readable report");
+  auto* plan_cancel = plan->add_subcommand("cancel", "stop a run after the step under way");
+  plan_cancel->add_option("PLAN", plan_name, "a plan name or file")->required();
+  auto* plan_cleanup =
+      plan->add_subcommand("cleanup", "remove the test copies of a plan's test run");
+  plan_cleanup->add_option("PLAN", plan_name, "a plan name or file")->required();
 
   std::string spec;
   auto* fp = app.add_subcommand("failpoint", "arm failpoints in the daemon (tests)");
@@ -551,6 +673,22 @@ int main(int argc, char** argv) {
                   Str(v, "role").c_str(), Str(v, "state").c_str(), Str(v, "health").c_str());
     }
     return 0;
+  }
+  if (plan_run->parsed() || plan_status->parsed() || plan_continue->parsed() ||
+      plan_cancel->parsed() || plan_cleanup->parsed()) {
+    return PlanCommand(g, plan_run->parsed()        ? "plan-run"
+                          : plan_status->parsed()   ? "plan-status"
+                          : plan_continue->parsed() ? "plan-continue"
+                          : plan_cancel->parsed()   ? "plan-cancel"
+                                                    : "plan-cleanup",
+                       plan_run->parsed() ? plan_file : plan_name,
+                       {{"kind", plan_planned ? "planned" : plan_unplanned ? "unplanned"
+                                                  : plan_test            ? "test"
+                                                                         : ""},
+                        {"point", plan_point.empty() ? "latest" : plan_point},
+                        {"yes", plan_yes},
+                        {"force", plan_force},
+                        {"detach", plan_detach}});
   }
   if (fp->parsed()) {
     if (int rc = Call(g, {{"op", "failpoint"}, {"spec", spec}}, &result); rc != 0) return rc;
