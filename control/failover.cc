@@ -462,7 +462,9 @@ json Daemon::FailoverUnplanned(VmSlot& slot, const json& request) {
                                       "exposed: " + s.ToString() + " (restart siterepd)");
   }
   op["rto_seconds"] = SecondsSince(t0);
-  op["point"] = {{"id", point.id}, {"time", FormatUtc(point.cut_unix_nanos)}};
+  op["point"] = {{"id", point.id},
+                 {"time", FormatUtc(point.cut_unix_nanos)},
+                 {"cut_unix_nanos", point.cut_unix_nanos}};
   op["data_loss_window_seconds"] = loss_window ? json(*loss_window) : json(nullptr);
   op["epoch"] = r.epoch;
   spdlog::warn("VM {}: unplanned failover to recovery point {} ({}), epoch {}; not protected "
@@ -779,7 +781,9 @@ json Daemon::TestFailover(VmSlot& slot, const json& request) {
     }
   }
   json out = {{"vm", vm},
-              {"point", {{"id", point.id}, {"time", FormatUtc(point.cut_unix_nanos)}}},
+              {"point", {{"id", point.id},
+                         {"time", FormatUtc(point.cut_unix_nanos)},
+                         {"cut_unix_nanos", point.cut_unix_nanos}}},
               {"path", (config_.mountpoint / test_vm).string()}};
   spdlog::info("VM {}: test failover of point {} at {}", vm, point.id,
                (config_.mountpoint / test_vm).string());

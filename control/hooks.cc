@@ -34,6 +34,10 @@ std::string LastLine(const std::string& text) {
   size_t start = text.rfind('\n', end);
   return text.substr(start == std::string::npos ? 0 : start + 1, end - (start == std::string::npos ? 0 : start + 1) + 1);
 }
+
+std::string Who(const HookContext& context) {
+  return context.who.empty() ? "VM " + context.vm : context.who;
+}
 }  // namespace
 
 std::string HookResult::Failure() const {
@@ -64,7 +68,7 @@ HookResult RunHook(const std::string& command, const HookContext& context,
   auto fail = [&](const std::string& what) {
     r.exit_code = 127;
     r.output = what + ": " + std::strerror(errno);
-    spdlog::error("VM {}: {} hook: {}", context.vm, context.event, r.output);
+    spdlog::error("{}: {} hook: {}", Who(context), context.event, r.output);
     return r;
   };
 
@@ -108,7 +112,7 @@ HookResult RunHook(const std::string& command, const HookContext& context,
     errno = rc;
     return fail("spawn /bin/sh");
   }
-  spdlog::info("VM {}: {} hook started (pid {}): {}", context.vm, context.event, pid, command);
+  spdlog::info("{}: {} hook started (pid {}): {}", Who(context), context.event, pid, command);
 
   // Past the timeout: SIGTERM to the group, 5 s later SIGKILL.
   bool term_sent = false;
@@ -152,9 +156,9 @@ HookResult RunHook(const std::string& command, const HookContext& context,
   if (r.output.size() > kKeepOutput) r.output.erase(0, r.output.size() - kKeepOutput);
   r.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   if (r.ok()) {
-    spdlog::info("VM {}: {} hook done in {:.1f} s", context.vm, context.event, r.seconds);
+    spdlog::info("{}: {} hook done in {:.1f} s", Who(context), context.event, r.seconds);
   } else {
-    spdlog::error("VM {}: {}", context.vm, r.Failure());
+    spdlog::error("{}: {}", Who(context), r.Failure());
   }
   return r;
 }

@@ -32,11 +32,12 @@ struct HookResult {
 };
 
 struct HookContext {
-  std::string vm;
+  std::string vm;  // empty for a plan's action
   std::string site;
   std::string event;
   std::string mountpoint;
   std::vector<std::string> extra_env;  // more "SITEREP_NAME=value" (recovery plans)
+  std::string who;  // names the hook's owner in the log: "VM <vm>" when empty
 };
 
 // Runs command (nothing when empty) and waits for it or the timeout.

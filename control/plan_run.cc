@@ -89,6 +89,9 @@ json NewRun(const RecoveryPlan& plan, const std::string& kind, const json& reque
 }  // namespace
 
 struct Daemon::PlanRunSlot {
+  ~PlanRunSlot() {
+    if (thread.joinable()) thread.join();  // a run replaced after it ended
+  }
   std::string name;
   std::mutex mu;  // protects run, cancel; after plans_mu_
   json run;
@@ -260,8 +263,8 @@ json Daemon::StartPlanRun(const json& request) {
     PersistPlanRun(*p);
     p->active = true;
   }
+  // The run replaced has ended; its thread is at most returning (~PlanRunSlot joins it).
   plan_runs_[p->name] = p;
-  if (p->thread.joinable()) p->thread.join();
   p->thread = std::thread([this, p] { PlanRunLoop(p); });
   std::lock_guard rl(p->mu);
   return Ok(p->run);
@@ -540,6 +543,8 @@ json Daemon::RunPlanAction(const RecoveryPlan& plan, const PlanGroup& group,
 HookResult Daemon::RunPlanHook(const json& request) {
   HookContext context;
   context.site = config_.name;
+  context.who = "plan " + request.value("plan", std::string()) + " (group " +
+                request.value("group", std::string()) + ")";
   context.event = "plan_" + request.value("stage", std::string());
   context.mountpoint = config_.mountpoint.string();
   context.extra_env = {"SITEREP_PLAN=" + request.value("plan", std::string()),
