@@ -12,7 +12,9 @@
 # west, east becomes the replica and reverse replication runs; west writes a file; failback
 # brings web01 home to east at a new epoch, protected by west again, with every file
 # (including the one written at west) in place. `siterep status` is shown between the
-# steps (role, epoch, state). The demo fails unless disks and files match at every stage.
+# steps (role, epoch, state). At the end a recovery plan moves the whole "shop" (db01,
+# then web01, a consistency group) to west with actions at both sites, and a second plan
+# brings it home. The demo fails unless disks and files match at every stage.
 # Everything it made (mounts, loop device, daemons, folder) is removed on any exit.
 # Usage: bash tools/demo.sh [BIN_DIR]   (default: build/bin next to this script)
 set -euo pipefail
@@ -95,6 +97,8 @@ step "web01's disks hold data already: ext4 with files on 'data', random bytes o
 truncate -s 256M "$DIR/web01-os.img"
 truncate -s 512M "$DIR/web01-data.img"
 head -c $((48 << 20)) /dev/urandom | dd of="$DIR/web01-os.img" conv=notrunc status=none
+truncate -s 128M "$DIR/db01.img"   # db01, the shop's database, for the recovery plan at the end
+head -c $((16 << 20)) /dev/urandom | dd of="$DIR/db01.img" conv=notrunc status=none
 mkfs.ext4 -q -F "$DIR/web01-data.img"
 mkdir -p "$DIR/fs"
 mount -o loop "$DIR/web01-data.img" "$DIR/fs"
@@ -127,6 +131,7 @@ key = "$DIR/certs/$site.key"
 name = "$peer"
 address = "127.0.0.1:$peer_port"
 bandwidth_limit = "96MiB"   # a WAN-like link, so the progress is visible
+allow_plan_actions = true   # recovery plans run at $peer may run their actions here
 TOML
 done
 cat >>"$DIR/east.toml" <<TOML
@@ -139,12 +144,21 @@ recovery_point_interval = "5s"
 pre_failover = "sh $DIR/hook.sh"    # runs at the site giving web01 up
 post_failover = "sh $DIR/hook.sh"   # runs at the site taking web01 over
 hook_timeout = "30s"
+consistency_group = "shop"          # cut at the same instants as db01
   [[vms.disks]]
   name = "os"
   image = "$DIR/web01-os.img"
   [[vms.disks]]
   name = "data"
   image = "$DIR/web01-data.img"
+
+[[vms]]
+name = "db01"
+frequency = "continuous"
+consistency_group = "shop"
+  [[vms.disks]]
+  name = "db"
+  image = "$DIR/db01.img"
 TOML
 cat >>"$DIR/west.toml" <<TOML
 
@@ -195,6 +209,8 @@ EAST_PID=$START_PID
 step "Enable replication of web01 to west: initial copy from a snapshot, with progress"
 show east enable web01 --to west --wait
 show east status web01
+echo "    (db01, the shop's database, is replicated too; the recovery plan at the end moves both)"
+east enable db01 --to west --wait >/dev/null
 
 # web01's 'data' disk at SITE ($DIR/SITE/mnt/web01/data), through a loop device, on $DIR/fs.
 mount_data() {
@@ -212,7 +228,7 @@ unmount_data() {
 }
 # field SITE EXPR: a Python expression over web01 in `siterep status web01 --json` (v).
 field() {
-  "$BIN/siterep" -c "$DIR/$1.toml" status web01 --json | python3 -c '
+  "$BIN/siterep" -c "$DIR/$1.toml" status "${FIELD_VM:-web01}" --json | python3 -c '
 import json, sys
 v = json.load(sys.stdin)["vms"][0]
 r = eval(sys.argv[1], {"v": v})
@@ -382,6 +398,59 @@ echo "    fsck.ext4 -n -f: the file system is clean"
 diff <(printf '%s\n' "$HOOK_PRE_EAST" "$HOOK_POST_WEST" "$HOOK_PRE_WEST" "$HOOK_POST_EAST") \
   "$DIR/hooks.log" >&2 || die "the hooks did not run in the expected order"
 echo "    the hooks ran in order: pre at east, post at west, pre at west, post at east"
+
+step "A recovery plan: the whole shop (db01, then web01) moves to west and back"
+echo "    A plan fails VMs over group by group, in the order the applications need, with"
+echo "    actions at either site and pauses for a person; --yes confirms the pauses here."
+cat >"$DIR/shop-to-west.toml" <<PLAN
+name = "shop-to-west"
+from = "east"
+to = "west"
+[[groups]]
+name = "database"
+vms = ["db01"]
+  [[groups.post]]
+  site = "west"
+  run = "echo db01 accepts connections at \$SITEREP_SITE"
+  timeout = "30s"
+  [[groups.manual]]
+  message = "Check that the shop's database answers at west"
+[[groups]]
+name = "web"
+vms = ["web01"]
+  [[groups.pre]]
+  site = "east"
+  run = "echo draining the load balancer at \$SITEREP_SITE"
+PLAN
+cat >"$DIR/shop-home.toml" <<PLAN
+name = "shop-home"
+from = "west"
+to = "east"
+[[groups]]
+name = "database"
+vms = ["db01"]
+  [[groups.post]]
+  site = "east"
+  run = "echo db01 accepts connections at \$SITEREP_SITE"
+  timeout = "30s"
+[[groups]]
+name = "web"
+vms = ["web01"]
+PLAN
+sed 's/^/    /' "$DIR/shop-to-west.toml"
+show west plan validate "$DIR/shop-to-west.toml"
+show east plan run "$DIR/shop-to-west.toml" --planned --yes
+for vm in db01 web01; do
+  [[ $(FIELD_VM=$vm field west "v['role']") == primary ]] || die "$vm does not run at west after the plan"
+done
+echo "    db01 and web01 run at west; east is their replica"
+show west plan run "$DIR/shop-home.toml" --planned --yes
+for vm in db01 web01; do
+  [[ $(FIELD_VM=$vm field east "v['role']") == primary ]] || die "$vm is not home at east after the plan"
+  [[ $(FIELD_VM=$vm field west "v['role']") == replica ]] || die "$vm is not west's replica after the plan"
+done
+same_disks
+echo "    both VMs are home at east, protected by west, and web01's disks are equal at both sites"
 
 step "Stop both daemons (SIGTERM)"
 stop_pid "$EAST_PID"; EAST_PID=""
