@@ -571,8 +571,12 @@ std::string PlanRunText(const nlohmann::json& run) {
       std::string line = "    vm    " + Text(v, "vm") + "  " + Text(v, "state");
       if (v.contains("rto_seconds")) line += ", RTO " + Text(v, "rto_seconds") + " s";
       if (v.contains("point") && v["point"].is_object()) {
-        line += ", point " + Text(v["point"], "id");
-        if (v["point"].contains("time")) line += " (" + Text(v["point"], "time") + ")";
+        if (v["point"].value("every_change", false)) {
+          line += ", every change shipped (through cycle " + Text(v["point"], "id") + ")";
+        } else {
+          line += ", point " + Text(v["point"], "id");
+          if (v["point"].contains("time")) line += " (" + Text(v["point"], "time") + ")";
+        }
       }
       if (v.contains("data_loss_window_seconds")) {
         line += ", data loss " + Text(v, "data_loss_window_seconds", "unknown") +

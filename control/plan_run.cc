@@ -86,6 +86,14 @@ json NewRun(const RecoveryPlan& plan, const std::string& kind, const json& reque
           {"events", json::array()}};
 }
 
+// The state of the group the cursor is in, when it has started (a run stopped in it).
+void MarkCursorGroup(json& run, const std::string& state) {
+  const size_t gi = run["cursor"].value("group", size_t{0});
+  if (gi < run["groups"].size() && run["groups"][gi].value("state", "") != "pending") {
+    run["groups"][gi]["state"] = state;
+  }
+}
+
 }  // namespace
 
 struct Daemon::PlanRunSlot {
@@ -133,6 +141,7 @@ void Daemon::LoadPlanRuns() {
     if (!Finished(p->run.value("state", ""))) HoldPlanInstants(p->run);
     if (p->run.value("state", "") == "running") {
       p->run["state"] = "interrupted";
+      MarkCursorGroup(p->run, "interrupted");
       p->run["message"] = "siterepd stopped during the run; siterep plan continue " + p->name +
                           " goes on from where it stood";
       PlanEvent(*p, "interrupted by a restart of siterepd");
@@ -191,6 +200,8 @@ json Daemon::PlanRequest(const std::string& op, const json& request) {
     p->cancel = true;
     if (!p->active) {
       p->run["state"] = "cancelled";
+      p->run["message"] = "cancelled by the operator";
+      MarkCursorGroup(p->run, "cancelled");
       p->run["ended"] = FormatUtc(NowUnixNanos());
       PlanEvent(*p, "cancelled");
       PersistPlanRun(*p);
@@ -292,6 +303,7 @@ json Daemon::ContinuePlanRun(const std::shared_ptr<PlanRunSlot>& p, const json& 
   }
   p->run["state"] = "running";
   p->run["message"] = "";
+  MarkCursorGroup(p->run, "running");
   p->cancel = false;
   p->active = true;
   PersistPlanRun(*p);
@@ -387,9 +399,13 @@ void Daemon::WalkPlan(const std::shared_ptr<PlanRunSlot>& p) {
         std::lock_guard sl(stop_mu_);
         stopping = stopping_;
       }
-      if (stopping) return stop("interrupted", "siterepd stopped during the run; siterep plan "
-                                               "continue " + p->name + " goes on from here");
+      if (stopping) {
+        MarkCursorGroup(p->run, "interrupted");
+        return stop("interrupted", "siterepd stopped during the run; siterep plan continue " +
+                                       p->name + " goes on from here");
+      }
       ReleasePlanHolds(p->run);
+      MarkCursorGroup(p->run, "cancelled");
       return stop("cancelled", "cancelled by the operator");
     }
     json& cursor = p->run["cursor"];
@@ -624,9 +640,9 @@ std::string Daemon::RunPlanVms(PlanRunSlot& p, std::unique_lock<std::mutex>& lk,
     v["ended"] = FormatUtc(NowUnixNanos());
     const std::string& vm = group.vms[i];
     if (v.value("state", "") != "done") {
+      // One event for all of them: the run's message (stop).
       failures += (failures.empty() ? "" : "; ") + std::string("VM ") + vm + ": " +
                   v.value("error", std::string("failed"));
-      PlanEvent(p, "group " + group.name + ": VM " + vm + " failed: " + v.value("error", ""));
     } else {
       std::string text = "group " + group.name + ": VM " + vm + " " +
                          (kind == "test" ? "test copy up" : "failed over");
@@ -690,7 +706,8 @@ json Daemon::PlanVmStep(const RecoveryPlan& plan, const std::string& kind, const
   const json& r = reply["result"];
   if (kind == "planned") {
     out["rto_seconds"] = r.value("rto_seconds", SecondsBetween(t0));
-    out["point"] = {{"id", r.value("drained_cycle", uint64_t{0})}};
+    // Nothing is lost: the new primary starts from the old one's last cycle, shipped.
+    out["point"] = {{"id", r.value("drained_cycle", uint64_t{0})}, {"every_change", true}};
     out["data_loss_window_seconds"] = 0.0;
     out["result"] = r.value("result", std::string());
   } else if (kind == "unplanned") {

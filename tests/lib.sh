@@ -483,3 +483,37 @@ same_sha256() {
   b=$(sha256sum "$2" | cut -d' ' -f1)
   [[ $a == "$b" ]] || fail "$3: $1 ($a) differs from $2 ($b)"
 }
+
+# ---------------------------------------------------------------------------------------
+# Recovery plans.
+
+# allow_plan_actions_both: each of the two sites (two_sites) runs the plan actions the
+# other asks for: allow_plan_actions = true in the [[peers]] table two_sites wrote.
+allow_plan_actions_both() {
+  local conf
+  sed -i '/^address = "127\.0\.0\.1:/a allow_plan_actions = true' "$EAST_CONF" "$WEST_CONF"
+  for conf in "$EAST_CONF" "$WEST_CONF"; do
+    grep -A3 '^\[\[peers\]\]' "$conf" | grep -qx 'allow_plan_actions = true' ||
+      fail "allow_plan_actions is not in the [[peers]] table of $conf"
+  done
+}
+
+# plan_doc CONF NAME EXPR: a Python expression over the run document (bound to d).
+plan_doc() {
+  "$SITEREP" -c "$1" plan status "$2" --json | jq_py "$3"
+}
+
+# show_run CONF NAME: the run document, for a failure message.
+show_run() {
+  "$SITEREP" -c "$1" plan status "$2" --json 2>&1 | head -c 12000
+}
+
+# run_plan WANT_RC OUT CONF ARGS...: `siterep -c CONF ARGS...` (a plan command), which must
+# exit with WANT_RC; its output goes to OUT.
+run_plan() {
+  local want=$1 out=$2 conf=$3 rc=0
+  shift 3
+  timeout 180 "$SITEREP" -c "$conf" "$@" >"$out" 2>&1 || rc=$?
+  sed 's/^/    | /' "$out"
+  [[ $rc -eq $want ]] || fail "siterep $*: exit code $rc (want $want); output above"
+}

@@ -26,13 +26,7 @@ command -v openssl >/dev/null || skip "openssl is not installed"
 
 two_sites
 WEST_MNT=$T/west/mnt
-# Each site runs the plan actions the other asks for: the line goes in the [[peers]]
-# table two_sites wrote (the only lines starting with address = ).
-sed -i '/^address = "127\.0\.0\.1:/a allow_plan_actions = true' "$EAST_CONF" "$WEST_CONF"
-for conf in "$EAST_CONF" "$WEST_CONF"; do
-  grep -A3 '^\[\[peers\]\]' "$conf" | grep -qx 'allow_plan_actions = true' ||
-    fail "allow_plan_actions is not in the [[peers]] table of $conf"
-done
+allow_plan_actions_both
 
 VMS=(db1 app1 web1 web2)
 DISKS=(db1/os db1/data app1/os web1/os web2/os)   # VM/DISK
@@ -56,26 +50,6 @@ sha() { sha256sum <"$1" | cut -d' ' -f1; }
 # write_random FILE OFFSET_MIB COUNT_MIB: random data, synced (through the FUSE disk).
 write_random() {
   dd if=/dev/urandom of="$1" bs=1M seek="$2" count="$3" conv=notrunc,fsync status=none
-}
-
-# plan_doc CONF NAME EXPR: a Python expression over the run document (bound to d).
-plan_doc() {
-  "$SITEREP" -c "$1" plan status "$2" --json | jq_py "$3"
-}
-
-# show_run CONF NAME: the run document, for a failure message.
-show_run() {
-  "$SITEREP" -c "$1" plan status "$2" --json 2>&1 | head -c 12000
-}
-
-# run_plan WANT_RC OUT CONF ARGS...: `siterep -c CONF ARGS...` (a plan command), which must
-# exit with WANT_RC; its output goes to OUT.
-run_plan() {
-  local want=$1 out=$2 conf=$3 rc=0
-  shift 3
-  timeout 180 "$SITEREP" -c "$conf" "$@" >"$out" 2>&1 || rc=$?
-  sed 's/^/    | /' "$out"
-  [[ $rc -eq $want ]] || fail "siterep $*: exit code $rc (want $want); output above"
 }
 
 # expect_order LINE...: the order file holds exactly these lines; then it is emptied.
