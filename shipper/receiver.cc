@@ -86,7 +86,9 @@ class Receiver::Impl {
   // One accepted socket, from accept to the end of its thread.
   struct Conn {
     std::thread thread;
-    UniqueFd dup;  // a second descriptor of the socket: shutdown() on it wakes any I/O
+    // A second descriptor of the socket: shutdown() on it wakes any I/O. Guarded by mu_;
+    // closed when the thread ends.
+    UniqueFd dup;
     // Guarded by Impl::mu_:
     TlsStream* stream = nullptr;
     std::string vm;    // set once the connection owns the VM
@@ -284,6 +286,10 @@ void Receiver::Impl::Serve(std::shared_ptr<Conn> conn, UniqueFd fd) {
     }
   }
   std::lock_guard lk(mu_);
+  // The dup is the socket's last descriptor now: closing it ends the TCP connection at once,
+  // not when the accept thread reaps this one at some later accept (a peer waiting for the
+  // end of the stream would wait until then).
+  conn->dup.Reset();
   conn->done = true;
   done_cv_.notify_all();
 }

@@ -108,6 +108,45 @@ Status Decompress(std::span<const std::byte> frame, uint64_t raw_length, std::st
   return Status::Ok();
 }
 
+// nlohmann's get<> converts a negative or too large number to an unsigned type silently (and
+// a float to an integer); the Hello's epoch and sizes and the sync frames' ids and offsets
+// must be exactly what was sent (an epoch of -1 must not read as 2^64-1).
+struct FieldError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <typename T>
+T Unsigned(const json& j, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_number_unsigned()) throw FieldError(std::string(key) + " is not an unsigned integer");
+  const uint64_t x = v.get<uint64_t>();
+  if (x > std::numeric_limits<T>::max()) throw FieldError(std::string(key) + " is out of range");
+  return static_cast<T>(x);
+}
+
+template <typename T = int64_t>
+T Signed(const json& j, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_number_integer()) throw FieldError(std::string(key) + " is not an integer");
+  if (v.is_number_unsigned() &&
+      v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<T>::max())) {
+    throw FieldError(std::string(key) + " is out of range");
+  }
+  const int64_t x = v.get<int64_t>();
+  if constexpr (sizeof(T) < sizeof(int64_t)) {
+    if (x < std::numeric_limits<T>::min() || x > std::numeric_limits<T>::max()) {
+      throw FieldError(std::string(key) + " is out of range");
+    }
+  }
+  return static_cast<T>(x);
+}
+
+std::string Text(const json& j, const char* key) {
+  const json& v = j.at(key);
+  if (!v.is_string()) throw FieldError(std::string(key) + " is not a string");
+  return v.get<std::string>();
+}
+
 }  // namespace
 
 std::string_view FrameTypeName(FrameType type) {
@@ -249,17 +288,17 @@ Result<Hello> DecodeHello(std::span<const std::byte> payload) {
   SR_ASSIGN_OR_RETURN(json j, ParseJsonObject(payload, kWhat));
   Hello h;
   try {
-    h.protocol_version = j.at("version").get<uint32_t>();
+    h.protocol_version = Unsigned<uint32_t>(j, "version");
     h.from = j.at("from").get<std::string>();
     h.to = j.at("to").get<std::string>();
     applier::ReplicaDefinition& d = h.definition;
     d.vm = j.at("vm").get<std::string>();
-    d.epoch = j.at("epoch").get<uint64_t>();
+    d.epoch = Unsigned<uint64_t>(j, "epoch");
     const json& def = j.at("definition");
     d.primary_site = def.at("primary_site").get<std::string>();
-    d.recovery_points = def.at("recovery_points").get<int>();
-    d.recovery_point_interval_ms = def.at("recovery_point_interval_ms").get<int64_t>();
-    d.frequency_ms = def.at("frequency_ms").get<int64_t>();
+    d.recovery_points = Signed<int>(def, "recovery_points");
+    d.recovery_point_interval_ms = Signed(def, "recovery_point_interval_ms");
+    d.frequency_ms = Signed(def, "frequency_ms");
     if (def.contains("consistency_group")) {
       d.consistency_group = def.at("consistency_group").get<std::string>();
     }
@@ -267,10 +306,12 @@ Result<Hello> DecodeHello(std::span<const std::byte> payload) {
     if (!disks.is_array()) return Bad(kWhat, "definition.disks is not an array");
     for (const json& disk : disks) {
       d.disks.push_back(applier::DiskDefinition{disk.at("name").get<std::string>(),
-                                                disk.at("disk_id").get<uint32_t>(),
-                                                disk.at("size").get<uint64_t>()});
+                                                Unsigned<uint32_t>(disk, "disk_id"),
+                                                Unsigned<uint64_t>(disk, "size")});
     }
   } catch (const json::exception& e) {
+    return Bad(kWhat, std::string("malformed: ") + e.what());
+  } catch (const FieldError& e) {
     return Bad(kWhat, std::string("malformed: ") + e.what());
   }
   if (!ValidName(h.from)) return Bad(kWhat, "invalid site name \"" + Clip(h.from) + "\"");
@@ -534,37 +575,6 @@ constexpr std::pair<applier::SyncMode, std::string_view> kSyncModes[] = {
     {applier::SyncMode::kCopy, "copy"},
     {applier::SyncMode::kCompare, "compare"},
 };
-
-// nlohmann's get<> converts a negative or too large number to an unsigned type silently (and
-// a float to an integer); the sync frames' ids and offsets must be exactly what was sent.
-struct FieldError : std::runtime_error {
-  using std::runtime_error::runtime_error;
-};
-
-template <typename T>
-T Unsigned(const json& j, const char* key) {
-  const json& v = j.at(key);
-  if (!v.is_number_unsigned()) throw FieldError(std::string(key) + " is not an unsigned integer");
-  const uint64_t x = v.get<uint64_t>();
-  if (x > std::numeric_limits<T>::max()) throw FieldError(std::string(key) + " is out of range");
-  return static_cast<T>(x);
-}
-
-int64_t Signed(const json& j, const char* key) {
-  const json& v = j.at(key);
-  if (!v.is_number_integer()) throw FieldError(std::string(key) + " is not an integer");
-  if (v.is_number_unsigned() &&
-      v.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
-    throw FieldError(std::string(key) + " is out of range");
-  }
-  return v.get<int64_t>();
-}
-
-std::string Text(const json& j, const char* key) {
-  const json& v = j.at(key);
-  if (!v.is_string()) throw FieldError(std::string(key) + " is not a string");
-  return v.get<std::string>();
-}
 
 // The wire's kind names, the same as applier::SyncKindName's (which lives in the applier;
 // this file stays free of it so that the fuzz harness builds from the parsers alone).
