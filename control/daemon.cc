@@ -384,7 +384,7 @@ json Daemon::Handle(const json& request) {
   if (op.starts_with("plan-")) return PlanRequest(op, request);
   static const std::set<std::string> kVmOps = {
       "cut",    "enable",   "pause",    "resume",  "resync",   "points",       "export",
-      "failover", "commit", "reverse", "failback", "test-failover"};
+      "failover", "commit", "reverse", "failback", "test-failover", "verify"};
   if (kVmOps.contains(op)) {
     if (vm.empty()) return Refused("bad-request", op + " needs a VM");
     VmSlot* slot = Slot(vm);
@@ -398,6 +398,7 @@ json Daemon::Handle(const json& request) {
 
 json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request) {
   const std::string& vm = slot.name;
+  if (op == "verify") return Verify(slot, request);  // verify.cc: its own checks and locks
   if (op == "points" || op == "export") {
     std::shared_ptr<applier::Replica> replica = inbound_ ? inbound_->Get(vm) : nullptr;
     if (!replica) {

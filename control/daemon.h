@@ -165,6 +165,14 @@ class Daemon {
   void HoldPlanInstants(const nlohmann::json& run);
   void ReleasePlanHolds(const nlohmann::json& run);
   Status StopTestCopy(VmSlot& slot);
+  // --- Verification (verify.cc) ----------------------------------------------------------
+  // `siterep verify VM`, at the primary: the 64 KiB block hashes of every disk at one cut
+  // (a tracker snapshot here, the same recovery point pinned at the replica), compared.
+  nlohmann::json Verify(VmSlot& slot, const nlohmann::json& request);
+  // The peer requests "verify-hashes" and "verify-end": the replica's side of Verify.
+  nlohmann::json HandleVerifyPeer(const std::string& peer, const nlohmann::json& request);
+  struct VerifyPins;   // views of recovery points held for verifications under way here
+  VerifyPins& Pins();  // made on first use
 
   SiteConfig config_;
   DaemonOptions options_;
@@ -181,6 +189,8 @@ class Daemon {
   bool stopping_ = false;
   std::mutex plans_mu_;  // protects plan_runs_ (the map); before a run's own mutex
   std::map<std::string, std::shared_ptr<PlanRunSlot>> plan_runs_;
+  std::mutex verify_mu_;  // protects verify_pins_ (the pointer); leaf lock
+  std::shared_ptr<VerifyPins> verify_pins_;
 
   std::thread discard_thread_;
   std::thread monitor_thread_;

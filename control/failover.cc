@@ -82,6 +82,7 @@ json Daemon::HandlePeer(const std::string& peer, const json& request) {
   const std::string vm = request.value("vm", "");
   if (op == "vm-status") return PeerVmStatus(vm);
   if (op == "plan-action") return HandlePlanAction(peer, request);
+  if (op.starts_with("verify-")) return HandleVerifyPeer(peer, request);  // verify.cc
   VmSlot* slot = Slot(vm);
   if (slot == nullptr) return Refused("unknown-vm", "no VM named '" + vm + "' at " + config_.name);
   if (op != "promote" && op != "demote") {

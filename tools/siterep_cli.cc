@@ -1,6 +1,7 @@
 // siterep: the operator's command line. Talks to siterepd only through the control
 // socket (common/control_client.h). Exit codes: 0 done, 1 refused or failed (one line on
-// stderr), 2 usage, 3 a plan run paused for an operator (siterep plan continue).
+// stderr; also `verify` finding blocks that differ), 2 usage, 3 a plan run paused for an
+// operator (siterep plan continue).
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -327,6 +328,33 @@ int WaitCaughtUp(const Globals& g, const std::string& vm) {
   }
 }
 
+// "64KiB", "1MiB", "512B": a range length in the verify report.
+std::string LengthText(uint64_t n) {
+  if (n != 0 && n % (uint64_t{1} << 20) == 0) return std::to_string(n >> 20) + "MiB";
+  if (n != 0 && n % 1024 == 0) return std::to_string(n >> 10) + "KiB";
+  return std::to_string(n) + "B";
+}
+
+// One disk of `siterep verify`: "os: 4096 blocks, equal" or
+// "os: 3 blocks differ: 0x30000+64KiB, 0x5000000+128KiB".
+std::string VerifyLine(const json& d) {
+  const uint64_t differ = d.value("differing_blocks", uint64_t{0});
+  std::string line = Str(d, "name") + ": ";
+  if (differ == 0) return line + Str(d, "blocks") + " blocks, equal";
+  line += std::to_string(differ) + (differ == 1 ? " block differs: " : " blocks differ: ");
+  size_t listed = 0;
+  for (const json& r : d.value("ranges", json::array())) {
+    char at[32];
+    std::snprintf(at, sizeof at, "0x%llx",
+                  static_cast<unsigned long long>(r.value("offset", uint64_t{0})));
+    line += (listed++ == 0 ? "" : ", ") + std::string(at) + "+" +
+            LengthText(r.value("length", uint64_t{0}));
+  }
+  const uint64_t total = d.value("range_count", uint64_t{listed});
+  if (total > listed) line += " and " + std::to_string(total - listed) + " more ranges";
+  return line;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -373,6 +401,13 @@ int main(int argc, char** argv) {
   resync->add_flag("--full", full, "compare every block, not only the ones known to be dirty");
   resync->add_flag("--wait", resync_wait, "wait until the replica has caught up (progress bar)");
   resync->add_flag("--json", g.json, "machine-readable output");
+
+  auto* verify = app.add_subcommand(
+      "verify", "compare a VM's disks with its replica block by block (64 KiB hashes, at one "
+                "cycle, while the guest writes on; at the primary site). Exit code 0: every "
+                "block is equal; 1: blocks differ (listed) or refused");
+  verify->add_option("VM", vm, "the VM")->required();
+  verify->add_flag("--json", g.json, "machine-readable output");
 
   auto* points =
       app.add_subcommand("points", "list a replica's recovery points (at the replica site)");
@@ -540,6 +575,24 @@ int main(int argc, char** argv) {
     else
       std::printf("VM %s: replication %s\n", vm.c_str(), pause->parsed() ? "paused" : "resumed");
     return 0;
+  }
+  if (verify->parsed()) {
+    if (int rc = Call(g, {{"op", "verify"}, {"vm", vm}}, &result); rc != 0) return rc;
+    const bool equal = result.value("equal", false);
+    if (g.json) {
+      std::cout << result.dump(2) << "\n";
+    } else {
+      std::printf("VM %s: compared with %s at cycle %s (%s)\n", vm.c_str(),
+                  Str(result, "peer").c_str(), Str(result, "cycle").c_str(),
+                  Seconds(result.value("seconds", 0.0)).c_str());
+      for (const json& d : result["disks"]) std::printf("%s\n", VerifyLine(d).c_str());
+      if (!equal) std::printf("next: %s\n", Str(result, "next").c_str());
+    }
+    if (!equal) {
+      std::fprintf(stderr, "siterep: VM %s: %s blocks differ from the replica at %s\n", vm.c_str(),
+                   Str(result, "differing_blocks").c_str(), Str(result, "peer").c_str());
+    }
+    return equal ? 0 : 1;
   }
   if (points->parsed()) {
     if (int rc = Call(g, {{"op", "points"}, {"vm", vm}}, &result); rc != 0) return rc;
