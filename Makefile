@@ -13,6 +13,10 @@
 #   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers
 #                    and the control daemon's plan and peer-reply parsers, FUZZ_SECONDS
 #                    each (default 60), in build-fuzz/
+#   make faults      build, then the fault campaign (tests/faults/campaign.sh): FAULTS_CRASHES
+#                    kill -9 crash points (default 200, 60% primary), FAULTS_CUTS link cuts
+#                    (default 100), random choices from FAULTS_SEED (default: new, printed);
+#                    figures in tests/faults/results/<UTC time>.json and a summary table
 #   make deps | build | clean
 
 SHELL := /bin/bash
@@ -24,6 +28,9 @@ ASAN_DIR ?= build-asan
 FUZZ_DIR ?= build-fuzz
 FUZZ_SECONDS ?= 60
 TEST_FUZZ_SECONDS ?= 10
+FAULTS_CRASHES ?= 200
+FAULTS_CUTS ?= 100
+FAULTS_SEED ?=
 BUILD_TYPE ?= RelWithDebInfo
 JOBS ?= $(shell nproc)
 
@@ -35,7 +42,7 @@ PACKAGES := build-essential cmake pkg-config g++ \
 	clang fio e2fsprogs util-linux mount kmod procps python3 \
 	qemu-utils qemu-system-x86 busybox-static cpio gzip linux-image-amd64
 
-.PHONY: all deps build test demo bench check-asan fuzz clean
+.PHONY: all deps build test demo bench check-asan fuzz faults clean
 
 all: build
 
@@ -94,6 +101,11 @@ fuzz: deps
 	done; \
 	if [ $$rc -ne 0 ]; then echo "fuzz: a harness failed; inputs in $(FUZZ_DIR)/found/" >&2; fi; \
 	exit $$rc
+
+# Exit 1 when a check failed; the result file is written either way.
+faults: build
+	FAULTS_CRASHES=$(FAULTS_CRASHES) FAULTS_CUTS=$(FAULTS_CUTS) FAULTS_SEED=$(FAULTS_SEED) \
+	  bash tests/faults/campaign.sh $(BUILD_DIR)/bin
 
 clean:
 	rm -rf $(BUILD_DIR) $(ASAN_DIR) $(FUZZ_DIR) build-int

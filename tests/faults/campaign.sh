@@ -1,0 +1,158 @@
+#!/usr/bin/env bash
+# The fault campaign (`make faults`): runs every fault class many times and writes the
+# figures to a JSON result file, FAULTS_RESULTS/<UTC timestamp>.json, with a summary table
+# on stdout (and the one-line-per-iteration log beside it, <timestamp>.log; the logs of
+# failed iterations under <timestamp>-failures/).
+#
+#   bash tests/faults/campaign.sh BIN_DIR
+#
+# Classes (see each script):
+#   crash_points.sh  kill -9 of the primary or of the replica siterepd under write load,
+#                    restart; acked writes, siterep-check, sha256 after each
+#   link_cuts.sh     the link cut (dropped or black-holed) and healed under write load
+#                    through tests/tcp_proxy.py; recovery after each, siterep-check and
+#                    sha256 at checkpoints and after the last heal
+#
+# Environment:
+#   FAULTS_CRASHES         crash points in all (default 200)
+#   FAULTS_PRIMARY_SHARE   share of them that kill the primary (default 0.6: 120 + 80)
+#   FAULTS_CUTS            link cuts (default 100)
+#   FAULTS_CUT_CHECK_EVERY a full check every this many cuts (default 25)
+#   FAULTS_SEED            the seed of every random choice (default: a new one, printed)
+#   FAULTS_RESULTS         where result files go (default tests/faults/results)
+#   FAULTS_PARALLEL        1: run the classes at the same time (default 0: one after another)
+#   FAULTS_DISK_MIB, FAULTS_RATE, FAULTS_LINK_RATE, FAULTS_LINK_BANDWIDTH: see common.sh
+#                          and link_cuts.sh
+# The binaries are copied first, so that a rebuild during the campaign does not change them.
+# Exit code: 0 when every check passed, 1 otherwise.
+FAULTS_DIR=$(cd "$(dirname "$0")" && pwd)
+REPO=$(cd "$FAULTS_DIR/../.." && pwd)
+source "$FAULTS_DIR/../lib.sh"
+
+CRASHES=${FAULTS_CRASHES:-200}
+CUTS=${FAULTS_CUTS:-100}
+SHARE=${FAULTS_PRIMARY_SHARE:-0.6}
+SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
+RESULTS=$(realpath -m "${FAULTS_RESULTS:-$FAULTS_DIR/results}")
+PARALLEL=${FAULTS_PARALLEL:-0}
+STAMP=$(date -u +%Y%m%dT%H%M%SZ)
+RESULT=$RESULTS/$STAMP.json
+CAMPAIGN_LOG=$RESULTS/$STAMP.log
+STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+# The tree as it is now (others may commit while the campaign runs).
+COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
+DIRTY=$(git -C "$REPO" status --porcelain 2>/dev/null | grep -vc '^??' || true)
+mkdir -p "$RESULTS"
+[[ $CRASHES =~ ^[0-9]+$ && $CUTS =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ ]] ||
+  fail "FAULTS_CRASHES, FAULTS_CUTS and FAULTS_SEED must be whole numbers"
+
+echo "fault campaign: seed $SEED (FAULTS_SEED=$SEED reproduces the choices), $CRASHES crash points, $CUTS link cuts" |
+  tee "$CAMPAIGN_LOG"
+
+# A private copy of the binaries.
+mkdir -p "$T/bin"
+for b in siterepd siterep siterep-log siterep-check siterep-certs; do
+  cp -p "$BIN/$b" "$T/bin/$b" || fail "$BIN/$b is missing (build first)"
+done
+
+python3 "$FAULTS_DIR/fault_tool.py" plan "$SEED" "$CRASHES" "$CUTS" "$SHARE" >"$T/plan"
+grep '^crash ' "$T/plan" >"$T/plan.crash" || true
+grep '^cut ' "$T/plan" >"$T/plan.cut" || true
+OUTD=$T/out
+mkdir -p "$OUTD"
+
+# Classes run as child processes with their own lib.sh clean-up; ours stops them first.
+CHILDREN=()
+SUMMARIZED=0
+summarize() {
+  local rc=0
+  python3 - "$T/meta.json" <<PY
+import json, sys, os, hashlib, time
+def sha(p):
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for b in iter(lambda: f.read(1 << 20), b""):
+            h.update(b)
+    return h.hexdigest()
+meta = {
+    "campaign": "siterep fault campaign",
+    "seed": $SEED,
+    "requested": {"crash_points": $CRASHES, "primary_share": $SHARE, "link_cuts": $CUTS,
+                  "cut_check_every": ${FAULTS_CUT_CHECK_EVERY:-25}},
+    "parameters": {k: v for k, v in os.environ.items() if k.startswith("FAULTS_")},
+    "started": "$STARTED",
+    "ended": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    "seconds": $((SECONDS - START_SECONDS)),
+    "host": {"cpus": os.cpu_count(), "load_at_end": os.getloadavg()[0]},
+    "git_at_start": {"commit": "$COMMIT", "modified_tracked_files": ${DIRTY:-0}},
+    "binaries": {b: {"sha256": sha("$T/bin/" + b),
+                     "mtime": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(os.path.getmtime("$T/bin/" + b)))}
+                 for b in ("siterepd", "siterep", "siterep-check")},
+    "log": "$CAMPAIGN_LOG",
+}
+json.dump(meta, open(sys.argv[1], "w"))
+PY
+  python3 "$FAULTS_DIR/fault_tool.py" summarize "$RESULT" "$T/meta.json" \
+    "$OUTD/crash_points.jsonl" "$OUTD/link_cuts.jsonl" | tee -a "$CAMPAIGN_LOG" || rc=1
+  if [[ -d $OUTD/failures ]]; then
+    cp -r "$OUTD/failures" "$RESULTS/$STAMP-failures"
+    echo "logs of the failed iterations: $RESULTS/$STAMP-failures" | tee -a "$CAMPAIGN_LOG"
+  fi
+  SUMMARIZED=1
+  return $rc
+}
+
+_campaign_end() {
+  local rc=$? pid
+  set +e
+  if ((!SUMMARIZED)); then
+    for pid in "${CHILDREN[@]}"; do
+      _alive "$pid" && kill -TERM "$pid" 2>/dev/null
+    done
+    for pid in "${CHILDREN[@]}"; do
+      wait "$pid" 2>/dev/null
+      _forget_pid "$pid"
+    done
+    echo "campaign interrupted (exit code $rc); the figures so far:" | tee -a "$CAMPAIGN_LOG"
+    summarize
+    [[ $rc -eq 0 ]] && rc=1
+  fi
+  (exit "$rc")
+  _cleanup
+}
+trap _campaign_end EXIT
+
+# run_class SCRIPT PLAN: starts a class in the background; its lines go to the log.
+run_class() {
+  local script=$1 plan=$2
+  [[ -s $plan ]] || return 0
+  : >"$T/${script%.sh}.out"  # before tail opens it
+  bash "$FAULTS_DIR/$script" "$T/bin" "$plan" "$OUTD" >"$T/${script%.sh}.out" 2>&1 &
+  local pid=$!
+  CHILDREN+=("$pid")
+  _PIDS+=("$pid")
+  tail -n +1 -f --pid="$pid" "$T/${script%.sh}.out" | tee -a "$CAMPAIGN_LOG" &
+}
+
+wait_children() {
+  local pid
+  for pid in "${CHILDREN[@]}"; do
+    wait "$pid" || true
+    _forget_pid "$pid"
+  done
+  wait  # the tails
+  CHILDREN=()
+}
+
+if [[ $PARALLEL == 1 ]]; then
+  run_class crash_points.sh "$T/plan.crash"
+  run_class link_cuts.sh "$T/plan.cut"
+  wait_children
+else
+  run_class crash_points.sh "$T/plan.crash"
+  wait_children
+  run_class link_cuts.sh "$T/plan.cut"
+  wait_children
+fi
+
+summarize || exit 1

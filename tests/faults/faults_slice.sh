@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# A short slice of the fault campaign for `make test` (ctest integration.faults/faults_slice):
+# 6 crash points (about 4 of the primary, 2 of the replica) and 10 link cuts, the two
+# classes at the same time, in well under 90 s. A new seed every run (printed; set
+# FAULTS_SEED to replay one). Results go to BIN_DIR/../faults-results/, not to the source
+# tree. Exit 0 when every check passed.
+#
+#   bash tests/faults/faults_slice.sh BIN_DIR
+[[ $# -ge 1 && -d $1 ]] || { echo "usage: bash $0 BIN_DIR" >&2; exit 2; }
+export FAULTS_CRASHES=${FAULTS_CRASHES:-6}
+export FAULTS_CUTS=${FAULTS_CUTS:-10}
+export FAULTS_CUT_CHECK_EVERY=${FAULTS_CUT_CHECK_EVERY:-10}
+export FAULTS_PARALLEL=${FAULTS_PARALLEL:-1}
+export FAULTS_RESULTS=${FAULTS_RESULTS:-$(realpath -m "$1/../faults-results")}
+exec bash "$(dirname "$0")/campaign.sh" "$1"
