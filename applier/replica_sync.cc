@@ -246,10 +246,7 @@ Result<std::vector<uint64_t>> Replica::SyncHashes(uint32_t disk_id, uint64_t off
   SR_RETURN_IF_ERROR(store_->ReadImage(*disk, offset, buf, 2 * kMaxHashBlocks * kSyncBlockSize));
   std::vector<uint64_t> hashes;
   hashes.reserve(blocks);
-  for (uint64_t b = 0; b < blocks; ++b) {
-    const uint64_t at = b * kSyncBlockSize;
-    hashes.push_back(BlockHash(buf.subspan(at, std::min<uint64_t>(kSyncBlockSize, bytes - at))));
-  }
+  AppendBlockHashes(buf, kSyncBlockSize, &hashes);
   return hashes;
 }
 

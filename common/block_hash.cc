@@ -1,5 +1,7 @@
 #include "common/block_hash.h"
 
+#include <algorithm>
+
 #include <xxhash.h>
 
 #include <cstring>
@@ -8,6 +10,13 @@ namespace siterep {
 
 uint64_t BlockHash(std::span<const std::byte> block) {
   return XXH3_64bits(block.data(), block.size());
+}
+
+void AppendBlockHashes(std::span<const std::byte> data, uint64_t block_size,
+                       std::vector<uint64_t>* out) {
+  for (uint64_t at = 0; at < data.size(); at += block_size) {
+    out->push_back(BlockHash(data.subspan(at, std::min<uint64_t>(block_size, data.size() - at))));
+  }
 }
 
 bool IsAllZero(std::span<const std::byte> data) {

@@ -20,4 +20,8 @@ std::string FormatUtc(int64_t unix_nanos) {
   return buf;
 }
 
+double SecondsSince(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
 }  // namespace siterep

@@ -158,7 +158,7 @@ class Daemon {
   // For the group's VMs in a consistency group: the instant they all fail over to, held
   // at the replicas (recorded in the run), and each VM's recovery point at that instant.
   // "" or why there is none. p.mu held.
-  std::string ConsistentPoints(PlanRunSlot& p, const RecoveryPlan& plan, const PlanGroup& group,
+  std::string ConsistentPoints(PlanRunSlot& p, const PlanGroup& group,
                                std::map<std::string, uint64_t>* points);
   // Holds the replicas of the run's consistency groups at the instants it chose (a run
   // loaded at start-up), or lets them apply past them (a run that ended).

@@ -14,6 +14,7 @@
 #include "common/file_util.h"
 #include "common/time_util.h"
 #include "control/daemon.h"
+#include "shipper/peer_call.h"
 
 namespace siterep::control {
 
@@ -24,15 +25,6 @@ namespace {
 
 constexpr auto kDrainTimeout = std::chrono::minutes(10);
 constexpr auto kStatusTimeout = std::chrono::seconds(5);
-
-double SecondsSince(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
-
-// The reply of a peer that answered: its error as a one-liner.
-std::string PeerMessage(const json& reply) {
-  return reply.value("message", reply.value("error", std::string("refused")));
-}
 
 // "latest" or a recovery point id (number or digits) from a request's "point".
 std::optional<uint64_t> RequestedPoint(const json& request, bool* latest) {
@@ -209,13 +201,13 @@ json Daemon::HandOver(VmSlot& slot, const RoleState& role,
     // The peer recorded its promotion but could not start: it will at its restart. Stay
     // read-only, never two primaries.
     return Refused("peer-failed", peer + " took over but could not start the VM: " +
-                                      PeerMessage(*reply) + "; VM " + vm + " stays read-only "
+                                      shipper::PeerRefusalMessage(*reply) + "; VM " + vm + " stays read-only "
                                       "here. Restart siterepd at " + peer +
                                       ", then run the same command again");
   }
   if (!reply->value("ok", false)) {
-    back_out(PeerMessage(*reply));
-    return Refused("peer-refused", peer + " refused to take over: " + PeerMessage(*reply) +
+    back_out(shipper::PeerRefusalMessage(*reply));
+    return Refused("peer-refused", peer + " refused to take over: " + shipper::PeerRefusalMessage(*reply) +
                                        "; the VM stays here, writable");
   }
   // From the command to the disks writable at the peer: the hook, the drain, and the
@@ -568,7 +560,7 @@ json Daemon::Reverse(VmSlot& slot) {
   }
   if (!reply->value("ok", false)) {
     return Refused("peer-refused", role.peer + " refused to become the replica: " +
-                                       PeerMessage(*reply));
+                                       shipper::PeerRefusalMessage(*reply));
   }
   // The old primary's disks may hold writes never shipped, and this site wrote since the
   // failover: compare the blocks either side changed since the fork when both are known,

@@ -58,6 +58,18 @@ nlohmann::json HookResult::ToJson() const {
                                                : output}};
 }
 
+HookResult HookResult::FromJson(const nlohmann::json& json) {
+  HookResult r;
+  if (!json.is_object()) return r;
+  r.ran = true;
+  r.command = json.value("command", std::string());
+  r.exit_code = json.value("exit_code", 0);
+  r.timed_out = json.value("timed_out", false);
+  r.seconds = json.value("seconds", 0.0);
+  r.output = json.value("output", std::string());
+  return r;
+}
+
 HookResult RunHook(const std::string& command, const HookContext& context,
                    std::chrono::milliseconds timeout) {
   HookResult r;

@@ -29,6 +29,8 @@ struct HookResult {
   // "hook 'cmd' exited with 3: <last line of output>" and the like; "" when ok().
   std::string Failure() const;
   nlohmann::json ToJson() const;
+  // The inverse of ToJson (a hook run at the peer site); missing fields keep their defaults.
+  static HookResult FromJson(const nlohmann::json& json);
 };
 
 struct HookContext {

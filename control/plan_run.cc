@@ -29,6 +29,7 @@
 #include "common/time_util.h"
 #include "control/daemon.h"
 #include "control/plan.h"
+#include "shipper/peer_call.h"
 
 namespace siterep::control {
 
@@ -38,10 +39,6 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr auto kPeerActionMargin = std::chrono::seconds(15);
-
-double SecondsBetween(const std::chrono::steady_clock::time_point& t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 bool Finished(const std::string& state) {
   return state == "done" || state == "cancelled" || state == "cleaned";
@@ -524,19 +521,19 @@ json Daemon::RunPlanAction(const RecoveryPlan& plan, const PlanGroup& group,
   const json request = {{"op", "plan-action"},   {"plan", plan.name}, {"group", group.name},
                         {"stage", stage},        {"kind", kind},      {"vms", vms},
                         {"run", action.run},     {"timeout_ms", action.timeout.count()}};
-  if (action.site == config_.name) {
-    const HookResult r = RunPlanHook(request);
+  auto report = [](const HookResult& r) {
     json out = r.ToJson();
     out["state"] = r.ok() ? "done" : "failed";
     if (!r.ok()) out["error"] = r.Failure();
     return out;
-  }
+  };
+  if (action.site == config_.name) return report(RunPlanHook(request));
   Result<json> answer =
       CallPeer(action.site, request,
                action.timeout + std::chrono::duration_cast<std::chrono::milliseconds>(kPeerActionMargin));
   if (!answer.ok() || !answer->value("ok", false)) {
-    const std::string why = answer.ok() ? answer->value("message", std::string("refused"))
-                                        : answer.status().message();
+    const std::string why =
+        answer.ok() ? shipper::PeerRefusalMessage(*answer) : answer.status().message();
     // In an unplanned run the from site is usually the one that failed: its actions are
     // done if it can be reached, skipped if not. A refusal is still a failure.
     if (kind == "unplanned" && action.site == plan.from && !answer.ok()) {
@@ -544,16 +541,7 @@ json Daemon::RunPlanAction(const RecoveryPlan& plan, const PlanGroup& group,
     }
     return {{"state", "failed"}, {"error", "site " + action.site + ": " + why}};
   }
-  json out = (*answer)["result"];
-  const bool ok = !out.value("timed_out", false) && out.value("exit_code", 0) == 0;
-  out["state"] = ok ? "done" : "failed";
-  if (!ok) {
-    out["error"] = out.value("timed_out", false)
-                       ? "timed out after " + std::to_string(action.timeout.count() / 1000) + " s"
-                       : "exited with " + std::to_string(out.value("exit_code", 0)) + ": " +
-                             out.value("output", std::string());
-  }
-  return out;
+  return report(HookResult::FromJson((*answer)["result"]));
 }
 
 HookResult Daemon::RunPlanHook(const json& request) {
@@ -601,7 +589,7 @@ std::string Daemon::RunPlanVms(PlanRunSlot& p, std::unique_lock<std::mutex>& lk,
   // Consistency groups first: one instant for all their members (unplanned, test).
   std::map<std::string, uint64_t> points;
   if (kind != "planned") {
-    std::string failure = ConsistentPoints(p, plan, group, &points);
+    std::string failure = ConsistentPoints(p, group, &points);
     if (!failure.empty()) return failure;
   }
   std::vector<size_t> todo;
@@ -697,7 +685,7 @@ json Daemon::PlanVmStep(const RecoveryPlan& plan, const std::string& kind, const
     r["action"] = "start";
     reply = TestFailover(*slot, r);
   }
-  out["seconds"] = SecondsBetween(t0);
+  out["seconds"] = SecondsSince(t0);
   if (!reply.value("ok", false)) {
     out["state"] = "failed";
     out["error"] = reply.value("message", std::string("refused"));
@@ -705,17 +693,17 @@ json Daemon::PlanVmStep(const RecoveryPlan& plan, const std::string& kind, const
   }
   const json& r = reply["result"];
   if (kind == "planned") {
-    out["rto_seconds"] = r.value("rto_seconds", SecondsBetween(t0));
+    out["rto_seconds"] = r.value("rto_seconds", SecondsSince(t0));
     // Nothing is lost: the new primary starts from the old one's last cycle, shipped.
     out["point"] = {{"id", r.value("drained_cycle", uint64_t{0})}, {"every_change", true}};
     out["data_loss_window_seconds"] = 0.0;
     out["result"] = r.value("result", std::string());
   } else if (kind == "unplanned") {
-    out["rto_seconds"] = r.value("rto_seconds", SecondsBetween(t0));
+    out["rto_seconds"] = r.value("rto_seconds", SecondsSince(t0));
     out["point"] = r.value("point", json());
     out["data_loss_window_seconds"] = r.value("data_loss_window_seconds", json());
   } else {
-    out["rto_seconds"] = SecondsBetween(t0);
+    out["rto_seconds"] = SecondsSince(t0);
     out["point"] = r.value("point", json());
     out["path"] = r.value("path", "");
   }
@@ -729,10 +717,8 @@ json Daemon::PlanVmStep(const RecoveryPlan& plan, const std::string& kind, const
 
 // --- Consistency groups ----------------------------------------------------------------
 
-std::string Daemon::ConsistentPoints(PlanRunSlot& p, const RecoveryPlan& plan,
-                                     const PlanGroup& group,
+std::string Daemon::ConsistentPoints(PlanRunSlot& p, const PlanGroup& group,
                                      std::map<std::string, uint64_t>* points) {
-  (void)plan;
   std::map<std::string, std::vector<std::string>> here;  // consistency group -> its VMs here
   for (const std::string& vm : group.vms) {
     const std::string g = inbound_->GroupOf(vm);

@@ -153,6 +153,14 @@ TEST(HookTest, AFailingHookSaysWhyWithItsLastLine) {
   EXPECT_EQ(r.Failure(), "hook 'echo first; echo 'disk not ready'; exit 3' exited with 3: disk not ready");
 }
 
+TEST(HookTest, AResultSentByThePeerReadsBackTheSame) {
+  HookResult r = RunHook("echo 'disk not ready'; exit 3", Context(), std::chrono::seconds(5));
+  HookResult back = HookResult::FromJson(r.ToJson());
+  EXPECT_EQ(back.Failure(), r.Failure());
+  EXPECT_EQ(back.ToJson(), r.ToJson());
+  EXPECT_FALSE(HookResult::FromJson(nullptr).ran);
+}
+
 TEST(HookTest, AHangingHookIsKilledAtTheTimeout) {
   const auto t0 = std::chrono::steady_clock::now();
   // The child keeps the output pipe open too: the whole group must go.

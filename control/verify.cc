@@ -39,6 +39,7 @@
 #include "common/block_hash.h"
 #include "common/time_util.h"
 #include "control/daemon.h"
+#include "shipper/peer_call.h"
 
 namespace siterep::control {
 
@@ -61,13 +62,7 @@ constexpr auto kMaxWait = std::chrono::seconds(120);  // the most a request may 
 constexpr auto kPinIdle = std::chrono::seconds(30);
 constexpr size_t kMaxRangesListed = 100;
 
-double SecondsSince(Clock::time_point t0) {
-  return std::chrono::duration<double>(Clock::now() - t0).count();
-}
 
-std::string PeerMessage(const json& reply) {
-  return reply.value("message", reply.value("error", std::string("refused")));
-}
 
 // XXH3-64 of the blocks [offset, offset + count * kBlock) of a disk of size bytes (blocks
 // past the end are not hashed; the last one over its bytes within the disk), read through
@@ -83,9 +78,7 @@ Result<std::vector<uint64_t>> HashBlocks(uint64_t size, uint64_t offset, uint64_
     const uint64_t n = std::min(kReadChunk, end - at);
     std::span<std::byte> chunk(buf.data(), n);
     SR_RETURN_IF_ERROR(read(at, chunk));
-    for (uint64_t b = 0; b < n; b += kBlock) {
-      hashes.push_back(BlockHash(chunk.subspan(b, std::min(kBlock, n - b))));
-    }
+    AppendBlockHashes(chunk, kBlock, &hashes);
     at += n;
   }
   return hashes;
@@ -244,7 +237,7 @@ json VerifyAtSnapshot(const VerifyContext& c, bool* point_gone) {
         *point_gone = error == "point-gone";
         release();
         return Refused(*point_gone ? "point-gone" : "replica-refused",
-                       c.peer + " refused to hash disk " + name + ": " + PeerMessage(*reply));
+                       c.peer + " refused to hash disk " + name + ": " + shipper::PeerRefusalMessage(*reply));
       }
       pinned = true;
       if (!local.ok()) {
@@ -504,13 +497,13 @@ json Daemon::Verify(VmSlot& slot, const json& request) {
     ++attempts;
     reply = VerifyAtSnapshot(c, &point_gone);
     if (point_gone && attempts < 2) {
-      spdlog::info("VM {}: verify: {}; again from a new snapshot", vm, PeerMessage(reply));
+      spdlog::info("VM {}: verify: {}; again from a new snapshot", vm, shipper::PeerRefusalMessage(reply));
     }
   }
   if (!reply.value("ok", false)) {
-    spdlog::warn("VM {}: verify against {} refused: {}", vm, peer, PeerMessage(reply));
+    spdlog::warn("VM {}: verify against {} refused: {}", vm, peer, shipper::PeerRefusalMessage(reply));
     if (reply.value("error", "") == "point-gone") {
-      reply["message"] = PeerMessage(reply) +
+      reply["message"] = shipper::PeerRefusalMessage(reply) +
                          " (twice; the replica applies a backlog of cycles, or, in a "
                          "consistency group, whole group instants at once: verify again when "
                          "it has caught up)";

@@ -14,6 +14,10 @@ nlohmann::json PeerErrorReply(std::string_view error, std::string_view message) 
   return {{"ok", false}, {"error", error}, {"message", message}};
 }
 
+std::string PeerRefusalMessage(const nlohmann::json& reply) {
+  return reply.value("message", reply.value("error", std::string("refused")));
+}
+
 Result<nlohmann::json> CallPeer(const PeerCallOptions& options, const nlohmann::json& request) {
   const std::string what = "peer call to " + options.peer_site + " at " + options.address;
   if (options.tls == nullptr) return Status::Invalid(what + ": no TLS context");

@@ -64,5 +64,7 @@ Result<nlohmann::json> CallPeer(const PeerCallOptions& options, const nlohmann::
 // {"ok": false, "error": error, "message": message}: the shape of every refusal in a reply
 // (the receiver's own, and a handler's by convention).
 nlohmann::json PeerErrorReply(std::string_view error, std::string_view message);
+// The one line a refusal in that shape gives: its message, else its error name.
+std::string PeerRefusalMessage(const nlohmann::json& reply);
 
 }  // namespace siterep::shipper

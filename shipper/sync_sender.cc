@@ -250,10 +250,7 @@ Status Shipper::Impl::Connection::CompareRange(size_t disk, uint64_t from, uint6
     block_buf_.resize(end - req.offset);
     SR_RETURN_IF_ERROR(opts_.sync->Read(disk, req.offset, block_buf_));
     mine.clear();
-    for (uint64_t off = 0; off < block_buf_.size(); off += kBlock) {
-      const size_t n = static_cast<size_t>(std::min<uint64_t>(kBlock, block_buf_.size() - off));
-      mine.push_back(BlockHash(std::span(block_buf_).subspan(off, n)));
-    }
+    AppendBlockHashes(block_buf_, kBlock, &mine);
     SR_RETURN_IF_ERROR(WaitFor([&] { return !hash_replies_.empty(); }, "block hashes"));
     const HashReply reply = std::move(hash_replies_.front());
     hash_replies_.pop_front();
