@@ -360,6 +360,7 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
     if (s.ok()) s = r.String("state_dir", &state_dir, true);
     if (s.ok()) s = r.String("mountpoint", &mountpoint, true);
     if (s.ok()) s = r.String("control_socket", &socket, false);
+    if (s.ok()) s = r.String("control_group", &cfg.control_group, false);
     if (s.ok()) s = r.String("listen", &cfg.listen, false);
     if (s.ok()) s = Duration(r, "peer_wait", &cfg.peer_wait);
     if (s.ok()) s = r.CheckNoUnknownKeys();

@@ -103,6 +103,9 @@ struct SiteConfig {
   std::filesystem::path state_dir;
   std::filesystem::path mountpoint;
   std::filesystem::path control_socket;
+  // A group (name or number) whose members may use the control socket besides root;
+  // empty: root only.
+  std::string control_group;
   std::string listen;
   TlsConfig tls;
   std::vector<PeerConfig> peers;

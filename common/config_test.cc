@@ -11,6 +11,7 @@ name = "east"
 state_dir = "state"
 mountpoint = "/run/siterep/east"
 control_socket = "/run/siterep/east.sock"
+control_group = "siterep"
 listen = "127.0.0.1:7410"
 peer_wait = "20s"
 
@@ -68,6 +69,7 @@ TEST(ConfigTest, ParsesTheDesignExample) {
   auto cfg = Parse(kGood);
   ASSERT_TRUE(cfg.ok()) << cfg.status().message();
   EXPECT_EQ(cfg->name, "east");
+  EXPECT_EQ(cfg->control_group, "siterep");
   EXPECT_EQ(cfg->state_dir, "/etc/siterep/state");  // relative to the config's folder
   EXPECT_EQ(cfg->tls.ca, "/etc/siterep/certs/ca.pem");
   ASSERT_EQ(cfg->peers.size(), 1u);
@@ -104,6 +106,7 @@ name = "v"
 )");
   ASSERT_TRUE(cfg.ok()) << cfg.status().message();
   EXPECT_EQ(cfg->control_socket, "/s/control.sock");
+  EXPECT_EQ(cfg->control_group, "");  // root only
   EXPECT_EQ(cfg->vms[0].log_budget.BytesFor(1000), 500u);  // 50%
   EXPECT_EQ(cfg->vms[0].tracking, TrackingMode::kLog);
   EXPECT_TRUE(cfg->vms[0].auto_resync);

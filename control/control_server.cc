@@ -7,7 +7,9 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include <spdlog/spdlog.h>
 
@@ -24,9 +26,11 @@ nlohmann::json Refused(std::string_view name, std::string_view message) {
 
 ControlServer::~ControlServer() { Stop(); }
 
-Status ControlServer::Start(const std::filesystem::path& path, Handler handler) {
+Status ControlServer::Start(const std::filesystem::path& path, Handler handler,
+                            std::optional<gid_t> group) {
   path_ = path;
   handler_ = std::move(handler);
+  group_ = group;
   sockaddr_un addr{};
   addr.sun_family = AF_UNIX;
   if (path.native().size() >= sizeof(addr.sun_path)) {
@@ -59,6 +63,17 @@ Status ControlServer::Start(const std::filesystem::path& path, Handler handler) 
   int bind_errno = errno;
   ::umask(old_mask);
   if (rc != 0) return Status::FromErrno(bind_errno, "bind control socket " + path.string());
+  if (group_) {
+    // Group first, then the mode: the file never lets a group in that is not the one asked.
+    if (::chown(path.c_str(), static_cast<uid_t>(-1), *group_) != 0 ||
+        ::chmod(path.c_str(), 0660) != 0) {
+      Status s = Status::FromErrno(errno, "give control socket " + path.string() + " to group " +
+                                              std::to_string(*group_));
+      listen_fd_.Reset();
+      ::unlink(path.c_str());
+      return s;
+    }
+  }
   if (::listen(listen_fd_.get(), 16) != 0) return Status::FromErrno(errno, "listen " + path.string());
 
   int pipe_fds[2];
@@ -138,15 +153,35 @@ bool SendAll(int fd, const std::string& data) {
 
 }  // namespace
 
-void ControlServer::HandleConnection(int fd) {
+bool ControlServer::PeerAllowed(int fd) const {
   ucred cred{};
   socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return false;
+  if (cred.uid == 0 || cred.uid == ::geteuid()) return true;
+  if (!group_) return false;
+  if (cred.gid == *group_) return true;
+  // The peer's supplementary groups, as they were when it connected.
+  std::vector<gid_t> groups(64);
+  for (;;) {
+    socklen_t size = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &size) == 0) {
+      groups.resize(size / sizeof(gid_t));
+      break;
+    }
+    if (errno != ERANGE || groups.size() >= 65536) return false;
+    groups.resize(size / sizeof(gid_t) + 1);
+  }
+  return std::find(groups.begin(), groups.end(), *group_) != groups.end();
+}
+
+void ControlServer::HandleConnection(int fd) {
   // A client that connects and says nothing must not hold the server forever.
   timeval timeout{5, 0};
   ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof(timeout));
-  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0 ||
-      (cred.uid != 0 && cred.uid != ::geteuid())) {
-    SendAll(fd, Refused("permission-denied", "the control socket accepts only root").dump() + "\n");
+  if (!PeerAllowed(fd)) {
+    const char* who = group_ ? "the control socket accepts only root and its group"
+                             : "the control socket accepts only root";
+    SendAll(fd, Refused("permission-denied", who).dump() + "\n");
     // Closing with the unread request still queued would reset the connection before the
     // client reads the refusal: end our side, then discard what it sent until it closes.
     ::shutdown(fd, SHUT_WR);

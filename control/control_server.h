@@ -5,6 +5,8 @@
 //
 // The socket file is created with mode 0600 (owner root), and a peer whose uid
 // (SO_PEERCRED) is neither 0 nor the daemon's own is refused; its request is never parsed.
+// With a group (`[site] control_group`), the file is mode 0660 in that group, and a peer
+// whose primary or supplementary groups (SO_PEERGROUPS) include it is served as well.
 // A stale socket file (nobody listening) is replaced; a live one means another siterepd
 // uses the path, and Start fails.
 #pragma once
@@ -13,6 +15,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <thread>
 #include <vector>
 
@@ -33,7 +36,9 @@ class ControlServer {
   ControlServer(const ControlServer&) = delete;
   ControlServer& operator=(const ControlServer&) = delete;
 
-  Status Start(const std::filesystem::path& path, Handler handler);
+  // group: the gid that may use the socket besides root (none: root only).
+  Status Start(const std::filesystem::path& path, Handler handler,
+               std::optional<gid_t> group = std::nullopt);
   // Stops accepting, waits for the requests being answered, removes the socket file.
   // Idempotent.
   void Stop();
@@ -44,9 +49,11 @@ class ControlServer {
   void Serve();
   void HandleConnection(int fd);
   void ReapWorkers(bool all);
+  bool PeerAllowed(int fd) const;
 
   std::filesystem::path path_;
   Handler handler_;
+  std::optional<gid_t> group_;
   UniqueFd listen_fd_;
   UniqueFd wake_read_, wake_write_;  // a pipe that wakes poll() on Stop
   std::thread thread_;

@@ -1,5 +1,9 @@
 #include "control/daemon.h"
 
+#include <grp.h>
+#include <sys/stat.h>
+
+#include <charconv>
 #include <set>
 
 #include <spdlog/spdlog.h>
@@ -12,6 +16,28 @@ namespace siterep::control {
 
 using nlohmann::json;
 
+namespace {
+
+// A group named or numbered in [site] control_group.
+Result<gid_t> ResolveGroup(const std::string& name) {
+  gid_t gid = 0;
+  auto [end, ec] = std::from_chars(name.data(), name.data() + name.size(), gid);
+  if (ec == std::errc() && end == name.data() + name.size()) return gid;
+  group grp{};
+  group* found = nullptr;
+  std::vector<char> buf(16384);
+  int rc;
+  while ((rc = ::getgrnam_r(name.c_str(), &grp, buf.data(), buf.size(), &found)) == ERANGE &&
+         buf.size() < (1u << 20)) {
+    buf.resize(buf.size() * 2);
+  }
+  if (rc != 0) return Status::FromErrno(rc, "site.control_group: look up group " + name);
+  if (found == nullptr) return Status::Invalid("site.control_group: no group named " + name);
+  return grp.gr_gid;
+}
+
+}  // namespace
+
 Daemon::Daemon(SiteConfig config, DaemonOptions options)
     : config_(std::move(config)), options_(options) {}
 
@@ -20,6 +46,10 @@ Daemon::~Daemon() { (void)Shutdown(); }
 Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions options) {
   std::unique_ptr<Daemon> d(new Daemon(std::move(config), options));
   SR_RETURN_IF_ERROR(MakeDirs(d->config_.state_dir));
+  std::optional<gid_t> control_group;
+  if (!d->config_.control_group.empty()) {
+    SR_ASSIGN_OR_RETURN(control_group, ResolveGroup(d->config_.control_group));
+  }
 
   if (!d->config_.tls.ca.empty()) {
     auto tls =
@@ -50,8 +80,17 @@ Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions o
       }));
 
   SR_RETURN_IF_ERROR(d->control_.Start(d->config_.control_socket,
-                                       [self](const json& r) { return self->Handle(r); }));
+                                       [self](const json& r) { return self->Handle(r); },
+                                       control_group));
   spdlog::info("control socket {}", d->config_.control_socket.string());
+  if (control_group) {
+    struct stat dir;
+    if (::stat(d->config_.control_socket.parent_path().c_str(), &dir) == 0 &&
+        (dir.st_mode & (dir.st_gid == *control_group ? S_IXGRP : S_IXOTH)) == 0) {
+      spdlog::warn("control_group {}: the folder {} does not let the group reach the socket",
+                   d->config_.control_group, d->config_.control_socket.parent_path().string());
+    }
+  }
 
   if (d->options_.discard_sealed) {
     spdlog::warn("--discard-sealed: sealed log segments are dropped (benchmark mode)");

@@ -77,3 +77,39 @@ fusermount3 -u "$MNT_A"
 start_ready "$CONF_A"
 head -c 9 "$MNT_A/vm1/d0" | grep -q "data of A" || fail "site A's disk lost its data across the crash"
 stop_clean "$DAEMON_PID" "$CONF_A"
+
+step "control_group: the socket is 0660 in that group; members are served, others not"
+new_site e
+sed -i "/^control_socket = /a control_group = \"nogroup\"" "$CONF"
+add_vm "$CONF" vme
+add_disk "$CONF" d0 "$T/e.img" 16M
+start_ready "$CONF"
+PID_E=$DAEMON_PID
+[[ $(stat -c '%a %G' "$SOCK") == "660 nogroup" ]] ||
+  fail "control socket is $(stat -c '%a %U:%G' "$SOCK"), want 660 in group nogroup"
+chmod 0711 "$T" "$T/e"  # so that another user can reach the socket at all
+# ask_as GROUP: a status request over the socket as user nobody in GROUP only.
+ask_as() {
+  setpriv --reuid=65534 --regid="$1" --clear-groups /usr/bin/python3 -c '
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError as e:
+    print("connect:", e.strerror); sys.exit(0)
+s.sendall(b"{\"op\": \"status\"}\n")
+r = json.loads(s.makefile().readline())
+print("served" if r["ok"] else r["error"])' "$SOCK"
+}
+got=$(ask_as nogroup)
+[[ $got == served ]] || fail "a member of nogroup was not served: $got"
+got=$(ask_as 4343)
+[[ $got == "connect: Permission denied" ]] || fail "a user outside the group got: $got"
+log "nogroup member: served; outsider: $got"
+stop_clean "$PID_E" "$CONF"
+
+step "control_group naming no group: refused"
+sed -i "s/^control_group = .*/control_group = \"no-such-group-here\"/" "$CONF"
+expect_exit1 "unknown control_group" "$SITEREPD" -c "$CONF"
+expect_output_has "no group named no-such-group-here"
+! is_mounted "$MNT" || fail "mounted despite an unknown control_group"
