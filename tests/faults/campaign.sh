@@ -6,10 +6,10 @@
 #
 #   bash tests/faults/campaign.sh BIN_DIR
 #
-# Classes (see each script):
-#   crash_points.sh  kill -9 of the primary or of the replica siterepd under write load,
+# Classes (see each script; FAULTS_CLASSES picks some, default all, in this order):
+#   crash_points     kill -9 of the primary or of the replica siterepd under write load,
 #                    restart; acked writes, siterep-check, sha256 after each
-#   link_cuts.sh     the link cut (dropped or black-holed) and healed under write load
+#   link_cuts        the link cut (dropped or black-holed) and healed under write load
 #                    through tests/tcp_proxy.py; recovery after each, siterep-check and
 #                    sha256 at checkpoints and after the last heal
 #
@@ -20,6 +20,7 @@
 #   FAULTS_CUT_CHECK_EVERY a full check every this many cuts (default 25)
 #   FAULTS_SEED            the seed of every random choice (default: a new one, printed)
 #   FAULTS_RESULTS         where result files go (default tests/faults/results)
+#   FAULTS_CLASSES         the classes to run (default: all of them)
 #   FAULTS_PARALLEL        1: run the classes at the same time (default 0: one after another)
 #   FAULTS_DISK_MIB, FAULTS_RATE, FAULTS_LINK_RATE, FAULTS_LINK_BANDWIDTH: see common.sh
 #                          and link_cuts.sh
@@ -35,6 +36,12 @@ SHARE=${FAULTS_PRIMARY_SHARE:-0.6}
 SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
 RESULTS=$(realpath -m "${FAULTS_RESULTS:-$FAULTS_DIR/results}")
 PARALLEL=${FAULTS_PARALLEL:-0}
+ALL_CLASSES="crash_points link_cuts"
+CLASSES=${FAULTS_CLASSES:-$ALL_CLASSES}
+for c in $CLASSES; do
+  [[ " $ALL_CLASSES " == *" $c "* ]] || fail "FAULTS_CLASSES: no class $c (the classes: $ALL_CLASSES)"
+done
+export FAULTS_SEED=$SEED  # the classes without a plan draw from it
 STAMP=$(date -u +%Y%m%dT%H%M%SZ)
 RESULT=$RESULTS/$STAMP.json
 CAMPAIGN_LOG=$RESULTS/$STAMP.log
@@ -46,7 +53,7 @@ mkdir -p "$RESULTS"
 [[ $CRASHES =~ ^[0-9]+$ && $CUTS =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ ]] ||
   fail "FAULTS_CRASHES, FAULTS_CUTS and FAULTS_SEED must be whole numbers"
 
-echo "fault campaign: seed $SEED (FAULTS_SEED=$SEED reproduces the choices), $CRASHES crash points, $CUTS link cuts" |
+echo "fault campaign: seed $SEED (FAULTS_SEED=$SEED reproduces the choices), classes: $CLASSES; $CRASHES crash points, $CUTS link cuts" |
   tee "$CAMPAIGN_LOG"
 
 # A private copy of the binaries.
@@ -77,6 +84,7 @@ def sha(p):
 meta = {
     "campaign": "siterep fault campaign",
     "seed": $SEED,
+    "classes_run": "$CLASSES".split(),
     "requested": {"crash_points": $CRASHES, "primary_share": $SHARE, "link_cuts": $CUTS,
                   "cut_check_every": ${FAULTS_CUT_CHECK_EVERY:-25}},
     "parameters": {k: v for k, v in os.environ.items() if k.startswith("FAULTS_")},
@@ -93,7 +101,7 @@ meta = {
 json.dump(meta, open(sys.argv[1], "w"))
 PY
   python3 "$FAULTS_DIR/fault_tool.py" summarize "$RESULT" "$T/meta.json" \
-    "$OUTD/crash_points.jsonl" "$OUTD/link_cuts.jsonl" | tee -a "$CAMPAIGN_LOG" || rc=1
+    "$OUTD"/*.jsonl | tee -a "$CAMPAIGN_LOG" || rc=1
   if [[ -d $OUTD/failures ]]; then
     cp -r "$OUTD/failures" "$RESULTS/$STAMP-failures"
     echo "logs of the failed iterations: $RESULTS/$STAMP-failures" | tee -a "$CAMPAIGN_LOG"
@@ -122,12 +130,17 @@ _campaign_end() {
 }
 trap _campaign_end EXIT
 
-# run_class SCRIPT PLAN: starts a class in the background; its lines go to the log.
+# run_class SCRIPT [PLAN]: starts a class in the background; its lines go to the log.
 run_class() {
-  local script=$1 plan=$2
-  [[ -s $plan ]] || return 0
+  local script=$1 plan=${2:-}
+  local args=("$T/bin" "$OUTD")
+  if [[ $# -ge 2 ]]; then
+    [[ -s $plan ]] || return 0
+    args=("$T/bin" "$plan" "$OUTD")
+  fi
+  [[ -f $FAULTS_DIR/$script ]] || fail "no class script $FAULTS_DIR/$script"
   : >"$T/${script%.sh}.out"  # before tail opens it
-  bash "$FAULTS_DIR/$script" "$T/bin" "$plan" "$OUTD" >"$T/${script%.sh}.out" 2>&1 &
+  bash "$FAULTS_DIR/$script" "${args[@]}" >"$T/${script%.sh}.out" 2>&1 &
   local pid=$!
   CHILDREN+=("$pid")
   _PIDS+=("$pid")
@@ -144,15 +157,17 @@ wait_children() {
   CHILDREN=()
 }
 
-if [[ $PARALLEL == 1 ]]; then
-  run_class crash_points.sh "$T/plan.crash"
-  run_class link_cuts.sh "$T/plan.cut"
-  wait_children
-else
-  run_class crash_points.sh "$T/plan.crash"
-  wait_children
-  run_class link_cuts.sh "$T/plan.cut"
-  wait_children
-fi
+# The classes asked for, each with its plan (the two planned classes) or none (the others
+# draw their choices from FAULTS_SEED themselves).
+declare -A CLASS_PLAN=([crash_points]=$T/plan.crash [link_cuts]=$T/plan.cut)
+for c in $CLASSES; do
+  if [[ -n ${CLASS_PLAN[$c]:-} ]]; then
+    run_class "$c.sh" "${CLASS_PLAN[$c]}"
+  else
+    run_class "$c.sh"
+  fi
+  [[ $PARALLEL == 1 ]] || wait_children
+done
+wait_children
 
 summarize || exit 1

@@ -34,7 +34,8 @@
 
   summarize OUT_JSON META_JSON CLASS_JSONL...
       Merges the per-iteration records of every class into one result document and
-      prints a summary table.
+      prints a summary table. A class without an entry in CLASS_INFO describes itself
+      with a record kind=class_info class=NAME injected=TEXT checked=[TEXT...].
 """
 import hashlib
 import json
@@ -328,8 +329,13 @@ def cmd_summarize(args):
         else:
             c["failed"] += 1
             c["failures"].append(r)
+    # A class script may describe itself (kind=class_info: injected, checked).
+    info = dict(CLASS_INFO)
+    for r in records:
+        if r.get("kind") == "class_info":
+            info[r["class"]] = {k: r[k] for k in ("injected", "checked") if k in r}
     for name, c in classes.items():
-        c.update(CLASS_INFO.get(name, {}))
+        c.update(info.get(name, {}))
         c["seconds"] = round(c["seconds"], 1)
         c["mean_seconds"] = round(c["seconds"] / max(1, c["iterations"]), 2)
         if name in checkpoints:
@@ -353,6 +359,11 @@ def cmd_summarize(args):
                                     ("failed", "failed"))},
         "link_checkpoints": {k: checkpoints.get("link_cut", {}).get(k, 0)
                              for k in ("run", "passed", "failed")},
+        "iterations": {"run": sum(c["iterations"] for c in classes.values()),
+                       "passed": sum(c["passed"] for c in classes.values()),
+                       "failed": sum(c["failed"] for c in classes.values())},
+        "checkpoints": {k: sum(c[k] for c in checkpoints.values())
+                        for k in ("run", "passed", "failed")},
         "scripts_aborted": aborted,
     }
     doc["iterations"] = [r for r in records if r.get("kind") in ("iteration", "checkpoint")]
@@ -366,7 +377,8 @@ def cmd_summarize(args):
     hdr = f"{'class':<16} {'runs':>5} {'pass':>5} {'fail':>5} {'mean s':>7}  notes"
     print(hdr)
     print("-" * len(hdr))
-    for name in ("crash_primary", "crash_secondary", "link_cut"):
+    known = ("crash_primary", "crash_secondary", "link_cut")
+    for name in list(known) + sorted(n for n in classes if n not in known):
         if name not in classes:
             continue
         c = classes[name]
@@ -377,18 +389,17 @@ def cmd_summarize(args):
                         f"records redone {c.get('recovery_redone', 0)}")
         if name == "link_cut":
             note.append(f"mid-segment {c.get('mid_segment', 0)}, mid-cycle {c.get('mid_cycle', 0)}")
-            if "checkpoints" in c:
-                k = c["checkpoints"]
-                note.append(f"checkpoints {k['passed']}/{k['run']} passed")
+        if "checkpoints" in c:
+            k = c["checkpoints"]
+            note.append(f"checkpoints {k['passed']}/{k['run']} passed")
         checks = ", ".join(f"{k} {v['passed']}/{v['run']}" for k, v in c["checks"].items())
         if checks:
             note.append(checks)
         print(f"{name:<16} {c['iterations']:>5} {c['passed']:>5} {c['failed']:>5} "
               f"{c['mean_seconds']:>7}  {'; '.join(note)}")
     t = doc["totals"]
-    print(f"crash points {t['crash_points']['passed']}/{t['crash_points']['run']} passed, "
-          f"link cuts {t['link_cuts']['passed']}/{t['link_cuts']['run']} recovered, "
-          f"link checkpoints {t['link_checkpoints']['passed']}/{t['link_checkpoints']['run']} passed")
+    print(f"all classes: {t['iterations']['passed']}/{t['iterations']['run']} iterations passed, "
+          f"{t['checkpoints']['passed']}/{t['checkpoints']['run']} checkpoints passed")
     for s, r in ends.items():
         if r.get("exit_code") != 0:
             print(f"script {s} ended with exit code {r.get('exit_code')}: {r.get('detail', '')[-300:]}")
