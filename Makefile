@@ -9,7 +9,9 @@
 #                    bench/replication.sh (two sites on loopback: guest cost, shipping, RPO)
 #                    and bench/sync.sh (initial copy vs openssl, seeded enable, sparse disk)
 #                    and bench/failover.sh (planned and unplanned failover RTO, reverse replication)
-#   make check-asan  unit tests built with AddressSanitizer/UBSan in build-asan/
+#   make check-asan  everything built with AddressSanitizer/UBSan in build-asan/: the unit
+#                    tests, then the integration tests (but qemu's) with sanitized daemons
+#                    (a sanitizer report makes the daemon exit non-zero: the test fails)
 #   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers
 #                    and the control daemon's plan and peer-reply parsers, FUZZ_SECONDS
 #                    each (default 60), in build-fuzz/
@@ -86,6 +88,8 @@ check-asan: deps
 	cmake -S . -B $(ASAN_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSITEREP_SANITIZE=ON
 	cmake --build $(ASAN_DIR) -j$(JOBS)
 	ctest --test-dir $(ASAN_DIR) --output-on-failure -j$(JOBS) -L unit
+	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+	  ctest --test-dir $(ASAN_DIR) --output-on-failure -L integration -E 'qemu'
 
 # Seeds come from the project's own encoders (fuzz/make_seeds.cc); inputs that crash a
 # harness are kept in $(FUZZ_DIR)/found/<harness>/ and fail the target.
