@@ -12,6 +12,8 @@
 #   link_cuts        the link cut (dropped or black-holed) and healed under write load
 #                    through tests/tcp_proxy.py; recovery after each, siterep-check and
 #                    sha256 at checkpoints and after the last heal
+#   slow_secondary   the replica throttled (a cpu cgroup quota) or stopped (SIGSTOP) under
+#                    write load: guest I/O not held, lag shown, checks after each
 #
 # Environment:
 #   FAULTS_CRASHES         crash points in all (default 200)
@@ -36,7 +38,7 @@ SHARE=${FAULTS_PRIMARY_SHARE:-0.6}
 SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
 RESULTS=$(realpath -m "${FAULTS_RESULTS:-$FAULTS_DIR/results}")
 PARALLEL=${FAULTS_PARALLEL:-0}
-ALL_CLASSES="crash_points link_cuts"
+ALL_CLASSES="crash_points link_cuts slow_secondary"
 CLASSES=${FAULTS_CLASSES:-$ALL_CLASSES}
 for c in $CLASSES; do
   [[ " $ALL_CLASSES " == *" $c "* ]] || fail "FAULTS_CLASSES: no class $c (the classes: $ALL_CLASSES)"
