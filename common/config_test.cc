@@ -195,7 +195,7 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"name = \"db1\"", "name = \"web01\"", "vms[1].name"},
         BadCase{"name = \"west\"", "name = \"east\"", "peers[0].name"},
         BadCase{"name = \"web01\"", "name = \"../etc\"", "vms[0].name"},
-        BadCase{"[tls]", "[tls]\nca = 1", "site.toml:12:"},
+        BadCase{"[tls]", "[tls]\nca = 1", "site.toml:13:"},
         BadCase{"bandwidth_limit = \"50MiB\"", "bandwidth_limit = \"fast\"",
                 "peers[0].bandwidth_limit"},
         BadCase{"bandwidth_limit = \"50MiB\"", "bandwidth_limit = -5", "peers[0].bandwidth_limit"},

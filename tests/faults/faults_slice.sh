@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A short slice of the fault campaign for `make test` (ctest integration.faults/faults_slice):
-# 6 crash points (about 4 of the primary, 2 of the replica) and 10 link cuts, the two
-# classes at the same time, in well under 90 s. A new seed every run (printed; set
+# 6 crash points (about 4 of the primary, 2 of the replica), 10 link cuts, one throttled
+# and one stopped replica, the classes at the same time, in well under 90 s. A new seed every run (printed; set
 # FAULTS_SEED to replay one). Results go to BIN_DIR/../faults-results/, not to the source
 # tree. Exit 0 when every check passed.
 #
@@ -10,6 +10,8 @@
 export FAULTS_CRASHES=${FAULTS_CRASHES:-6}
 export FAULTS_CUTS=${FAULTS_CUTS:-10}
 export FAULTS_CUT_CHECK_EVERY=${FAULTS_CUT_CHECK_EVERY:-10}
+export FAULTS_SLOW=${FAULTS_SLOW:-2}
+export FAULTS_SLOW_LONG=${FAULTS_SLOW_LONG:-0}
 export FAULTS_PARALLEL=${FAULTS_PARALLEL:-1}
 export FAULTS_RESULTS=${FAULTS_RESULTS:-$(realpath -m "$1/../faults-results")}
 exec bash "$(dirname "$0")/campaign.sh" "$1"
