@@ -17,6 +17,53 @@ struct Point {
   int64_t count = -1;  // -1: unlimited
 };
 
+constexpr KnownPoint kKnown[] = {
+    // tracker/ (primary): the change log.
+    {"tracker.after_append", "a change's records written to the log, the image not yet"},
+    {"tracker.mid_cut", "a cycle's cut record written to some disks of the VM, not all"},
+    {"tracker.before_seal", "a segment complete (cut record written), not yet synced"},
+    {"tracker.after_seal", "a segment synced, not yet published to the shipper"},
+    {"tracker.mid_release", "acknowledged segments' floors persisted, files not yet gone"},
+    {"tracker.snapshot_mid", "a piece of a snapshot read for its copy (a sync), not the rest"},
+    // shipper/: both ends of the link.
+    {"shipper.after_send", "a segment chunk or sync data frame sent (error: drop the link)"},
+    {"receiver.corrupt_frame", "trigger: a received frame damaged (a payload byte, else its CRC)"},
+    {"receiver.before_ack", "a cycle committed at the replica, not yet acknowledged"},
+    // applier/ (replica): apply of a cycle, in order.
+    {"applier.before_apply", "a cycle received, its apply not started"},
+    {"applier.after_undo", "the cycle's undo blocks durable, no image write yet"},
+    {"applier.mid_apply", "after each record written to the replica image"},
+    {"applier.before_position", "the cycle in the images, the position not updated"},
+    {"applier.before_point", "the cycle applied, its recovery point not taken"},
+    {"applier.before_delete", "the cycle applied, its received segments not deleted"},
+    // applier/: syncs (initial copy, resync) at the replica.
+    {"applier.sync_mid_write", "after each sync data write to the replica image"},
+    {"applier.sync_before_end", "every sync block written and synced, the end not recorded"},
+    // applier/: points, adoption, dropping a replica.
+    {"applier.materialize_mid", "a recovery point half written back into the images"},
+    {"applier.materialize_before_position", "a point written back, the position not updated"},
+    {"applier.materialize_before_drop", "a point made current, the received segments kept"},
+    {"applier.adopt_after_remove", "adopting images: the old state removed, none new"},
+    {"applier.adopt_before_definition", "adopting images: position stored, no definition"},
+    {"applier.drop_state_mid", "dropping a replica: definition removed, state files not"},
+    // control/: role changes.
+    {"control.planned_after_persist", "planned failover: failing-over phase recorded"},
+    {"control.planned_after_drain", "planned failover: drained, the peer not yet asked"},
+    {"control.planned_before_demote", "planned failover: the peer took over, not demoted"},
+    {"control.promote_after_persist", "promotion recorded, the primary not yet opened"},
+    {"control.unplanned_after_persist", "unplanned failover recorded, not yet opened"},
+    {"control.commit_after_persist", "commit: committing phase recorded"},
+    {"control.commit_mid", "commit: the images are the point, the overlay not yet in"},
+    {"control.demote_after_persist", "demotion recorded, the primary not yet closed"},
+};
+
+bool IsKnown(std::string_view name) {
+  for (const KnownPoint& k : kKnown) {
+    if (k.name == name) return true;
+  }
+  return false;
+}
+
 // Protects points(); armed_count mirrors points().size() for the fast path.
 std::mutex mu;
 std::map<std::string, Point, std::less<>>& points() {
@@ -60,6 +107,10 @@ Result<Parsed> ParseOne(std::string_view item) {
   }
   Parsed p;
   p.name = std::string(item.substr(0, eq));
+  if (!IsKnown(p.name)) {
+    return Status::Error(EINVAL, "failpoint \"" + p.name +
+                                     "\": no such point (siterep failpoint --list names them)");
+  }
   std::string_view rest = item.substr(eq + 1);
   std::string_view count_text, skip_text;
   if (size_t star = rest.find('*'); star != std::string_view::npos) {
@@ -131,6 +182,8 @@ Action CheckSlow(std::string_view name) {
   return Action::kNone;
 }
 }  // namespace internal
+
+std::span<const KnownPoint> KnownPoints() { return kKnown; }
 
 Status Arm(std::string_view spec) {
   std::vector<Parsed> parsed;

@@ -14,9 +14,13 @@
 // Example: SITEREP_FAILPOINTS="applier.mid_apply=abort@3,receiver.corrupt_frame=trigger*1"
 //
 // Cost when nothing is armed: one relaxed atomic load per Check(). Thread-safe.
+//
+// Every point is listed in KnownPoints() (failpoint.cc), and Arm refuses any other name, so
+// a misspelt spec fails at once instead of never firing: a new Check() adds its name there.
 #pragma once
 
 #include <atomic>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -38,8 +42,16 @@ inline Action Check(std::string_view name) {
   return internal::CheckSlow(name);
 }
 
-// Arms (or with action "off", disarms) the points in spec; refuses a malformed spec
-// without changing anything.
+// A failpoint of the code: its name and where a crash there leaves things.
+struct KnownPoint {
+  std::string_view name;
+  std::string_view where;
+};
+// Every failpoint the code checks, by module, then in the order a run reaches them.
+std::span<const KnownPoint> KnownPoints();
+
+// Arms (or with action "off", disarms) the points in spec; refuses a malformed spec or a
+// name not in KnownPoints() without changing anything.
 Status Arm(std::string_view spec);
 // Reads SITEREP_FAILPOINTS; called once by siterepd at start-up.
 Status ArmFromEnvironment();

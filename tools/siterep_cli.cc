@@ -16,6 +16,7 @@
 
 #include "common/config.h"
 #include "common/control_client.h"
+#include "common/failpoint.h"
 #include "common/units.h"
 #include "control/plan.h"
 
@@ -512,8 +513,12 @@ int main(int argc, char** argv) {
   plan_cleanup->add_option("PLAN", plan_name, "a plan name or file")->required();
 
   std::string spec;
+  bool fp_list = false;
   auto* fp = app.add_subcommand("failpoint", "arm failpoints in the daemon (tests)");
-  fp->add_option("SPEC", spec, "name=abort|error|trigger|off[@skip][*count],...")->required();
+  auto* fp_spec = fp->add_option("SPEC", spec, "name=abort|error|trigger|off[@skip][*count],...");
+  fp->add_flag("--list", fp_list, "list the failpoints this build knows (no daemon asked)")
+      ->excludes(fp_spec);
+  fp->require_option(1);
   fp->group("");  // not listed in --help: a testing aid
 
   try {
@@ -744,6 +749,13 @@ int main(int argc, char** argv) {
                         {"detach", plan_detach}});
   }
   if (fp->parsed()) {
+    if (fp_list) {
+      for (const siterep::failpoint::KnownPoint& k : siterep::failpoint::KnownPoints()) {
+        std::printf("%-36.*s %.*s\n", static_cast<int>(k.name.size()), k.name.data(),
+                    static_cast<int>(k.where.size()), k.where.data());
+      }
+      return 0;
+    }
     if (int rc = Call(g, {{"op", "failpoint"}, {"spec", spec}}, &result); rc != 0) return rc;
     std::cout << result.dump() << "\n";
     return 0;

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <utility>
 
+#include "common/failpoint.h"
 #include "common/file_util.h"
 #include "tracker/log_reader.h"
 #include "tracker/recovery.h"
@@ -390,6 +391,7 @@ void DiskLog::SealerLoop() {
     seals_.pop_front();
     sealing_ = true;
     lk.unlock();
+    failpoint::Check("tracker.before_seal");
     // fdatasync the sealed segment, then the folder (which makes the next segment's
     // creation durable).
     const std::string_view whats[1] = {p.seg->path};
@@ -399,6 +401,7 @@ void DiskLog::SealerLoop() {
     const std::string what = p.seg->path;
     p.seg.reset();
     Status s = synced[0].ok() ? SyncDir(opts_.log_dir) : synced[0];
+    if (s.ok()) failpoint::Check("tracker.after_seal");
     lk.lock();
     sealing_ = false;
     if (mode_ == Mode::kLog && s.ok()) {
@@ -544,6 +547,7 @@ Status DiskLog::ReleaseThrough(uint64_t cycle) {
   // The floors must be durable before the segments that carry the numbers go.
   Status result = PersistState();
   if (!result.ok()) return result.WithContext("release change log of disk " + opts_.name);
+  failpoint::Check("tracker.mid_release");
   if (!opts_.archive_dir.empty()) {
     Status made = MakeDirs(opts_.archive_dir);
     if (!made.ok()) return made.WithContext("archive of disk " + opts_.name);

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/failpoint.h"
 #include "common/file_util.h"
 #include "tracker/locks.h"
 
@@ -217,6 +218,7 @@ Status DiskSnapshot::Read(uint64_t offset, std::span<std::byte> out) {
     }
     at = run_end;
   }
+  failpoint::Check("tracker.snapshot_mid");  // the copy has read this piece, not the rest
   // A save that failed meanwhile may have let a change through unsaved.
   return status();
 }

@@ -10,6 +10,7 @@
 #include <set>
 #include <shared_mutex>
 
+#include "common/failpoint.h"
 #include "common/time_util.h"
 #include "tracker/snapshot.h"
 #include "tracker/vm_tracker_impl.h"
@@ -144,6 +145,8 @@ Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
       return Status::Error(
           ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name + ": change log stopped");
     }
+    // In the log, not yet in the image: recovery redoes it.
+    if (outcome == LogOutcome::kLogged) failpoint::Check("tracker.after_append");
     // Copy-on-write: the blocks' content as of the snapshot's cut goes to the snapshot
     // file before the change reaches the image. Never fails the change.
     if (disk.snapshot) disk.snapshot->SaveBefore(offset, length);
@@ -195,6 +198,8 @@ VmTracker::Impl::CutWrite VmTracker::Impl::WriteCutsLocked(int64_t nanos) {
   cut.nanos = nanos;
   const int64_t first_change = open_first_change_.exchange(0);
   for (const auto& d : disks_) {
+    // Some disks hold the cut record, the others not yet: see CompleteInterruptedCut.
+    if (!cut.tickets.empty()) failpoint::Check("tracker.mid_cut");
     cut.tickets.push_back(d->log->WriteCut(cut.cycle, cut.nanos, first_change));
     cut.any = cut.any || cut.tickets.back() != nullptr;
   }
