@@ -482,7 +482,10 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
         "replication paused by the operator (siterep resume " + vm_->config->name + ")";
   } else if (st.refused) {
     in.stopped_reason = "site " + settings_.peer + " refused replication: " + st.last_error;
-  } else if (!st.peer_apply_error.empty()) {
+  } else if (!st.peer_apply_error.empty() &&
+             !(owed && owed->kind == applier::SyncKind::kResync)) {
+    // A resync under way repairs what stopped the apply (the replica drops those cycles
+    // when it begins), as it does a disk's lost tracking above: Warning, not Critical.
     in.stopped_reason =
         "the replica at " + settings_.peer + " stopped applying: " + st.peer_apply_error;
   }

@@ -71,6 +71,10 @@ class RecordingSink : public applier::SegmentSink {
                       std::span<const std::byte> data, bool last) override {
     std::lock_guard lk(mu_);
     ++write_calls_;
+    if (!write_refusal_.ok()) {
+      ++write_refusals_;
+      return write_refusal_;
+    }
     if (sync_.active) return Violation("segment " + std::to_string(number) + " during a sync");
     Partial& p = partial_[disk_id];
     if (offset == 0) {
@@ -348,6 +352,15 @@ class RecordingSink : public applier::SegmentSink {
     std::lock_guard lk(mu_);
     durable_step_ = bytes;
   }
+  // What WriteSegment answers while not ok (a replica that cannot store: ENOSPC).
+  void SetWriteRefusal(Status s) {
+    std::lock_guard lk(mu_);
+    write_refusal_ = std::move(s);
+  }
+  uint64_t write_refusals() const {
+    std::lock_guard lk(mu_);
+    return write_refusals_;
+  }
   // What BeginSync answers while not ok.
   void SetSyncRefusal(Status s) {
     std::lock_guard lk(mu_);
@@ -419,6 +432,8 @@ class RecordingSink : public applier::SegmentSink {
   std::vector<applier::CycleInfo> commits_;
   std::vector<std::string> violations_;
   uint64_t write_calls_ = 0;
+  Status write_refusal_;
+  uint64_t write_refusals_ = 0;
   // Sync:
   std::map<uint32_t, std::vector<std::byte>> images_;
   SyncState sync_;
@@ -1186,6 +1201,68 @@ TEST_F(LinkTest, ACorruptFrameIsRefusedAndDeliveryCompletesAfterReconnect) {
   ASSERT_EQ(rs.size(), 1u);
   // The refused connection's reason stays until a later connection ends badly.
   EXPECT_NE(rs[0].last_error.find("CRC mismatch"), std::string::npos) << rs[0].last_error;
+}
+
+// A byte of a sealed segment flipped on the primary's disk is found before any byte of its
+// cycle is sent: the real replica never receives that cycle, the shipper says why, and the
+// disk drops its log for a resync of every block. The resync brings the replica in line.
+TEST_F(LinkTest, ADamagedSegmentIsNotSentAndItsDiskIsResyncedInstead) {
+  OpenTracker();
+  const fs::path dir = tmp_.path() / "replica";
+  fs::create_directories(dir);
+  for (const DiskFiles& d : disks_) fs::copy_file(d.pre_image, dir / (d.name + ".img"));
+  StartReplica(dir);
+  Write(0, 0, Pattern(300 << 10, 1));
+  Write(1, 4096, Pattern(5000, 2));
+  ASSERT_EQ(Cut(), 1u);
+  Write(0, 1 << 20, Pattern(200 << 10, 3));
+  Write(1, 0, Pattern(4096, 4));
+  ASSERT_EQ(Cut(), 2u);
+  std::optional<tracker::SealedSegment> damaged;
+  for (const tracker::SealedSegment& s : tracker_->SealedSegments()) {
+    if (s.disk == "os" && s.cycle == 2) damaged = s;
+  }
+  ASSERT_TRUE(damaged);
+  {
+    UniqueFd fd(::open(damaged->path.c_str(), O_RDWR | O_CLOEXEC));
+    ASSERT_TRUE(fd.valid());
+    std::byte b;
+    ASSERT_EQ(::pread(fd.get(), &b, 1, 1000), 1);
+    b ^= std::byte{0x10};  // in the payload of the 200 KiB write
+    ASSERT_EQ(::pwrite(fd.get(), &b, 1, 1000), 1);
+  }
+
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitApplied(1));
+  ASSERT_TRUE(WaitFor(
+      [&] { return tracker_->Stats().disks[0].tracking == tracker::DiskTracking::kBitmap; }));
+  const tracker::DiskStats os = tracker_->Stats().disks[0];
+  EXPECT_TRUE(os.resync_required);
+  EXPECT_NE(os.resync_reason.find("damaged segment " + damaged->path.string()), std::string::npos)
+      << os.resync_reason;
+  EXPECT_NE(os.resync_reason.find("CRC mismatch"), std::string::npos) << os.resync_reason;
+  EXPECT_EQ(os.dirty_bytes, disks_[0].size);
+  const applier::ReplicaPosition pos = replica_->Position();
+  EXPECT_EQ(pos.received_cycle, 1u);
+  EXPECT_EQ(pos.applied_cycle, 1u);
+  EXPECT_TRUE(pos.apply_error.empty()) << pos.apply_error;
+
+  shipper_.reset();
+  Result<tracker::SnapshotInfo> info = BeginSync(applier::SyncKind::kResync);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  ASSERT_EQ(info->disks.size(), 2u);
+  EXPECT_TRUE(info->disks[0].resync);
+  EXPECT_TRUE(info->disks[0].all_dirty);
+  StartShipper(SyncShipperOpts(receiver_->port()));
+  ASSERT_TRUE(WaitSynced());
+  ASSERT_TRUE(WaitApplied(info->cycle));
+  ExpectReplicaEqualsPrimary();
+  EXPECT_EQ(tracker_->Stats().disks[0].tracking, tracker::DiskTracking::kLog);
+  EXPECT_FALSE(tracker_->Stats().disks[0].resync_required);
+  shipper_.reset();
+  receiver_.reset();
+  replica_->Stop();
 }
 
 // (d) A certificate from another CA is refused in the handshake: no Hello, no sink.

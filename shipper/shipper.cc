@@ -21,6 +21,7 @@
 #include "shipper/rate_limiter.h"
 #include "shipper/shipper_impl.h"
 #include "shipper/wire_format.h"
+#include "tracker/log_reader.h"
 
 namespace siterep::shipper {
 
@@ -477,6 +478,19 @@ std::optional<CycleBatch> Shipper::Impl::Connection::NextCycle() {
 }
 
 Status Shipper::Impl::Connection::SendCycle(const CycleBatch& batch) {
+  // Every segment of the cycle is read back and checked before any byte of it is sent: a
+  // damaged one is never shipped as data. Its disk falls back to a resync instead.
+  for (const tracker::SealedSegment& seg : batch.segments) {
+    Status checked = tracker::CheckSealedSegment(seg);
+    if (checked.code() == EBADMSG) {
+      spdlog::error("VM {}: cycle {} not sent: {}; disk {} falls back to a resync",
+                    opts_.definition.vm, batch.cycle, checked.message(), seg.disk);
+      opts_.source->SegmentDamaged(seg, checked);
+      return Status::Corrupt("cycle " + std::to_string(batch.cycle) + " not sent: " +
+                             checked.message() + "; disk " + seg.disk + " falls back to a resync");
+    }
+    SR_RETURN_IF_ERROR(checked.WithContext("VM " + opts_.definition.vm));
+  }
   for (const tracker::SealedSegment& seg : batch.segments) SR_RETURN_IF_ERROR(SendSegment(seg));
   applier::CycleInfo info;
   info.cycle = batch.cycle;

@@ -6,6 +6,11 @@
 // acknowledges a cycle (it is durable on the replica), the shipper releases the segments
 // through that cycle, so the tracker deletes them.
 //
+// Damage: before a cycle is sent, each of its segments is read back and checked
+// (tracker::CheckSealedSegment); a damaged one is not sent (no byte of the cycle is), the
+// source is told (SegmentSource::SegmentDamaged: the disk falls back to a resync) and the
+// connection ends with that error, which Stats().last_error shows.
+//
 // Delivery: the peer's HelloReply says which cycle it has received; the shipper resumes
 // after it. Every cycle is sent whole (every disk's segment from offset 0, then CycleEnd),
 // so after any failure (I/O error, timeout, peer Error frame, bad CRC) the shipper closes

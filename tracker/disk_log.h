@@ -22,8 +22,9 @@
 //    meanwhile wait, and then are covered by the next generation, which started after
 //    their call (their records were written before their apply, before the call).
 //  - The fall back to the dirty bitmap (budget exceeded, log write or sync error, failed
-//    apply, unreadable log at open) happens in two steps, because an appender holds the
-//    VM lock shared and must not wait for the others. (1) The appender that hits the cause
+//    apply, unreadable log at open, a sealed segment the shipper found damaged:
+//    SegmentDamaged) happens in two steps, because an appender holds the VM lock shared
+//    and must not wait for the others. (1) The appender that hits the cause
 //    sets mode_ to kSwitching, creates the bitmap file at once (EnsureBitmap: its existence
 //    tells the next Open to finish the fall back after a crash) and marks its own range,
 //    then returns kBitmap so the caller still applies; appenders that arrive meanwhile
@@ -133,6 +134,13 @@ class DiskLog {
   // start the fall back to the bitmap (resync will reconcile). Same caller context as
   // Append*.
   void ApplyFailed(const Status& status, uint64_t offset, uint64_t length);
+
+  // The sealed, unreleased segment `segment` cannot be read back (why): start the fall
+  // back to the bitmap with every block marked, since what the damaged records changed is
+  // unknown. No-op when that segment is not sealed and unreleased (released or dropped
+  // since) or the disk is not logging. Any thread, holding none of the VmTracker's locks;
+  // the caller then runs FinishFallback with the VM lock exclusive.
+  void SegmentDamaged(uint64_t segment, const std::string& why);
 
   // A fall back was started and FinishFallback has not run yet.
   bool fallback_pending() const { return fallback_pending_.load(std::memory_order_acquire); }

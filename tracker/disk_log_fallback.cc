@@ -58,6 +58,18 @@ void DiskLog::FinishFallback() {
   done_cv_.notify_all();
 }
 
+void DiskLog::SegmentDamaged(uint64_t segment, const std::string& why) {
+  {
+    std::lock_guard lk(mu_);
+    const bool sealed = std::any_of(sealed_.begin(), sealed_.end(),
+                                    [&](const SealedSegment& s) { return s.number == segment; });
+    if (!sealed || mode_ != Mode::kLog || stop_) return;
+    RequestFallbackLocked("change log: " + why);
+    resync_all_dirty_ = true;  // DropLog marks every block
+  }
+  EnsureBitmap();
+}
+
 std::unique_ptr<DirtyBitmap> DiskLog::OpenBitmap() {
   const fs::path bitmap_path = opts_.log_dir / kBitmapFileName;
   Result<std::unique_ptr<DirtyBitmap>> opened = DirtyBitmap::Open(bitmap_path, opts_.size);

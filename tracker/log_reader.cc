@@ -144,6 +144,61 @@ Result<ReadStatus> SegmentReader::Next(ParsedRecord* out, std::string* why) {
 }
 
 // ---------------------------------------------------------------------------------------
+// Sealed segments
+
+Status CheckSealedSegment(const SealedSegment& seg) {
+  SR_ASSIGN_OR_RETURN(SegmentReader reader, SegmentReader::Open(seg.path));
+  auto damaged = [&](uint64_t offset, const std::string& why) {
+    return Status::Corrupt("damaged segment " + Where(seg.path, offset) + ": " + why);
+  };
+  if (reader.file_size() != seg.bytes) {
+    return damaged(0, "the file holds " + std::to_string(reader.file_size()) +
+                          " bytes, the sealed segment " + std::to_string(seg.bytes));
+  }
+  uint64_t records = 0;
+  uint64_t prev_seq = 0;
+  bool have_cut = false;
+  for (;;) {
+    ParsedRecord rec;
+    std::string why;
+    SR_ASSIGN_OR_RETURN(ReadStatus st, reader.Next(&rec, &why));
+    if (st == ReadStatus::kEnd) break;
+    const uint64_t at = reader.offset();
+    if (st == ReadStatus::kTruncated) return damaged(at, "short record (" + why + ")");
+    if (st == ReadStatus::kCorrupt) return damaged(at, why);
+    const RecordHeader& h = rec.header;
+    const uint64_t start = at - rec.size;
+    if (have_cut) return damaged(start, "a record after the cut that ends the segment");
+    if (h.disk_id != seg.disk_id) {
+      return damaged(start, "record of disk id " + std::to_string(h.disk_id) +
+                                " in a segment of disk id " + std::to_string(seg.disk_id));
+    }
+    const bool first = records == 0;
+    if (first ? seg.first_seq != 0 && h.seq != seg.first_seq : h.seq != prev_seq + 1) {
+      return damaged(start, "seq " + std::to_string(h.seq) + " where " +
+                                std::to_string(first ? seg.first_seq : prev_seq + 1) +
+                                " was expected");
+    }
+    if (h.kind == RecordKind::kCut) {
+      const uint64_t cycle = DecodeCutPayload(rec.payload.first<kCutPayloadSize>()).cycle;
+      if (cycle != seg.cycle) {
+        return damaged(start, "cut of cycle " + std::to_string(cycle) + " where cycle " +
+                                  std::to_string(seg.cycle) + " was expected");
+      }
+      have_cut = true;
+    }
+    prev_seq = h.seq;
+    ++records;
+  }
+  if (!have_cut) return damaged(reader.offset(), "the segment does not end in a cut record");
+  if (prev_seq != seg.last_seq) {
+    return damaged(reader.offset(), "the segment ends at seq " + std::to_string(prev_seq) +
+                                        " where " + std::to_string(seg.last_seq) + " was expected");
+  }
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------------------
 // LogScanner
 
 Result<LogScanner> LogScanner::Open(const fs::path& log_dir) {

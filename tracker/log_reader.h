@@ -14,6 +14,7 @@
 #include "common/status.h"
 #include "common/unique_fd.h"
 #include "tracker/log_format.h"
+#include "tracker/segment_source.h"
 
 namespace siterep::tracker {
 
@@ -71,6 +72,14 @@ class SegmentReader {
   size_t buf_len_ = 0;
   bool eof_ = false;
 };
+
+// Checks a sealed segment before it leaves the primary (the shipper calls it before
+// sending a cycle): the file holds exactly seg.bytes bytes of whole, valid records
+// (ParseRecord: magic, version, kind, length, CRC) of seg.disk_id, numbered +1 each from
+// seg.first_seq (when set) to seg.last_seq, the last one - and only it - the cut of
+// seg.cycle. A damaged segment is an EBADMSG Status naming the file, the offset and what is
+// wrong; a read error is the read's Status (ENOENT: the segment was released or dropped).
+Status CheckSealedSegment(const SealedSegment& seg);
 
 // A record that FindRecordsPastHoles found.
 struct FoundRecord {

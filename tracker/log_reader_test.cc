@@ -155,6 +155,71 @@ TEST(LogReaderTest, ScannerRejectsDamageInASealedSegment) {
   EXPECT_NE(more.status().message().find("offset 0"), std::string::npos);
 }
 
+// What the shipper checks before a segment leaves the primary: a flipped byte anywhere in
+// the file (header or payload of any record) is damage, and so is a segment that is not
+// exactly what the tracker sealed.
+TEST(LogReaderTest, CheckSealedSegmentRefusesEveryFlippedByte) {
+  TempDir tmp;
+  LogBuilder log(tmp.path());
+  log.StartSegment(4);
+  log.set_seq(40);
+  log.Write(8192, Pattern(300, 1));
+  log.Discard(0, 4096);
+  log.Cut(9);
+  SealedSegment seg;
+  seg.disk = "a";
+  seg.disk_id = kDisk;
+  seg.number = 4;
+  seg.cycle = 9;
+  seg.first_seq = 41;
+  seg.last_seq = 43;
+  seg.path = log.current();
+  seg.bytes = fs::file_size(seg.path);
+  ASSERT_TRUE(CheckSealedSegment(seg).ok()) << CheckSealedSegment(seg).ToString();
+
+  for (uint64_t at = 0; at < seg.bytes; ++at) {
+    std::fstream f(seg.path, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(static_cast<std::streamoff>(at));
+    const char old = static_cast<char>(f.get());
+    f.seekp(static_cast<std::streamoff>(at));
+    f.put(static_cast<char>(old ^ 0x40));
+    f.flush();
+    Status s = CheckSealedSegment(seg);
+    EXPECT_EQ(s.code(), EBADMSG) << "byte " << at << " flipped: " << s.ToString();
+    EXPECT_NE(s.message().find(SegmentFileName(4)), std::string::npos) << s.message();
+    f.seekp(static_cast<std::streamoff>(at));
+    f.put(old);
+  }
+  ASSERT_TRUE(CheckSealedSegment(seg).ok());
+
+  auto refused = [&](SealedSegment other, std::string_view why) {
+    Status s = CheckSealedSegment(other);
+    EXPECT_EQ(s.code(), EBADMSG) << s.ToString();
+    EXPECT_NE(s.message().find(why), std::string::npos) << s.message();
+  };
+  SealedSegment other = seg;
+  other.cycle = 8;
+  refused(other, "cut of cycle 9 where cycle 8 was expected");
+  other = seg;
+  other.first_seq = 40;
+  refused(other, "seq 41 where 40 was expected");
+  other = seg;
+  other.last_seq = 44;
+  refused(other, "ends at seq 43 where 44 was expected");
+  other = seg;
+  other.disk_id = kDisk + 1;
+  refused(other, "disk id");
+  other = seg;
+  other.bytes = seg.bytes - 1;
+  refused(other, "bytes");
+  log.Write(0, Pattern(10, 2));  // past the cut
+  other = seg;
+  other.bytes = fs::file_size(seg.path);
+  refused(other, "after the cut");
+  other.path = tmp.path() / SegmentFileName(5);
+  EXPECT_EQ(CheckSealedSegment(other).code(), ENOENT);
+}
+
 // A hole (zeros where an append never finished) is tolerated only in the open segment, by
 // recovery; in a sealed segment, even with valid records after it, it is damage.
 TEST(LogReaderTest, ScannerRejectsAHoleInASealedSegment) {

@@ -42,6 +42,11 @@ class SegmentSource {
   virtual Status ReleaseThrough(uint64_t cycle) = 0;
   // Called (from a tracker thread; must not block) whenever a cycle is sealed.
   virtual void SetSealedCallback(std::function<void(uint64_t cycle)> callback) = 0;
+  // The shipper found segment seg damaged (CheckSealedSegment's Status why) and did not
+  // send it: its disk leaves the log for the dirty bitmap with every block marked (what
+  // the damaged records changed is unknown), "resync required" with the reason. Ignored
+  // when seg is no longer one of the disk's sealed segments (released or dropped since).
+  virtual void SegmentDamaged(const SealedSegment& seg, const Status& why) = 0;
 };
 
 }  // namespace siterep::tracker

@@ -342,6 +342,15 @@ Status VmTracker::Impl::ReleaseThrough(uint64_t cycle) {
   return result;
 }
 
+void VmTracker::Impl::SegmentDamaged(const SealedSegment& seg, const Status& why) {
+  for (size_t i = 0; i < disks_.size(); ++i) {
+    if (disks_[i]->config.name != seg.disk) continue;
+    disks_[i]->log->SegmentDamaged(seg.number, why.message());
+    if (disks_[i]->log->fallback_pending()) FinishFallback(i);
+    return;
+  }
+}
+
 void VmTracker::Impl::RequestCut() {
   {
     std::lock_guard lk(cutter_mu_);
@@ -446,6 +455,9 @@ void VmTracker::SnapshotCopied(size_t disk, uint64_t offset) {
 Status VmTracker::EndSnapshot(bool completed) { return impl_->EndSnapshot(completed); }
 std::vector<SealedSegment> VmTracker::SealedSegments() { return impl_->SealedSegments(); }
 Status VmTracker::ReleaseThrough(uint64_t cycle) { return impl_->ReleaseThrough(cycle); }
+void VmTracker::SegmentDamaged(const SealedSegment& seg, const Status& why) {
+  impl_->SegmentDamaged(seg, why);
+}
 void VmTracker::SetSealedCallback(std::function<void(uint64_t cycle)> callback) {
   impl_->SetSealedCallback(std::move(callback));
 }

@@ -228,6 +228,7 @@ class VmTracker : public SegmentSource {
   std::vector<SealedSegment> SealedSegments() override;
   Status ReleaseThrough(uint64_t cycle) override;
   void SetSealedCallback(std::function<void(uint64_t cycle)> callback) override;
+  void SegmentDamaged(const SealedSegment& seg, const Status& why) override;
 
  private:
   class Impl;

@@ -39,6 +39,7 @@ class VmTracker::Impl {
   Status Close();
   std::vector<SealedSegment> SealedSegments() const;
   Status ReleaseThrough(uint64_t cycle);
+  void SegmentDamaged(const SealedSegment& seg, const Status& why);
   void SetSealedCallback(std::function<void(uint64_t)> callback) {
     std::lock_guard lk(callback_mu_);
     callback_ = std::move(callback);

@@ -439,6 +439,61 @@ TEST_F(VmTrackerTest, OverBudgetTheDiskFallsBackToTheBitmap) {
   EXPECT_EQ(testing::ReadWhole(disks_[0].image), want);
 }
 
+// A sealed segment the shipper found damaged: its disk drops the log for the bitmap with
+// every block dirty (what the damaged records changed is unknown), resync required with
+// the reason; the other disk logs on. A report about a segment that is gone is ignored.
+TEST_F(VmTrackerTest, ADamagedSegmentFallsBackToTheBitmapWithEveryBlockDirty) {
+  AddDisk("a", 1 << 20);
+  AddDisk("b", 1 << 20);
+  auto tracker = Open(Options());
+  ASSERT_TRUE(tracker);
+  for (uint64_t c = 1; c <= 2; ++c) {
+    for (size_t d = 0; d < 2; ++d) {
+      ASSERT_TRUE(WriteVia(tracker->observer(d), disks_[d].fd.get(), c * kBlock,
+                           Pattern(kBlock, 10 * c + d))
+                      .ok());
+    }
+    ASSERT_EQ(*tracker->Cut(), c);
+  }
+  std::vector<SealedSegment> sealed = tracker->SealedSegments();
+  ASSERT_EQ(sealed.size(), 4u);
+  ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
+  // Released: not the log's any more, so nothing happens.
+  tracker->SegmentDamaged(sealed[1], Status::Corrupt("stale"));
+  EXPECT_EQ(tracker->Stats().disks[1].tracking, DiskTracking::kLog);
+
+  ASSERT_EQ(sealed[2].disk, "a");
+  tracker->SegmentDamaged(sealed[2],
+                          Status::Corrupt("damaged segment 2 at offset 60: CRC mismatch"));
+  DiskStats a = tracker->Stats().disks[0];
+  EXPECT_EQ(a.tracking, DiskTracking::kBitmap);
+  EXPECT_TRUE(a.resync_required);
+  EXPECT_NE(a.resync_reason.find("change log: damaged segment 2 at offset 60: CRC mismatch"),
+            std::string::npos)
+      << a.resync_reason;
+  EXPECT_EQ(a.dirty_bytes, disks_[0].size);
+  EXPECT_EQ(a.unshipped_bytes, 0u);
+  EXPECT_TRUE(ListSegments(disks_[0].log_dir)->empty());
+  const DiskStats b = tracker->Stats().disks[1];
+  EXPECT_EQ(b.tracking, DiskTracking::kLog);
+  EXPECT_FALSE(b.resync_required);
+  sealed = tracker->SealedSegments();
+  ASSERT_EQ(sealed.size(), 1u);
+  EXPECT_EQ(sealed[0].disk, "b");
+  EXPECT_EQ(sealed[0].cycle, 2u);
+  ASSERT_TRUE(tracker->Close().ok());
+  tracker.reset();
+
+  // The resync it needs survives a restart.
+  tracker = Open(Options());
+  ASSERT_TRUE(tracker);
+  a = tracker->Stats().disks[0];
+  EXPECT_EQ(a.tracking, DiskTracking::kBitmap);
+  EXPECT_TRUE(a.resync_required);
+  EXPECT_NE(a.resync_reason.find("damaged segment 2"), std::string::npos) << a.resync_reason;
+  EXPECT_EQ(a.dirty_bytes, disks_[0].size);
+}
+
 // A log write error (here EFBIG from RLIMIT_FSIZE, after a short write) is not the
 // guest's problem: the disk falls back to the bitmap and every write still succeeds.
 TEST_F(VmTrackerTest, ALogWriteErrorFallsBackToTheBitmap) {
