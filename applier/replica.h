@@ -80,6 +80,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -92,6 +93,13 @@
 #include "tracker/vm_tracker.h"
 
 namespace siterep::applier {
+
+// Bytes a sync of plan needs on the replica's file system beyond what it holds: per disk,
+// what the plan may write (bytes_total) past the image's allocated bytes (allocated[i]);
+// with undo (a sync that keeps the applied point readable, starting now) also room in the
+// undo journal for every block the plan may overwrite (kUndoBlockSize and a record header
+// each), since the journal saves a block before the sync overwrites it.
+uint64_t SyncSpaceNeeded(const SyncPlan& plan, std::span<const uint64_t> allocated, bool undo);
 
 class Replica : public SegmentSink {
  public:
@@ -364,8 +372,9 @@ class Replica : public SegmentSink {
   // Applies the committed cycles older than sync_id (apply_mu_ held too); a failure is
   // logged and returned, the caller drops what is left.
   Status ApplyBeforeSync(uint64_t sync_id);
-  // Refuses ENOSPC when the folder's file system cannot take plan's data.
-  Status CheckSyncSpace(const SyncPlan& plan) const;
+  // Refuses ENOSPC when the folder's file system cannot take plan's data (SyncSpaceNeeded;
+  // undo: a staged sync starting now).
+  Status CheckSyncSpace(const SyncPlan& plan, bool undo) const;
   // Forgets the received stream: segments being received, uncommitted and committed ones.
   void DropReceived();
   // Records the disk's in-memory progress (after syncing its image) when it is due.

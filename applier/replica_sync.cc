@@ -66,24 +66,40 @@ Status Replica::ApplyBeforeSync(uint64_t sync_id) {
   }
 }
 
-Status Replica::CheckSyncSpace(const SyncPlan& plan) const {
+uint64_t SyncSpaceNeeded(const SyncPlan& plan, std::span<const uint64_t> allocated, bool undo) {
+  uint64_t need = 0;
+  for (size_t i = 0; i < plan.disks.size(); ++i) {
+    const uint64_t total = plan.disks[i].bytes_total;
+    if (i < allocated.size() && total > allocated[i]) need += total - allocated[i];
+    if (undo) {
+      const uint64_t blocks = (total + kUndoBlockSize - 1) / kUndoBlockSize;
+      need += blocks * (kUndoBlockSize + kUndoHeaderSize);
+    }
+  }
+  return need;
+}
+
+Status Replica::CheckSyncSpace(const SyncPlan& plan, bool undo) const {
   struct statvfs vfs {};
   if (::statvfs(dir_.c_str(), &vfs) != 0) {
     return Status::FromErrno(errno, "statvfs " + dir_.string());
   }
   const uint64_t free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
-  uint64_t need = 0;
+  std::vector<uint64_t> allocated;
   for (size_t i = 0; i < plan.disks.size(); ++i) {
     const std::filesystem::path image = ImagePath(i);
     struct stat st {};
     if (::stat(image.c_str(), &st) != 0) return Status::FromErrno(errno, "stat " + image.string());
-    const uint64_t allocated = static_cast<uint64_t>(st.st_blocks) * 512;
-    if (plan.disks[i].bytes_total > allocated) need += plan.disks[i].bytes_total - allocated;
+    allocated.push_back(static_cast<uint64_t>(st.st_blocks) * 512);
   }
+  const uint64_t need = SyncSpaceNeeded(plan, allocated, undo);
   if (need > free) {
     return Status::Error(ENOSPC, SyncName(plan.sync_id) + " of VM " + Definition().vm +
                                      ": the replica site has " + FormatSize(free) + " free in " +
-                                     dir_.string() + ", the copy needs " + FormatSize(need));
+                                     dir_.string() + ", the copy needs " + FormatSize(need) +
+                                     (undo ? " (with the undo journal that keeps the last "
+                                             "recovery point readable while it runs)"
+                                           : ""));
   }
   return Status::Ok();
 }
@@ -151,13 +167,16 @@ Result<SyncResume> Replica::BeginSync(const SyncPlan& plan) {
     std::lock_guard lk(mu_);
     state = state_;
   }
-  SR_RETURN_IF_ERROR(CheckSyncSpace(plan));
+  const bool resumed = state.sync && state.sync->sync_id == plan.sync_id;
+  const bool staged = state.sync ? state.sync->staged : store_->CanStage();
+  // A staged sync saves what it overwrites before it writes: without room for that, it
+  // would stop at the first block it cannot save, and again at every retry.
+  SR_RETURN_IF_ERROR(CheckSyncSpace(plan, /*undo=*/staged && !resumed));
 
   SyncState next = SyncStateFor(plan);
-  const bool resumed = state.sync && state.sync->sync_id == plan.sync_id;
+  next.staged = staged;
   if (state.sync) {
     const SyncState& old = *state.sync;
-    next.staged = old.staged;
     next.point = old.point;
     for (size_t i = 0; i < next.disks.size(); ++i) {
       const SyncDiskState& o = old.disks[i];
@@ -174,7 +193,6 @@ Result<SyncResume> Replica::BeginSync(const SyncPlan& plan) {
     }
     if (resumed) next.bytes_written = old.bytes_written;
   } else {
-    next.staged = store_->CanStage();
     next.point = next.staged ? state.applied_cycle : 0;
   }
   // The store first (a crash before the position update leaves a chain point that Open

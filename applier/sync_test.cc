@@ -206,6 +206,20 @@ class SyncTest : public ::testing::Test {
   std::unique_ptr<Replica> Reopen(std::unique_ptr<Replica>& old) {
     return testing::ReopenReplica(dir(), old);
   }
+  // Creates in *r a replica whose os disk is a sparse file twice the free space (*free) of
+  // the file system it is on. False when that file system cannot hold such a file.
+  bool CreateLargerThanFree(std::unique_ptr<Replica>* r, uint64_t* free) {
+    fs::create_directories(dir());
+    struct statvfs vfs {};
+    EXPECT_EQ(::statvfs(dir().c_str(), &vfs), 0);
+    *free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
+    Result<std::unique_ptr<Replica>> created =
+        Replica::Create(dir(), Def((2 * *free / kMiB + 1) * kMiB, kMiB));
+    if (!created.ok() && created.status().code() == EFBIG) return false;
+    EXPECT_TRUE(created.ok()) << created.status().ToString();
+    if (created.ok()) *r = std::move(*created);
+    return true;
+  }
 
   static void ExpectImages(const Replica& r, const std::vector<Bytes>& want,
                            const std::string& what) {
@@ -718,18 +732,11 @@ TEST_F(SyncTest, ASyncOlderThanTheAppliedCycleIsRefused) {
 }
 
 TEST_F(SyncTest, ASyncWithoutRoomIsRefusedWithENOSPC) {
-  fs::create_directories(dir());
-  struct statvfs vfs {};
-  ASSERT_EQ(::statvfs(dir().c_str(), &vfs), 0);
-  const uint64_t free = static_cast<uint64_t>(vfs.f_bavail) * vfs.f_frsize;
   // A sparse disk twice the free space: the copy of all of it cannot fit.
-  const uint64_t size = (2 * free / kMiB + 1) * kMiB;
-  Result<std::unique_ptr<Replica>> created = Replica::Create(dir(), Def(size, kMiB));
-  if (!created.ok() && created.status().code() == EFBIG) {
-    GTEST_SKIP() << "the file system cannot hold a sparse file of " << size << " bytes";
-  }
-  ASSERT_TRUE(created.ok()) << created.status().ToString();
-  auto& r = *created;
+  std::unique_ptr<Replica> r;
+  uint64_t free = 0;
+  if (!CreateLargerThanFree(&r, &free)) GTEST_SKIP() << "no room for a sparse file that large";
+  ASSERT_TRUE(r);
   const ReplicaDefinition def = r->Definition();
   Result<SyncResume> res = r->BeginSync(Plan(def, 3));
   ASSERT_FALSE(res.ok());
@@ -741,6 +748,53 @@ TEST_F(SyncTest, ASyncWithoutRoomIsRefusedWithENOSPC) {
   SyncPlan small = Plan(def, 3);
   small.disks[0].bytes_total = kMiB;  // e.g. a mostly empty disk: only its data is scanned
   EXPECT_TRUE(r->BeginSync(small).ok());
+}
+
+// The same resync plan on the same replica, which has room for what the plan may write:
+// accepted while the replica has no point to keep (written directly), refused with ENOSPC
+// once it has one, because keeping it readable needs the undo journal's room too.
+TEST_F(SyncTest, AStagedSyncWithoutRoomForItsUndoJournalIsRefusedWithENOSPC) {
+  std::unique_ptr<Replica> r;
+  uint64_t free = 0;
+  if (!CreateLargerThanFree(&r, &free)) GTEST_SKIP() << "no room for a sparse file that large";
+  ASSERT_TRUE(r);
+  const ReplicaDefinition def = r->Definition();
+  auto resync = [&](uint64_t sync_id) {
+    SyncPlan p = Plan(def, sync_id, SyncKind::kResync);
+    for (SyncDiskPlan& d : p.disks) d.mode = SyncMode::kCompare;
+    p.disks[0].bytes_total = free / 10 * 6;  // fits; with as much undo again, it does not
+    p.disks[1].bytes_total = 0;
+    return p;
+  };
+  // No point yet: a direct sync; it ends with every disk done (all zeros, nothing written).
+  ASSERT_TRUE(r->BeginSync(resync(3)).ok());
+  EXPECT_TRUE(r->Points().empty());
+  for (const DiskDefinition& d : def.disks) {
+    ASSERT_TRUE(r->WriteSyncData(d.disk_id, 0, {}, d.size, d.size).ok());
+  }
+  ASSERT_TRUE(r->EndSync(3, kBase).ok());
+  ASSERT_EQ(r->Position().applied_cycle, 3u);
+
+  Result<SyncResume> res = r->BeginSync(resync(5));
+  ASSERT_FALSE(res.ok());
+  EXPECT_EQ(res.status().code(), ENOSPC) << res.status().ToString();
+  EXPECT_NE(res.status().message().find("undo journal"), std::string::npos)
+      << res.status().ToString();
+  EXPECT_FALSE(r->Sync().active);
+  EXPECT_EQ(r->Position().applied_cycle, 3u);
+}
+
+// A sync that keeps the applied point readable saves every block it may overwrite in the
+// undo journal before it writes it: its need counts those blocks (and a record header
+// each) even where the images are allocated already. A direct sync's need does not.
+TEST(SyncSpaceTest, AStagedSyncNeedsRoomForTheUndoOfWhatItMayOverwrite) {
+  SyncPlan plan;
+  plan.disks = {SyncDiskPlan{1, SyncMode::kCompare, 0, 0, 8 * kMiB},
+                SyncDiskPlan{2, SyncMode::kCopy, 0, 0, 4096 + 1}};
+  const std::vector<uint64_t> allocated = {8 * kMiB, 0};
+  EXPECT_EQ(SyncSpaceNeeded(plan, allocated, /*undo=*/false), 4096u + 1);
+  EXPECT_EQ(SyncSpaceNeeded(plan, allocated, /*undo=*/true),
+            4096u + 1 + (2048 + 2) * (kUndoBlockSize + kUndoHeaderSize));
 }
 
 TEST_F(SyncTest, EndSyncNeedsEveryDiskDone) {

@@ -1985,5 +1985,40 @@ TEST_F(LinkTest, AResyncComparesOnlyTheDirtyBlocks) {
   EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
 }
 
+// A replica that cannot store what it receives (its state_dir is full) refuses the first
+// chunk of a large cycle, with the primary still sending the rest. The receiver lets the
+// primary read the Error frame before it closes (no reset that would discard it), so the
+// shipper names the replica's reason after every attempt, not "connection reset".
+TEST_F(LinkTest, AReplicaThatCannotStoreTellsTheShipperWhyEveryTime) {
+  OpenTracker();
+  Write(0, 0, Pattern(6 << 20, 1));  // 6 chunks: most are in flight at the refusal
+  Write(1, 0, Pattern(3 << 20, 2));
+  ASSERT_EQ(Cut(), 1u);
+  const std::string why = "write received/os/1.seg.part: No space left on device";
+  sink_->SetWriteRefusal(Status::Error(ENOSPC, why));
+  StartReceiver();
+  StartShipper(ShipperOpts(receiver_->port()));
+  // The error of each connection, as the shipper shows it once that connection has ended.
+  std::map<uint64_t, std::string> errors;
+  const auto until = std::chrono::steady_clock::now() + 20s;
+  while (errors.size() < 6 && std::chrono::steady_clock::now() < until) {
+    const ShipperStats st = shipper_->Stats();
+    if (!st.connected && st.connects > 0 && !st.last_error.empty()) {
+      errors[st.connects] = st.last_error;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+  ASSERT_GE(errors.size(), 6u) << "connections: " << shipper_->Stats().connects;
+  for (const auto& [n, e] : errors) {
+    EXPECT_NE(e.find(why), std::string::npos) << "connection " << n << ": " << e;
+  }
+  EXPECT_GE(sink_->write_refusals(), 6u);
+  // Room again: the same cycle goes through whole.
+  sink_->SetWriteRefusal(Status::Ok());
+  ASSERT_TRUE(WaitAcked(1));
+  EXPECT_EQ(sink_->Commits(), std::vector<uint64_t>{1});
+  EXPECT_TRUE(sink_->Violations().empty()) << sink_->Violations().front();
+}
+
 }  // namespace
 }  // namespace siterep::shipper

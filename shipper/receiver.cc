@@ -31,6 +31,8 @@ constexpr size_t kMaxRefusals = 16;
 // Connections (handshakes included) served at once; more are closed at accept, so a flood
 // of sockets cannot exhaust threads. Far above one per replicated VM.
 constexpr size_t kMaxConnections = 256;
+// How long a connection ended by an Error frame waits for the peer to close (DrainAfterError).
+constexpr auto kErrorDrain = std::chrono::milliseconds(1000);
 
 // "ip:port" of the socket's peer, for logs about connections that have no site name yet.
 std::string PeerAddress(int fd) {
@@ -130,7 +132,8 @@ class Receiver::Impl {
                                    const applier::ReplicaDefinition& definition,
                                    const FrameHeader& header, std::span<const std::byte> payload,
                                    bool mid_cycle, SyncSession* sync, uint64_t* committed);
-  // Sends an Error frame (best effort) and ends the connection with s.
+  // Sends an Error frame (best effort), lets the peer read it (DrainAfterError) and ends
+  // the connection with s.
   Outcome Fail(TlsStream& stream, const std::string& vm, const Status& s);
   // An Ack of the sink's position.
   Status SendAck(TlsStream& stream, const applier::SegmentSink& sink);
@@ -312,6 +315,18 @@ void SendError(TlsStream& stream, int code, const std::string& reason) {
   (void)stream.WriteAll(
       EncodeFrame(FrameType::kError, EncodeError(ErrorFrame{static_cast<uint32_t>(code), reason})),
       Clock::now() + std::chrono::seconds(1));
+}
+
+// After an Error frame in the middle of a stream: stop sending, and swallow what the peer
+// still has in flight until it closes (it reads our frames between its chunks), for at most
+// kErrorDrain. Closing with its data unread would reset the connection, and the reset would
+// reach the peer before it read the Error frame: it would report a reset, not our reason.
+void DrainAfterError(TlsStream& stream) {
+  ::shutdown(stream.fd(), SHUT_WR);
+  const Deadline until = Clock::now() + kErrorDrain;
+  std::byte sink[16384];
+  while (stream.ReadExact(sink, until).ok()) {
+  }
 }
 }  // namespace
 
@@ -626,6 +641,7 @@ Outcome Receiver::Impl::Stream(Conn& conn, TlsStream& stream, applier::SegmentSi
 
 Outcome Receiver::Impl::Fail(TlsStream& stream, const std::string& vm, const Status& s) {
   SendError(stream, s.code(), s.message());
+  DrainAfterError(stream);
   return Outcome{s.WithContext("VM " + vm), false};
 }
 

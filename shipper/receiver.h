@@ -25,7 +25,10 @@
 // or that the provider refuses (its Status's errno names the refusal, its message is sent)
 // gets a HelloReply "refused" and the connection is closed. A bad frame (header, CRC, an
 // undecodable or out-of-order payload) is answered with an Error frame and the connection
-// is closed; nothing of that frame reaches the sink.
+// is closed; nothing of that frame reaches the sink. After an Error frame on an accepted
+// connection (a bad frame, a refusal of the sink such as ENOSPC) the receiver stops sending
+// and reads and drops what the primary still sends, until it closes or for at most 1 s, so
+// that the primary reads the reason instead of a connection reset.
 //
 // One connection per VM: a new connection for a VM from the same peer replaces the old one
 // (the old stream is cancelled and its thread waited for before the new one touches the

@@ -53,7 +53,15 @@ Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const fs::path& path, uin
     struct stat st {};
     if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path.string());
     FileHeader header{};
-    bool fresh = static_cast<uint64_t>(st.st_size) < kFileHeaderSize;
+    const bool fresh = static_cast<uint64_t>(st.st_size) < kFileHeaderSize;
+    // A new file that cannot be made whole goes again: a bitmap file tells the next start
+    // that its bits hold what changed, and the caller will mark nothing in this one.
+    auto discard = [&](const Status& s) {
+      if (fresh && ::unlink(path.c_str()) != 0 && errno != ENOENT) {
+        return Status::FromErrno(errno, "remove " + path.string() + " after: " + s.message());
+      }
+      return s;
+    };
     if (!fresh) {
       SR_RETURN_IF_ERROR(PReadAll(fd.get(), &header, sizeof(header), 0, path.string()));
       if (header.magic != kBitmapMagic || header.version != kBitmapVersion) {
@@ -69,17 +77,24 @@ Result<std::unique_ptr<DirtyBitmap>> DirtyBitmap::Open(const fs::path& path, uin
       // New, or torn at creation (never used): start clean.
       header = FileHeader{kBitmapMagic, kBitmapVersion, kBlockSize, disk_size, {}};
       if (::ftruncate(fd.get(), 0) != 0) {
-        return Status::FromErrno(errno, "truncate " + path.string());
+        return discard(Status::FromErrno(errno, "truncate " + path.string()));
       }
-      SR_RETURN_IF_ERROR(PWriteAll(fd.get(), &header, sizeof(header), 0, path.string()));
+      Status written = PWriteAll(fd.get(), &header, sizeof(header), 0, path.string());
+      if (!written.ok()) return discard(written);
     }
-    if (static_cast<uint64_t>(st.st_size) < file_size &&
-        ::ftruncate(fd.get(), static_cast<off_t>(file_size)) != 0) {
-      return Status::FromErrno(errno, "size " + path.string());
+    // Every block of the file is allocated before it is mapped: a store into a hole of the
+    // mapping on a full file system would kill the process with SIGBUS, where this says
+    // ENOSPC and the caller tracks in memory instead.
+    if (int err = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(file_size)); err != 0) {
+      return discard(Status::FromErrno(
+          err, "allocate " + std::to_string(file_size) + " bytes for " + path.string()));
     }
     if (fresh) {
-      if (::fsync(fd.get()) != 0) return Status::FromErrno(errno, "fsync " + path.string());
-      SR_RETURN_IF_ERROR(SyncDir(path.parent_path()));
+      if (::fsync(fd.get()) != 0) {
+        return discard(Status::FromErrno(errno, "fsync " + path.string()));
+      }
+      Status synced = SyncDir(path.parent_path());
+      if (!synced.ok()) return discard(synced);
     }
   }
 

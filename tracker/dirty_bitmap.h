@@ -34,7 +34,10 @@ class DirtyBitmap {
 
   // Opens the bitmap file at path, creating it (all clean) if it is missing or was left
   // empty by a crash during creation. An existing file for another disk size or block size
-  // is an error (EINVAL), not silently reused.
+  // is an error (EINVAL), not silently reused. Every block of the file is allocated before
+  // it is mapped (a store into a hole of a mapping on a full file system is a SIGBUS);
+  // when that fails (ENOSPC), the error is returned and a file this call created is
+  // removed, so that no bitmap file claims to hold what changed.
   static Result<std::unique_ptr<DirtyBitmap>> Open(const std::filesystem::path& path,
                                                    uint64_t disk_size);
   // A bitmap in memory only, for when the file cannot be made (the log folder is full or

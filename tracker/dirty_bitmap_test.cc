@@ -1,6 +1,8 @@
 #include "tracker/dirty_bitmap.h"
 
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 
 #include "tracker/test_util.h"
@@ -93,6 +95,47 @@ TEST(DirtyBitmapTest, AnEmptyFileLeftByACrashIsStartedClean) {
   auto b = DirtyBitmap::Open(path, 64 * kBlock);
   ASSERT_TRUE(b.ok()) << b.status().ToString();
   EXPECT_EQ((*b)->dirty_blocks(), 0u);
+}
+
+TEST(DirtyBitmapTest, TheFileIsAllocatedBeforeItIsMapped) {
+  TempDir tmp;
+  const auto path = tmp.path() / "dirty.bitmap";
+  const uint64_t size = 1ull << 30;  // 32 KiB of bits
+  auto b = DirtyBitmap::Open(path, size);
+  ASSERT_TRUE(b.ok()) << b.status().ToString();
+  struct stat st {};
+  ASSERT_EQ(::stat(path.c_str(), &st), 0);
+  // No hole left for a store through the mapping to fill (that would need a free block).
+  EXPECT_GE(static_cast<uint64_t>(st.st_blocks) * 512,
+            DirtyBitmap::kFileHeaderSize + size / kBlock / 8);
+}
+
+// A file system without room for the bits (here: a file size limit, which fails the
+// allocation with EFBIG as a full one fails it with ENOSPC): an error, and no bitmap file
+// left behind that a restart would take for the record of what changed.
+TEST(DirtyBitmapTest, NoRoomForTheBitsIsAnErrorAndLeavesNoFile) {
+  TempDir tmp;
+  const auto path = tmp.path() / "dirty.bitmap";
+  struct rlimit old {};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
+  struct sigaction ignore {};
+  struct sigaction saved {};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGXFSZ, &ignore, &saved), 0);
+  struct rlimit small = old;
+  small.rlim_cur = 4096;  // room for the header, not for 32 KiB of bits
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  auto b = DirtyBitmap::Open(path, 1ull << 30);
+  ::setrlimit(RLIMIT_FSIZE, &old);
+  ::sigaction(SIGXFSZ, &saved, nullptr);
+  ASSERT_FALSE(b.ok());
+  EXPECT_EQ(b.status().code(), EFBIG) << b.status().ToString();
+  EXPECT_FALSE(std::filesystem::exists(path));
+  // With room, the same call makes a whole bitmap.
+  auto again = DirtyBitmap::Open(path, 1ull << 30);
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  (*again)->MarkRange(1ull << 29, 1);
+  EXPECT_EQ((*again)->dirty_blocks(), 1u);
 }
 
 }  // namespace
