@@ -15,10 +15,13 @@
 #   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers
 #                    and the control daemon's plan and peer-reply parsers, FUZZ_SECONDS
 #                    each (default 60), in build-fuzz/
-#   make faults      build, then the fault campaign (tests/faults/campaign.sh): FAULTS_CRASHES
-#                    kill -9 crash points (default 200, 60% primary), FAULTS_CUTS link cuts
-#                    (default 100), random choices from FAULTS_SEED (default: new, printed);
-#                    figures in tests/faults/results/<UTC time>.json and a summary table
+#   make faults      build, then the fault campaign (tests/faults/campaign.sh), every class
+#                    one after another (FAULTS_CLASSES picks some): FAULTS_CRASHES kill -9
+#                    crash points (default 200, 60% primary), FAULTS_CUTS proxy link cuts
+#                    (default 100), 100 nftables cuts, 84 failpoint crashes, 40 corruptions,
+#                    10 full disks, 20 slow or stalled replicas; random choices from
+#                    FAULTS_SEED (default: new, printed); figures in
+#                    tests/faults/results/<UTC time>.json and a summary table (about 2 h)
 #   make deps | build | clean
 
 SHELL := /bin/bash
@@ -41,7 +44,7 @@ PACKAGES := build-essential cmake pkg-config g++ \
 	libfuse3-dev fuse3 liburing-dev libboost-dev libssl-dev openssl \
 	libgtest-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev \
 	libzstd-dev libisal-dev libxxhash-dev \
-	clang fio e2fsprogs util-linux mount kmod procps python3 \
+	clang fio e2fsprogs util-linux mount kmod procps python3 nftables iproute2 \
 	qemu-utils qemu-system-x86 busybox-static cpio gzip linux-image-amd64
 
 .PHONY: all deps build test demo bench check-asan fuzz faults clean

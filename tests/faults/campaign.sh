@@ -12,6 +12,16 @@
 #   link_cuts        the link cut (dropped or black-holed) and healed under write load
 #                    through tests/tcp_proxy.py; recovery after each, siterep-check and
 #                    sha256 at checkpoints and after the last heal
+#   netns_cuts       the replica in a network namespace behind a veth pair; nftables rules
+#                    there drop or reset the link (both ways or one) under write load
+#   failpoints       the daemons aborted at each failpoint of the data path, of a resync
+#                    and of a planned failover, under write load; restart and checks
+#   corruption       flipped bytes in a sealed segment at the primary, in a received
+#                    segment at the replica, in a frame after decryption, in the replica
+#                    image: each detected, nothing bad applied, then repaired
+#   enospc           the primary's log folder or the replica's state_dir on a small file
+#                    system filled under write load; the guest keeps writing, the sites
+#                    converge when the space returns
 #   slow_secondary   the replica throttled (a cpu cgroup quota) or stopped (SIGSTOP) under
 #                    write load: guest I/O not held, lag shown, checks after each
 #
@@ -23,7 +33,11 @@
 #   FAULTS_SEED            the seed of every random choice (default: a new one, printed)
 #   FAULTS_RESULTS         where result files go (default tests/faults/results)
 #   FAULTS_CLASSES         the classes to run (default: all of them)
-#   FAULTS_PARALLEL        1: run the classes at the same time (default 0: one after another)
+#   FAULTS_PARALLEL        N: run up to N classes at the same time (default 1: one after
+#                          another)
+#   the counts of the other classes: FAULTS_NETNS_CUTS (default 100), FAULTS_FAILPOINT_ROUNDS
+#   (default 4 rounds over the points), FAULTS_CORRUPTIONS (per class, default 10),
+#   FAULTS_ENOSPC (per class, default 5), FAULTS_SLOW (per class, default 10): see each script
 #   FAULTS_DISK_MIB, FAULTS_RATE, FAULTS_LINK_RATE, FAULTS_LINK_BANDWIDTH: see common.sh
 #                          and link_cuts.sh
 # The binaries are copied first, so that a rebuild during the campaign does not change them.
@@ -37,8 +51,8 @@ CUTS=${FAULTS_CUTS:-100}
 SHARE=${FAULTS_PRIMARY_SHARE:-0.6}
 SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
 RESULTS=$(realpath -m "${FAULTS_RESULTS:-$FAULTS_DIR/results}")
-PARALLEL=${FAULTS_PARALLEL:-0}
-ALL_CLASSES="crash_points link_cuts slow_secondary"
+PARALLEL=${FAULTS_PARALLEL:-1}
+ALL_CLASSES="crash_points link_cuts netns_cuts failpoints corruption enospc slow_secondary"
 CLASSES=${FAULTS_CLASSES:-$ALL_CLASSES}
 for c in $CLASSES; do
   [[ " $ALL_CLASSES " == *" $c "* ]] || fail "FAULTS_CLASSES: no class $c (the classes: $ALL_CLASSES)"
@@ -52,8 +66,8 @@ STARTED=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 COMMIT=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)
 DIRTY=$(git -C "$REPO" status --porcelain 2>/dev/null | grep -vc '^??' || true)
 mkdir -p "$RESULTS"
-[[ $CRASHES =~ ^[0-9]+$ && $CUTS =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ ]] ||
-  fail "FAULTS_CRASHES, FAULTS_CUTS and FAULTS_SEED must be whole numbers"
+[[ $CRASHES =~ ^[0-9]+$ && $CUTS =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ && $PARALLEL =~ ^[1-9][0-9]*$ ]] ||
+  fail "FAULTS_CRASHES, FAULTS_CUTS, FAULTS_SEED and FAULTS_PARALLEL must be whole numbers (FAULTS_PARALLEL at least 1)"
 
 echo "fault campaign: seed $SEED (FAULTS_SEED=$SEED reproduces the choices), classes: $CLASSES; $CRASHES crash points, $CUTS link cuts" |
   tee "$CAMPAIGN_LOG"
@@ -168,7 +182,7 @@ for c in $CLASSES; do
   else
     run_class "$c.sh"
   fi
-  [[ $PARALLEL == 1 ]] || wait_children
+  ((${#CHILDREN[@]} < PARALLEL)) || wait_children
 done
 wait_children
 

@@ -42,8 +42,11 @@ command -v openssl >/dev/null || skip "openssl is not installed"
 # summary; lib.sh's EXIT trap still cleans up.
 _faults_end() {
   local rc=$?
+  set +e
   python3 "$TOOL" record "$RECORDS" kind=script_end script="$CLASS_SCRIPT" exit_code="$rc" \
-    seconds="$((SECONDS - START_SECONDS))" detail="@$LIBLOG" 2>/dev/null || true
+    seconds="$((SECONDS - START_SECONDS))" detail="@$LIBLOG" 2>/dev/null
+  # _cleanup takes its exit code from $?: give it the script's, not the record's.
+  (exit "$rc")
   _cleanup
 }
 trap _faults_end EXIT
@@ -113,11 +116,11 @@ start_load() {
   LOAD_PIDS=()
   fio --name=ld0 --filename="$EAST_MNT/vm1/d0" --ioengine=io_uring --direct=1 --rw=randwrite \
     --bsrange=4k-64k --iodepth=8 --fsync=8 --size="${FIO_MIB}M" --time_based --runtime=3600 \
-    --rate="$RATE" --refill_buffers >"$T/fio-d0.out" 2>&1 &
+    --rate="$RATE" --refill_buffers --randrepeat=0 >"$T/fio-d0.out" 2>&1 &
   LOAD_PIDS+=($!)
   fio --name=ld1 --filename="$EAST_MNT/vm1/d1" --ioengine=psync --direct=0 --rw=randwrite \
     --bsrange=4k-16k --fdatasync=32 --size="${FIO_MIB}M" --time_based --runtime=3600 \
-    --rate="$RATE" --refill_buffers >"$T/fio-d1.out" 2>&1 &
+    --rate="$RATE" --refill_buffers --randrepeat=0 >"$T/fio-d1.out" 2>&1 &
   LOAD_PIDS+=($!)
   local d flag
   for d in d0 d1; do
@@ -321,3 +324,58 @@ checks_json() {
 
 # ilog LINE: the one line of an iteration.
 ilog() { echo "[$CLASS_SCRIPT +$((SECONDS - START_SECONDS))s] $*"; }
+
+# ---------------------------------------------------------------------------------------
+# checks_after_load [CONVERGE_TIMEOUT_S]: with the load stopped, check_acked, then converge
+# and check_replica; a convergence that does not come fails prefix and sha256.
+checks_after_load() {
+  check_acked
+  if converge "${1:-120}"; then
+    check_replica
+  else
+    CHECK_prefix=fail CHECK_sha256=fail
+    add_msg "$CONV_MSG"
+  fi
+}
+
+# class_checkpoint CLASS N [CONVERGE_TIMEOUT_S]: a checkpoint of a class that checks every
+# so many iterations (link_cuts.sh's): the load stops, checks_after_load, and one
+# kind=checkpoint record for CLASS after iteration N.
+class_checkpoint() {
+  local class=$1 n=$2 t0_ns result secs summary artifacts=""
+  t0_ns=$(date +%s%N)
+  reset_checks
+  wait_load TERM
+  checks_after_load "${3:-120}"
+  result=$(verdict)
+  [[ $result == fail ]] && artifacts=$(save_failure "$class-checkpoint-after-$n")
+  secs=$(python3 -c "import time; print(round((time.time_ns() - $t0_ns) / 1e9, 2))")
+  summary="checkpoint after $class $n: load stopped; acked $ACKED_WRITES numbered writes + markers: $CHECK_acked; caught up at cycle $CONV_TARGET in ${CONV_SECONDS:-?}s; siterep-check: $CHECK_prefix${CHECK_CYCLE:+ (cycle $CHECK_CYCLE)}; sha256: $CHECK_sha256${CHECK_MSG:+; why: $CHECK_MSG}"
+  ilog "$summary -> ${result^^} (${secs}s)"
+  python3 "$TOOL" record "$RECORDS" kind=checkpoint class="$class" n="$n" \
+    checks="$(checks_json)" result="$result" seconds="$secs" acked_writes="$ACKED_WRITES" \
+    cycle="${CHECK_CYCLE:-null}" caught_up_cycle="${CONV_TARGET:-null}" rebased="$REBASED" \
+    summary="$summary" why="$CHECK_MSG" artifacts="$artifacts"
+}
+
+# restart_site east|west [DOWN_S]: after that site's siterepd died: its stale mount
+# removed, DOWN_S seconds down (default 0), started again. RESTART_MS: how long the start
+# took. (A primary's load must have stopped first: its FUSE connection is gone.)
+restart_site() {
+  local r0 conf=$EAST_CONF
+  [[ $1 == west ]] && conf=$WEST_CONF
+  unmount_stale "$conf"
+  sleep "${2:-0}"
+  r0=$(date +%s%N)
+  if [[ $1 == west ]]; then start_west >>"$LIBLOG"; else start_east >>"$LIBLOG"; fi
+  RESTART_MS=$((($(date +%s%N) - r0) / 1000000))
+}
+
+# give_up_after FAILED_IN_ROW CLASS WHAT: after 3 failed iterations in a row the sites are
+# not in a state to go on: a note for the summary, and the class ends failed.
+give_up_after() {
+  (($1 >= 3)) || return 0
+  python3 "$TOOL" record "$RECORDS" kind=note class="$2" \
+    text="stopped after $3: 3 in a row failed; the sites are not in a state to go on"
+  fail "3 in a row failed, the last $3"
+}

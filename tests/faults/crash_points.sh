@@ -41,10 +41,8 @@ while read -r kind n target load_s kill_delay down_s after_s slot; do
     victim=$EAST_PID
     kill9 "$EAST_PID"
     wait_load                 # the FUSE connection is gone: the load stops with errors
-    unmount_stale "$EAST_CONF"
-    r0=$(date +%s%N)
-    start_east >>"$LIBLOG"
-    restart_ms=$((($(date +%s%N) - r0) / 1000000))
+    restart_site east
+    restart_ms=$RESTART_MS
     grep -q 'dropping the torn tail' "$EAST_LOG" && torn=true
     grep -q 'had holes' "$EAST_LOG" && holes=true
     redone=$(sed -n 's/.*redid \([0-9]*\) records.*/\1/p' "$EAST_LOG" | awk '{s += $1} END {print s + 0}')
@@ -52,11 +50,8 @@ while read -r kind n target load_s kill_delay down_s after_s slot; do
   else
     victim=$WEST_PID
     kill9 "$WEST_PID"
-    unmount_stale "$WEST_CONF"
-    sleep "$down_s"
-    r0=$(date +%s%N)
-    start_west >>"$LIBLOG"
-    restart_ms=$((($(date +%s%N) - r0) / 1000000))
+    restart_site west "$down_s"
+    restart_ms=$RESTART_MS
     sleep "$after_s"
     wait_load TERM
     what="kill -9 west (replica) pid $victim ${load_s}s into the load, ${kill_delay}s after the markers; down ${down_s}s under load, restarted in ${restart_ms} ms, load ${after_s}s more"
@@ -108,11 +103,7 @@ while read -r kind n target load_s kill_delay down_s after_s slot; do
     recovery_redone="$([[ $redone -gt 0 ]] && echo true || echo false)" redone_records="$redone" \
     rebased="${REBASED:-0}" summary="$summary" why="$CHECK_MSG" recheck="$recheck" \
     artifacts="$artifacts" note="$note" mutated="$([[ $mutate == 1 ]] && echo true || echo false)"
-  if ((consecutive_failures >= 3)); then
-    python3 "$TOOL" record "$RECORDS" kind=note class=crash \
-      text="stopped after crash $n: 3 crash points in a row failed; the sites are not in a state to go on"
-    fail "3 crash points in a row failed"
-  fi
+  give_up_after "$consecutive_failures" crash "crash point $n"
 done <"$PLAN"
 
 ilog "done: $total crash points"

@@ -374,7 +374,8 @@ def cmd_summarize(args):
     print()
     print(f"fault campaign, seed {meta.get('seed')}: {meta.get('started')} .. {meta.get('ended')}"
           f" ({meta.get('seconds')} s)")
-    hdr = f"{'class':<16} {'runs':>5} {'pass':>5} {'fail':>5} {'mean s':>7}  notes"
+    w = max([16] + [len(n) for n in classes])
+    hdr = f"{'class':<{w}} {'runs':>5} {'pass':>5} {'fail':>5} {'mean s':>7}  notes"
     print(hdr)
     print("-" * len(hdr))
     known = ("crash_primary", "crash_secondary", "link_cut")
@@ -395,7 +396,7 @@ def cmd_summarize(args):
         checks = ", ".join(f"{k} {v['passed']}/{v['run']}" for k, v in c["checks"].items())
         if checks:
             note.append(checks)
-        print(f"{name:<16} {c['iterations']:>5} {c['passed']:>5} {c['failed']:>5} "
+        print(f"{name:<{w}} {c['iterations']:>5} {c['passed']:>5} {c['failed']:>5} "
               f"{c['mean_seconds']:>7}  {'; '.join(note)}")
     t = doc["totals"]
     print(f"all classes: {t['iterations']['passed']}/{t['iterations']['run']} iterations passed, "

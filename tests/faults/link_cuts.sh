@@ -38,29 +38,6 @@ link_state() {
   vm_field "$EAST_CONF" vm1 "f\"{v['link']['state']} {v.get('acked_cycle', 0)} {v['link']['connects']}\""
 }
 
-checkpoint() {
-  local n=$1 t0_ns result secs summary artifacts=""
-  t0_ns=$(date +%s%N)
-  reset_checks
-  wait_load TERM
-  check_acked
-  if converge 120; then
-    check_replica
-  else
-    CHECK_prefix=fail CHECK_sha256=fail
-    add_msg "$CONV_MSG"
-  fi
-  result=$(verdict)
-  [[ $result == fail ]] && artifacts=$(save_failure "checkpoint-after-cut-$n")
-  secs=$(python3 -c "import time; print(round((time.time_ns() - $t0_ns) / 1e9, 2))")
-  summary="checkpoint after cut $n: load stopped; acked $ACKED_WRITES numbered writes + markers: $CHECK_acked; caught up at cycle $CONV_TARGET in ${CONV_SECONDS:-?}s; siterep-check: $CHECK_prefix${CHECK_CYCLE:+ (cycle $CHECK_CYCLE)}; sha256: $CHECK_sha256${CHECK_MSG:+; why: $CHECK_MSG}"
-  ilog "$summary -> ${result^^} (${secs}s)"
-  python3 "$TOOL" record "$RECORDS" kind=checkpoint class=link_cut n="$n" \
-    checks="$(checks_json)" result="$result" seconds="$secs" acked_writes="$ACKED_WRITES" \
-    cycle="${CHECK_CYCLE:-null}" caught_up_cycle="${CONV_TARGET:-null}" rebased="$REBASED" \
-    summary="$summary" why="$CHECK_MSG" artifacts="$artifacts"
-}
-
 start_load || ilog "warning: no numbered write acknowledged within 10 s of starting the load"
 failed_in_row=0
 while read -r kind n mode up_s down_s; do
@@ -105,9 +82,9 @@ while read -r kind n mode up_s down_s; do
     checks="{\"recovered\": \"$recovered\"}" result="$result" seconds="$secs" \
     recovery_seconds="${rec_s:-null}" mid_segment="$mid_segment" mid_cycle="$mid_cycle" \
     partial_segments="$parts" staged_segments="$staged" summary="$summary" artifacts="$artifacts"
-  ((failed_in_row >= 3)) && fail "the link did not recover after 3 cuts in a row"
+  give_up_after "$failed_in_row" link_cut "cut $n"
   if ((n % CHECK_EVERY == 0 || n == total)); then
-    checkpoint "$n"
+    class_checkpoint link_cut "$n"
     ((n == total)) || start_load || ilog "warning: no numbered write acknowledged within 10 s of starting the load"
   fi
 done <"$PLAN"
