@@ -33,8 +33,8 @@
 #   FAULTS_SEED            the seed of every random choice (default: a new one, printed)
 #   FAULTS_RESULTS         where result files go (default tests/faults/results)
 #   FAULTS_CLASSES         the classes to run (default: all of them)
-#   FAULTS_PARALLEL        N: run up to N classes at the same time (default 1: one after
-#                          another)
+#   FAULTS_PARALLEL        N: run up to N classes at the same time, the next starting when
+#                          one ends (default 1: one after another)
 #   the counts of the other classes: FAULTS_NETNS_CUTS (default 100), FAULTS_FAILPOINT_ROUNDS
 #   (default 4 rounds over the points), FAULTS_CORRUPTIONS (per class, default 10),
 #   FAULTS_ENOSPC (per class, default 5), FAULTS_SLOW (per class, default 10): see each script
@@ -163,6 +163,16 @@ run_class() {
   tail -n +1 -f --pid="$pid" "$T/${script%.sh}.out" | tee -a "$CAMPAIGN_LOG" &
 }
 
+# wait_one_child: until one of the classes running has ended; it leaves CHILDREN.
+wait_one_child() {
+  local pid left=()
+  wait -n "${CHILDREN[@]}" || true
+  for pid in "${CHILDREN[@]}"; do
+    if _alive "$pid"; then left+=("$pid"); else wait "$pid" || true; _forget_pid "$pid"; fi
+  done
+  CHILDREN=("${left[@]}")
+}
+
 wait_children() {
   local pid
   for pid in "${CHILDREN[@]}"; do
@@ -182,7 +192,7 @@ for c in $CLASSES; do
   else
     run_class "$c.sh"
   fi
-  ((${#CHILDREN[@]} < PARALLEL)) || wait_children
+  ((${#CHILDREN[@]} < PARALLEL)) || wait_one_child
 done
 wait_children
 

@@ -36,6 +36,12 @@
       Merges the per-iteration records of every class into one result document and
       prints a summary table. A class without an entry in CLASS_INFO describes itself
       with a record kind=class_info class=NAME injected=TEXT checked=[TEXT...].
+
+  markdown RESULT_JSON [DOC_MD]
+      The figures of a campaign's result document as Markdown: the run (seed, time, commit),
+      a table of every class (how it was injected, runs, passed, each check's passes) and
+      the totals. With DOC_MD, replaces what stands between the lines
+      "<!-- campaign:begin -->" and "<!-- campaign:end -->" of that file instead of printing.
 """
 import hashlib
 import json
@@ -414,11 +420,61 @@ def cmd_summarize(args):
     return 0 if doc["passed"] else 1
 
 
+def cmd_markdown(args):
+    with open(args[0]) as f:
+        doc = json.load(f)
+    git = doc.get("git_at_start") or doc.get("git") or {}
+    out = []
+    dirty = git.get("modified_tracked_files")
+    out.append(f"Run: `{os.path.relpath(args[0])}`, seed {doc['seed']} "
+               f"(`FAULTS_SEED={doc['seed']}` replays the choices), {doc['started']} .. "
+               f"{doc['ended']}, {doc['seconds']} s on {doc['host']['cpus']} CPUs, commit "
+               f"{str(git.get('commit', 'unknown'))[:7]}"
+               + (f" with {dirty} modified files" if dirty else "") + ". Result: "
+               + ("every check passed." if doc["passed"] else "**FAILED** (see below)."))
+    out.append("")
+    out.append("| class | injected | runs | passed | checks passed / run | mean s |")
+    out.append("|---|---|---|---|---|---|")
+    for name, c in doc["classes"].items():
+        checks = ", ".join(f"{k} {v['passed']}/{v['run']}" for k, v in c["checks"].items()
+                           if v["run"])
+        if "checkpoints" in c:
+            k = c["checkpoints"]
+            checks += f"; checkpoints {k['passed']}/{k['run']}"
+        injected = " ".join(str(c.get("injected", "")).split()).replace("|", "/")
+        out.append(f"| {name} | {injected} | {c['iterations']} | {c['passed']} | {checks} | "
+                   f"{c['mean_seconds']} |")
+    t = doc["totals"]
+    out.append("")
+    out.append(f"In all: {t['iterations']['passed']} of {t['iterations']['run']} iterations "
+               f"and {t['checkpoints']['passed']} of {t['checkpoints']['run']} checkpoints passed.")
+    for name, c in doc["classes"].items():
+        for fl in c["failures"]:
+            out.append(f"- FAILED {name} #{fl.get('n')}: {fl.get('summary', '')}")
+    for r in doc.get("notes", []):
+        out.append(f"- note ({r.get('class', '')}): {r.get('text', '')}")
+    text = "\n".join(out) + "\n"
+    if len(args) < 2:
+        sys.stdout.write(text)
+        return 0
+    begin, end = "<!-- campaign:begin -->\n", "<!-- campaign:end -->"
+    with open(args[1]) as f:
+        md = f.read()
+    a, b = md.find(begin), md.find(end)
+    if a < 0 or b < a:
+        print(f"{args[1]}: no {begin.strip()} ... {end} lines", file=sys.stderr)
+        return 1
+    with open(args[1] + ".tmp", "w") as f:
+        f.write(md[: a + len(begin)] + text + md[b:])
+    os.replace(args[1] + ".tmp", args[1])
+    return 0
+
+
 def main():
     cmd, args = sys.argv[1], sys.argv[2:]
     fn = {"plan": cmd_plan, "ackwrite": cmd_ackwrite, "ackverify": cmd_ackverify,
           "record": cmd_record, "segstate": cmd_segstate,
-          "summarize": cmd_summarize}[cmd]
+          "summarize": cmd_summarize, "markdown": cmd_markdown}[cmd]
     sys.exit(fn(args))
 
 
