@@ -12,8 +12,9 @@
 #   make check-asan  everything built with AddressSanitizer/UBSan in build-asan/: the unit
 #                    tests, then the integration tests (but qemu's) with sanitized daemons
 #                    (a sanitizer report makes the daemon exit non-zero: the test fails)
-#   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers
-#                    and the control daemon's plan and peer-reply parsers, FUZZ_SECONDS
+#   make fuzz        libFuzzer harnesses (clang) for the log record and wire frame parsers,
+#                    the control socket's request parser and the control daemon's plan and
+#                    peer-reply parsers, FUZZ_SECONDS
 #                    each (default 60), in build-fuzz/
 #   make faults      build, then the fault campaign (tests/faults/campaign.sh), every class
 #                    one after another (FAULTS_CLASSES picks some): FAULTS_CRASHES kill -9
@@ -100,7 +101,7 @@ fuzz: deps
 	cmake -S . -B $(FUZZ_DIR) -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++ -DSITEREP_FUZZ=ON
 	cmake --build $(FUZZ_DIR) -j$(JOBS)
 	$(FUZZ_DIR)/bin/make_seeds $(FUZZ_DIR)/corpus
-	@rc=0; for f in log_record wire_frame control_input; do \
+	@rc=0; for f in log_record wire_frame control_input control_request; do \
 	  mkdir -p $(FUZZ_DIR)/found/$$f; \
 	  $(FUZZ_DIR)/bin/$${f}_fuzz -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 \
 	    -artifact_prefix=$(FUZZ_DIR)/found/$$f/ $(FUZZ_DIR)/corpus/$$f >$(FUZZ_DIR)/$$f.log 2>&1 || rc=1; \

@@ -18,12 +18,6 @@
 
 namespace siterep::control {
 
-nlohmann::json Ok(nlohmann::json result) { return {{"ok", true}, {"result", std::move(result)}}; }
-
-nlohmann::json Refused(std::string_view name, std::string_view message) {
-  return {{"ok", false}, {"error", name}, {"message", message}};
-}
-
 ControlServer::~ControlServer() { Stop(); }
 
 Status ControlServer::Start(const std::filesystem::path& path, Handler handler,
@@ -112,7 +106,7 @@ void ControlServer::Serve() {
     UniqueFd conn(::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC));
     if (!conn.valid()) continue;
     if (workers_.size() >= static_cast<size_t>(kMaxClients)) {
-      SendAll(conn.get(), Refused("busy", "too many control requests at once").dump() + "\n");
+      SendAll(conn.get(), ReplyLine(Refused("busy", "too many control requests at once")));
       continue;
     }
     auto done = std::make_shared<std::atomic<bool>>(false);
@@ -181,7 +175,7 @@ void ControlServer::HandleConnection(int fd) {
   if (!PeerAllowed(fd)) {
     const char* who = group_ ? "the control socket accepts only root and its group"
                              : "the control socket accepts only root";
-    SendAll(fd, Refused("permission-denied", who).dump() + "\n");
+    SendAll(fd, ReplyLine(Refused("permission-denied", who)));
     // Closing with the unread request still queued would reset the connection before the
     // client reads the refusal: end our side, then discard what it sent until it closes.
     ::shutdown(fd, SHUT_WR);
@@ -198,25 +192,11 @@ void ControlServer::HandleConnection(int fd) {
     if (n <= 0) break;
     line.append(buf, static_cast<size_t>(n));
     if (line.size() > kMaxControlMessage) {
-      SendAll(fd, Refused("bad-request", "request too large").dump() + "\n");
+      SendAll(fd, ReplyLine(Refused("bad-request", "request too large")));
       return;
     }
   }
-  if (auto nl = line.find('\n'); nl != std::string::npos) line.resize(nl);
-  nlohmann::json request = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-  nlohmann::json reply;
-  if (request.is_discarded() || !request.is_object() || !request.contains("op") ||
-      !request["op"].is_string()) {
-    reply = Refused("bad-request", "a request is one JSON object with a string \"op\"");
-  } else {
-    try {
-      reply = handler_(request);
-    } catch (const std::exception& e) {
-      // nlohmann::json throws on a field of the wrong type; that is the client's error.
-      reply = Refused("bad-request", e.what());
-    }
-  }
-  SendAll(fd, reply.dump() + "\n");
+  SendAll(fd, ReplyLine(AnswerRequest(line, handler_)));
 }
 
 }  // namespace siterep::control

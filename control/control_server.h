@@ -22,6 +22,7 @@
 #include <nlohmann/json.hpp>
 
 #include "common/status.h"
+#include "control/request.h"
 #include "common/unique_fd.h"
 
 namespace siterep::control {
@@ -29,7 +30,8 @@ namespace siterep::control {
 class ControlServer {
  public:
   // Called on the server thread for each request; returns the whole reply object.
-  using Handler = std::function<nlohmann::json(const nlohmann::json& request)>;
+  // (control/request.h: AnswerRequest parses the request and maps a throw to bad-request.)
+  using Handler = RequestHandler;
 
   ControlServer() = default;
   ~ControlServer();  // Stop()
@@ -64,8 +66,5 @@ class ControlServer {
   std::vector<Worker> workers_;  // Serve's thread only (and Stop after joining it)
 };
 
-// Reply helpers shared by every handler.
-nlohmann::json Ok(nlohmann::json result);
-nlohmann::json Refused(std::string_view name, std::string_view message);
 
 }  // namespace siterep::control

@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "shipper/wire_format.h"
@@ -189,5 +190,23 @@ vms = ["web01", "web02"]
         text(1, R"({"name":"p","from":"east","to":"west","groups":[{"name":"g","vms":["a"],)"
                 R"("pre":[{"site":"west","run":"true","timeout_ms":1000}],"manual":[{"message":"m"}]}]})"));
   Write(dir / "control_input" / "ranges", text(2, R"({"os":[[0,65536],[131072,65536]],"data":[]})"));
+
+  // control_request: request lines as the CLI sends them (tools/siterep_cli.cc).
+  fs::create_directories(dir / "control_request");
+  const std::pair<const char*, std::string_view> requests[] = {
+      {"status", R"({"op":"status"})"},
+      {"status_vm", R"({"op":"status","vm":"vm1"})"},
+      {"enable", R"({"op":"enable","vm":"vm1","to":"west","wait":true})"},
+      {"failover", R"({"op":"failover","vm":"vm1","planned":true,"timeout":30.5})"},
+      {"resync", R"({"op":"resync","vm":"vm1","full":false,"disks":["d0","d1"]})"},
+      {"export", R"({"op":"export","vm":"vm1","disk":"d0","point":7,"out":"/tmp/x.img"})"},
+      {"failpoint", R"({"op":"failpoint","spec":"applier.mid_apply=abort@3*1"})"},
+      {"two_lines", "{\"op\":\"pause\",\"vm\":\"vm1\"}\n{\"op\":\"status\"}\n"},
+  };
+  for (const auto& [name, line] : requests) {
+    std::vector<std::byte> out;
+    for (char c : line) out.push_back(std::byte(c));
+    Write(dir / "control_request" / name, out);
+  }
   return 0;
 }
