@@ -6,7 +6,9 @@
 #  1. planned failover east -> west, east dies after the drain, before asking west;
 #  2. planned failover west -> east, east dies right after it recorded its promotion;
 #  3. unplanned failover at west, west dies right after it recorded the failover;
-#  4. commit at west, west dies after the images became the point, before the overlay;
+#  4. commit at west, west dies right after it recorded the commit; at its restart it
+#     finishes the commit and dies again there, after the images became the point, before
+#     the overlay (armed by SITEREP_FAILPOINTS at the start);
 #  5. reverse at west, east dies right after it recorded its demotion;
 #  6. two role changes of one VM at once: the second is refused.
 source "$(dirname "$0")/lib.sh"
@@ -121,11 +123,15 @@ WEST_PID=$DAEMON_PID
 [[ -e $WEST_MNT/vm1/d0 ]] || fail "west does not expose the failed-over disk"
 write_at "$WEST_MNT"
 
-step "4. commit at west; west dies in the middle"
+step "4. commit at west; west dies when it recorded it, and again in the middle at its restart"
 sha_before=$(sha256sum <"$WEST_MNT/vm1/d0" | cut -d' ' -f1)
-"$SITEREP" -c "$WEST_CONF" failpoint control.commit_mid=abort*1 >/dev/null
+"$SITEREP" -c "$WEST_CONF" failpoint control.commit_after_persist=abort*1 >/dev/null
 expect_exit1 "commit with west crashing" "$SITEREP" -c "$WEST_CONF" commit vm1
 crashed "$WEST_PID" "$WEST_CONF"
+SITEREP_FAILPOINTS=control.commit_mid=abort*1 start_daemon "$WEST_CONF"
+crashed "$DAEMON_PID" "$WEST_CONF"
+grep -q "failpoint control.commit_mid" "$DAEMON_LOG" ||
+  fail "west did not die finishing the commit at its start: $(tail -n 3 "$DAEMON_LOG")"
 start_ready "$WEST_CONF"
 WEST_PID=$DAEMON_PID
 [[ $(vm_field "$WEST_CONF" vm1 "v['state']") == committed ]] || fail "the commit did not finish"
