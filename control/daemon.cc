@@ -45,11 +45,12 @@ Daemon::~Daemon() { (void)Shutdown(); }
 
 Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions options) {
   std::unique_ptr<Daemon> d(new Daemon(std::move(config), options));
-  SR_RETURN_IF_ERROR(MakeDirs(d->config_.state_dir));
+  // A start refused for the config's sake leaves nothing behind (no new state_dir).
   std::optional<gid_t> control_group;
   if (!d->config_.control_group.empty()) {
     SR_ASSIGN_OR_RETURN(control_group, ResolveGroup(d->config_.control_group));
   }
+  SR_RETURN_IF_ERROR(MakeDirs(d->config_.state_dir));
 
   if (!d->config_.tls.ca.empty()) {
     auto tls =

@@ -110,6 +110,8 @@ stop_clean "$PID_E" "$CONF"
 
 step "control_group naming no group: refused"
 sed -i "s/^control_group = .*/control_group = \"no-such-group-here\"/" "$CONF"
+sed -i "s|^state_dir = .*|state_dir = \"$T/not-made\"|" "$CONF"
 expect_exit1 "unknown control_group" "$SITEREPD" -c "$CONF"
 expect_output_has "no group named no-such-group-here"
 ! is_mounted "$MNT" || fail "mounted despite an unknown control_group"
+[[ ! -e $T/not-made ]] || fail "a start refused for its control_group made its state_dir"
