@@ -465,10 +465,10 @@ json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request
   // Role changes: one at a time per VM.
   if (op == "failover" || op == "commit" || op == "reverse" || op == "failback" ||
       op == "test-failover") {
-    std::unique_lock op_lock(slot.op_mu, std::try_to_lock);
-    if (!op_lock.owns_lock()) {
-      return Refused("busy", "another role change of VM " + vm + " runs at " + config_.name);
-    }
+    std::string what = op;
+    if (op == "failover") what = request.value("kind", "") + " failover";
+    OpLock op_lock(slot, what);
+    if (!op_lock.owns()) return op_lock.Busy(config_.name);
     if (op == "failover") {
       const std::string kind = request.value("kind", "");
       if (kind == "planned") return FailoverPlanned(slot);
@@ -482,10 +482,8 @@ json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request
   }
 
   // Operations on a running primary.
-  std::unique_lock op_lock(slot.op_mu, std::try_to_lock);
-  if (!op_lock.owns_lock()) {
-    return Refused("busy", "a role change of VM " + vm + " runs at " + config_.name);
-  }
+  OpLock op_lock(slot, op);
+  if (!op_lock.owns()) return op_lock.Busy(config_.name);
   Outbound* out = nullptr;
   tracker::VmTracker* tracker = nullptr;
   {
@@ -544,7 +542,7 @@ json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request
     s = out->Resume();
   }
   if (!s.ok()) return Refused(op + "-refused", s.message());
-  op_lock.unlock();
+  op_lock.Release();
   return Ok(StatusReport(vm));
 }
 

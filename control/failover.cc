@@ -80,10 +80,9 @@ json Daemon::HandlePeer(const std::string& peer, const json& request) {
   if (op != "promote" && op != "demote") {
     return Refused("unknown-op", "unknown peer request '" + op + "'");
   }
-  std::unique_lock op_lock(slot->op_mu, std::try_to_lock);
-  if (!op_lock.owns_lock()) {
-    return Refused("busy", "another role change of VM " + vm + " runs at " + config_.name);
-  }
+  OpLock op_lock(*slot, op == "promote" ? "promotion (asked by " + peer + ")"
+                                        : "demotion (asked by " + peer + ")");
+  if (!op_lock.owns()) return op_lock.Busy(config_.name);
   try {
     return op == "promote" ? Promote(*slot, peer, request) : Demote(*slot, peer, request);
   } catch (const json::exception& e) {

@@ -671,10 +671,8 @@ json Daemon::PlanVmStep(const RecoveryPlan& plan, const std::string& kind, const
       return out;
     }
   }
-  std::unique_lock op_lock(slot->op_mu, std::try_to_lock);
-  if (!op_lock.owns_lock()) {
-    return {{"state", "failed"}, {"error", "another role change of VM " + vm + " runs"}};
-  }
+  OpLock op_lock(*slot, "plan step " + kind + " failover");
+  if (!op_lock.owns()) return {{"state", "failed"}, {"error", op_lock.Busy(config_.name)["message"]}};
   json reply;
   if (kind == "planned") {
     reply = FailoverPlanned(*slot);

@@ -396,11 +396,8 @@ Daemon::VerifyPins& Daemon::Pins() {
 json Daemon::Verify(VmSlot& slot, const json& request) {
   (void)request;
   const std::string& vm = slot.name;
-  std::unique_lock op_lock(slot.op_mu, std::try_to_lock);
-  if (!op_lock.owns_lock()) {
-    return Refused("busy", "a role change or another verify of VM " + vm + " runs at " +
-                               config_.name + "; verify again when it is done");
-  }
+  OpLock op_lock(slot, "verify");
+  if (!op_lock.owns()) return op_lock.Busy(config_.name);
   RoleState role;
   Outbound* out = nullptr;
   tracker::VmTracker* tracker = nullptr;

@@ -29,6 +29,7 @@
 #include "control/hooks.h"
 #include "control/outbound.h"
 #include "control/protected_disk.h"
+#include "control/request.h"
 #include "control/role.h"
 
 namespace siterep::control {
@@ -65,11 +66,53 @@ struct VmSlot {
   // or until this time (unix nanos; 0: not waiting).
   int64_t confirm_until_nanos = 0;
   nlohmann::json last_operation;  // the last role change here: what, when, hooks, result
+  // What holds op_mu through an OpLock ("planned failover", "verify", ...); empty when
+  // nothing does or a holder did not say.
+  std::string op_running;
 
   RoleState CurrentRole() const {
     std::lock_guard lk(mu);
     return role;
   }
+};
+
+// op_mu taken without waiting, by an operation that says what it is, so that the one it
+// turns away can be told what runs. owns() false: another holds it (busy()).
+class OpLock {
+ public:
+  OpLock(VmSlot& slot, std::string what) : slot_(slot), lock_(slot.op_mu, std::try_to_lock) {
+    std::lock_guard lk(slot_.mu);
+    if (lock_.owns_lock()) {
+      slot_.op_running = std::move(what);
+    } else {
+      running_ = slot_.op_running.empty() ? "another operation" : slot_.op_running;
+      what_ = std::move(what);
+    }
+  }
+  ~OpLock() { Release(); }
+  // Lets the next operation in before this object goes.
+  void Release() {
+    if (!lock_.owns_lock()) return;
+    {
+      std::lock_guard lk(slot_.mu);
+      slot_.op_running.clear();
+    }
+    lock_.unlock();
+  }
+  OpLock(const OpLock&) = delete;
+  OpLock& operator=(const OpLock&) = delete;
+
+  bool owns() const { return lock_.owns_lock(); }
+  // The refusal when !owns(): "busy", naming what runs.
+  nlohmann::json Busy(const std::string& site) const {
+    return Refused("busy", what_ + " of VM " + slot_.name + " cannot start: " + running_ +
+                               " of it runs at " + site + "; try again when it is done");
+  }
+
+ private:
+  VmSlot& slot_;
+  std::unique_lock<std::mutex> lock_;
+  std::string running_, what_;
 };
 
 }  // namespace siterep::control
