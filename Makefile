@@ -20,9 +20,10 @@
 #                    one after another (FAULTS_CLASSES picks some): FAULTS_CRASHES kill -9
 #                    crash points (default 200, 60% primary), FAULTS_CUTS proxy link cuts
 #                    (default 100), 100 nftables cuts, 84 failpoint crashes, 40 corruptions,
-#                    10 full disks, 20 slow or stalled replicas; random choices from
-#                    FAULTS_SEED (default: new, printed); figures in
-#                    tests/faults/results/<UTC time>.json and a summary table (about 2 h)
+#                    10 full disks, 20 slow or stalled replicas, FAULTS_PARALLEL classes at
+#                    a time (default 2); random choices from FAULTS_SEED (default: new,
+#                    printed); figures in tests/faults/results/<UTC time>.json and a
+#                    summary table (about 45 minutes)
 #   make deps | build | clean
 
 SHELL := /bin/bash
@@ -37,6 +38,7 @@ TEST_FUZZ_SECONDS ?= 10
 FAULTS_CRASHES ?= 200
 FAULTS_CUTS ?= 100
 FAULTS_SEED ?=
+FAULTS_PARALLEL ?= 2
 BUILD_TYPE ?= RelWithDebInfo
 JOBS ?= $(shell nproc)
 
@@ -113,6 +115,7 @@ fuzz: deps
 # Exit 1 when a check failed; the result file is written either way.
 faults: build
 	FAULTS_CRASHES=$(FAULTS_CRASHES) FAULTS_CUTS=$(FAULTS_CUTS) FAULTS_SEED=$(FAULTS_SEED) \
+	  FAULTS_PARALLEL=$(FAULTS_PARALLEL) \
 	  bash tests/faults/campaign.sh $(BUILD_DIR)/bin
 
 clean:

@@ -69,7 +69,10 @@ mkdir -p "$RESULTS"
 [[ $CRASHES =~ ^[0-9]+$ && $CUTS =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ && $PARALLEL =~ ^[1-9][0-9]*$ ]] ||
   fail "FAULTS_CRASHES, FAULTS_CUTS, FAULTS_SEED and FAULTS_PARALLEL must be whole numbers (FAULTS_PARALLEL at least 1)"
 
-echo "fault campaign: seed $SEED (FAULTS_SEED=$SEED reproduces the choices), classes: $CLASSES; $CRASHES crash points, $CUTS link cuts" |
+COUNTS=""
+[[ " $CLASSES " == *" crash_points "* ]] && COUNTS+="; $CRASHES crash points"
+[[ " $CLASSES " == *" link_cuts "* ]] && COUNTS+="; $CUTS link cuts"
+echo "fault campaign: seed $SEED (FAULTS_SEED=$SEED reproduces the choices), classes: $CLASSES$COUNTS; $PARALLEL at a time" |
   tee "$CAMPAIGN_LOG"
 
 # A private copy of the binaries.

@@ -435,7 +435,13 @@ def cmd_markdown(args):
     out.append("")
     out.append("| class | injected | runs | passed | checks passed / run | mean s |")
     out.append("|---|---|---|---|---|---|")
-    for name, c in doc["classes"].items():
+    order = ["crash_primary", "crash_secondary", "link_cut", "netns_cut", "failpoint_crash",
+             "corrupt_primary_segment", "corrupt_received_segment", "corrupt_frame",
+             "corrupt_replica_image", "enospc_primary_log", "enospc_secondary_state",
+             "slow_secondary", "stalled_secondary"]
+    names = sorted(doc["classes"], key=lambda n: (order.index(n) if n in order else len(order), n))
+    for name in names:
+        c = doc["classes"][name]
         checks = ", ".join(f"{k} {v['passed']}/{v['run']}" for k, v in c["checks"].items()
                            if v["run"])
         if "checkpoints" in c:
@@ -448,9 +454,12 @@ def cmd_markdown(args):
     out.append("")
     out.append(f"In all: {t['iterations']['passed']} of {t['iterations']['run']} iterations "
                f"and {t['checkpoints']['passed']} of {t['checkpoints']['run']} checkpoints passed.")
-    for name, c in doc["classes"].items():
-        for fl in c["failures"]:
-            out.append(f"- FAILED {name} #{fl.get('n')}: {fl.get('summary', '')}")
+    def one_line(text):  # a failure's summary may carry a traceback: its first line
+        line = str(text).splitlines()[0] if str(text) else ""
+        return line if len(line) <= 400 else line[:400] + " ..."
+    for name in names:
+        for fl in doc["classes"][name]["failures"]:
+            out.append(f"- FAILED {name} #{fl.get('n')}: {one_line(fl.get('summary', ''))}")
     for r in doc.get("notes", []):
         out.append(f"- note ({r.get('class', '')}): {r.get('text', '')}")
     text = "\n".join(out) + "\n"
