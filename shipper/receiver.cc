@@ -93,8 +93,9 @@ class Receiver::Impl {
     UniqueFd dup;
     // Guarded by Impl::mu_:
     TlsStream* stream = nullptr;
-    std::string vm;    // set once the connection owns the VM
-    std::string peer;  // the certificate's site name
+    std::string vm;      // set once the connection owns the VM
+    uint64_t epoch = 0;  // its Hello's epoch, set with vm
+    std::string peer;    // the certificate's site name
     bool done = false;
   };
   struct VmEntry {
@@ -370,7 +371,9 @@ Result<applier::SegmentSink*> Receiver::Impl::Handshake(Conn& conn, TlsStream& s
   }
 
   // Take the VM over from an older connection of the same peer (a reconnect after a cut
-  // link): cancel it and wait until it has left the sink.
+  // link): cancel it and wait until it has left the sink. A Hello at an older epoch than
+  // that connection's is refused first, without touching it (a stale or rogue primary
+  // process must not cut the current one off).
   {
     std::unique_lock lk(mu_);
     while (true) {
@@ -383,6 +386,14 @@ Result<applier::SegmentSink*> Receiver::Impl::Handshake(Conn& conn, TlsStream& s
         return Refuse(stream, who, EBUSY,
                       "VM " + def.vm + " is being replicated here from site " + old->peer);
       }
+      if (def.epoch < old->epoch) {
+        const uint64_t current = old->epoch;
+        lk.unlock();
+        return Refuse(stream, who, ESTALE,
+                      "VM " + def.vm + " is replicated here at epoch " + std::to_string(current) +
+                          " by another connection from " + peer + ", the primary at epoch " +
+                          std::to_string(def.epoch));
+      }
       CancelLocked(*old);
       done_cv_.wait(lk, [&] {
         auto now_owner = owner_.find(def.vm);
@@ -391,6 +402,7 @@ Result<applier::SegmentSink*> Receiver::Impl::Handshake(Conn& conn, TlsStream& s
     }
     owner_[def.vm] = &conn;
     conn.vm = def.vm;
+    conn.epoch = def.epoch;
     VmEntry& e = vms_[def.vm];
     e.stats.vm = def.vm;
     e.stats.peer = peer;

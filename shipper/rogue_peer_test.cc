@@ -638,8 +638,9 @@ TEST_F(RoguePeerTest, ARewoundCycleSegmentOrSequenceIsRefused) {
 }
 
 // The replica is at epoch 3: a Hello at epoch 2 is fenced; so is one whose epoch is not a
-// plain unsigned integer (-1 must not read as 2^64-1, nor 3.5 as 3); and records of epoch
-// 2 inside a segment are refused on a connection at epoch 3.
+// plain unsigned integer (-1 must not read as 2^64-1, nor 3.5 as 3); records of epoch 2
+// inside a segment are refused on a connection at epoch 3; and a Hello at epoch 2 does not
+// take the VM from a connection at epoch 3.
 TEST_F(RoguePeerTest, AnOlderEpochIsRefused) {
   const ReplicaState before = Capture();
   {
@@ -679,6 +680,23 @@ TEST_F(RoguePeerTest, AnOlderEpochIsRefused) {
                    .bytes()));
     ExpectError(*rogue, "epoch 2 is older than the replica's 3", what);
     ExpectUnchanged(before, what);
+  }
+  {
+    // With a connection at epoch 3 holding the VM, a Hello at epoch 2 is refused before
+    // that connection is touched: it stays open.
+    std::unique_ptr<TlsStream> current = ConnectAndHello();
+    ASSERT_TRUE(current);
+    Hello hello = GoodHello();
+    hello.definition.epoch = kEpoch - 1;
+    std::unique_ptr<TlsStream> rogue = Connect();
+    ASSERT_TRUE(rogue);
+    Send(*rogue, FrameType::kHello, EncodeHello(hello));
+    ExpectHelloRefused(*rogue, "epoch_older", "replicated here at epoch 3 by another connection",
+                       "a Hello at epoch 2 beside a connection at epoch 3");
+    std::byte one[1];
+    const Status read = current->ReadExact(one, std::chrono::steady_clock::now() + 1s);
+    EXPECT_EQ(read.code(), ETIMEDOUT) << "the connection at epoch 3: " << read.ToString();
+    ExpectUnchanged(before, "a Hello at epoch 2 beside a connection at epoch 3");
   }
   EXPECT_EQ(replica_->Definition().epoch, kEpoch);
   ExpectAGoodCycleStillGoesThrough();
