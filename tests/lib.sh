@@ -43,6 +43,10 @@ fail() {
   echo "FAIL [$TEST_NAME]: $*" >&2
   exit 1
 }
+# new_seed: a random seed for a run's random choices (1 .. 2^31-1), printed by the caller
+# so that FAULTS_SEED=N replays it.
+new_seed() { python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))'; }
+
 skip() {
   echo "SKIP [$TEST_NAME]: $*"
   exit 77

@@ -49,7 +49,7 @@ source "$FAULTS_DIR/../lib.sh"
 CRASHES=${FAULTS_CRASHES:-200}
 CUTS=${FAULTS_CUTS:-100}
 SHARE=${FAULTS_PRIMARY_SHARE:-0.6}
-SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
+SEED=${FAULTS_SEED:-$(new_seed)}
 RESULTS=$(realpath -m "${FAULTS_RESULTS:-$FAULTS_DIR/results}")
 PARALLEL=${FAULTS_PARALLEL:-1}
 ALL_CLASSES="crash_points link_cuts netns_cuts failpoints corruption enospc slow_secondary"

@@ -70,7 +70,7 @@ source "$FAULTS_DIR/../lib.sh"
 source "$FAULTS_DIR/common.sh"
 
 COUNT=${FAULTS_CORRUPTIONS:-10}
-SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
+SEED=${FAULTS_SEED:-$(new_seed)}
 ALL="corrupt_primary_segment corrupt_received_segment corrupt_frame corrupt_replica_image"
 CLASSES=${FAULTS_CORRUPTION_CLASSES:-$ALL}
 MUTATE=${FAULTS_CORRUPTION_MUTATE:-0}

@@ -97,7 +97,7 @@ source "$FAULTS_DIR/../lib.sh"
 source "$FAULTS_DIR/common.sh"
 
 COUNT=${FAULTS_ENOSPC:-5}
-SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
+SEED=${FAULTS_SEED:-$(new_seed)}
 WHICH=${FAULTS_ENOSPC_CLASSES:-primary secondary}
 RESYNC_MODE=${FAULTS_ENOSPC_RESYNC:-mixed}
 RATE=${FAULTS_ENOSPC_RATE:-1m}

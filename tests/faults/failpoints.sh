@@ -53,7 +53,7 @@ source "$FAULTS_DIR/common.sh"
 ROUNDS=${FAULTS_FAILPOINT_ROUNDS:-4}
 POINTS=${FAULTS_FAILPOINT_POINTS:-}
 TIMEOUT=${FAULTS_FAILPOINT_TIMEOUT:-30}
-SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
+SEED=${FAULTS_SEED:-$(new_seed)}
 [[ $ROUNDS =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ && $TIMEOUT =~ ^[0-9]+$ ]] ||
   fail "FAULTS_FAILPOINT_ROUNDS, FAULTS_FAILPOINT_TIMEOUT and FAULTS_SEED must be whole numbers"
 

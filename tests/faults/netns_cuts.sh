@@ -37,7 +37,7 @@ command -v nsenter >/dev/null || skip "nsenter is not installed"
 CUTS=${FAULTS_NETNS_CUTS:-100}
 CHECK_EVERY=${FAULTS_CUT_CHECK_EVERY:-25}
 LONG_SHARE=${FAULTS_NETNS_LONG:-0.15}
-SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
+SEED=${FAULTS_SEED:-$(new_seed)}
 [[ $CUTS =~ ^[0-9]+$ && $CHECK_EVERY =~ ^[1-9][0-9]*$ && $SEED =~ ^[0-9]+$ ]] ||
   fail "FAULTS_NETNS_CUTS, FAULTS_CUT_CHECK_EVERY and FAULTS_SEED must be whole numbers"
 # As link_cuts.sh, a bandwidth_limit keeps the link busy, so that cuts land mid-transfer;

@@ -48,7 +48,7 @@ source "$FAULTS_DIR/common.sh"
 
 COUNT=${FAULTS_SLOW:-10}
 LONG=${FAULTS_SLOW_LONG:-$((COUNT >= 3 ? 3 : 0))}
-SEED=${FAULTS_SEED:-$(python3 -c 'import random; print(random.SystemRandom().randrange(1, 1 << 31))')}
+SEED=${FAULTS_SEED:-$(new_seed)}
 GAP_S=${FAULTS_SLOW_GAP_S:-2}
 [[ $COUNT =~ ^[0-9]+$ && $LONG =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ && $LONG -le $COUNT ]] ||
   fail "FAULTS_SLOW, FAULTS_SLOW_LONG (at most FAULTS_SLOW) and FAULTS_SEED must be whole numbers"
