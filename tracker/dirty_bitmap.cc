@@ -137,10 +137,14 @@ void DirtyBitmap::MarkRange(uint64_t offset, uint64_t length) {
     const unsigned bits =
         static_cast<unsigned>(std::min<uint64_t>(64 - first_bit, last - block + 1));
     const uint64_t mask = (bits == 64 ? ~0ull : ((1ull << bits) - 1)) << first_bit;
-    const uint64_t old =
-        std::atomic_ref<uint64_t>(words_[word]).fetch_or(mask, std::memory_order_relaxed);
-    const uint64_t newly = mask & ~old;
-    if (newly != 0) dirty_blocks_.fetch_add(std::popcount(newly), std::memory_order_relaxed);
+    std::atomic_ref<uint64_t> ref(words_[word]);
+    // Most writes of a busy disk hit blocks already marked this cycle: a load, no locked
+    // instruction, no cache line taken from the other cores.
+    if ((ref.load(std::memory_order_relaxed) & mask) != mask) {
+      const uint64_t old = ref.fetch_or(mask, std::memory_order_relaxed);
+      const uint64_t newly = mask & ~old;
+      if (newly != 0) dirty_blocks_.fetch_add(std::popcount(newly), std::memory_order_relaxed);
+    }
     block += bits;
   }
 }
@@ -150,6 +154,33 @@ bool DirtyBitmap::IsDirty(uint64_t block) const {
   const uint64_t word =
       std::atomic_ref<uint64_t>(words_[block / 64]).load(std::memory_order_relaxed);
   return (word >> (block % 64)) & 1;
+}
+
+uint64_t DirtyBitmap::TakeAll(std::vector<uint64_t>* words) {
+  const uint64_t n = WordCount(disk_size_);
+  words->assign(n, 0);
+  uint64_t taken = 0;
+  for (uint64_t w = 0; w < n; ++w) {
+    std::atomic_ref<uint64_t> ref(words_[w]);
+    if (ref.load(std::memory_order_relaxed) == 0) continue;
+    const uint64_t old = ref.exchange(0, std::memory_order_relaxed);
+    (*words)[w] = old;
+    taken += std::popcount(old);
+  }
+  // Called with no writer in flight (a cut holds the VM lock exclusively).
+  dirty_blocks_.fetch_sub(taken, std::memory_order_relaxed);
+  return taken;
+}
+
+void DirtyBitmap::MarkWords(std::span<const uint64_t> words) {
+  const uint64_t n = std::min<uint64_t>(words.size(), WordCount(disk_size_));
+  for (uint64_t w = 0; w < n; ++w) {
+    if (words[w] == 0) continue;
+    const uint64_t old =
+        std::atomic_ref<uint64_t>(words_[w]).fetch_or(words[w], std::memory_order_relaxed);
+    const uint64_t newly = words[w] & ~old;
+    if (newly != 0) dirty_blocks_.fetch_add(std::popcount(newly), std::memory_order_relaxed);
+  }
 }
 
 uint64_t DirtyBitmap::word(uint64_t w) const {

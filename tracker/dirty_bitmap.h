@@ -1,9 +1,10 @@
-// DirtyBitmap: which blocks of a disk changed since its change log was dropped (bitmap
-// tracking, "resync required"). One bit per 4 KiB block. The tracker sets bits from the
-// FUSE threads (lock-free, std::atomic_ref fetch_or on the mapped words); resync (a later
-// issue) reads them and sends only the dirty blocks.
+// DirtyBitmap: one bit per 4 KiB block of a disk. The tracker keeps two of them per disk:
+// the changed-block map of the open cycle ("<log dir>/changed.map", see disk_log.h), and,
+// after its change log was dropped, the blocks a resync must compare ("<log dir>/dirty.bitmap",
+// bitmap tracking, "resync required"). The tracker sets bits from the FUSE threads
+// (lock-free: a plain load, and std::atomic_ref fetch_or only when a bit is still clear).
 //
-// Persistent form: "<log dir>/dirty.bitmap", memory-mapped read-write with
+// Persistent form: a file memory-mapped read-write with
 // Boost.Interprocess (file_mapping + mapped_region), so a set bit survives kill -9 (it is
 // in the shared page cache) and Flush() (msync) makes it survive power loss.
 // File layout: a 64-byte header, then the bits as 64-bit little-endian words; bit b of
@@ -19,6 +20,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <span>
 #include <vector>
 
 #include "common/status.h"
@@ -52,6 +54,12 @@ class DirtyBitmap {
   void MarkRange(uint64_t offset, uint64_t length);
   void MarkAll() { MarkRange(0, disk_size_); }
   bool IsDirty(uint64_t block) const;
+  // Moves every set bit into *words (resized to word_count(); bit b of word w is block
+  // 64 * w + b) and clears it here, word by word with an atomic exchange, so a bit set
+  // concurrently is either taken or stays. Returns the number of blocks taken.
+  uint64_t TakeAll(std::vector<uint64_t>* words);
+  // Sets every bit that is set in words (as TakeAll returns them; shorter is fine).
+  void MarkWords(std::span<const uint64_t> words);
 
   // Word w of the bits (blocks 64 * w to 64 * w + 63), for scans; w < word_count().
   uint64_t word(uint64_t w) const;

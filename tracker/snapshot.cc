@@ -9,6 +9,7 @@
 #include <cstring>
 #include <limits>
 
+#include "common/block_hash.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
 #include "tracker/locks.h"
@@ -24,25 +25,12 @@ namespace {
 
 constexpr uint64_t kNoData = std::numeric_limits<uint64_t>::max();
 
-// The calling thread's block buffer for saves (a FUSE thread saves one block at a time).
+// The calling thread's block buffer for saves (a FUSE thread saves one block at a time;
+// every snapshot's blocks are at most kSnapshotBlockSize).
 std::byte* BlockBuffer() {
   thread_local std::unique_ptr<std::byte[]> buffer;
   if (!buffer) buffer = std::make_unique<std::byte[]>(kSnapshotBlockSize);
   return buffer.get();
-}
-
-bool AllZero(const std::byte* p, size_t n) {
-  // Word-wise first; the tail (a short last block) byte-wise.
-  size_t i = 0;
-  for (; i + sizeof(uint64_t) <= n; i += sizeof(uint64_t)) {
-    uint64_t w;
-    std::memcpy(&w, p + i, sizeof(w));
-    if (w != 0) return false;
-  }
-  for (; i < n; ++i) {
-    if (p[i] != std::byte{0}) return false;
-  }
-  return true;
 }
 
 // The offset of the first data at or after offset in fd (kNoData: none), or offset itself
@@ -99,14 +87,27 @@ Status RemoveLeftoverSnapshot(const fs::path& path) {
   return Status::FromErrno(errno, "delete the leftover snapshot file " + path.string());
 }
 
-DiskSnapshot::DiskSnapshot(std::string disk_name, uint64_t size, fs::path path)
-    : disk_name_(std::move(disk_name)), size_(size), path_(std::move(path)) {}
+DiskSnapshot::DiskSnapshot(std::string disk_name, uint64_t size, fs::path path,
+                           SnapshotOptions options)
+    : disk_name_(std::move(disk_name)),
+      size_(size),
+      path_(std::move(path)),
+      block_size_(options.block_size),
+      only_(std::move(options.only)) {}
 
 DiskSnapshot::~DiskSnapshot() = default;
 
 Result<std::unique_ptr<DiskSnapshot>> DiskSnapshot::Create(std::string disk_name, int image_fd,
-                                                           uint64_t size, fs::path path) {
-  std::unique_ptr<DiskSnapshot> snap(new DiskSnapshot(std::move(disk_name), size, std::move(path)));
+                                                           uint64_t size, fs::path path,
+                                                           SnapshotOptions options) {
+  if (options.block_size == 0 || (options.block_size & (options.block_size - 1)) != 0 ||
+      options.block_size > kSnapshotBlockSize) {
+    return Status::Invalid("snapshot of disk " + disk_name + ": block size " +
+                           std::to_string(options.block_size) +
+                           " is not a power of two <= " + std::to_string(kSnapshotBlockSize));
+  }
+  std::unique_ptr<DiskSnapshot> snap(
+      new DiskSnapshot(std::move(disk_name), size, std::move(path), std::move(options)));
   // An own descriptor of the image: lseek(SEEK_DATA) moves the file position, which must
   // not be the borrowed descriptor's; and O_DIRECT would refuse unaligned buffers.
   SR_ASSIGN_OR_RETURN(snap->image_fd_,
@@ -121,11 +122,12 @@ Result<std::unique_ptr<DiskSnapshot>> DiskSnapshot::Create(std::string disk_name
   const uint64_t words = (snap->block_count() + 63) / 64;
   snap->saved_ = std::make_unique<std::atomic<uint64_t>[]>(words);  // zeroed (C++20)
   snap->data_ = std::make_unique<std::atomic<uint64_t>[]>(words);
+  if (snap->only_) snap->read_ = std::make_unique<std::atomic<uint64_t>[]>(words);
   return snap;
 }
 
 uint64_t DiskSnapshot::BlockLength(uint64_t block) const {
-  return std::min(kSnapshotBlockSize, size_ - block * kSnapshotBlockSize);
+  return std::min(block_size_, size_ - block * block_size_);
 }
 
 void DiskSnapshot::SetBit(std::atomic<uint64_t>* bits, uint64_t block) {
@@ -143,10 +145,10 @@ void DiskSnapshot::SaveBefore(uint64_t offset, uint64_t length) {
   // [query, hole_until) is a hole of the image, from the last SEEK_DATA at query; a big
   // discard of a sparse region so costs one lseek per extent, not one read per block.
   uint64_t hole_until = 0;
-  for (uint64_t b = offset / kSnapshotBlockSize; b * kSnapshotBlockSize < end; ++b) {
-    const uint64_t start = b * kSnapshotBlockSize;
+  for (uint64_t b = offset / block_size_; b * block_size_ < end; ++b) {
+    const uint64_t start = b * block_size_;
     const uint64_t block_end = start + BlockLength(b);
-    if (block_end <= watermark || TestBit(saved_.get(), b)) continue;
+    if (block_end <= watermark || !Protected(b) || TestBit(saved_.get(), b)) continue;
     if (block_end > hole_until) hole_until = NextData(image_fd_.get(), start);
     if (block_end <= hole_until) {
       SetBit(saved_.get(), b);  // a hole at the cut: reads as zeros, nothing to copy
@@ -160,12 +162,25 @@ void DiskSnapshot::SaveBefore(uint64_t offset, uint64_t length) {
   }
 }
 
+bool DiskSnapshot::Protected(uint64_t block) const {
+  if (!only_) return true;
+  const std::vector<uint64_t>& only = *only_;
+  if (block / 64 >= only.size() || ((only[block / 64] >> (block % 64)) & 1) == 0) return false;
+  return !TestBit(read_.get(), block);
+}
+
+void DiskSnapshot::MarkRead(uint64_t offset, uint64_t length) {
+  if (!read_ || length == 0 || offset >= size_) return;
+  const uint64_t end = offset + std::min(length, size_ - offset);
+  for (uint64_t b = offset / block_size_; b * block_size_ < end; ++b) SetBit(read_.get(), b);
+}
+
 Status DiskSnapshot::Save(uint64_t block) {
-  const uint64_t offset = block * kSnapshotBlockSize;
+  const uint64_t offset = block * block_size_;
   const size_t length = static_cast<size_t>(BlockLength(block));
   std::byte* buf = BlockBuffer();
   SR_RETURN_IF_ERROR(PReadAll(image_fd_.get(), buf, length, offset, "image of disk " + disk_name_));
-  if (!AllZero(buf, length)) {
+  if (!IsAllZero(std::span<const std::byte>(buf, length))) {
     SR_RETURN_IF_ERROR(PWriteAll(fd_.get(), buf, length, offset, path_.string()));
     SetBit(data_.get(), block);
     saved_bytes_.fetch_add(length, std::memory_order_relaxed);
@@ -203,11 +218,11 @@ Status DiskSnapshot::Read(uint64_t offset, std::span<std::byte> out) {
   uint64_t at = offset;
   while (at < end) {
     // A run of blocks with the same source: the snapshot file or the image.
-    const uint64_t first = at / kSnapshotBlockSize;
+    const uint64_t first = at / block_size_;
     const bool from_file = TestBit(saved_.get(), first);
-    uint64_t run_end = std::min(end, (first + 1) * kSnapshotBlockSize);
-    while (run_end < end && TestBit(saved_.get(), run_end / kSnapshotBlockSize) == from_file) {
-      run_end = std::min(end, run_end + kSnapshotBlockSize);
+    uint64_t run_end = std::min(end, (first + 1) * block_size_);
+    while (run_end < end && TestBit(saved_.get(), run_end / block_size_) == from_file) {
+      run_end = std::min(end, run_end + block_size_);
     }
     std::byte* dst = out.data() + (at - offset);
     if (from_file) {
@@ -218,7 +233,8 @@ Status DiskSnapshot::Read(uint64_t offset, std::span<std::byte> out) {
     }
     at = run_end;
   }
-  failpoint::Check("tracker.snapshot_mid");  // the copy has read this piece, not the rest
+  // The sync's copy has read this piece, not the rest (not the cycle builder's reads).
+  if (!only_) failpoint::Check("tracker.snapshot_mid");
   // A save that failed meanwhile may have let a change through unsaved.
   return status();
 }
@@ -229,9 +245,8 @@ Result<std::vector<ByteRange>> DiskSnapshot::DataRanges(uint64_t from, uint64_t 
   std::vector<ByteRange> ranges;
   if (from >= to) return ranges;
   auto add = [&](uint64_t start, uint64_t stop) {
-    start = start / kSnapshotBlockSize * kSnapshotBlockSize;
-    stop =
-        std::min(size_, (stop + kSnapshotBlockSize - 1) / kSnapshotBlockSize * kSnapshotBlockSize);
+    start = start / block_size_ * block_size_;
+    stop = std::min(size_, (stop + block_size_ - 1) / block_size_ * block_size_);
     if (!ranges.empty() && ranges.back().offset + ranges.back().length >= start) {
       const uint64_t back_end = ranges.back().offset + ranges.back().length;
       ranges.back().length = std::max(back_end, stop) - ranges.back().offset;
@@ -260,13 +275,13 @@ Result<std::vector<ByteRange>> DiskSnapshot::DataRanges(uint64_t from, uint64_t 
     at = stop;
   }
   const size_t image_ranges = ranges.size();
-  for (uint64_t b = from / kSnapshotBlockSize; b * kSnapshotBlockSize < to;) {
+  for (uint64_t b = from / block_size_; b * block_size_ < to;) {
     if (b % 64 == 0 && data_[b / 64].load() == 0) {
       b += 64;  // a whole word of blocks with nothing saved
       continue;
     }
     if (TestBit(data_.get(), b)) {
-      ranges.push_back(ByteRange{b * kSnapshotBlockSize, BlockLength(b)});
+      ranges.push_back(ByteRange{b * block_size_, BlockLength(b)});
     }
     ++b;
   }

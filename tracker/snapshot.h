@@ -1,6 +1,9 @@
-// DiskSnapshot: the copy-on-write point-in-time view of one disk, for VmTracker's
-// StartSnapshot (initial replication, resync). VmTracker owns one per disk while a
-// snapshot is active and does all the ordering; this class does the per-disk mechanics.
+// DiskSnapshot: the copy-on-write point-in-time view of one disk. Two users:
+//  - VmTracker's StartSnapshot (initial replication, resync): 64 KiB blocks, every block
+//    of the disk protected until the copy's watermark (Copied) passes it;
+//  - the cycle builder of DiskLog: 4 KiB blocks, only the blocks of the frozen cut
+//    (SnapshotOptions::only) are protected, each until the builder has read it (MarkRead).
+// The owner does all the ordering; this class does the per-disk mechanics.
 //
 // The snapshot file "<image>.srsnap" is sparse and as long as the disk: a saved block sits
 // at its own offset. Before a guest change touches a kSnapshotBlockSize block that the
@@ -51,6 +54,13 @@ std::vector<ByteRange> ToBlockRanges(std::vector<ByteRange> ranges, uint64_t siz
 // snapshot). Ok when there is none.
 Status RemoveLeftoverSnapshot(const std::filesystem::path& path);
 
+struct SnapshotOptions {
+  uint64_t block_size = kSnapshotBlockSize;  // a power of two, at most kSnapshotBlockSize
+  // When set: one bit per block (bit b of word w is block 64 * w + b); only blocks whose
+  // bit is set are ever saved, and each only until MarkRead passes it.
+  std::shared_ptr<const std::vector<uint64_t>> only;
+};
+
 class DiskSnapshot {
  public:
   // Creates (or truncates) the snapshot file at path, sparse, size bytes long, and opens
@@ -58,7 +68,8 @@ class DiskSnapshot {
   // position, which is not ours to move, and an O_DIRECT descriptor would refuse the
   // unaligned reads. No block is saved yet: the caller attaches the snapshot at the cut.
   static Result<std::unique_ptr<DiskSnapshot>> Create(std::string disk_name, int image_fd,
-                                                      uint64_t size, std::filesystem::path path);
+                                                      uint64_t size, std::filesystem::path path,
+                                                      SnapshotOptions options = {});
   ~DiskSnapshot();  // closes the descriptors; Remove() deletes the file
   DiskSnapshot(const DiskSnapshot&) = delete;
   DiskSnapshot& operator=(const DiskSnapshot&) = delete;
@@ -79,6 +90,9 @@ class DiskSnapshot {
 
   // Raises the watermark: blocks that end at or below offset are not saved any more.
   void Copied(uint64_t offset);
+  // The blocks [offset, offset + length) touches have been read by the owner: they are not
+  // saved any more (and a saved one is not read again). The caller holds the range locked.
+  void MarkRead(uint64_t offset, uint64_t length);
 
   // Marks the snapshot ended: Read fails from now on (a reader that raced EndSnapshot must
   // not return image content that is no longer protected).
@@ -95,8 +109,10 @@ class DiskSnapshot {
   Status status() const;
 
  private:
-  DiskSnapshot(std::string disk_name, uint64_t size, std::filesystem::path path);
-  uint64_t block_count() const { return (size_ + kSnapshotBlockSize - 1) / kSnapshotBlockSize; }
+  DiskSnapshot(std::string disk_name, uint64_t size, std::filesystem::path path,
+               SnapshotOptions options);
+  uint64_t block_count() const { return (size_ + block_size_ - 1) / block_size_; }
+  bool Protected(uint64_t block) const;
   uint64_t BlockLength(uint64_t block) const;
   // Copies one block from the image into the file and sets its bit.
   Status Save(uint64_t block);
@@ -107,6 +123,8 @@ class DiskSnapshot {
   const std::string disk_name_;
   const uint64_t size_;
   const std::filesystem::path path_;
+  const uint64_t block_size_;
+  const std::shared_ptr<const std::vector<uint64_t>> only_;  // see SnapshotOptions
   UniqueFd image_fd_;  // the image, O_RDONLY, our own descriptor
   UniqueFd fd_;        // the snapshot file, O_RDWR
 
@@ -115,6 +133,8 @@ class DiskSnapshot {
   // all zeros (only those count as data in DataRanges).
   std::unique_ptr<std::atomic<uint64_t>[]> saved_;
   std::unique_ptr<std::atomic<uint64_t>[]> data_;
+  // Blocks MarkRead has passed (only with only_ set).
+  std::unique_ptr<std::atomic<uint64_t>[]> read_;
   std::atomic<uint64_t> copied_below_{0};
   std::atomic<uint64_t> saved_bytes_{0};
   std::atomic<bool> failed_{false};
