@@ -44,7 +44,7 @@ JOBS ?= $(shell nproc)
 
 # Everything the build, the tests, the benchmark and the demo use.
 PACKAGES := build-essential cmake pkg-config g++ \
-	libfuse3-dev fuse3 liburing-dev libboost-dev libssl-dev openssl \
+	libfuse3-dev fuse3 libboost-dev libssl-dev openssl \
 	libgtest-dev libtomlplusplus-dev libcli11-dev nlohmann-json3-dev libspdlog-dev \
 	libzstd-dev libisal-dev libxxhash-dev \
 	clang fio e2fsprogs util-linux mount kmod procps python3 nftables iproute2 \

@@ -28,9 +28,8 @@ PrimaryVm::PrimaryVm(const fs::path& dir, std::vector<PrimaryDisk> disks, uint64
     disks_.push_back(std::move(d));
   }
   for (const Disk& d : disks_) {
-    o.disks.push_back(tracker::TrackedDisk{d.name, d.fd.get(), d.size,
-                                           dir / (d.name + ".img.srlog"),
-                                           /*log_budget=*/1ull << 40});
+    o.disks.push_back(
+        tracker::TrackedDisk{d.name, d.fd.get(), d.size, dir / (d.name + ".img.srlog")});
   }
   Result<std::unique_ptr<tracker::VmTracker>> t = tracker::VmTracker::Open(std::move(o));
   EXPECT_TRUE(t.ok()) << t.status().ToString();

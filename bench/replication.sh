@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # make bench, part 2: replication between two siterepd daemons on loopback (mutual TLS).
 # East protects VM "vm" (one disk of BENCH_SIZE, prefilled over BENCH_SPAN, frequency
-# continuous, a log budget the run cannot reach) and replicates it to west.
+# continuous) and replicates it to west.
 #
 #  A. Guest cost of replication: fio 4k randwrite QD32 on the protected disk, side by side
 #     in each round: with the shipper paused, and with replication running (after the
@@ -76,7 +76,6 @@ cat >>"$W/east.toml" <<TOML
 [[vms]]
 name = "vm"
 frequency = "continuous"
-log_budget = "32GiB"
   [[vms.disks]]
   name = "disk0"
   image = "$W/east/disk0.img"

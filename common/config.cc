@@ -198,21 +198,10 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
   std::string budget;
   SR_RETURN_IF_ERROR(r.String("log_budget", &budget, false));
   if (!budget.empty()) {
-    if (budget.back() == '%') {
-      char* end = nullptr;
-      std::string digits = budget.substr(0, budget.size() - 1);
-      double pct = std::strtod(digits.c_str(), &end);
-      if (digits.empty() || end != digits.c_str() + digits.size() || pct <= 0 || pct > 1000) {
-        return Status::Invalid(
-            r.Key("log_budget") + ": '" + budget +
-            "' must be a percentage of the disk (e.g. 50%) or a size (e.g. 2GiB)");
-      }
-      vm->log_budget.percent = pct;
-    } else {
-      auto size = ParseSize(budget);
-      if (!size.ok()) return size.status().WithContext(r.Key("log_budget"));
-      vm->log_budget.bytes = *size;
-    }
+    // Named rather than refused as unknown: configurations written for the data log have it.
+    return Status::Invalid(r.Key("log_budget") +
+                           ": no longer used (changed-block tracking keeps no data log, and a "
+                           "slow link makes cycles longer instead of filling a log): remove it");
   }
 
   std::string tracking;
@@ -449,16 +438,16 @@ Result<SiteConfig> ParseConfig(std::string_view text, const fs::path& base_dir,
       if (vm.consistency_group.empty()) continue;
       const std::string w = "vms[" + std::to_string(i) + "].consistency_group";
       if (vm.tracking == TrackingMode::kOff) {
-        return fail(Status::Invalid(w + ": VM '" + vm.name + "' has tracking = \"off\"; a "
+        return fail(Status::Invalid(w + ": VM '" + vm.name +
+                                    "' has tracking = \"off\"; a "
                                     "consistency group needs its change logs"));
       }
       auto [it, added] = first_of.emplace(vm.consistency_group, &vm);
       if (!added && it->second->frequency != vm.frequency) {
         return fail(Status::Invalid(w + ": VM '" + vm.name + "' replicates every " +
                                     vm.frequency_text + ", but VM '" + it->second->name +
-                                    "' of consistency group '" + vm.consistency_group +
-                                    "' every " + it->second->frequency_text +
-                                    "; a group has one frequency"));
+                                    "' of consistency group '" + vm.consistency_group + "' every " +
+                                    it->second->frequency_text + "; a group has one frequency"));
       }
     }
   }

@@ -32,15 +32,6 @@ struct DiskConfig {
   std::filesystem::path image;
 };
 
-// The log budget: a share of the disk size or an absolute size.
-struct LogBudget {
-  double percent = 50.0;  // used when bytes is unset
-  std::optional<uint64_t> bytes;
-  uint64_t BytesFor(uint64_t disk_size) const {
-    return bytes ? *bytes : static_cast<uint64_t>(disk_size * percent / 100.0);
-  }
-};
-
 // Commands run around a failover (sh -c, with SITEREP_VM, SITEREP_SITE, SITEREP_EVENT
 // and SITEREP_MOUNTPOINT set): pre_failover at the site giving up the VM (e.g. shutting it
 // down), post_failover at the site taking it over (e.g. starting it). Empty: none.
@@ -56,7 +47,6 @@ struct VmConfig {
   std::chrono::milliseconds frequency{300'000};  // continuous == 1 s
   int recovery_points = 0;
   std::chrono::milliseconds recovery_point_interval{3'600'000};
-  LogBudget log_budget;
   TrackingMode tracking = TrackingMode::kLog;
   ImageCache image_cache = ImageCache::kWriteback;
   // Automatic resynchronisation of a disk that needs it ("resync = auto"), only within

@@ -32,7 +32,6 @@ name = "web01"
 frequency = "30s"
 recovery_points = 4
 recovery_point_interval = "1h"
-log_budget = "25%"
 tracking = "log"
 resync = "auto"
 resync_window = "18:30-06:00"
@@ -50,7 +49,6 @@ consistency_group = "front"
 [[vms]]
 name = "db1"
 frequency = "continuous"
-log_budget = "2GiB"
 tracking = "off"
 image_cache = "none"
   [[vms.disks]]
@@ -63,7 +61,9 @@ post_failover = "/usr/local/bin/start-vm app7"
 timeout = "90s"
 )";
 
-Result<SiteConfig> Parse(const std::string& text) { return ParseConfig(text, "/etc/siterep", "site.toml"); }
+Result<SiteConfig> Parse(const std::string& text) {
+  return ParseConfig(text, "/etc/siterep", "site.toml");
+}
 
 TEST(ConfigTest, ParsesTheDesignExample) {
   auto cfg = Parse(kGood);
@@ -80,12 +80,10 @@ TEST(ConfigTest, ParsesTheDesignExample) {
   const VmConfig& web = cfg->vms[0];
   EXPECT_EQ(web.frequency.count(), 30'000);
   EXPECT_EQ(web.recovery_points, 4);
-  EXPECT_EQ(web.log_budget.BytesFor(1000), 250u);
   ASSERT_EQ(web.disks.size(), 2u);
   EXPECT_EQ(web.disks[1].image, "/etc/siterep/images/web01-data.img");
   const VmConfig& db = cfg->vms[1];
   EXPECT_EQ(db.frequency.count(), 1000);  // continuous
-  EXPECT_EQ(db.log_budget.BytesFor(1000), 2ull << 30);
   EXPECT_EQ(db.tracking, TrackingMode::kOff);
   EXPECT_EQ(db.image_cache, ImageCache::kNone);
   EXPECT_EQ(web.image_cache, ImageCache::kWriteback);  // the default
@@ -107,7 +105,6 @@ name = "v"
   ASSERT_TRUE(cfg.ok()) << cfg.status().message();
   EXPECT_EQ(cfg->control_socket, "/s/control.sock");
   EXPECT_EQ(cfg->control_group, "");  // root only
-  EXPECT_EQ(cfg->vms[0].log_budget.BytesFor(1000), 500u);  // 50%
   EXPECT_EQ(cfg->vms[0].tracking, TrackingMode::kLog);
   EXPECT_TRUE(cfg->vms[0].auto_resync);
   EXPECT_TRUE(InResyncWindow(cfg->vms[0], 0));
@@ -137,8 +134,8 @@ TEST(ConfigTest, ConsistencyGroupAndPlanActions) {
   EXPECT_EQ(cfg->vms[0].consistency_group, "front");
   EXPECT_EQ(cfg->vms[1].consistency_group, "");
   EXPECT_TRUE(cfg->peers[0].allow_plan_actions);
-  auto plain = Parse(std::string(kGood).replace(std::string(kGood).find("allow_plan_actions = true"),
-                                                25, ""));
+  auto plain = Parse(
+      std::string(kGood).replace(std::string(kGood).find("allow_plan_actions = true"), 25, ""));
   ASSERT_TRUE(plain.ok()) << plain.status().message();
   EXPECT_FALSE(plain->peers[0].allow_plan_actions);
 }
@@ -181,7 +178,8 @@ INSTANTIATE_TEST_SUITE_P(
     testing::Values(
         BadCase{"frequency = \"30s\"", "frequency = \"10s\"", "vms[0].frequency"},
         BadCase{"frequency = \"30s\"", "frequency = 30", "vms[0].frequency: must be a string"},
-        BadCase{"log_budget = \"25%\"", "log_budget = \"lots\"", "vms[0].log_budget"},
+        BadCase{"tracking = \"log\"", "tracking = \"log\"\nlog_budget = \"25%\"",
+                "vms[0].log_budget: no longer used"},
         BadCase{"tracking = \"log\"", "tracking = \"maybe\"", "vms[0].tracking"},
         BadCase{"image_cache = \"none\"", "image_cache = \"unsafe\"", "vms[1].image_cache"},
         BadCase{"recovery_points = 4", "recovery_points = -1", "vms[0].recovery_points"},
@@ -216,7 +214,8 @@ INSTANTIATE_TEST_SUITE_P(
         BadCase{"tracking = \"off\"", "tracking = \"log\"\nconsistency_group = \"front\"",
                 "vms[1].consistency_group: VM 'db1' replicates every continuous, but VM 'web01'"},
         BadCase{"vm = \"app7\"", "vm = \"web01\"", "hooks[0].vm: VM 'web01' is in [[vms]]"},
-        BadCase{"timeout = \"90s\"", "timeout = \"90s\"\nwhen = \"now\"", "hooks[0].when: unknown key"},
+        BadCase{"timeout = \"90s\"", "timeout = \"90s\"\nwhen = \"now\"",
+                "hooks[0].when: unknown key"},
         BadCase{"[tls]\nca = \"certs/ca.pem\"\ncert = \"certs/east.pem\"\nkey = \"certs/east.key\"",
                 "", "tls: the [tls] table"}));
 

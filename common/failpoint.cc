@@ -18,11 +18,11 @@ struct Point {
 };
 
 constexpr KnownPoint kKnown[] = {
-    // tracker/ (primary): the change log.
-    {"tracker.after_append", "a change's records written to the log, the image not yet"},
-    {"tracker.mid_cut", "a cycle's cut record written to some disks of the VM, not all"},
-    {"tracker.before_seal", "a segment complete (cut record written), not yet synced"},
-    {"tracker.after_seal", "a segment synced, not yet published to the shipper"},
+    // tracker/ (primary): changed-block tracking and the cycles built from it.
+    {"tracker.after_mark", "a change's blocks marked in the map, the image not yet"},
+    {"tracker.mid_cut", "a cycle frozen on some disks of the VM, not all"},
+    {"tracker.before_seal", "a cycle's segment written, not yet synced (error: the build fails)"},
+    {"tracker.after_seal", "a segment synced and renamed, not yet published to the shipper"},
     {"tracker.mid_release", "acknowledged segments' floors persisted, files not yet gone"},
     {"tracker.snapshot_mid", "a piece of a snapshot read for its copy (a sync), not the rest"},
     // shipper/: both ends of the link.

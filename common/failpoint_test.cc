@@ -41,7 +41,7 @@ TEST_F(FailpointTest, ArmsEveryKnownPoint) {
 TEST_F(FailpointTest, RefusesUnknownNamesAndChangesNothing) {
   ASSERT_TRUE(Arm("applier.mid_apply=error").ok());
   for (const char* spec :
-       {"applier.mid_aply=error", "tracker.after_append=abort,tracker.nowhere=abort",
+       {"applier.mid_aply=error", "tracker.after_mark=abort,tracker.nowhere=abort",
         "mid_apply=error", "applier.=error", "APPLIER.MID_APPLY=error", "applier.mid_apply =off"}) {
     Status s = Arm(spec);
     EXPECT_FALSE(s.ok()) << spec;
@@ -50,7 +50,7 @@ TEST_F(FailpointTest, RefusesUnknownNamesAndChangesNothing) {
   }
   // The good item of a refused spec was not armed, the earlier point still is.
   EXPECT_EQ(Armed(), (std::vector<std::string>{"applier.mid_apply=error"}));
-  EXPECT_EQ(Check("tracker.after_append"), Action::kNone);
+  EXPECT_EQ(Check("tracker.after_mark"), Action::kNone);
   // "off" names a point too.
   EXPECT_FALSE(Arm("applier.nowhere=off").ok());
   EXPECT_TRUE(Arm("applier.mid_apply=off").ok());
@@ -72,9 +72,9 @@ TEST_F(FailpointTest, AbortDiesAtThePoint) {
   // As kill -9 would: no clean-up, the process ends by SIGABRT at the second pass.
   EXPECT_EXIT(
       {
-        (void)Arm("tracker.after_append=abort@1");
-        if (Check("tracker.after_append") != Action::kNone) std::exit(3);
-        (void)Check("tracker.after_append");
+        (void)Arm("tracker.after_mark=abort@1");
+        if (Check("tracker.after_mark") != Action::kNone) std::exit(3);
+        (void)Check("tracker.after_mark");
         std::exit(4);
       },
       ::testing::KilledBySignal(SIGABRT), "");

@@ -1,13 +1,12 @@
 #include "control/protected_disk.h"
 
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 #include <sys/file.h>
 #include <sys/stat.h>
 
 #include <cstring>
-
 #include <nlohmann/json.hpp>
-#include <spdlog/spdlog.h>
 
 #include "common/file_util.h"
 
@@ -33,7 +32,8 @@ Status OpenImage(const DiskConfig& config, const std::string& vm, ImageCache cac
   // One siterepd per image: a second writer would corrupt the log's order.
   if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
     if (errno == EWOULDBLOCK) {
-      return Status::Error(EBUSY, what + " is already protected by another siterepd (file lock held)");
+      return Status::Error(EBUSY,
+                           what + " is already protected by another siterepd (file lock held)");
     }
     return Status::FromErrno(errno, what + ": flock");
   }
@@ -72,14 +72,13 @@ Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config, uin
     options.vm = config.name;
     options.epoch = vm->epoch;
     // A consistency group's VMs are cut together by the daemon (GroupCutLoop), at once.
-    options.cycle = config.consistency_group.empty() ? config.frequency
-                                                     : std::chrono::milliseconds(0);
+    options.cycle =
+        config.consistency_group.empty() ? config.frequency : std::chrono::milliseconds(0);
     if (!archive_dir.empty()) options.archive_dir = archive_dir / config.name;
     for (const ProtectedDisk& disk : vm->disks) {
       fs::path log_dir = disk.image;
       log_dir += ".srlog";
-      options.disks.push_back({disk.name, disk.fd.get(), disk.size, log_dir,
-                               config.log_budget.BytesFor(disk.size)});
+      options.disks.push_back({disk.name, disk.fd.get(), disk.size, log_dir});
     }
     auto tracker = tracker::VmTracker::Open(std::move(options));
     if (!tracker.ok()) return tracker.status().WithContext("VM " + config.name);

@@ -7,7 +7,7 @@ source "$(dirname "$0")/lib.sh"
 
 SIZE=$((64 << 20))
 new_site east
-add_vm "$CONF" vm1 'frequency = "continuous"' 'log_budget = "1GiB"'
+add_vm "$CONF" vm1 'frequency = "continuous"'
 add_disk "$CONF" d0 "$T/d0.img" 64M
 fill_random "$T/d0.img" 0 64
 cp "$T/d0.img" "$T/d0.pre"

@@ -11,7 +11,7 @@ source "$(dirname "$0")/lib.sh"
 SLOTS=4096    # 4 KiB slots in the first 16 MiB of each disk
 new_site east
 # A budget far above what the test writes: the whole log must stay for the replay.
-add_vm "$CONF" vm1 'frequency = "continuous"' 'log_budget = "64GiB"'
+add_vm "$CONF" vm1 'frequency = "continuous"'
 add_disk "$CONF" a "$T/a.img" 32M
 add_disk "$CONF" b "$T/b.img" 32M
 start_ready "$CONF"

@@ -9,7 +9,7 @@ command -v fio >/dev/null || skip "fio is not installed"
 
 new_site east
 # A budget far above what the test writes: the whole log must stay for the replay.
-add_vm "$CONF" vm1 'frequency = "continuous"' 'log_budget = "64GiB"'
+add_vm "$CONF" vm1 'frequency = "continuous"'
 for d in d0 d1; do
   add_disk "$CONF" "$d" "$T/$d.img" 128M
   fill_random "$T/$d.img" 0 48   # not all zeros, so a missed write shows

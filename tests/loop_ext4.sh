@@ -9,7 +9,7 @@ command -v mkfs.ext4 >/dev/null || skip "e2fsprogs is not installed"
 
 new_site east
 # A budget far above what the test writes, so the logs can be replayed at the end.
-add_vm "$CONF" vm1 'frequency = "continuous"' 'log_budget = "64GiB"'
+add_vm "$CONF" vm1 'frequency = "continuous"'
 add_disk "$CONF" root "$T/root.img" 256M
 add_disk "$CONF" data "$T/data.img" 128M
 cp --sparse=always "$T/root.img" "$T/root.pre"

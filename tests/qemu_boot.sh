@@ -75,7 +75,7 @@ head -c $((4 << 20)) /dev/urandom >"$ROOT/pattern"
 
 new_site east
 # A budget far above what the test writes: the whole log must stay for the replay.
-add_vm "$CONF" vm1 'frequency = "continuous"' 'log_budget = "64GiB"'
+add_vm "$CONF" vm1 'frequency = "continuous"'
 add_disk "$CONF" vda "$T/vda.img" 64M
 cp --sparse=always "$T/vda.img" "$T/vda.pre"
 start_ready "$CONF"

@@ -3,8 +3,9 @@
 #  - west already holds an older copy of vm1's disk, with five 64 KiB blocks changed:
 #    `enable --seed` compares block hashes and sends only those blocks (the two that are
 #    zero at the primary as zero extents, no data).
-#  - the log budget is exceeded while shipping is paused, so the disk falls back to the
-#    dirty bitmap ("resync required", critical); `siterep resync --wait` sends only the
+#  - shipping paused while the guest writes: cycles wait (no resync); then a built cycle is
+#    damaged, so the disk falls back to the dirty bitmap ("resync required", critical);
+#    `siterep resync --wait` compares every block and sends only the
 #    dirty blocks, and the replica equals the primary again.
 #  - with resync = "auto", the same fall back heals by itself.
 #  - a replica site whose state folder has no room for a copy refuses it, and east says why.
@@ -13,7 +14,7 @@ source "$(dirname "$0")/lib.sh"
 command -v openssl >/dev/null || skip "openssl is not installed"
 
 two_sites
-add_vm "$EAST_CONF" vm1 'frequency = "continuous"' 'log_budget = "4MiB"' 'resync = "manual"'
+add_vm "$EAST_CONF" vm1 'frequency = "continuous"' 'resync = "manual"'
 truncate -s 256M "$T/d0.img"
 fill_random "$T/d0.img" 0 64
 add_disk "$EAST_CONF" d0 "$T/d0.img"
@@ -43,20 +44,50 @@ log "seeded enable ($kind): $sent bytes of data, $wire bytes on the wire (hashes
 ((sent == 3 * 65536)) || fail "seeded enable sent $sent bytes of data; the 3 changed data blocks are 196608"
 ((wire < 4 * 65536 + 131072)) || fail "seeded enable put $wire bytes on the wire"
 
-step "the log budget is exceeded while shipping is paused: resync required"
+# damage_built_segment: waits for a built, unshipped cycle of d0 and flips a byte in the
+# middle of it (the shipper reads every segment back before it sends it).
+damage_built_segment() {
+  local seg=""
+  for ((i = 0; i < 50; i++)); do
+    seg=$(ls "$T/d0.img.srlog/"*.seg 2>/dev/null | tail -n 1 || true)
+    [[ -n $seg ]] && break
+    sleep 0.2
+  done
+  [[ -n $seg ]] || fail "no built cycle of d0 to damage"
+  python3 - "$seg" <<'PY'
+import os, sys
+path = sys.argv[1]
+with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    b = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([b[0] ^ 0xFF]))
+print(f"    flipped a byte of {os.path.basename(path)}")
+PY
+}
+
+step "shipping paused while the guest writes: the cycles wait, no resync"
 "$SITEREP" -c "$EAST_CONF" pause vm1 >/dev/null
 for off in 10 90 150; do
   dd if=/dev/urandom of="$EAST_MNT/vm1/d0" bs=1M count=2 seek=$off oflag=direct conv=notrunc status=none
 done
+sleep 2
+[[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['tracking']") == log ]] || fail "d0 left its log while paused"
+[[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['resync_required']") == false ]] || fail "a pause asked for a resync"
+pending=$(vm_field "$EAST_CONF" vm1 "v['pending_bytes']")
+((pending >= 6 << 20)) || fail "only $pending bytes pending after 6 MiB written while paused"
+
+step "a built cycle is damaged: resync required"
+damage_built_segment
+"$SITEREP" -c "$EAST_CONF" resume vm1 >/dev/null
 for ((i = 0; i < 50; i++)); do
   [[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['tracking']") == bitmap ]] && break
   sleep 0.2
 done
 ((i < 50)) || fail "d0 did not fall back to the bitmap"
 [[ $(vm_field "$EAST_CONF" vm1 "v['health']") == critical ]] || fail "resync required is not critical"
-dirty=$(vm_field "$EAST_CONF" vm1 "v['disks'][0]['dirty_bytes']")
-log "dirty bytes: $dirty; state: $(vm_field "$EAST_CONF" vm1 "v['state']")"
-"$SITEREP" -c "$EAST_CONF" resume vm1 >/dev/null
+written=$((6 << 20))
+log "state: $(vm_field "$EAST_CONF" vm1 "v['state']")"
 sleep 2
 [[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['tracking']") == bitmap ]] ||
   fail "resync = manual, but the disk resynchronised by itself"
@@ -67,8 +98,8 @@ timeout 120 "$SITEREP" -c "$EAST_CONF" resync vm1 --wait >"$T/resync.out" 2>&1 |
 wait_caught_up "$EAST_CONF" vm1 60
 same_sha256 "$T/d0.img" "$WEST_STATE/replicas/vm1/d0.img" "resynchronised replica"
 sent=$(vm_field "$EAST_CONF" vm1 "v['last_sync']['bytes_sent']")
-log "resync: $sent bytes of data sent for $dirty dirty bytes"
-((sent > 0 && sent <= dirty + 131072)) || fail "resync sent $sent bytes for $dirty dirty bytes"
+log "resync: $sent bytes of data sent for $written bytes written while paused"
+((sent > 0 && sent <= written + 131072)) || fail "resync sent $sent bytes for $written bytes written"
 [[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['tracking']") == log ]] || fail "d0 does not log again"
 [[ $(vm_field "$EAST_CONF" vm1 "v['health']") != critical ]] || fail "still critical after the resync"
 expect_exit1 "resync of a VM that is not replicated" "$SITEREP" -c "$WEST_CONF" resync vm1
@@ -83,12 +114,13 @@ wait_caught_up "$EAST_CONF" vm1 60
 for off in 30 120; do
   dd if=/dev/urandom of="$EAST_MNT/vm1/d0" bs=1M count=3 seek=$off oflag=direct conv=notrunc status=none
 done
+damage_built_segment
+"$SITEREP" -c "$EAST_CONF" resume vm1 >/dev/null
 for ((i = 0; i < 50; i++)); do
   [[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['resync_required']") == true ]] && break
   sleep 0.2
 done
 ((i < 50)) || fail "d0 did not need a resync"
-"$SITEREP" -c "$EAST_CONF" resume vm1 >/dev/null
 for ((i = 0; i < 150; i++)); do
   [[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['resync_required']") == false ]] && break
   sleep 0.2

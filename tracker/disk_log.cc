@@ -9,12 +9,18 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <optional>
 #include <utility>
 
+#include "common/block_hash.h"
+#include "common/crc32c.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
+#include "tracker/frozen_set.h"
+#include "tracker/locks.h"
 #include "tracker/log_reader.h"
 #include "tracker/recovery.h"
+#include "tracker/snapshot.h"
 
 namespace siterep::tracker {
 namespace fs = std::filesystem;
@@ -22,6 +28,7 @@ namespace fs = std::filesystem;
 namespace {
 
 constexpr std::string_view kLockFileName = "LOCK";
+constexpr uint64_t kBlock = DirtyBitmap::kBlockSize;
 
 }  // namespace
 
@@ -48,15 +55,13 @@ Status DiskLog::Init() {
     }
     return Status::FromErrno(errno, "lock " + (opts_.log_dir / kLockFileName).string());
   }
-  // Every thread that writes the log uses its own ring; check the kernel once, here.
-  SR_ASSIGN_OR_RETURN(sealer_ring_, IoRing::Create("change log sealer of disk " + opts_.name));
   SR_ASSIGN_OR_RETURN(std::optional<DiskState> loaded, LoadDiskState(opts_.log_dir));
   const DiskState state = loaded.value_or(DiskState());
   floors_.last_cycle = state.last_cycle;
   floors_.last_seq = state.last_seq;
   floors_.last_segment = state.last_segment;
   last_cycle_ = state.last_cycle;
-  last_seq_ = last_cut_seq_ = state.last_seq;
+  last_seq_ = state.last_seq;
   last_segment_ = state.last_segment;
 
   std::error_code ec;
@@ -94,70 +99,91 @@ Status DiskLog::Init() {
       mode_ = Mode::kBitmap;
     }
   }
-  sealer_ = std::thread(&DiskLog::SealerLoop, this);
+  builder_ = std::thread(&DiskLog::BuilderLoop, this);
   return Status::Ok();
 }
 
 Status DiskLog::OpenLogMode(const DiskState& state) {
+  std::error_code ec;
+  const bool first_open = !fs::exists(opts_.log_dir / kMapFileName, ec);
+  SR_ASSIGN_OR_RETURN(map_, DirtyBitmap::Open(opts_.log_dir / kMapFileName, opts_.size));
   RecoveryInput in;
   in.disk_name = opts_.name;
   in.disk_id = opts_.disk_id;
   in.log_dir = opts_.log_dir;
-  in.image_fd = opts_.image_fd;
-  in.image_size = opts_.size;
   in.floors = state;
+  in.map = map_.get();
+  in.legacy_open_segment = first_open;
   SR_ASSIGN_OR_RETURN(RecoveredLog r, RecoverLog(in));
   for (SealedSegment& seg : r.sealed) {
     sealed_bytes_ += seg.bytes;
     sealed_.push_back(std::move(seg));
   }
-  auto seg = std::make_shared<Segment>();
-  seg->number = last_segment_ = r.open_segment;
-  seg->path = SegmentPath(opts_.log_dir, r.open_segment).string();
-  SR_ASSIGN_OR_RETURN(seg->fd, OpenFile(seg->path, O_WRONLY));
-  seg_ = std::move(seg);
-  open_bytes_ = r.open_bytes;
-  open_first_seq_ = r.open_first_seq;
   last_seq_ = r.last_seq;
-  last_cut_seq_ = r.last_cut_seq;
+  last_segment_ = r.last_segment;
   last_cycle_ = r.last_cycle;
   last_cut_nanos_ = r.last_cut_unix_nanos;
   last_cut_first_change_ = r.last_cut_first_change_unix_nanos;
+
+  // A cut that was frozen but not published before the stop: its blocks go back into the
+  // map (their content is in the image), so the next cycle carries them.
+  const fs::path frozen_path = opts_.log_dir / kFrozenFileName;
+  SR_ASSIGN_OR_RETURN(std::optional<FrozenSet> frozen, LoadFrozenSet(frozen_path, opts_.size));
+  if (frozen) {
+    if (frozen->torn) {
+      spdlog::warn("disk {}: {} is torn: every block goes into the next cycle", opts_.name,
+                   frozen_path.string());
+      map_->MarkAll();
+    } else if (frozen->cycle > last_cycle_) {
+      map_->MarkWords(frozen->words);
+      spdlog::info(
+          "disk {}: cycle {} was cut but not finished before the stop; its blocks go "
+          "into the next cycle",
+          opts_.name, frozen->cycle);
+    }
+    SR_RETURN_IF_ERROR(map_->Flush());
+    if (::unlink(frozen_path.c_str()) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "delete " + frozen_path.string());
+    }
+  }
+  const fs::path cow_path = opts_.log_dir / kCowFileName;
+  if (::unlink(cow_path.c_str()) != 0 && errno != ENOENT) {
+    return Status::FromErrno(errno, "delete " + cow_path.string());
+  }
+  changed_ = map_->dirty_blocks() > 0;
   return Status::Ok();
 }
 
 // ---------------------------------------------------------------------------------------
-// Appenders
+// The write path
 
-LogOutcome DiskLog::AppendWrite(uint64_t offset, std::span<const std::byte> data) {
-  if (data.empty()) return LogOutcome::kLogged;
-  const size_t count = (data.size() + kMaxRecordPayload - 1) / kMaxRecordPayload;
-  Record one;
-  std::vector<Record> many;
-  std::span<Record> records(&one, 1);
-  if (count > 1) {
-    many.resize(count);
-    records = many;
+LogOutcome DiskLog::BeforeChange(uint64_t offset, uint64_t length) {
+  if (DirtyBitmap* map = map_.get(); map != nullptr) {
+    // Log mode, or a fall back not finished yet (FinishFallback moves the map's bits into
+    // the bitmap, with the VM lock exclusive, so no change is marking then).
+    map->MarkRange(offset, length);
+    if (!changed_.load(std::memory_order_relaxed)) changed_.store(true, std::memory_order_relaxed);
+    // The cut's content of frozen blocks not yet read goes to the copy-on-write file
+    // first; never fails the change (a failed save fails the build, which rolls back).
+    // cow_ changes only at a cut, when no change is in flight, so no lock is needed.
+    if (cow_active_.load(std::memory_order_acquire)) cow_->SaveBefore(offset, length);
+    return LogOutcome::kLogged;
   }
-  for (size_t i = 0; i < count; ++i) {
-    Record& r = records[i];
-    r.kind = RecordKind::kWrite;
-    r.payload =
-        data.subspan(i * kMaxRecordPayload,
-                     std::min<size_t>(kMaxRecordPayload, data.size() - i * kMaxRecordPayload));
-    r.offset = offset + i * kMaxRecordPayload;
-    r.length = r.payload.size();
-  }
-  return Append(records, offset, data.size());
+  std::unique_lock lk(mu_);
+  if (stop_) return LogOutcome::kShutdown;
+  MarkWithoutLog(lk, offset, length);
+  return LogOutcome::kBitmap;
 }
 
-LogOutcome DiskLog::AppendDiscard(uint64_t offset, uint64_t length) {
-  if (length == 0) return LogOutcome::kLogged;
-  Record r;
-  r.kind = RecordKind::kDiscard;
-  r.offset = offset;
-  r.length = length;
-  return Append(std::span<Record>(&r, 1), offset, length);
+void DiskLog::MarkWithoutLog(std::unique_lock<std::mutex>& lk, uint64_t offset, uint64_t length) {
+  if (DirtyBitmap* bitmap = bitmap_.get(); bitmap != nullptr) {
+    lk.unlock();
+    bitmap->MarkRange(offset, length);
+    return;
+  }
+  pending_ranges_.push_back(ByteRange{offset, length});
+  lk.unlock();
+  EnsureBitmap();
 }
 
 void DiskLog::RequestFallbackLocked(std::string reason) {
@@ -169,17 +195,6 @@ void DiskLog::RequestFallbackLocked(std::string reason) {
   spdlog::warn("disk {}: falling back to the dirty bitmap: {}", opts_.name, reason_);
 }
 
-void DiskLog::MarkWithoutLog(std::unique_lock<std::mutex>& lk, uint64_t offset, uint64_t length) {
-  if (DirtyBitmap* bitmap = bitmap_.get(); bitmap != nullptr) {
-    lk.unlock();
-    bitmap->MarkRange(offset, length);
-    return;
-  }
-  pending_ranges_.push_back(Range{offset, length});
-  lk.unlock();
-  EnsureBitmap();
-}
-
 void DiskLog::EnsureBitmap() {
   std::lock_guard bitmap_lock(bitmap_mu_);
   {
@@ -188,88 +203,9 @@ void DiskLog::EnsureBitmap() {
   }
   std::unique_ptr<DirtyBitmap> bitmap = OpenBitmap();
   std::lock_guard lk(mu_);
-  for (const Range& r : pending_ranges_) bitmap->MarkRange(r.offset, r.length);
+  for (const ByteRange& r : pending_ranges_) bitmap->MarkRange(r.offset, r.length);
   pending_ranges_.clear();
   bitmap_ = std::move(bitmap);
-}
-
-LogOutcome DiskLog::Append(std::span<Record> records, uint64_t offset, uint64_t length) {
-  uint64_t bytes = 0;
-  for (const Record& r : records) bytes += r.size();
-
-  std::unique_lock lk(mu_);
-  if (stop_) return LogOutcome::kShutdown;
-  if (mode_ == Mode::kLog && opts_.log_budget != 0 &&
-      UnshippedLocked() + bytes > opts_.log_budget) {
-    RequestFallbackLocked("log budget of " + std::to_string(opts_.log_budget) +
-                          " bytes exceeded (" + std::to_string(UnshippedLocked()) +
-                          " bytes unshipped, a change of " + std::to_string(bytes) + " more)");
-  }
-  if (mode_ != Mode::kLog) {
-    MarkWithoutLog(lk, offset, length);
-    return LogOutcome::kBitmap;
-  }
-  // Reserve seqs and bytes together, so file order is seq order. seg_ stays the same
-  // until this change's apply returns: replacing it needs the VM lock exclusively.
-  const Segment& seg = *seg_;
-  const uint64_t at = open_bytes_;
-  open_bytes_ += bytes;
-  for (Record& r : records) r.seq = ++last_seq_;
-  if (open_first_seq_ == 0) open_first_seq_ = records.front().seq;
-  bool roll = false;
-  if (opts_.segment_roll_bytes != 0 && open_bytes_ >= opts_.segment_roll_bytes &&
-      !roll_requested_) {
-    roll = roll_requested_ = true;
-  }
-  lk.unlock();
-  if (roll && opts_.request_cut) opts_.request_cut();
-
-  for (Record& r : records) {
-    EncodeHead(r, r.payload);
-  }
-  Status s = WriteRecords(seg, records, at);
-  if (s.ok()) return LogOutcome::kLogged;
-  // The range stays a hole (or a torn record) in the segment; FinishFallback drops it.
-  lk.lock();
-  RequestFallbackLocked("log write failed: " + s.message());
-  MarkWithoutLog(lk, offset, length);
-  return LogOutcome::kBitmap;
-}
-
-void DiskLog::EncodeHead(Record& r, std::span<const std::byte> payload) const {
-  RecordHeader h;
-  h.kind = r.kind;
-  h.disk_id = opts_.disk_id;
-  h.epoch = opts_.epoch;
-  h.seq = r.seq;
-  h.offset = r.offset;
-  h.length = r.length;
-  EncodeHeader(h, payload, std::span<std::byte, kHeaderSize>(r.head, kHeaderSize));
-}
-
-Status DiskLog::WriteRecords(const Segment& seg, std::span<Record> records, uint64_t at) {
-  Result<IoRing*> ring = IoRing::ForThisThread();
-  if (!ring.ok()) return ring.status();
-  // Two iovecs per record; a write is one record unless it is over kMaxRecordPayload.
-  iovec one[2];
-  std::vector<iovec> many;
-  if (records.size() > 1) many.resize(2 * records.size());
-  iovec* out = records.size() > 1 ? many.data() : one;
-  size_t n = 0;
-  for (Record& r : records) {
-    out[n++] = iovec{r.head, r.head_size};
-    if (!r.payload.empty()) {
-      out[n++] = iovec{const_cast<std::byte*>(r.payload.data()), r.payload.size()};
-    }
-  }
-  return (*ring)->WriteAll(seg.fd.get(), std::span<iovec>(out, n), at, seg.path);
-}
-
-void DiskLog::ApplyFailed(const Status& status, uint64_t offset, uint64_t length) {
-  std::unique_lock lk(mu_);
-  RequestFallbackLocked("image write failed at offset " + std::to_string(offset) + ": " +
-                        status.ToString());
-  MarkWithoutLog(lk, offset, length);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -278,90 +214,143 @@ void DiskLog::ApplyFailed(const Status& status, uint64_t offset, uint64_t length
 std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t unix_nanos,
                                                       int64_t first_change_unix_nanos) {
   FinishFallback();  // a pending fall back gets no cut; finishing it needs what we hold
-  std::unique_lock lk(mu_);
-  if (mode_ != Mode::kLog || stop_) return nullptr;
+  {
+    std::lock_guard lk(mu_);
+    if (mode_ != Mode::kLog || stop_ || build_) return nullptr;
+  }
+  auto build = std::make_unique<Build>();
+  auto frozen = std::make_shared<std::vector<uint64_t>>();
+  build->frozen_blocks = map_->TakeAll(frozen.get());
+  changed_.store(false, std::memory_order_relaxed);
+  build->frozen = frozen;
+  // In the page cache before the builder starts: a kill -9 from here on finds it. (Not
+  // for power loss: the builder fdatasyncs it before it starts reading.)
+  Status saved = SaveFrozenSet(opts_.log_dir / kFrozenFileName, cycle, opts_.size, *frozen);
+  if (!saved.ok()) {
+    spdlog::warn("disk {}: {} (cycle {} is built without it)", opts_.name, saved.ToString(), cycle);
+  }
+  if (build->frozen_blocks > 0) {
+    SnapshotOptions so;
+    so.block_size = kBlock;
+    so.only = frozen;
+    Result<std::unique_ptr<DiskSnapshot>> cow = DiskSnapshot::Create(
+        opts_.name, opts_.image_fd, opts_.size, opts_.log_dir / kCowFileName, std::move(so));
+    if (cow.ok()) {
+      build->cow = std::move(*cow);
+    } else {
+      // The build fails (it cannot read the cut without the copy-on-write) and rolls back.
+      spdlog::warn("disk {}: {}", opts_.name, cow.status().ToString());
+    }
+  }
   auto cut = std::make_unique<CutTicket>();
   cut->cycle = cycle;
   cut->unix_nanos = unix_nanos;
   cut->first_change_unix_nanos = first_change_unix_nanos;
-  Record r;
-  r.kind = RecordKind::kCut;
-  r.seq = cut->seq = ++last_seq_;
-  cut->segment = seg_->number;
-  r.length = kCutPayloadSize;
-  r.head_size = kHeaderSize + kCutPayloadSize;
-  const uint64_t at = open_bytes_;
-  open_bytes_ += r.size();
-  if (open_first_seq_ == 0) open_first_seq_ = r.seq;
-  last_cut_seq_ = r.seq;
-  std::shared_ptr<Segment> old = seg_;
-  lk.unlock();
-
-  std::span<std::byte, kCutPayloadSize> payload(r.head + kHeaderSize, kCutPayloadSize);
-  EncodeCutPayload(CutPayload{cycle, unix_nanos, first_change_unix_nanos}, payload);
-  EncodeHead(r, payload);
-  Status s = WriteRecords(*old, std::span<Record>(&r, 1), at);
-  // The cut record is in the file: the segment is complete. Appending goes on at once in
-  // the next segment; the sealer makes the old one durable and publishes it, so a guest
-  // write never waits for a seal's fdatasync. A Flush does wait, because the records it
-  // covers may be in the segment being sealed.
-  auto next = std::make_shared<Segment>();
-  Status failed;
-  if (!s.ok()) {
-    failed = Status::Error(s.code(), "log write failed: " + s.message());
-  } else {
-    next->number = old->number + 1;
-    next->path = SegmentPath(opts_.log_dir, next->number).string();
-    Result<UniqueFd> fd = OpenFile(next->path, O_WRONLY | O_CREAT | O_EXCL, 0644);
-    if (fd.ok()) {
-      next->fd = std::move(*fd);
-    } else {
-      failed = Status::Error(fd.status().code(),
-                             "starting the next segment failed: " + fd.status().message());
-    }
+  build->cut = cut.get();
+  // The caller holds the VM lock exclusively: no change is reading cow_.
+  cow_ = build->cow;
+  cow_active_.store(cow_ != nullptr, std::memory_order_release);
+  {
+    std::lock_guard lk(mu_);
+    build_ = std::move(build);
+    build_queued_ = true;
   }
-  lk.lock();
-  if (!failed.ok()) {
-    RequestFallbackLocked(failed.message());
-    lk.unlock();
-    FinishFallback();
-    return nullptr;
-  }
-  PendingSeal pending;
-  pending.seg = std::move(old);
-  pending.cut = cut.get();
-  SealedSegment& seg = pending.segment;
-  seg.disk = opts_.name;
-  seg.disk_id = opts_.disk_id;
-  seg.cycle = cycle;
-  seg.cut_unix_nanos = unix_nanos;
-  seg.first_change_unix_nanos = first_change_unix_nanos;
-  seg.last_seq = cut->seq;
-  seg.path = pending.seg->path;
-  seg.number = pending.seg->number;
-  seg.first_seq = open_first_seq_;
-  seg.bytes = open_bytes_;
-  sealing_bytes_ += seg.bytes;
-  seg_ = std::move(next);
-  last_segment_ = seg_->number;
-  open_bytes_ = 0;
-  open_first_seq_ = 0;
-  roll_requested_ = false;
-  seals_.push_back(std::move(pending));
-  lk.unlock();
-  seal_cv_.notify_one();
+  build_cv_.notify_one();
   return cut;
 }
 
-bool DiskLog::WaitSealed(CutTicket& cut) {
+bool DiskLog::WaitBuilt(CutTicket& cut) {
   std::unique_lock lk(mu_);
-  done_cv_.wait(lk, [&] { return cut.state != CutTicket::State::kSealing; });
-  return cut.state == CutTicket::State::kSealed;
+  done_cv_.wait(lk, [&] { return cut.state != CutTicket::State::kBuilding; });
+  return cut.state == CutTicket::State::kBuilt;
+}
+
+bool DiskLog::Publish(CutTicket& cut) {
+  std::unique_ptr<Build> b;
+  {
+    std::lock_guard lk(mu_);
+    if (!build_ || build_->cut != &cut || cut.state != CutTicket::State::kBuilt) return false;
+    b = std::move(build_);
+    if (mode_ != Mode::kLog) return false;  // the fall back deletes the file
+    const SealedSegment& seg = b->segment;
+    sealed_bytes_ += seg.bytes;
+    last_seq_ = seg.last_seq;
+    last_segment_ = seg.number;
+    last_cycle_ = seg.cycle;
+    last_cut_nanos_ = seg.cut_unix_nanos;
+    last_cut_first_change_ = seg.first_change_unix_nanos;
+    ++cycles_built_;
+    cut.seq = seg.last_seq;
+    cut.segment = seg.number;
+    sealed_.push_back(seg);
+  }
+  const fs::path frozen = opts_.log_dir / kFrozenFileName;
+  if (::unlink(frozen.c_str()) != 0 && errno != ENOENT) {
+    spdlog::warn("disk {}: delete {}: {}", opts_.name, frozen.string(), std::strerror(errno));
+  }
+  return true;
+}
+
+void DiskLog::RollBack(CutTicket& cut) {
+  std::unique_ptr<Build> b;
+  {
+    std::lock_guard lk(mu_);
+    cut.state = CutTicket::State::kDropped;
+    cut.seq = last_seq_;
+    cut.segment = last_segment_;
+    if (!build_ || build_->cut != &cut) return;
+    b = std::move(build_);
+    // In bitmap mode the fall back marked the frozen set already.
+    if (mode_ == Mode::kLog) {
+      map_->MarkWords(*b->frozen);
+      if (b->frozen_blocks > 0) changed_.store(true, std::memory_order_relaxed);
+    }
+  }
+  if (!b->segment.path.empty() && ::unlink(b->segment.path.c_str()) != 0 && errno != ENOENT) {
+    spdlog::warn("disk {}: delete {}: {}", opts_.name, b->segment.path.string(),
+                 std::strerror(errno));
+  }
+  const fs::path frozen = opts_.log_dir / kFrozenFileName;
+  (void)::unlink(frozen.c_str());  // the map holds the blocks again
+}
+
+Status DiskLog::RollBackAfter(uint64_t vm_cycle) {
+  std::vector<SealedSegment> gone;
+  {
+    std::lock_guard lk(mu_);
+    if (mode_ != Mode::kLog) return Status::Ok();
+    while (!sealed_.empty() && sealed_.back().cycle > vm_cycle) {
+      sealed_bytes_ -= sealed_.back().bytes;
+      gone.push_back(std::move(sealed_.back()));
+      sealed_.pop_back();
+    }
+    if (gone.empty()) return Status::Ok();
+  }
+  for (const SealedSegment& seg : gone) {
+    SR_RETURN_IF_ERROR(MarkSegmentBlocks(seg.path, *map_, /*strict=*/true).status());
+    spdlog::info(
+        "disk {}: cycle {} is not on every disk of the VM; its blocks go into the next "
+        "cycle",
+        opts_.name, seg.cycle);
+  }
+  SR_RETURN_IF_ERROR(map_->Flush());
+  for (const SealedSegment& seg : gone) {
+    if (::unlink(seg.path.c_str()) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "delete " + seg.path.string());
+    }
+  }
+  SR_RETURN_IF_ERROR(SyncDir(opts_.log_dir));
+  std::lock_guard lk(mu_);
+  changed_ = true;
+  last_cycle_ = sealed_.empty() ? floors_.last_cycle : sealed_.back().cycle;
+  last_seq_ = sealed_.empty() ? floors_.last_seq : sealed_.back().last_seq;
+  last_cut_nanos_ = sealed_.empty() ? last_cut_nanos_ : sealed_.back().cut_unix_nanos;
+  return Status::Ok();
 }
 
 bool DiskLog::ChangedSinceCut() const {
   std::lock_guard lk(mu_);
-  return mode_ == Mode::kLog && last_seq_ > last_cut_seq_;
+  return mode_ == Mode::kLog && changed_.load(std::memory_order_relaxed);
 }
 
 uint64_t DiskLog::last_cycle() const {
@@ -379,47 +368,173 @@ int64_t DiskLog::last_cut_unix_nanos() const {
   return last_cut_nanos_;
 }
 
-// ---------------------------------------------------------------------------------------
-// Sealer thread
+bool DiskLog::has_unreleased() const {
+  std::lock_guard lk(mu_);
+  return !sealed_.empty();
+}
 
-void DiskLog::SealerLoop() {
+// ---------------------------------------------------------------------------------------
+// Builder thread
+
+void DiskLog::BuilderLoop() {
   std::unique_lock lk(mu_);
   for (;;) {
-    seal_cv_.wait(lk, [&] { return !seals_.empty() || sealer_stop_; });
-    if (seals_.empty()) break;  // stopping, and nothing left to seal
-    PendingSeal p = std::move(seals_.front());
-    seals_.pop_front();
-    sealing_ = true;
+    build_cv_.wait(lk, [&] { return build_queued_ || builder_stop_; });
+    if (!build_queued_) break;  // stopping, and nothing left to build
+    build_queued_ = false;
+    building_ = true;
+    Build* b = build_.get();
     lk.unlock();
-    failpoint::Check("tracker.before_seal");
-    // fdatasync the sealed segment, then the folder (which makes the next segment's
-    // creation durable).
-    const std::string_view whats[1] = {p.seg->path};
-    const int fds[1] = {p.seg->fd.get()};
-    Status synced[1];
-    sealer_ring_->DataSync(fds, whats, synced);
-    const std::string what = p.seg->path;
-    p.seg.reset();
-    Status s = synced[0].ok() ? SyncDir(opts_.log_dir) : synced[0];
-    if (s.ok()) failpoint::Check("tracker.after_seal");
+    Status s = BuildSegment(*b);
+    if (b->cow) {
+      // Every frozen block has been read (or the build failed): nothing more to save.
+      b->cow->End();
+      Status removed = b->cow->Remove();
+      if (!removed.ok()) spdlog::warn("disk {}: {}", opts_.name, removed.ToString());
+    }
     lk.lock();
-    sealing_ = false;
-    if (mode_ == Mode::kLog && s.ok()) {
-      sealing_bytes_ -= p.segment.bytes;
-      sealed_bytes_ += p.segment.bytes;
-      last_cycle_ = p.cut->cycle;
-      last_cut_nanos_ = p.cut->unix_nanos;
-      last_cut_first_change_ = p.cut->first_change_unix_nanos;
-      sealed_.push_back(std::move(p.segment));
-      p.cut->state = CutTicket::State::kSealed;
+    building_ = false;
+    if (b->cow) cow_saved_bytes_ += b->cow->saved_bytes();
+    cow_active_.store(false, std::memory_order_release);  // cow_ stays until the next cut
+    if (s.ok()) build_error_.clear();
+    if (s.ok() && mode_ == Mode::kLog) {
+      b->cut->state = CutTicket::State::kBuilt;
     } else {
-      // Falling back meanwhile (the segment goes with the log), or the seal failed: then
-      // fall back (the next change or Flush finishes it).
-      RequestFallbackLocked("sealing " + what + " failed: " + s.message());
-      p.cut->state = CutTicket::State::kDropped;
+      if (!s.ok()) {
+        build_error_ = s.message();
+        spdlog::warn("disk {}: building cycle {} failed, its blocks go into the next cycle: {}",
+                     opts_.name, b->cut->cycle, s.ToString());
+        if (!b->tmp_path.empty()) (void)::unlink(b->tmp_path.c_str());
+        b->segment.path.clear();
+      }
+      b->cut->state = CutTicket::State::kDropped;
     }
     done_cv_.notify_all();
   }
+}
+
+Status DiskLog::BuildSegment(Build& b) {
+  if (b.frozen_blocks > 0 && !b.cow) {
+    return Status::Error(EIO,
+                         "no copy-on-write for the cut of cycle " + std::to_string(b.cut->cycle));
+  }
+  uint64_t number;
+  uint64_t seq;
+  {
+    std::lock_guard lk(mu_);
+    number = last_segment_ + 1;
+    seq = last_seq_;
+  }
+  const fs::path final_path = SegmentPath(opts_.log_dir, number);
+  b.tmp_path = final_path;
+  b.tmp_path += ".tmp";
+  // Power loss: the frozen set is durable before the map could lose its bits' copy.
+  {
+    Result<UniqueFd> frozen = OpenFile(opts_.log_dir / kFrozenFileName, O_RDONLY);
+    if (frozen.ok() && ::fdatasync(frozen->get()) != 0) {
+      return Status::FromErrno(errno, "fdatasync " + (opts_.log_dir / kFrozenFileName).string());
+    }
+  }
+  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(b.tmp_path, O_WRONLY | O_CREAT | O_TRUNC, 0600));
+  const uint64_t first_seq = seq + 1;
+  std::vector<std::byte> out;
+  constexpr size_t kFlushAt = 8u << 20;
+  out.reserve(kFlushAt + kHeaderSize + kMaxRecordPayload);
+  uint64_t file_offset = 0;
+  auto flush_out = [&]() -> Status {
+    if (out.empty()) return Status::Ok();
+    SR_RETURN_IF_ERROR(
+        PWriteAll(fd.get(), out.data(), out.size(), file_offset, b.tmp_path.string()));
+    file_offset += out.size();
+    out.clear();
+    return Status::Ok();
+  };
+  auto put_record = [&](RecordKind kind, uint64_t offset, uint64_t length, size_t payload_size) {
+    // The payload (if any) is already at out[at + kHeaderSize ...).
+    const size_t at = out.size() - kHeaderSize - payload_size;
+    RecordHeader h;
+    h.kind = kind;
+    h.disk_id = opts_.disk_id;
+    h.epoch = opts_.epoch;
+    h.seq = ++seq;
+    h.offset = offset;
+    h.length = length;
+    EncodeHeader(h, std::span<const std::byte>(out.data() + at + kHeaderSize, payload_size),
+                 std::span<std::byte, kHeaderSize>(out.data() + at, kHeaderSize));
+  };
+
+  // Runs of frozen blocks, at most kMaxRecordPayload each, in disk order.
+  const std::vector<uint64_t>& words = *b.frozen;
+  const uint64_t blocks = (opts_.size + kBlock - 1) / kBlock;
+  constexpr uint64_t kMaxRunBlocks = kMaxRecordPayload / kBlock;
+  auto is_set = [&](uint64_t block) {
+    return block < blocks && ((words[block / 64] >> (block % 64)) & 1) != 0;
+  };
+  for (uint64_t block = 0; block < blocks;) {
+    if ((words[block / 64] >> (block % 64)) == 0) {
+      block = (block / 64 + 1) * 64;  // nothing more set in this word
+      continue;
+    }
+    if (!is_set(block)) {
+      ++block;
+      continue;
+    }
+    uint64_t n = 1;
+    while (n < kMaxRunBlocks && is_set(block + n)) ++n;
+    const uint64_t offset = block * kBlock;
+    const uint64_t length = std::min(n * kBlock, opts_.size - offset);
+    block += n;
+    const size_t at = out.size();
+    out.resize(at + kHeaderSize + length);
+    std::span<std::byte> payload(out.data() + at + kHeaderSize, length);
+    {
+      RangeLocks::Guard range = opts_.ranges->Lock(offset, length);
+      SR_RETURN_IF_ERROR(b.cow->Read(offset, payload));
+      b.cow->MarkRead(offset, length);
+    }
+    if (IsAllZero(payload)) {
+      // Zeros at the cut (a discard, or zeros written): a discard record, no payload.
+      out.resize(at + kHeaderSize);
+      put_record(RecordKind::kDiscard, offset, length, 0);
+    } else {
+      put_record(RecordKind::kWrite, offset, length, length);
+    }
+    if (out.size() >= kFlushAt) SR_RETURN_IF_ERROR(flush_out());
+  }
+  // The cut record closes the segment.
+  {
+    const size_t at = out.size();
+    out.resize(at + kHeaderSize + kCutPayloadSize);
+    EncodeCutPayload(
+        CutPayload{b.cut->cycle, b.cut->unix_nanos, b.cut->first_change_unix_nanos},
+        std::span<std::byte, kCutPayloadSize>(out.data() + at + kHeaderSize, kCutPayloadSize));
+    put_record(RecordKind::kCut, 0, kCutPayloadSize, kCutPayloadSize);
+  }
+  SR_RETURN_IF_ERROR(flush_out());
+  if (failpoint::Check("tracker.before_seal") == failpoint::Action::kError) {
+    return Status::Error(EIO, "failpoint tracker.before_seal");
+  }
+  if (::fdatasync(fd.get()) != 0) {
+    return Status::FromErrno(errno, "fdatasync " + b.tmp_path.string());
+  }
+  if (::rename(b.tmp_path.c_str(), final_path.c_str()) != 0) {
+    return Status::FromErrno(errno, "rename " + b.tmp_path.string() + " to " + final_path.string());
+  }
+  b.tmp_path.clear();
+  SealedSegment& seg = b.segment;
+  seg.disk = opts_.name;
+  seg.disk_id = opts_.disk_id;
+  seg.number = number;
+  seg.cycle = b.cut->cycle;
+  seg.first_seq = first_seq;
+  seg.last_seq = seq;
+  seg.bytes = file_offset;
+  seg.cut_unix_nanos = b.cut->unix_nanos;
+  seg.first_change_unix_nanos = b.cut->first_change_unix_nanos;
+  seg.path = final_path;
+  SR_RETURN_IF_ERROR(SyncDir(opts_.log_dir));
+  failpoint::Check("tracker.after_seal");
+  return Status::Ok();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -437,16 +552,10 @@ Status DiskLog::Flush() {
     // Become the leader of the next generation.
     sync_running_ = true;
     const uint64_t generation = ++syncs_started_;
-    // Records this sync covers may be in segments still being sealed.
-    done_cv_.wait(lk, [&] { return seals_.empty() && !sealing_; });
-    std::shared_ptr<Segment> seg = mode_ != Mode::kBitmap ? seg_ : nullptr;
-    DirtyBitmap* bitmap = bitmap_.get();
+    DirtyBitmap* map = mode_ == Mode::kBitmap ? bitmap_.get() : map_.get();
     lk.unlock();
-    bool log_failed = false;
-    Status image_status = SyncFiles(seg.get(), bitmap, &log_failed);
+    Status image_status = SyncFiles(map);
     lk.lock();
-    // The log may have lost records: the caller finishes the fall back, which marks them.
-    if (log_failed) RequestFallbackLocked("log sync failed");
     syncs_completed_ = generation;
     sync_running_ = false;
     ++syncs_done_;
@@ -460,65 +569,36 @@ Status DiskLog::Flush() {
   return Status::Ok();
 }
 
-Status DiskLog::SyncFiles(const Segment* seg, DirtyBitmap* bitmap, bool* log_failed) {
-  *log_failed = false;
-  if (bitmap != nullptr) {
-    Status b = bitmap->Flush();
+Status DiskLog::SyncFiles(DirtyBitmap* map) {
+  if (map != nullptr) {
+    Status b = map->Flush();
     if (!b.ok()) spdlog::error("disk {}: {}", opts_.name, b.ToString());
   }
-  const std::string image_what = "image of disk " + opts_.name;
-  int fds[2];
-  std::string_view whats[2];
-  Status results[2];
-  size_t n = 0;
-  if (seg != nullptr) {
-    fds[n] = seg->fd.get();
-    whats[n++] = seg->path;
+  if (::fdatasync(opts_.image_fd) != 0) {
+    return Status::FromErrno(errno, "fdatasync the image of disk " + opts_.name);
   }
-  fds[n] = opts_.image_fd;
-  whats[n++] = image_what;
-  Result<IoRing*> ring = IoRing::ForThisThread();
-  if (ring.ok()) {
-    (*ring)->DataSync(std::span<const int>(fds, n), std::span<const std::string_view>(whats, n),
-                      std::span<Status>(results, n));
-  } else {
-    for (size_t i = 0; i < n; ++i) {
-      if (::fdatasync(fds[i]) != 0) {
-        results[i] = Status::FromErrno(errno, "fdatasync " + std::string(whats[i]));
-      }
-    }
-  }
-  if (seg != nullptr && !results[0].ok()) {
-    spdlog::error("disk {}: {}", opts_.name, results[0].ToString());
-    *log_failed = true;
-  }
-  return results[n - 1];
+  return Status::Ok();
 }
 
 Status DiskLog::Stop() {
   {
     std::lock_guard lk(mu_);
-    if (stop_ && !sealer_.joinable()) return Status::Ok();
+    if (stop_ && !builder_.joinable()) return Status::Ok();
     stop_ = true;
-    sealer_stop_ = true;
+    builder_stop_ = true;
   }
-  // The sealer finishes the queued seals, then exits.
-  seal_cv_.notify_one();
-  if (sealer_.joinable()) sealer_.join();
-  // No appender runs now (the caller's guarantee), which is what FinishFallback needs.
+  // The builder finishes a queued build, then exits.
+  build_cv_.notify_one();
+  if (builder_.joinable()) builder_.join();
+  // No change runs now (the caller's guarantee), which is what FinishFallback needs.
   FinishFallback();
   if (opts_.image_fd < 0) return Status::Ok();
-  std::shared_ptr<Segment> seg;
-  DirtyBitmap* bitmap;
+  DirtyBitmap* map;
   {
     std::lock_guard lk(mu_);
-    if (mode_ == Mode::kLog) seg = seg_;
-    bitmap = bitmap_.get();
+    map = mode_ == Mode::kBitmap ? bitmap_.get() : map_.get();
   }
-  bool log_failed = false;
-  Status image = SyncFiles(seg.get(), bitmap, &log_failed);
-  if (log_failed && image.ok()) return Status::Error(EIO, "fdatasync " + seg->path + " failed");
-  return image;
+  return SyncFiles(map);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -574,7 +654,15 @@ DiskStats DiskLog::Stats() const {
   s.tracking = mode_ == Mode::kLog ? DiskTracking::kLog : DiskTracking::kBitmap;
   s.resync_required = resync_required_;
   s.resync_reason = reason_;
-  s.unshipped_bytes = mode_ == Mode::kLog ? UnshippedLocked() : 0;
+  if (mode_ == Mode::kLog) {
+    const uint64_t open = map_ ? map_->dirty_blocks() * kBlock : 0;
+    const uint64_t frozen = build_ ? build_->frozen_blocks * kBlock : 0;
+    s.unshipped_bytes = sealed_bytes_ + open + frozen;
+  }
+  s.cycles_built = cycles_built_;
+  s.build_error = build_error_;
+  s.cow_bytes = building_ && build_ && build_->cow ? build_->cow->saved_bytes() : 0;
+  s.cow_bytes_total = cow_saved_bytes_ + s.cow_bytes;
   s.last_seq = last_seq_;
   s.last_cut_unix_nanos = last_cut_nanos_;
   if (bitmap_) {

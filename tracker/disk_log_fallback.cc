@@ -10,6 +10,7 @@
 
 #include "common/file_util.h"
 #include "tracker/disk_log.h"
+#include "tracker/frozen_set.h"
 #include "tracker/log_reader.h"
 
 namespace siterep::tracker {
@@ -17,43 +18,58 @@ namespace fs = std::filesystem;
 
 void DiskLog::FinishFallback() {
   if (!fallback_pending()) return;
-  std::vector<CutTicket*> dropped;
   std::string reason;
   std::vector<ByteRange> resync_dirty;  // a resync in progress: still to be sent
   bool resync_all_dirty;
+  std::unique_ptr<Build> build;
   {
-    std::lock_guard lk(mu_);
+    std::unique_lock lk(mu_);
     if (mode_ != Mode::kSwitching) return;
+    // The builder reads the frozen blocks without mu_: let it finish first (it takes only
+    // range locks, which no change holds while the caller holds the VM lock exclusively).
+    done_cv_.wait(lk, [&] { return !building_; });
     reason = reason_;
     resync_dirty = std::move(resync_dirty_);
     resync_dirty_.clear();
     resync_all_dirty = std::exchange(resync_all_dirty_, false);
-    // Segments waiting for the sealer are dropped with the rest; their cuts did not seal.
-    // (One the sealer is working on sees the mode when it is done.)
-    for (PendingSeal& p : seals_) dropped.push_back(p.cut);
-    seals_.clear();
+    // A cut not published yet is dropped with the rest (its ticket says so).
+    if (build_) {
+      build_->cut->state = CutTicket::State::kDropped;
+      build = std::move(build_);
+      build_queued_ = false;
+    }
   }
   spdlog::warn("disk {}: change log dropped, tracking with the dirty bitmap (resync required): {}",
                opts_.name, reason);
-  // The bitmap usually exists already (step 1), unless the cause was a sync or a seal.
+  // The bitmap usually exists already (step 1).
   EnsureBitmap();
   DirtyBitmap* bitmap;
   {
     std::lock_guard lk(mu_);
     bitmap = bitmap_.get();
   }
-  // The blocks an unfinished resync still has to send are as dirty as the log's.
+  // The blocks an unfinished resync still has to send are as dirty as the log's, and so
+  // are the open cycle's and a frozen cut's.
   for (const ByteRange& r : resync_dirty) bitmap->MarkRange(r.offset, r.length);
+  if (build) bitmap->MarkWords(*build->frozen);
+  if (build && !build->segment.path.empty()) (void)::unlink(build->segment.path.c_str());
+  if (map_) {
+    std::vector<uint64_t> words;
+    map_->TakeAll(&words);
+    bitmap->MarkWords(words);
+  }
   DropLog(*bitmap, /*mark_all=*/resync_all_dirty);
+  { std::lock_guard lk(mu_); }
   {
-    std::lock_guard lk(mu_);
+    std::unique_lock lk(mu_);
+    // A Flush leader may be syncing the map without the VM lock: let it finish.
+    sync_cv_.wait(lk, [&] { return !sync_running_; });
     mode_ = Mode::kBitmap;
     fallback_pending_.store(false, std::memory_order_release);
-    seg_.reset();
     sealed_.clear();
-    sealed_bytes_ = sealing_bytes_ = open_bytes_ = 0;
-    open_first_seq_ = 0;
-    for (CutTicket* c : dropped) c->state = CutTicket::State::kDropped;
+    sealed_bytes_ = 0;
+    changed_ = false;
+    map_.reset();  // changes mark the bitmap from now on (no change is in flight)
   }
   done_cv_.notify_all();
 }
@@ -111,18 +127,6 @@ void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
     if (!*more) break;
     take(rec.header, rec.payload);
   }
-  if (scan_status.ok() && scanner->torn_tail() && !mark_all) {
-    // The open segment may have holes (failed or unfinished appends): the records after
-    // them reached the log, and maybe the image, so they count too.
-    const TornTail& torn = *scanner->torn_tail();
-    Result<std::vector<FoundRecord>> found = FindRecordsPastHoles(
-        SegmentPath(opts_.log_dir, torn.segment), torn.file_offset, opts_.disk_id, 0);
-    if (found.ok()) {
-      for (const FoundRecord& f : *found) take(f.header, {});
-    } else {
-      scan_status = found.status();
-    }
-  }
   if (!scan_status.ok() && !mark_all) {
     spdlog::error("disk {}: cannot read the change log to mark its blocks, marking all: {}",
                   opts_.name, scan_status.ToString());
@@ -134,6 +138,31 @@ void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
     last_cycle_ = std::max(last_cycle_, max_cycle);
     last_segment_ = std::max(last_segment_, max_segment);
   }
+  // The open cycle's map and a frozen cut, when this runs at Open (FinishFallback has
+  // moved the live ones into the bitmap already): their blocks are as dirty as the log's.
+  if (!map_ && !mark_all) {
+    const fs::path map_path = opts_.log_dir / kMapFileName;
+    std::error_code ec;
+    if (fs::exists(map_path, ec)) {
+      Result<std::unique_ptr<DirtyBitmap>> old_map = DirtyBitmap::Open(map_path, opts_.size);
+      if (old_map.ok()) {
+        std::vector<uint64_t> words;
+        (*old_map)->TakeAll(&words);
+        bitmap.MarkWords(words);
+      } else {
+        spdlog::error("disk {}: cannot read {}, marking all: {}", opts_.name, map_path.string(),
+                      old_map.status().ToString());
+        bitmap.MarkAll();
+      }
+    }
+    Result<std::optional<FrozenSet>> frozen =
+        LoadFrozenSet(opts_.log_dir / kFrozenFileName, opts_.size);
+    if (!frozen.ok() || (*frozen && (*frozen)->torn)) {
+      bitmap.MarkAll();
+    } else if (*frozen) {
+      bitmap.MarkWords((*frozen)->words);
+    }
+  }
   Status flushed = bitmap.Flush();
   if (!flushed.ok()) spdlog::error("disk {}: {}", opts_.name, flushed.ToString());
 
@@ -141,9 +170,12 @@ void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
   // Without a bitmap file, delete first: the segments may be what fills the folder, and a
   // state.json saying "bitmap" with no bitmap file marks every block at the next start.
   auto delete_segments = [&] {
-    {
-      std::lock_guard lk(mu_);
-      seg_.reset();  // a Flush leader may still hold it; the file goes anyway
+    // The map and a frozen set are in the bitmap now.
+    for (std::string_view name : {kMapFileName, kFrozenFileName}) {
+      const fs::path p = opts_.log_dir / name;
+      if (::unlink(p.c_str()) != 0 && errno != ENOENT) {
+        spdlog::error("disk {}: delete {}: {}", opts_.name, p.string(), std::strerror(errno));
+      }
     }
     Result<std::vector<SegmentFile>> files = ListSegments(opts_.log_dir);
     if (!files.ok()) {

@@ -78,54 +78,45 @@ DiskLog::ResyncStart DiskLog::ReturnToLog(uint64_t cycle) {
     out.dirty = BitmapBlocks(*bitmap, opts_.size);
   }
 
-  // 1. The new segment. Until state.json says "log", the next Open deletes it with the
-  //    rest of the log (bitmap mode).
-  auto seg = std::make_shared<Segment>();
-  seg->number = out.last_segment + 1;
-  seg->path = SegmentPath(opts_.log_dir, seg->number).string();
-  Result<UniqueFd> fd = OpenFile(seg->path, O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (!fd.ok()) {
-    spdlog::error("disk {}: cannot return to the change log, staying with the dirty bitmap: {}",
-                  opts_.name, fd.status().ToString());
+  // 1. A new, empty map. Until state.json says "log", the next Open is in bitmap mode
+  //    and deletes it.
+  const fs::path map_path = opts_.log_dir / kMapFileName;
+  if (::unlink(map_path.c_str()) != 0 && errno != ENOENT) {
+    spdlog::error(
+        "disk {}: cannot return to the change log, staying with the dirty bitmap: "
+        "delete {}: {}",
+        opts_.name, map_path.string(), std::strerror(errno));
     return out;
   }
-  seg->fd = std::move(*fd);
+  Result<std::unique_ptr<DirtyBitmap>> map = DirtyBitmap::Open(map_path, opts_.size);
+  if (!map.ok()) {
+    spdlog::error("disk {}: cannot return to the change log, staying with the dirty bitmap: {}",
+                  opts_.name, map.status().ToString());
+    return out;
+  }
 
   std::unique_ptr<DirtyBitmap> old;
   {
     std::unique_lock lk(mu_);
-    // A Flush leader syncs the bitmap, and the sealer may finish a segment the fall back
-    // dropped, both without the VM lock: let them be done before the mode changes.
-    for (;;) {
-      if (sealing_) {
-        done_cv_.wait(lk, [&] { return !sealing_; });
-      } else if (sync_running_) {
-        sync_cv_.wait(lk, [&] { return !sync_running_; });
-      } else {
-        break;
-      }
-    }
+    // A Flush leader syncs the bitmap without the VM lock: let it be done before the mode
+    // changes.
+    sync_cv_.wait(lk, [&] { return !sync_running_; });
     mode_ = Mode::kLog;
-    seg_ = std::move(seg);
-    last_segment_ = seg_->number;
-    open_bytes_ = 0;
-    open_first_seq_ = 0;
-    last_cut_seq_ = last_seq_;  // nothing logged since the cut
+    map_ = std::move(*map);
+    changed_ = false;
     last_cycle_ = std::max(last_cycle_, cycle);
-    roll_requested_ = false;
     resync_required_ = true;
     reason_ = std::string(kResyncingReason);
     resync_all_dirty_ = out.all_dirty;
     resync_dirty_ = out.dirty;
-    // No segment carries the numbers before the new one: state.json does.
+    // No segment carries the numbers before the next one: state.json does.
     floors_.last_seq = std::max(floors_.last_seq, last_seq_);
     floors_.last_cycle = std::max(floors_.last_cycle, last_cycle_);
     floors_.last_segment = std::max(floors_.last_segment, out.last_segment);
     old = std::move(bitmap_);
   }
   out.logging = true;
-  spdlog::info("disk {}: back to the change log at cycle {} (segment {}), resynchronising",
-               opts_.name, cycle, out.last_segment + 1);
+  spdlog::info("disk {}: back to the change log at cycle {}, resynchronising", opts_.name, cycle);
 
   // 2. state.json, then 3. the bitmap file. A crash before 3 leaves a bitmap file, so the
   //    next Open is in bitmap mode and marks the new log's blocks in it: a superset.

@@ -81,25 +81,6 @@ class SegmentReader {
 // wrong; a read error is the read's Status (ENOENT: the segment was released or dropped).
 Status CheckSealedSegment(const SealedSegment& seg);
 
-// A record that FindRecordsPastHoles found.
-struct FoundRecord {
-  uint64_t file_offset = 0;  // where it starts in the segment file
-  uint64_t size = 0;         // header + payload bytes
-  RecordHeader header;
-};
-
-// Finds the valid records in [from, end of file) of the open segment of a crashed log,
-// skipping holes. Appenders reserve byte ranges in seq order and write them concurrently,
-// so after kill -9 an earlier range may be missing (zeros) or partly written while later
-// ones are complete. Any byte offset may start a record, but only offsets where the magic
-// matches are parsed; a candidate counts if it is a whole valid record of disk_id whose
-// seq is greater than the last one found (the first: greater than after_seq); the records
-// right after it are taken in turn until one is not. Never changes the file.
-// Only for the last segment: damage in a sealed segment is an error (LogScanner).
-Result<std::vector<FoundRecord>> FindRecordsPastHoles(const std::filesystem::path& path,
-                                                      uint64_t from, uint32_t disk_id,
-                                                      uint64_t after_seq);
-
 // One record found by LogScanner.
 struct ScannedRecord {
   uint64_t segment = 0;      // segment number

@@ -245,39 +245,6 @@ TEST(LogReaderTest, ScannerRejectsAHoleInASealedSegment) {
       << more.status().message();
 }
 
-TEST(LogReaderTest, FindRecordsPastHolesSkipsHolesAndStaleRecords) {
-  TempDir tmp;
-  LogBuilder log(tmp.path());
-  log.StartSegment(1);
-  log.Write(0, Pattern(4096, 1));  // seq 1
-  const uint64_t hole = fs::file_size(log.current());
-  log.Raw(std::vector<std::byte>(kHeaderSize + 100));  // seq 2 never written
-  log.set_seq(2);
-  log.Write(4096, Pattern(4096, 3));  // seq 3
-  // seq 4 only partly written: its header and half its payload.
-  RecordHeader h{RecordKind::kWrite, kDisk, 1, 4, 0, 4096};
-  const std::vector<std::byte> torn = EncodeRecord(h, Pattern(4096, 4));
-  log.Raw(std::span(torn).first(kHeaderSize + 2048));
-  log.Raw(std::vector<std::byte>(2048));
-  log.set_seq(4);
-  log.Write(12288, Pattern(100, 5));  // seq 5
-  log.Discard(0, 4096);               // seq 6
-  log.set_seq(1);
-  log.Write(0, Pattern(10, 7));  // a stale seq: not kept
-  RecordHeader other{RecordKind::kWrite, kDisk + 1, 1, 9, 0, 10};
-  log.Raw(EncodeRecord(other, Pattern(10, 8)));  // another disk: not kept
-  log.Raw(std::span(torn).first(30));            // a torn tail
-
-  Result<std::vector<FoundRecord>> found = FindRecordsPastHoles(log.current(), hole, kDisk, 1);
-  ASSERT_TRUE(found.ok()) << found.status().ToString();
-  ASSERT_EQ(found->size(), 3u);
-  EXPECT_EQ((*found)[0].header.seq, 3u);
-  EXPECT_EQ((*found)[0].file_offset, hole + kHeaderSize + 100);
-  EXPECT_EQ((*found)[1].header.seq, 5u);
-  EXPECT_EQ((*found)[2].header.seq, 6u);
-  EXPECT_EQ((*found)[2].header.kind, RecordKind::kDiscard);
-}
-
 TEST(LogReaderTest, ScannerRejectsASequenceGapBetweenSegments) {
   TempDir tmp;
   LogBuilder log(tmp.path());

@@ -1,24 +1,18 @@
 // Recovery of one disk's change log when the tracker opens it (after a clean stop, a
-// kill -9 or a crash):
-//  1. the last segment (the one that was open) is scanned. Appenders write their records
-//     concurrently into ranges reserved in seq order, so after a kill -9 the segment may
-//     hold holes: ranges never (or partly) written, with complete records after them. At
-//     the first short, bad or out-of-sequence record, the rest of the file is searched for
-//     complete records of this disk with greater seqs (FindRecordsPastHoles). Those are
-//     kept: their image writes may have happened. The holes are dropped: their records'
-//     image writes never started (a record is written before its apply). If any are kept,
-//     the segment is rewritten compactly (good prefix, then the kept records renumbered to
-//     consecutive seqs; unshipped, so renumbering is safe) by write-then-rename; otherwise
-//     it is truncated at the first bad record (the torn tail). Both are logged;
-//  2. every write and discard after the last cut is redone into the image, which is then
-//     fdatasynced. A change holds the VM lock until its apply returns and a cut takes it
-//     exclusively, so every change before the last cut is already in the image; changes
-//     after it may have reached the log but not the image. Redo is idempotent;
-//  3. the other (sealed) segments are checked to end in a cut record, and become the
-//     sealed segment list;
-//  4. if the last segment ends in a cut it is sealed too, and a new empty segment is
-//     created, so that the result always names an open segment that exists.
+// kill -9 or a crash). With changed-block tracking (disk_log.h) the folder holds only
+// whole segments: a cycle's segment is written to "<n>.seg.tmp" and renamed once it is
+// durable, so
+//  1. "*.tmp" files (unfinished builds) and "*.compact" files (an older version's) are
+//     deleted;
+//  2. every segment must end in a cut record, with sequence numbers going on from the
+//     segment before; a damaged one is an error (the caller falls back to the bitmap);
+//  3. on the first open by this version (legacy_open_segment), a last segment that does not
+//     end in a cut is the open segment of an older version's write-ahead log: the blocks of
+//     its complete records are marked in the map (those changes are in the image, or were
+//     never acknowledged), and the file is deleted (an empty one too). Otherwise it is
+//     damage, as in step 2.
 // Sequence and cycle numbers continue after the largest found (or the state.json floors).
+// The map and the frozen set are DiskLog's; this file only reads segments.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +21,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "tracker/dirty_bitmap.h"
 #include "tracker/disk_state.h"
 #include "tracker/segment_source.h"
 
@@ -35,29 +30,30 @@ namespace siterep::tracker {
 struct RecoveryInput {
   std::string disk_name;  // for messages and SealedSegment::disk
   uint32_t disk_id = 0;
-  std::filesystem::path log_dir;  // must exist
-  int image_fd = -1;              // borrowed; O_DIRECT is fine (redo uses its own fd then)
-  uint64_t image_size = 0;
-  DiskState floors;  // numbering floors from state.json (defaults when there is none)
+  std::filesystem::path log_dir;     // must exist
+  DiskState floors;                  // numbering floors from state.json (defaults when none)
+  DirtyBitmap* map = nullptr;        // where step 3 marks blocks; must not be null
+  bool legacy_open_segment = false;  // the folder has no changed-block map yet (step 3)
 };
 
 struct RecoveredLog {
   std::vector<SealedSegment> sealed;  // in log order
-  uint64_t open_segment = 0;          // number of the segment to append to (exists)
-  uint64_t open_bytes = 0;            // its size
-  uint64_t open_first_seq = 0;        // seq of its first record; 0 when it is empty
   uint64_t last_seq = 0;              // the next record gets last_seq + 1
-  uint64_t last_cut_seq = 0;          // seq of the last cut record (or the floor)
+  uint64_t last_segment = 0;          // the next segment gets last_segment + 1
   uint64_t last_cycle = 0;
   int64_t last_cut_unix_nanos = 0;
   int64_t last_cut_first_change_unix_nanos = 0;
-  uint64_t truncated_bytes = 0;  // torn tail dropped from the last segment
-  uint64_t redone = 0;           // records redone into the image
+  uint64_t upgraded_records = 0;  // step 3: records whose blocks went into the map
 };
 
-// Runs the steps above. Errors: EBADMSG when a sealed segment is damaged (the caller
-// falls back to the bitmap; the redo of step 2 has been done by then), EINVAL when the
-// folder holds another disk's log, other codes for I/O errors, each naming the file.
+// Runs the steps above. Errors: EBADMSG when a segment is damaged, EINVAL when the folder
+// holds another disk's log, other codes for I/O errors, each naming the file.
 Result<RecoveredLog> RecoverLog(const RecoveryInput& in);
+
+// The blocks that the write and discard records of the segment at path touch are marked
+// in map; returns how many records it read. A torn or bad record ends the scan (strict:
+// EBADMSG naming the file and offset; not strict: the records before it count).
+Result<uint64_t> MarkSegmentBlocks(const std::filesystem::path& path, DirtyBitmap& map,
+                                   bool strict);
 
 }  // namespace siterep::tracker

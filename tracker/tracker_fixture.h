@@ -26,18 +26,16 @@ class TrackerFixture : public ::testing::Test {
     std::filesystem::path log_dir;
     UniqueFd fd;
     uint64_t size = 0;
-    uint64_t budget = 0;
   };
 
   // Adds a disk with a patterned image (and a copy of it as the pre-image).
-  DiskFiles& AddDisk(const std::string& name, uint64_t size, uint64_t budget = 0) {
+  DiskFiles& AddDisk(const std::string& name, uint64_t size) {
     DiskFiles d;
     d.name = name;
     d.image = tmp_.path() / (name + ".img");
     d.pre_image = tmp_.path() / (name + ".pre");
     d.log_dir = tmp_.path() / (name + ".img.srlog");
     d.size = size;
-    d.budget = budget;
     MakeImage(d.image, size, std::hash<std::string>()(name));
     std::filesystem::copy_file(d.image, d.pre_image);
     d.fd = OpenRw(d.image);
@@ -51,7 +49,7 @@ class TrackerFixture : public ::testing::Test {
     o.epoch = 3;
     o.cycle = cycle;
     for (const DiskFiles& d : disks_) {
-      o.disks.push_back(TrackedDisk{d.name, d.fd.get(), d.size, d.log_dir, d.budget});
+      o.disks.push_back(TrackedDisk{d.name, d.fd.get(), d.size, d.log_dir});
     }
     return o;
   }

@@ -63,10 +63,8 @@ Status VmTracker::Impl::Open() {
     o.image_fd = config.image_fd;
     o.size = config.size;
     o.log_dir = config.log_dir;
-    o.log_budget = config.log_budget;
-    o.segment_roll_bytes = options_.segment_roll_bytes;
     if (!options_.archive_dir.empty()) o.archive_dir = options_.archive_dir / config.name;
-    o.request_cut = [this] { RequestCut(); };
+    o.ranges = &disk->ranges;
     Result<std::unique_ptr<DiskLog>> log = DiskLog::Open(std::move(o));
     if (!log.ok()) return log.status().WithContext("VM " + options_.vm + " disk " + config.name);
     disk->log = std::move(*log);
@@ -78,9 +76,9 @@ Status VmTracker::Impl::Open() {
       last_cut_nanos_ = d->log->last_cut_unix_nanos();
     }
   }
-  CompleteInterruptedCut();
-  // Changes recovered after the last cut: when they were made is not recorded, so the
-  // last cut stands in for it (the oldest they can be), keeping the RPO an upper bound.
+  SR_RETURN_IF_ERROR(RollBackUnfinishedCycle());
+  // Blocks changed after the last published cut: when is not recorded, so the last cut
+  // stands in for it (the oldest they can be), keeping the RPO an upper bound.
   if (std::any_of(disks_.begin(), disks_.end(),
                   [](const auto& d) { return d->log->ChangedSinceCut(); })) {
     open_first_change_ = last_cut_nanos_ != 0 ? last_cut_nanos_.load() : NowUnixNanos();
@@ -89,35 +87,29 @@ Status VmTracker::Impl::Open() {
   return Status::Ok();
 }
 
-// A crash between writing the cut records of a cycle and writing all of them leaves some
-// disks with the cut and others without. A disk without it has every record of the cycle
-// and none after (changes after the cut waited for the VM lock, which Cut held until every
-// cut record was written), so the missing cut goes at the end of its log: then every disk
-// holds the same cycles again.
-void VmTracker::Impl::CompleteInterruptedCut() {
-  const uint64_t cycle = last_cycle_;
-  if (cycle == 0) return;
-  int64_t first_change = 0;  // as the disks that have the cut recorded it
+// Each disk publishes its segment of a cycle only once every disk has built its own, but
+// a kill -9 can fall between two disks' Publish: then some disks hold cycle N and the
+// others end at N - 1. Those that hold it give it back (its blocks go into their maps), so
+// every disk ends at N - 1 and the next cut covers the lost cycle on all of them.
+Status VmTracker::Impl::RollBackUnfinishedCycle() {
+  uint64_t common = UINT64_MAX;
   for (const auto& d : disks_) {
-    if (d->log->last_cycle() == cycle) first_change = d->log->last_cut_first_change_unix_nanos();
+    if (d->log->tracking_with_bitmap()) continue;
+    common = std::min(common, d->log->last_cycle());
   }
-  std::vector<std::pair<DiskLog*, std::unique_ptr<DiskLog::CutTicket>>> cuts;
-  {
-    std::unique_lock vm(cut_lock_);
-    for (const auto& d : disks_) {
-      if (d->log->last_cycle() >= cycle) continue;
-      auto entry = d->log->WriteCut(cycle, last_cut_nanos_, first_change);
-      if (!entry) continue;
-      spdlog::info("VM {} disk {}: completing the interrupted cut of cycle {}", options_.vm,
-                   d->config.name, cycle);
-      cuts.emplace_back(d->log.get(), std::move(entry));
-    }
+  if (common == UINT64_MAX || common == last_cycle_) return Status::Ok();
+  for (const auto& d : disks_) {
+    if (d->log->tracking_with_bitmap() || d->log->last_cycle() <= common) continue;
+    SR_RETURN_IF_ERROR(
+        d->log->RollBackAfter(common).WithContext("VM " + options_.vm + " disk " + d->config.name));
   }
-  for (auto& [log, entry] : cuts) log->WaitSealed(*entry);
+  // The cycle's number is used again: the replica never committed it (it never had every
+  // disk's segment of it) and takes cycles only in sequence.
+  last_cycle_ = common;
+  return Status::Ok();
 }
 
-Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
-                               std::span<const std::byte> data, uint64_t length,
+Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset, uint64_t length,
                                FunctionRef<Status()> apply) {
   Disk& disk = *disks_[index];
   if (offset > disk.config.size || length > disk.config.size - offset) {
@@ -126,7 +118,6 @@ Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
                                      ") is beyond the end of disk " + disk.config.name + " (" +
                                      std::to_string(disk.config.size) + " bytes)");
   }
-  LogOutcome outcome;
   Status applied;
   {
     std::shared_lock vm(cut_lock_);
@@ -139,24 +130,22 @@ Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset,
       open_first_change_.compare_exchange_strong(none, NowUnixNanos());
     }
     RangeLocks::Guard range = disk.ranges.Lock(offset, length);
-    outcome = kind == RecordKind::kWrite ? disk.log->AppendWrite(offset, data)
-                                         : disk.log->AppendDiscard(offset, length);
+    // Marks the blocks (before the image changes: a kill -9 after this finds them in the
+    // map) and saves the content at the cut of frozen blocks the builder has not read.
+    const LogOutcome outcome = disk.log->BeforeChange(offset, length);
     if (outcome == LogOutcome::kShutdown) {
       return Status::Error(
           ESHUTDOWN, "VM " + options_.vm + " disk " + disk.config.name + ": change log stopped");
     }
-    // In the log, not yet in the image: recovery redoes it.
-    if (outcome == LogOutcome::kLogged) failpoint::Check("tracker.after_append");
+    // Marked, not yet in the image.
+    if (outcome == LogOutcome::kLogged) failpoint::Check("tracker.after_mark");
     // Copy-on-write: the blocks' content as of the snapshot's cut goes to the snapshot
     // file before the change reaches the image. Never fails the change.
     if (disk.snapshot) disk.snapshot->SaveBefore(offset, length);
     applied = apply();
-    if (!applied.ok() && outcome == LogOutcome::kLogged && length > 0) {
-      disk.log->ApplyFailed(applied, offset, length);
-    }
   }
-  // This change (or another) started a fall back to the bitmap: finish it now, so the disk
-  // is in bitmap mode when the change returns.
+  // A fall back to the bitmap is pending: finish it now, so the disk is in bitmap mode
+  // when the change returns.
   if (disk.log->fallback_pending()) FinishFallback(index);
   return applied;
 }
@@ -169,13 +158,7 @@ void VmTracker::Impl::FinishFallback(size_t index) {
 Status VmTracker::Impl::FlushDisk(size_t index) {
   DiskLog& log = *disks_[index]->log;
   if (log.fallback_pending()) FinishFallback(index);
-  Status s = log.Flush();
-  if (log.fallback_pending()) {
-    // The log sync failed: the bitmap takes over (with the log's blocks), then is synced.
-    FinishFallback(index);
-    s = log.Flush();
-  }
-  return s;
+  return log.Flush();
 }
 
 void VmTracker::Impl::FinishFallbacksLocked() {
@@ -197,8 +180,9 @@ VmTracker::Impl::CutWrite VmTracker::Impl::WriteCutsLocked(int64_t nanos) {
   cut.cycle = last_cycle_ + 1;
   cut.nanos = nanos;
   const int64_t first_change = open_first_change_.exchange(0);
+  cut.first_change = first_change;
   for (const auto& d : disks_) {
-    // Some disks hold the cut record, the others not yet: see CompleteInterruptedCut.
+    // Some disks have frozen the cut, the others not yet (all under the VM lock).
     if (!cut.tickets.empty()) failpoint::Check("tracker.mid_cut");
     cut.tickets.push_back(d->log->WriteCut(cut.cycle, cut.nanos, first_change));
     cut.any = cut.any || cut.tickets.back() != nullptr;
@@ -215,22 +199,51 @@ std::optional<VmTracker::Impl::CutWrite> VmTracker::Impl::CutLocked(CutWhen when
   return cut;
 }
 
-std::vector<bool> VmTracker::Impl::FinishCut(CutWrite& cut) {
-  std::vector<bool> sealed(disks_.size(), false);
+std::vector<bool> VmTracker::Impl::FinishCut(CutWrite& cut, OnFailedBuild on_failure) {
+  const size_t n = disks_.size();
+  std::vector<bool> built(n, false);
+  bool all = true;
   bool any = false;
-  for (size_t i = 0; i < disks_.size(); ++i) {
-    if (cut.tickets[i]) sealed[i] = disks_[i]->log->WaitSealed(*cut.tickets[i]);
-    any = any || sealed[i];
+  for (size_t i = 0; i < n; ++i) {
+    if (!cut.tickets[i]) continue;
+    built[i] = disks_[i]->log->WaitBuilt(*cut.tickets[i]);
+    all = all && built[i];
+    any = true;
   }
-  if (any) {
-    std::function<void(uint64_t)> callback;
-    {
-      std::lock_guard lk(callback_mu_);
-      callback = callback_;
+  std::vector<bool> published(n, false);
+  if (!any) return published;
+  if (!all) {
+    // A cycle is on every disk or on none.
+    for (size_t i = 0; i < n; ++i) {
+      if (cut.tickets[i]) disks_[i]->log->RollBack(*cut.tickets[i]);
     }
-    if (callback) callback(cut.cycle);
+    if (on_failure == OnFailedBuild::kReuseCycle) {
+      last_cycle_ = cut.cycle - 1;
+      // The cycle's changes are pending again; its first change is the oldest of them.
+      int64_t none = 0;
+      if (cut.first_change != 0) open_first_change_.compare_exchange_strong(none, cut.first_change);
+    }
+    spdlog::warn(
+        "VM {}: cycle {} could not be built on every disk; its changes go into the "
+        "next cycle",
+        options_.vm, cut.cycle);
+    return published;
   }
-  return sealed;
+  for (size_t i = 0; i < n; ++i) {
+    if (cut.tickets[i]) published[i] = disks_[i]->log->Publish(*cut.tickets[i]);
+  }
+  std::function<void(uint64_t)> callback;
+  {
+    std::lock_guard lk(callback_mu_);
+    callback = callback_;
+  }
+  if (callback) callback(cut.cycle);
+  return published;
+}
+
+bool VmTracker::Impl::HasUnreleased() const {
+  return std::any_of(disks_.begin(), disks_.end(),
+                     [](const auto& d) { return d->log->has_unreleased(); });
 }
 
 Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
@@ -245,8 +258,12 @@ Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
     cut = CutLocked(CutWhen::kIfChanged, NextCutNanosLocked());
     if (!cut) return last_cycle_.load();
   }
-  // Outside the VM lock: changes after the cut proceed while the sealers seal.
-  FinishCut(*cut);
+  // Outside the VM lock: changes after the cut proceed while the builders build.
+  std::vector<bool> published = FinishCut(*cut, OnFailedBuild::kReuseCycle);
+  if (std::none_of(published.begin(), published.end(), [](bool b) { return b; })) {
+    return Status::Error(EAGAIN, "VM " + options_.vm + ": cycle " + std::to_string(cut->cycle) +
+                                     " could not be built; its changes go into the next cycle");
+  }
   return cut->cycle;
 }
 
@@ -280,7 +297,8 @@ Result<std::vector<uint64_t>> VmTracker::Impl::CutTogether(std::span<Impl* const
     // the group) share no latest instant: cut them all once more, so an idle group ends on
     // one, and its replicas do not hold the lone cycle until the next change.
     bool apart = false;
-    for (Impl* t : order) apart = apart || t->last_cut_nanos_.load() != order[0]->last_cut_nanos_.load();
+    for (Impl* t : order)
+      apart = apart || t->last_cut_nanos_.load() != order[0]->last_cut_nanos_.load();
     if (changed || apart) {
       // One time for every member, past every member's last cut.
       int64_t nanos = NowUnixNanos();
@@ -292,7 +310,12 @@ Result<std::vector<uint64_t>> VmTracker::Impl::CutTogether(std::span<Impl* const
   // Outside the VM locks; each member's cut_mu_ until its cut is sealed and reported, so
   // its cycles still seal and report in order.
   for (size_t i = 0; i < n; ++i) {
-    if (cuts[i]) order[i]->FinishCut(*cuts[i]);
+    if (cuts[i]) {
+      std::vector<bool> published = order[i]->FinishCut(*cuts[i], OnFailedBuild::kReuseCycle);
+      if (std::none_of(published.begin(), published.end(), [](bool b) { return b; })) {
+        cycles[i] = order[i]->last_cycle_;  // given up: the member stays at its last cycle
+      }
+    }
     serialised[i].unlock();
   }
   std::vector<uint64_t> result;
@@ -339,6 +362,8 @@ Status VmTracker::Impl::ReleaseThrough(uint64_t cycle) {
     Status s = d->log->ReleaseThrough(cycle);
     if (!s.ok() && result.ok()) result = s;
   }
+  // The cycle timer may have been waiting for this.
+  if (!HasUnreleased()) RequestCut();
   return result;
 }
 
@@ -363,24 +388,34 @@ void VmTracker::Impl::CutterLoop() {
   using Clock = std::chrono::steady_clock;
   const auto period = options_.cycle;
   std::unique_lock lk(cutter_mu_);
+  if (period.count() == 0) {  // cuts come from Cut / CutTogether only
+    cutter_cv_.wait(lk, [&] { return cutter_stop_; });
+    return;
+  }
   auto next = Clock::now() + period;
   while (!cutter_stop_) {
-    auto ready = [&] { return cutter_stop_ || cut_requested_; };
-    if (period.count() > 0) {
-      cutter_cv_.wait_until(lk, next, ready);
-      if (!ready() && Clock::now() < next) continue;
-    } else {
-      cutter_cv_.wait(lk, ready);
-    }
+    cutter_cv_.wait_until(lk, next, [&] { return cutter_stop_; });
     if (cutter_stop_) break;
+    if (Clock::now() < next) continue;
     cut_requested_ = false;
     lk.unlock();
-    Result<uint64_t> cycle = Cut(/*closing=*/false);
-    if (!cycle.ok() && cycle.status().code() != ESHUTDOWN) {
-      spdlog::warn("VM {}: cut failed: {}", options_.vm, cycle.status().ToString());
+    // Pacing: the next cycle is cut once the previous one has been shipped (released), so
+    // a slow or cut link makes cycles longer, with overwrites coalesced, not more numerous.
+    const bool paced = HasUnreleased();
+    if (!paced) {
+      Result<uint64_t> cycle = Cut(/*closing=*/false);
+      if (!cycle.ok() && cycle.status().code() != ESHUTDOWN) {
+        spdlog::warn("VM {}: cut failed: {}", options_.vm, cycle.status().ToString());
+      }
     }
     lk.lock();
-    next = Clock::now() + period;
+    if (paced) {
+      // ReleaseThrough wakes us (RequestCut); then the cut is due at once.
+      cutter_cv_.wait(lk, [&] { return cutter_stop_ || cut_requested_; });
+      next = Clock::now();
+    } else {
+      next = Clock::now() + period;
+    }
   }
 }
 

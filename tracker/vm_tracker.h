@@ -1,33 +1,35 @@
-// VmTracker: the change logs of all disks of one protected VM, and the cuts that split
-// them into replication cycles. Owned by control/; blockdev sees only the per-disk
+// VmTracker: the changed-block tracking of all disks of one protected VM, and the cuts
+// that split it into replication cycles. Owned by control/; blockdev sees only the per-disk
 // WriteObserver; the shipper sees only the SegmentSource.
 //
-// Per disk: a log folder next to the image ("<image>.srlog/") with segment files in the
-// format of tracker/log_format.h. Guest changes are write-ahead: the thread that serves a
-// guest write reserves the next seq and byte range of the open segment, writes its record
-// there itself (its own thread's io_uring; no hand-off to another thread) and only then
-// changes the image, so after kill -9 the recovery scan can redo the records after the
-// last cut into the image, and image and log agree. Concurrent appenders may complete out
-// of order, so a crash can leave holes in the open segment: recovery keeps the complete
-// records after a hole and drops the hole (recovery.h). Flush syncs log and image; flushes
-// that arrive while a sync is in flight share the next one (group commit, leader/follower).
+// Per disk: a log folder next to the image ("<image>.srlog/", disk_log.h). A guest change
+// marks its 4 KiB blocks in the disk's changed-block map (a mapped file: no system call, no
+// hand-off to another thread) and then changes the image; nothing of its data is written
+// twice on the guest's path. A cut freezes every disk's map at one instant and starts a
+// copy-on-write of the frozen blocks; a builder thread per disk reads them (their content
+// at the cut) and writes the cycle's segment in the record format of tracker/log_format.h,
+// which the shipper sends. Flush syncs map and image (group commit, leader/follower).
 //
-// Cuts: a VM-wide lock is held shared by every change from "take a sequence number"
-// until apply returns, and exclusively by Cut() while it writes one cut record to every
-// disk's log, so no change straddles a cut, every change before it is in the image, and
-// every record before it is completely in the log. A cycle timer cuts every `cycle`; an
-// open segment past segment_roll_bytes asks for an early cut. Each disk's segment is
-// sealed (synced, closed) at its cut record by a sealer thread, off the write path. Cut
-// times strictly increase within a VM. A consistency group of VMs is cut at one instant by
-// CutTogether, which holds every member's VM lock at once and gives all members one cut
-// time: the group's instants are the cut times that every member's log has.
+// Cuts: a VM-wide lock is held shared by every change from marking until apply returns,
+// and exclusively by Cut() while it freezes every disk's map, so no change straddles a cut
+// and the image holds exactly the cut's content at that instant. A cycle is published
+// (offered to the shipper) only once every disk built its segment, else it is rolled back
+// on all of them: its blocks go into the next cycle. The cycle timer cuts every `cycle`,
+// but only once the previous cycle has been released (pacing): a slow or cut link makes
+// cycles longer, with overwrites coalesced, and the log never holds more than what the
+// link owes. Cut times strictly increase within a VM. A consistency group of VMs is cut at
+// one instant by CutTogether, which holds every member's VM lock at once and gives all
+// members one cut time: the group's instants are the cut times that every member's log has.
 //
-// Log budget: when a disk's unshipped log passes log_budget bytes, or the log cannot be
-// written (ENOSPC, EIO), or an apply fails, the disk falls back to a persistent dirty
-// bitmap (dirty_bitmap.h): the change that hits it marks its blocks in the bitmap and is
-// applied, and once no change is in flight (VM lock exclusive) the blocks of the unshipped
-// log are marked, the log is dropped, the disk is marked "resync required" (persisted in
-// "<log dir>/state.json"), and guest I/O carries on.
+// Restart after kill -9: the image (page cache) holds every acknowledged write and the map
+// every block changed since the last published cycle (a frozen cut not published goes back
+// into it); the next cut ships them, so the replica moves from its last cycle to a later
+// whole-cycle point. No acknowledged write is lost and no resync is needed.
+//
+// Resync: only when what changed is no longer known (a sealed segment the shipper found
+// damaged, an unreadable log at open), a disk falls back to a persistent dirty bitmap
+// (dirty_bitmap.h) and is marked "resync required" (persisted in "<log dir>/state.json");
+// guest I/O carries on.
 //
 // Thread-safety: observer(i) may be called from any number of threads; Cut, CutTogether,
 // Stats, Close, the snapshot methods and the SegmentSource methods from any thread.
@@ -56,7 +58,6 @@ struct TrackedDisk {
   int image_fd = -1;              // borrowed, O_RDWR; must outlive the VmTracker
   uint64_t size = 0;              // bytes; the image is at least this long
   std::filesystem::path log_dir;  // "<image>.srlog"; created if missing
-  uint64_t log_budget = 0;        // unshipped log bytes before the bitmap fallback
 };
 
 struct VmTrackerOptions {
@@ -64,7 +65,6 @@ struct VmTrackerOptions {
   uint64_t epoch = 1;
   std::vector<TrackedDisk> disks;
   std::chrono::milliseconds cycle{1000};  // zero: no timer, cuts only through Cut()
-  uint64_t segment_roll_bytes = 64ull << 20;
   // Where released segments go ("<archive_dir>/<disk>/<number>.seg"), for checkers and
   // debugging; empty: released segments are deleted. Must be on the logs' file system.
   std::filesystem::path archive_dir;
@@ -123,13 +123,19 @@ struct DiskStats {
   std::string name;
   DiskTracking tracking = DiskTracking::kLog;
   bool resync_required = false;
-  std::string resync_reason;     // why, for status ("log budget exceeded", ...)
-  uint64_t unshipped_bytes = 0;  // log bytes not yet released (sealed + open)
-  uint64_t last_seq = 0;         // last sequence number written
+  std::string resync_reason;  // why, for status ("log budget exceeded", ...)
+  // Not yet released: sealed segments' bytes, plus the changed blocks of the cut being
+  // built and of the open cycle (4 KiB each).
+  uint64_t unshipped_bytes = 0;
+  uint64_t last_seq = 0;  // last sequence number written
   int64_t last_cut_unix_nanos = 0;
-  uint64_t dirty_bytes = 0;  // bitmap mode: bytes marked dirty
-  uint64_t flush_syncs = 0;  // group-commit syncs issued (each serves many Flush calls)
-  uint64_t snapshot_bytes = 0;  // bytes saved in the disk's snapshot file (0: none)
+  uint64_t dirty_bytes = 0;      // bitmap mode: bytes marked dirty
+  uint64_t flush_syncs = 0;      // group-commit syncs issued (each serves many Flush calls)
+  uint64_t snapshot_bytes = 0;   // bytes saved in the disk's snapshot file (0: none)
+  uint64_t cycles_built = 0;     // cycles built since the tracker opened
+  uint64_t cow_bytes = 0;        // copy-on-write bytes saved for the cut being built
+  uint64_t cow_bytes_total = 0;  // ... for every cycle built since the tracker opened
+  std::string build_error;       // why the last build of a cycle failed (empty: it did not)
 };
 
 struct VmStats {

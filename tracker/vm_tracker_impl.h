@@ -62,10 +62,10 @@ class VmTracker::Impl {
     DiskObserver(Impl* impl, size_t index) : impl_(impl), index_(index) {}
     Status Write(uint64_t offset, std::span<const std::byte> data,
                  FunctionRef<Status()> apply) override {
-      return impl_->Change(index_, RecordKind::kWrite, offset, data, data.size(), apply);
+      return impl_->Change(index_, RecordKind::kWrite, offset, data.size(), apply);
     }
     Status Discard(uint64_t offset, uint64_t length, FunctionRef<Status()> apply) override {
-      return impl_->Change(index_, RecordKind::kDiscard, offset, {}, length, apply);
+      return impl_->Change(index_, RecordKind::kDiscard, offset, length, apply);
     }
     Status Flush() override { return impl_->FlushDisk(index_); }
 
@@ -95,11 +95,12 @@ class VmTracker::Impl {
     std::vector<bool> resync;
   };
 
-  // A cut's records, from WriteCutsLocked to FinishCut. tickets[i] is null for a disk
-  // that did not log the cut (bitmap mode, or it fell back while writing it).
+  // A cut, from WriteCutsLocked to FinishCut. tickets[i] is null for a disk that did not
+  // take the cut (bitmap mode, or it fell back meanwhile).
   struct CutWrite {
     uint64_t cycle = 0;
     int64_t nanos = 0;
+    int64_t first_change = 0;  // the cycle's first change (0: none)
     std::vector<std::unique_ptr<DiskLog::CutTicket>> tickets;
     bool any = false;  // some disk logged it
   };
@@ -127,20 +128,31 @@ class VmTracker::Impl {
   // at nanos; if some disk logged the cut, commits its cycle and time (last_cycle_,
   // last_cut_nanos_) and returns it for FinishCut. Otherwise nothing is cut: nullopt.
   std::optional<CutWrite> CutLocked(CutWhen when, int64_t nanos);
-  // With cut_mu_ held, without cut_lock_: waits until the cut's segments are sealed and
-  // runs the sealed callback. Returns, per disk, whether its segment was sealed.
-  std::vector<bool> FinishCut(CutWrite& cut);
+  // What FinishCut does when some disk could not build its segment.
+  enum class OnFailedBuild {
+    kReuseCycle,  // Cut, CutTogether: the cycle is given up, its number is used again
+    kKeepCycle,   // StartSnapshot: the snapshot holds the cycle; the next is cycle + 1
+  };
+  // With cut_mu_ held, without cut_lock_: waits until every disk built its segment of
+  // the cut, then publishes them all and runs the sealed callback; or, when a disk could
+  // not, rolls the cycle back on every disk (its blocks go into the next cycle). Returns,
+  // per disk, whether its segment was published.
+  std::vector<bool> FinishCut(CutWrite& cut, OnFailedBuild on_failure);
+  // Some disk's segments are sealed and not released yet: the cycle timer waits.
+  bool HasUnreleased() const;
   // The active snapshot, after checking that [offset, offset + length) is inside disk
   // index (EINVAL otherwise, or without a snapshot).
   Result<std::shared_ptr<VmSnapshot>> SnapshotFor(size_t index, uint64_t offset, uint64_t length,
                                                   std::string_view what) const;
-  Status Change(size_t index, RecordKind kind, uint64_t offset, std::span<const std::byte> data,
-                uint64_t length, FunctionRef<Status()> apply);
+  Status Change(size_t index, RecordKind kind, uint64_t offset, uint64_t length,
+                FunctionRef<Status()> apply);
   Status FlushDisk(size_t index);
   // Runs the second step of a pending bitmap fall back of disk i. Takes the VM lock
   // exclusively, so the caller holds none of the VmTracker's locks.
   void FinishFallback(size_t index);
-  void CompleteInterruptedCut();
+  // Open: a cycle published on some disks but not all (a kill -9 between their Publish
+  // calls) is rolled back on those, so that every disk holds the same cycles.
+  Status RollBackUnfinishedCycle();
   void RequestCut();
   void CutterLoop();
   void StopCutter();
@@ -182,8 +194,9 @@ class VmTracker::Impl {
   std::mutex callback_mu_;  // protects callback_; a leaf
   std::function<void(uint64_t)> callback_;
 
-  // The cutter thread: cuts every options_.cycle, and at once when a disk's open segment
-  // passes segment_roll_bytes. cutter_mu_ protects the two flags; never held while cutting.
+  // The cutter thread: cuts every options_.cycle, but only once the previous cycle has been
+  // released (shipped): a slow or cut link gives longer cycles, never more of them
+  // (ReleaseThrough wakes it). cutter_mu_ protects the two flags; never held while cutting.
   std::mutex cutter_mu_;
   std::condition_variable cutter_cv_;
   bool cutter_stop_ = false;

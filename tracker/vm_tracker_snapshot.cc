@@ -73,7 +73,7 @@ Result<SnapshotInfo> VmTracker::Impl::StartSnapshot() {
       std::lock_guard lk(snapshot_mu_);
       snapshot_ = snap;
     }
-    sealed = FinishCut(cut);
+    sealed = FinishCut(cut, OnFailedBuild::kKeepCycle);
   }
 
   // Outside every lock but snapshot_ctl_mu_: what each disk must resync.
@@ -91,9 +91,10 @@ Result<SnapshotInfo> VmTracker::Impl::StartSnapshot() {
       sd.last_seq = ticket->seq;
       sd.last_segment = ticket->segment;
       if (!sealed[i]) {
-        // Its log was dropped into the bitmap after the cut: what the replica lacks is no
-        // longer known narrower than the disk.
-        spdlog::warn("VM {} disk {}: the snapshot's cut was not sealed; resync of every block",
+        // Its segment was not built (its blocks are in the next cycle), or its log was
+        // dropped into the bitmap after the cut: what the replica lacks is no longer known
+        // narrower than the disk.
+        spdlog::warn("VM {} disk {}: the snapshot's cut was not built; resync of every block",
                      options_.vm, sd.name);
         sd.resync = sd.all_dirty = true;
       } else if (log_resync[i]) {

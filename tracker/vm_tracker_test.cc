@@ -74,7 +74,7 @@ TEST_F(VmTrackerTest, ConcurrentWritesAndDiscardsReplayToTheImage) {
 
 // Overlapping writes race for the same blocks; after every round the image must equal the
 // replay of the log, i.e. the writes reached the image in log order.
-TEST_F(VmTrackerTest, OverlappingConcurrentWritesReachTheImageInLogOrder) {
+TEST_F(VmTrackerTest, OverlappingConcurrentWritesAreShippedAsTheImageAtTheCut) {
   AddDisk("os", 64 << 10);
   auto tracker = Open(Options());
   ASSERT_TRUE(tracker);
@@ -95,6 +95,8 @@ TEST_F(VmTrackerTest, OverlappingConcurrentWritesReachTheImageInLogOrder) {
       });
     }
     for (auto& t : threads) t.join();
+    // The cycles replay to the image as it was at the last cut (now).
+    ASSERT_TRUE(tracker->Cut().ok());
     ExpectReplayEqualsImage(0);
   }
   ASSERT_TRUE(tracker->Close().ok());
@@ -108,10 +110,13 @@ TEST_F(VmTrackerTest, WritesLargerThanARecordAreSplit) {
   ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), 100, data).ok());
   ASSERT_TRUE(tracker->Close().ok());
   std::vector<Rec> recs = ReadLog(disks_[0].log_dir);
-  ASSERT_EQ(recs.size(), 4u);  // 1 MiB + 1 MiB + 0.5 MiB, then the cut of Close
+  // Whole 4 KiB blocks: [0, 2.5 MiB + 100) rounded up, as 1 MiB + 1 MiB + the rest, then
+  // the cut of Close.
+  ASSERT_EQ(recs.size(), 4u);
+  EXPECT_EQ(recs[0].header.offset, 0u);
   EXPECT_EQ(recs[0].header.length, 1u << 20);
-  EXPECT_EQ(recs[1].header.offset, 100u + (1 << 20));
-  EXPECT_EQ(recs[2].header.length, (1u << 19));
+  EXPECT_EQ(recs[1].header.offset, 1u << 20);
+  EXPECT_EQ(recs[2].header.length, (1u << 19) + kBlock);
   EXPECT_EQ(recs[3].header.kind, RecordKind::kCut);
   ExpectReplayEqualsImage(0);
 }
@@ -120,9 +125,9 @@ TEST_F(VmTrackerTest, RecordsCarryDiskIdEpochAndContiguousSequenceNumbers) {
   AddDisk("os", 1 << 20);
   auto tracker = Open(Options());
   ASSERT_TRUE(tracker);
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < 5; ++i) {  // blocks 0, 2, 4, 6, 8: one record each
     ASSERT_TRUE(
-        WriteVia(tracker->observer(0), disks_[0].fd.get(), i * kBlock, Pattern(10, i)).ok());
+        WriteVia(tracker->observer(0), disks_[0].fd.get(), 2 * i * kBlock, Pattern(10, i)).ok());
   }
   ASSERT_TRUE(tracker->Cut().ok());
   EXPECT_EQ(tracker->Stats().disks[0].last_seq, 6u);
@@ -137,8 +142,8 @@ TEST_F(VmTrackerTest, RecordsCarryDiskIdEpochAndContiguousSequenceNumbers) {
 }
 
 // Threads write a counter to disk A, and once that returned, to disk B, while cuts run.
-// A cut is one instant across both disks, so if B's write is in cycle k, A's must be in
-// cycle k or earlier.
+// A cut is one instant across both disks, so at every cut each block of A holds a counter
+// at least as new as the same block of B.
 TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
   AddDisk("a", 1 << 20);
   AddDisk("b", 1 << 20);
@@ -181,39 +186,44 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
   cutter.join();
   ASSERT_TRUE(tracker->Close().ok());
 
-  struct Cycles {
-    std::map<uint64_t, uint64_t> of_counter;  // counter -> cycle of its write
-    std::vector<std::pair<uint64_t, int64_t>> cuts;
+  // Each disk's blocks as of every cut: (cycle, cut time) and the 256 counters.
+  struct AtCut {
+    uint64_t cycle;
+    int64_t nanos;
+    std::vector<uint64_t> counters;
   };
-  auto cycles_of = [](const fs::path& dir) {
-    Cycles out;
-    std::vector<uint64_t> open;
+  auto states_of = [](const fs::path& dir) {
+    std::vector<AtCut> out;
+    std::vector<uint64_t> blocks(256, 0);
     for (const Rec& r : ReadLog(dir)) {
       if (r.header.kind == RecordKind::kCut) {
         const CutPayload cut = DecodeCutPayload(std::span(r.payload).first<kCutPayloadSize>());
-        out.cuts.emplace_back(cut.cycle, cut.unix_nanos);
-        for (uint64_t c : open) out.of_counter[c] = cut.cycle;
-        open.clear();
-      } else {
-        uint64_t c;
-        std::memcpy(&c, r.payload.data(), sizeof(c));
-        open.push_back(c);
+        out.push_back(AtCut{cut.cycle, cut.unix_nanos, blocks});
+      } else if (r.header.kind == RecordKind::kWrite) {
+        for (uint64_t k = 0; k < r.header.length / kBlock; ++k) {
+          uint64_t c;
+          std::memcpy(&c, r.payload.data() + k * kBlock, sizeof(c));
+          blocks.at(r.header.offset / kBlock + k) = c;
+        }
       }
     }
-    EXPECT_TRUE(open.empty()) << "Close leaves no record after the last cut";
     return out;
   };
-  const Cycles a = cycles_of(disks_[0].log_dir);
-  const Cycles b = cycles_of(disks_[1].log_dir);
-  EXPECT_EQ(a.cuts, b.cuts) << "every cut is in both logs, with the same cycle and time";
-  EXPECT_GT(a.cuts.size(), 5u) << "the test needs cuts during the writes";
-  ASSERT_EQ(a.of_counter.size(), 3000u);
-  ASSERT_EQ(b.of_counter.size(), 3000u);
+  const std::vector<AtCut> a = states_of(disks_[0].log_dir);
+  const std::vector<AtCut> b = states_of(disks_[1].log_dir);
+  ASSERT_EQ(a.size(), b.size()) << "every cut is in both logs";
+  EXPECT_GT(a.size(), 5u) << "the test needs cuts during the writes";
   int violations = 0;
-  for (const auto& [c, cycle_b] : b.of_counter) {
-    if (a.of_counter.at(c) > cycle_b) ++violations;
+  for (size_t k = 0; k < a.size(); ++k) {
+    EXPECT_EQ(a[k].cycle, b[k].cycle);
+    EXPECT_EQ(a[k].nanos, b[k].nanos);
+    for (size_t blk = 0; blk < 256; ++blk) {
+      if (a[k].counters[blk] < b[k].counters[blk]) ++violations;
+    }
   }
   EXPECT_EQ(violations, 0);
+  // Close cut the last writes: the last state holds the highest counter of each block.
+  EXPECT_EQ(*std::max_element(a.back().counters.begin(), a.back().counters.end()), 3000u);
   ExpectReplayEqualsImage(0);
   ExpectReplayEqualsImage(1);
 }
@@ -271,22 +281,6 @@ TEST_F(VmTrackerTest, TheCycleTimerCutsOnlyWhenSomethingChanged) {
   EXPECT_EQ(tracker->Stats().last_cycle, 1u) << "idle cycles are not cut";
 }
 
-TEST_F(VmTrackerTest, AFullSegmentAsksForAnEarlyCut) {
-  AddDisk("a", 4 << 20);
-  VmTrackerOptions options = Options();  // no timer
-  options.segment_roll_bytes = 64 << 10;
-  auto tracker = Open(std::move(options));
-  ASSERT_TRUE(tracker);
-  std::atomic<uint64_t> sealed{0};
-  tracker->SetSealedCallback([&](uint64_t cycle) { sealed = cycle; });
-  for (int i = 0; i < 20; ++i) {
-    ASSERT_TRUE(
-        WriteVia(tracker->observer(0), disks_[0].fd.get(), i * kBlock, Pattern(kBlock, i)).ok());
-  }
-  for (int i = 0; i < 200 && sealed == 0; ++i) std::this_thread::sleep_for(10ms);
-  EXPECT_GE(sealed, 1u);
-}
-
 TEST_F(VmTrackerTest, ManyConcurrentFlushesShareSyncs) {
   AddDisk("a", 4 << 20);
   auto tracker = Open(Options());
@@ -342,7 +336,7 @@ TEST_F(VmTrackerTest, ReleaseThroughDeletesSegmentsAndLowersUnshippedBytes) {
   const uint64_t unshipped_a = tracker->Stats().disks[0].unshipped_bytes;
   const uint64_t unshipped_b = tracker->Stats().disks[1].unshipped_bytes;
   EXPECT_EQ(unshipped_a, sealed[0].bytes + sealed[2].bytes);
-  EXPECT_EQ(unshipped_b, sealed[1].bytes + sealed[3].bytes + kHeaderSize + kBlock);
+  EXPECT_EQ(unshipped_b, sealed[1].bytes + sealed[3].bytes + kBlock);
 
   ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
   EXPECT_FALSE(fs::exists(sealed[0].path));
@@ -355,7 +349,7 @@ TEST_F(VmTrackerTest, ReleaseThroughDeletesSegmentsAndLowersUnshippedBytes) {
   ASSERT_TRUE(tracker->ReleaseThrough(2).ok());
   EXPECT_TRUE(tracker->SealedSegments().empty());
   EXPECT_EQ(tracker->Stats().disks[0].unshipped_bytes, 0u);
-  EXPECT_EQ(tracker->Stats().disks[1].unshipped_bytes, kHeaderSize + kBlock);
+  EXPECT_EQ(tracker->Stats().disks[1].unshipped_bytes, kBlock);
   ASSERT_TRUE(tracker->Close().ok());  // cuts cycle 3
   ASSERT_TRUE(tracker->ReleaseThrough(3).ok());
   const uint64_t last_seq_a = tracker->Stats().disks[0].last_seq;
@@ -371,72 +365,6 @@ TEST_F(VmTrackerTest, ReleaseThroughDeletesSegmentsAndLowersUnshippedBytes) {
   std::vector<Rec> recs = ReadLog(disks_[0].log_dir);
   ASSERT_FALSE(recs.empty());
   EXPECT_EQ(recs.front().header.seq, last_seq_a + 1);
-}
-
-TEST_F(VmTrackerTest, OverBudgetTheDiskFallsBackToTheBitmap) {
-  AddDisk("a", 4 << 20, /*budget=*/64 << 10);
-  AddDisk("b", 4 << 20);
-  auto tracker = Open(Options());
-  ASSERT_TRUE(tracker);
-  std::vector<std::byte> want = testing::ReadWhole(disks_[0].image);
-  auto write = [&](uint64_t block, uint64_t seed) {
-    const std::vector<std::byte> data = Pattern(kBlock, seed);
-    std::memcpy(want.data() + block * kBlock, data.data(), data.size());
-    return WriteVia(tracker->observer(0), disks_[0].fd.get(), block * kBlock, data);
-  };
-  for (uint64_t b = 0; b < 8; ++b) ASSERT_TRUE(write(b, b).ok());
-  ASSERT_EQ(*tracker->Cut(), 1u);  // sealed, unshipped: its blocks must be marked too
-  EXPECT_EQ(tracker->Stats().disks[0].tracking, DiskTracking::kLog);
-  for (uint64_t b = 200; b < 216; ++b) ASSERT_TRUE(write(b, b).ok());  // past 64 KiB
-
-  DiskStats stats = tracker->Stats().disks[0];
-  EXPECT_EQ(stats.tracking, DiskTracking::kBitmap);
-  EXPECT_TRUE(stats.resync_required);
-  EXPECT_NE(stats.resync_reason.find("budget"), std::string::npos) << stats.resync_reason;
-  EXPECT_EQ(stats.unshipped_bytes, 0u);
-  EXPECT_EQ(stats.dirty_bytes, 24 * kBlock);
-  EXPECT_TRUE(ListSegments(disks_[0].log_dir)->empty());
-  for (const SealedSegment& s : tracker->SealedSegments()) EXPECT_NE(s.disk, "a");
-  Result<std::optional<DiskState>> state = LoadDiskState(disks_[0].log_dir);
-  ASSERT_TRUE(state.ok() && state->has_value());
-  EXPECT_EQ((*state)->tracking, DiskTracking::kBitmap);
-  EXPECT_TRUE((*state)->resync_required);
-
-  // The guest carries on; the other disk still logs and cuts, this one does not.
-  ASSERT_TRUE(write(500, 500).ok());
-  ASSERT_TRUE(tracker->observer(0).Flush().ok());
-  ASSERT_TRUE(WriteVia(tracker->observer(1), disks_[1].fd.get(), 0, Pattern(10, 1)).ok());
-  EXPECT_EQ(*tracker->Cut(), 2u);
-  for (const SealedSegment& s : tracker->SealedSegments()) EXPECT_EQ(s.disk, "b");
-  ASSERT_TRUE(tracker->Close().ok());
-  tracker.reset();
-  EXPECT_EQ(testing::ReadWhole(disks_[0].image), want);
-
-  // Bitmap mode survives a restart.
-  tracker = Open(Options());
-  ASSERT_TRUE(tracker);
-  stats = tracker->Stats().disks[0];
-  EXPECT_EQ(stats.tracking, DiskTracking::kBitmap);
-  EXPECT_TRUE(stats.resync_required);
-  EXPECT_NE(stats.resync_reason.find("budget"), std::string::npos);
-  ASSERT_TRUE(write(600, 600).ok());
-  ASSERT_TRUE(tracker->Close().ok());
-  tracker.reset();
-  EXPECT_TRUE(ListSegments(disks_[0].log_dir)->empty());
-
-  auto bitmap = DirtyBitmap::Open(disks_[0].log_dir / kBitmapFileName, disks_[0].size);
-  ASSERT_TRUE(bitmap.ok());
-  std::vector<uint64_t> dirty;
-  for (uint64_t b = 0; b < (*bitmap)->block_count(); ++b) {
-    if ((*bitmap)->IsDirty(b)) dirty.push_back(b);
-  }
-  std::vector<uint64_t> expected;
-  for (uint64_t b = 0; b < 8; ++b) expected.push_back(b);
-  for (uint64_t b = 200; b < 216; ++b) expected.push_back(b);
-  expected.push_back(500);
-  expected.push_back(600);
-  EXPECT_EQ(dirty, expected);
-  EXPECT_EQ(testing::ReadWhole(disks_[0].image), want);
 }
 
 // A sealed segment the shipper found damaged: its disk drops the log for the bitmap with
@@ -494,40 +422,9 @@ TEST_F(VmTrackerTest, ADamagedSegmentFallsBackToTheBitmapWithEveryBlockDirty) {
   EXPECT_EQ(a.dirty_bytes, disks_[0].size);
 }
 
-// A log write error (here EFBIG from RLIMIT_FSIZE, after a short write) is not the
-// guest's problem: the disk falls back to the bitmap and every write still succeeds.
-TEST_F(VmTrackerTest, ALogWriteErrorFallsBackToTheBitmap) {
-  AddDisk("a", 64 << 10);
-  auto tracker = Open(Options());
-  ASSERT_TRUE(tracker);
-  std::vector<std::byte> want = testing::ReadWhole(disks_[0].image);
-
-  rlimit old{};
-  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &old), 0);
-  auto old_handler = std::signal(SIGXFSZ, SIG_IGN);
-  rlimit small = old;
-  small.rlim_cur = 100 << 10;  // the log may not grow past 100 KiB
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
-  for (uint64_t i = 0; i < 30; ++i) {
-    const uint64_t block = i % 16;
-    const std::vector<std::byte> data = Pattern(kBlock, i);
-    std::memcpy(want.data() + block * kBlock, data.data(), data.size());
-    Status s = WriteVia(tracker->observer(0), disks_[0].fd.get(), block * kBlock, data);
-    EXPECT_TRUE(s.ok()) << s.ToString();
-  }
-  ASSERT_TRUE(tracker->observer(0).Flush().ok());
-  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &old), 0);
-  std::signal(SIGXFSZ, old_handler);
-
-  const DiskStats stats = tracker->Stats().disks[0];
-  EXPECT_EQ(stats.tracking, DiskTracking::kBitmap);
-  EXPECT_NE(stats.resync_reason.find("log write failed"), std::string::npos) << stats.resync_reason;
-  EXPECT_EQ(stats.dirty_bytes, 16 * kBlock);
-  EXPECT_TRUE(ListSegments(disks_[0].log_dir)->empty());
-  EXPECT_EQ(testing::ReadWhole(disks_[0].image), want);
-}
-
-TEST_F(VmTrackerTest, AFailedApplyFallsBackToTheBitmapAndReturnsTheError) {
+// A failed image write returns its error to the guest; its blocks stay marked, so the next
+// cycle ships whatever the image holds there (no resync needed).
+TEST_F(VmTrackerTest, AFailedApplyReturnsTheErrorAndKeepsTheBlocksMarked) {
   AddDisk("a", 1 << 20);
   auto tracker = Open(Options());
   ASSERT_TRUE(tracker);
@@ -536,10 +433,12 @@ TEST_F(VmTrackerTest, AFailedApplyFallsBackToTheBitmapAndReturnsTheError) {
                                         [] { return Status::Error(EIO, "disk on fire"); });
   EXPECT_EQ(s.code(), EIO);
   const DiskStats stats = tracker->Stats().disks[0];
-  EXPECT_EQ(stats.tracking, DiskTracking::kBitmap);
-  EXPECT_NE(stats.resync_reason.find("image write failed"), std::string::npos)
-      << stats.resync_reason;
-  EXPECT_EQ(stats.dirty_bytes, kBlock);
+  EXPECT_EQ(stats.tracking, DiskTracking::kLog);
+  EXPECT_FALSE(stats.resync_required);
+  EXPECT_EQ(stats.unshipped_bytes, kBlock);
+  ASSERT_EQ(*tracker->Cut(), 1u);
+  ASSERT_TRUE(tracker->Close().ok());
+  ExpectReplayEqualsImage(0);
 }
 
 TEST_F(VmTrackerTest, ChangesPastTheEndAreRefusedWithoutApplying) {
@@ -605,7 +504,6 @@ TEST_F(VmTrackerTest, ALogFolderServesOneTrackerAtATime) {
   EXPECT_EQ(second.status().code(), EBUSY);
   EXPECT_NE(second.status().message().find("in use"), std::string::npos);
 }
-
 
 TEST_F(VmTrackerTest, SealedSegmentsCarryCutAndFirstChangeTimes) {
   AddDisk("a", 1 << 20);
@@ -674,7 +572,7 @@ class VmTrackerGroupTest : public testing::TrackerFixture {
     o.cycle = std::chrono::milliseconds(0);
     for (size_t i : disks) {
       const DiskFiles& d = disks_[i];
-      o.disks.push_back(TrackedDisk{d.name, d.fd.get(), d.size, d.log_dir, d.budget});
+      o.disks.push_back(TrackedDisk{d.name, d.fd.get(), d.size, d.log_dir});
     }
     return o;
   }
@@ -714,9 +612,13 @@ class VmTrackerGroupTest : public testing::TrackerFixture {
         for (uint64_t tag : open) out.cycle_of_tag[tag] = cut.cycle;
         open.clear();
       } else {
-        uint64_t tag;
-        std::memcpy(&tag, r.payload.data(), sizeof(tag));
-        open.push_back(tag);
+        // A record may cover several written blocks (adjacent blocks of one cycle); each
+        // starts with its tag.
+        for (uint64_t k = 0; k * kBlock < r.payload.size(); ++k) {
+          uint64_t tag;
+          std::memcpy(&tag, r.payload.data() + k * kBlock, sizeof(tag));
+          open.push_back(tag);
+        }
       }
     }
     EXPECT_TRUE(open.empty()) << log_dir << ": Close leaves no record after the last cut";
@@ -968,15 +870,15 @@ TEST_F(VmTrackerGroupTest, TheCutTimeIsPastEveryEarlierCutEvenWithTheClockBehind
   EXPECT_EQ(a->Stats().last_cut_unix_nanos, ahead + 3);
 }
 
-// Writers put a tag in VM a, then b, then c, while a cutter cuts the three together (in
-// changing orders). At every group instant each VM's log holds every write that had
-// returned before CutTogether was called and none that began after it returned; and
-// since the three writes of a tag are ordered, a group cut that holds a later one holds
-// the earlier ones.
+// Writers put a tag in VM a, then b, then c, each tag in a block of its own (so no later
+// write hides it in a cycle), while a cutter cuts the three together (in changing orders). At every
+// group instant each VM's log holds every write that had returned before CutTogether was called and
+// none that began after it returned; and since the three writes of a tag are ordered, a group cut
+// that holds a later one holds the earlier ones.
 TEST_F(VmTrackerGroupTest, GroupCutsAreOneInstantAcrossVms) {
-  AddDisk("a0", 1 << 20);
-  AddDisk("b0", 1 << 20);
-  AddDisk("c0", 1 << 20);
+  AddDisk("a0", 16 << 20);
+  AddDisk("b0", 16 << 20);
+  AddDisk("c0", 16 << 20);
   std::vector<std::unique_ptr<VmTracker>> vms;
   vms.push_back(Open(VmOptions("vm-a", {0})));
   vms.push_back(Open(VmOptions("vm-b", {1})));
@@ -1004,7 +906,7 @@ TEST_F(VmTrackerGroupTest, GroupCutsAreOneInstantAcrossVms) {
         state[tag] = 1;
         std::memcpy(block.data(), &tag, sizeof(tag));
         for (size_t v = 0; v < vms.size(); ++v) {
-          Status s = WriteVia(vms[v]->observer(0), disks_[v].fd.get(), (tag % 256) * kBlock, block);
+          Status s = WriteVia(vms[v]->observer(0), disks_[v].fd.get(), tag * kBlock, block);
           ASSERT_TRUE(s.ok()) << s.ToString();
         }
         state[tag] = 2;
@@ -1180,14 +1082,17 @@ TEST_F(VmTrackerGroupTest, ARepeatedOrNullMemberIsRefused) {
 // and the others are cut.
 TEST_F(VmTrackerGroupTest, AMemberWithoutALoggingDiskGetsNoCycle) {
   const DiskFiles& a0 = AddDisk("a0", 1 << 20);
-  const DiskFiles& b0 = AddDisk("b0", 1 << 20, /*budget=*/16 << 10);
+  const DiskFiles& b0 = AddDisk("b0", 1 << 20);
   auto a = Open(VmOptions("vm-a", {0}));
   auto b = Open(VmOptions("vm-b", {1}));
   ASSERT_TRUE(a && b);
   for (uint64_t i = 0; i < 8; ++i) Put(*b, 0, b0, i * kBlock, Pattern(kBlock, i));
+  ASSERT_EQ(*b->Cut(), 1u);
+  b->SegmentDamaged(b->SealedSegments().front(), Status::Corrupt("damaged for the test"));
   ASSERT_EQ(b->Stats().disks[0].tracking, DiskTracking::kBitmap);
+  Put(*b, 0, b0, 20 * kBlock, Pattern(kBlock, 20));
   Put(*a, 0, a0, 0, Pattern(kBlock, 1));
-  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{1, 0}));
+  ASSERT_EQ(*CutTogether({a.get(), b.get()}), (std::vector<uint64_t>{1, 1}));
   EXPECT_TRUE(b->SealedSegments().empty());
   EXPECT_EQ(a->SealedSegments().size(), 1u);
 }

@@ -62,7 +62,7 @@ setup_sites() {
     grep -q "^bandwidth_limit = \"$PEER_BANDWIDTH\"" "$EAST_CONF" || fail "no bandwidth_limit in $EAST_CONF"
   fi
   [[ $# -gt 0 ]] && start_proxy "$1" "$WEST_PORT"
-  add_vm "$EAST_CONF" vm1 'frequency = "continuous"' 'log_budget = "8GiB"'
+  add_vm "$EAST_CONF" vm1 'frequency = "continuous"'
   mkdir -p "$WEST_STATE/replicas/vm1" "$T/pre" "$T/work" "$T/archive/vm1/d0" "$T/archive/vm1/d1"
   local d
   for d in d0 d1; do

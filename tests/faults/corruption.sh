@@ -314,9 +314,10 @@ corrupt_primary_segment() {
   sleep "$hold"
   wait_until 15 west_applied_all_received || add_msg "west did not apply what it received within 15 s"
   received=$(west_field "v['received_cycle']")
-  # A sealed segment of a cycle the replica has not received (the newest file is open).
+  # A built segment of a cycle the replica has not received (with the link closed, pacing
+  # keeps the one built before the cut waiting).
   for ((i = 0; i < 50; i++)); do
-    mapfile -t files < <(ls "$T/$disk.img.srlog/"*.seg 2>/dev/null | sort | head -n -1)
+    mapfile -t files < <(ls "$T/$disk.img.srlog/"*.seg 2>/dev/null | sort)
     cand=()
     while read -r f c; do
       [[ -n $f && $c -gt $received ]] && cand+=("$f")

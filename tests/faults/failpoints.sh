@@ -3,7 +3,7 @@
 # (as kill -9 would: failpoint "abort") under write load, once per iteration, at every
 # failpoint of the data path that a running pair of sites reaches, and at the steps of a
 # planned failover:
-#   east (primary)  tracker.after_append, tracker.mid_cut, tracker.before_seal,
+#   east (primary)  tracker.after_mark, tracker.mid_cut, tracker.before_seal,
 #                   tracker.after_seal, tracker.mid_release, shipper.after_send (log shipping)
 #   west (replica)  receiver.before_ack, applier.before_apply, applier.after_undo,
 #                   applier.mid_apply, applier.before_position, applier.before_point,
@@ -65,7 +65,7 @@ SEED=${FAULTS_SEED:-$(new_seed)}
 # (its randrepeat), so only the numbered writes and the markers surely differ, a few
 # runs of blocks per disk; a sync's snapshot is read in 16 MiB batches or per dirty range.
 POINT_TABLE="
-tracker.after_append    east load   2000
+tracker.after_mark    east load   2000
 tracker.mid_cut         east load   5
 tracker.before_seal     east load   10
 tracker.after_seal      east load   10
@@ -125,7 +125,7 @@ total=$(wc -l <"$T/plan")
 setup_sites >>"$LIBLOG"
 ilog "sites up: east pid $EAST_PID replicates vm1 (2 x $DISK_MIB MiB) to west pid $WEST_PID; load $RATE/s per disk; $total failpoint crashes ($ROUNDS rounds), seed $SEED (FAULTS_SEED)"
 python3 "$TOOL" record "$RECORDS" kind=class_info class=failpoint_crash \
-  injected="abort (as kill -9) at a named failpoint of the daemon that has it, armed over the control socket (siterep failpoint NAME=abort@SKIP*1, SKIP drawn per point) under write load: tracker.after_append, tracker.mid_cut, tracker.before_seal, tracker.after_seal, tracker.mid_release, shipper.after_send at east; receiver.before_ack, applier.before_apply, applier.after_undo, applier.mid_apply, applier.before_position, applier.before_point, applier.before_delete at west; during siterep resync vm1 (--full or not, after 0.5-2 s paused): tracker.snapshot_mid, shipper.after_send at east, applier.sync_mid_write, applier.sync_before_end at west; during siterep failover vm1 --planned: control.planned_after_persist, control.planned_after_drain, control.planned_before_demote at east, control.promote_after_persist at west; then a restart of the crashed daemon (a failover: run again to its end, then back)" \
+  injected="abort (as kill -9) at a named failpoint of the daemon that has it, armed over the control socket (siterep failpoint NAME=abort@SKIP*1, SKIP drawn per point) under write load: tracker.after_mark, tracker.mid_cut, tracker.before_seal, tracker.after_seal, tracker.mid_release, shipper.after_send at east; receiver.before_ack, applier.before_apply, applier.after_undo, applier.mid_apply, applier.before_position, applier.before_point, applier.before_delete at west; during siterep resync vm1 (--full or not, after 0.5-2 s paused): tracker.snapshot_mid, shipper.after_send at east, applier.sync_mid_write, applier.sync_before_end at west; during siterep failover vm1 --planned: control.planned_after_persist, control.planned_after_drain, control.planned_before_demote at east, control.promote_after_persist at west; then a restart of the crashed daemon (a failover: run again to its end, then back)" \
   checked='["reached: the daemon died within the timeout of the arming", "fired: it died of SIGABRT and its log names the point", "failover points: finished (east replica, west primary), equal (disks hash the same), failback (east primary again)", "acked, prefix (siterep-check; skipped after a failover and back, whose images become the new pre-image), sha256 after the restart and convergence"]'
 
 # site_conf SITE / site_pid SITE / site_log SITE
