@@ -1,12 +1,11 @@
 #include "control/daemon.h"
 
 #include <grp.h>
+#include <spdlog/spdlog.h>
 #include <sys/stat.h>
 
 #include <charconv>
 #include <set>
-
-#include <spdlog/spdlog.h>
 
 #include "common/failpoint.h"
 #include "common/file_util.h"
@@ -80,9 +79,8 @@ Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions o
         return self->HandlePeer(peer, request);
       }));
 
-  SR_RETURN_IF_ERROR(d->control_.Start(d->config_.control_socket,
-                                       [self](const json& r) { return self->Handle(r); },
-                                       control_group));
+  SR_RETURN_IF_ERROR(d->control_.Start(
+      d->config_.control_socket, [self](const json& r) { return self->Handle(r); }, control_group));
   spdlog::info("control socket {}", d->config_.control_socket.string());
   if (control_group) {
     struct stat dir;
@@ -255,7 +253,8 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
   if (vm->tracker) stats = vm->tracker->Stats();
   json disks = json::array();
   uint64_t pending = 0;
-  std::string reasons;
+  std::string reasons;  // resync required (critical)
+  std::string stalls;   // cycles cannot be built (warning)
   for (size_t i = 0; i < vm->disks.size(); ++i) {
     const ProtectedDisk& disk = vm->disks[i];
     json d = {{"name", disk.name},
@@ -268,7 +267,11 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
               {"last_cut", ""},
               {"resync_required", false},
               {"resync_reason", ""},
-              {"dirty_bytes", 0}};
+              {"dirty_bytes", 0},
+              {"cycles_built", 0},
+              {"cow_bytes", 0},
+              {"cow_bytes_total", 0},
+              {"build_error", ""}};
     if (vm->tracker) {
       const tracker::DiskStats& ds = stats.disks[i];
       d["tracking"] = tracker::DiskTrackingName(ds.tracking);
@@ -278,11 +281,19 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
       d["resync_required"] = ds.resync_required;
       d["resync_reason"] = ds.resync_reason;
       d["dirty_bytes"] = ds.dirty_bytes;
+      d["cycles_built"] = ds.cycles_built;
+      d["cow_bytes"] = ds.cow_bytes;
+      d["cow_bytes_total"] = ds.cow_bytes_total;
       pending += ds.unshipped_bytes;
       if (ds.resync_required) {
         if (!reasons.empty()) reasons += "; ";
         reasons += "disk " + disk.name + ": resync required (" + ds.resync_reason + ")";
       }
+      if (!ds.build_error.empty()) {
+        if (!stalls.empty()) stalls += "; ";
+        stalls += "disk " + disk.name + ": cycles cannot be built (" + ds.build_error + ")";
+      }
+      d["build_error"] = ds.build_error;
     }
     disks.push_back(std::move(d));
   }
@@ -293,6 +304,9 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
   if (!reasons.empty()) {
     state = "resync required";
     health = "critical";
+  } else if (!stalls.empty()) {
+    health = "warning";  // the changes wait in the map; the next build retries
+    reasons = stalls;
   }
   json out = {{"name", cfg.name},
               {"role", "primary"},
@@ -317,8 +331,8 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
   if (!slot.home && out["state"] == "replicating") out["state"] = "reverse replicating";
   if (slot.role.committed && out["state"] == "committed") {
     out["health"] = "warning";
-    out["health_reason"] = "failed over and committed; not protected until siterep reverse " +
-                           cfg.name;
+    out["health_reason"] =
+        "failed over and committed; not protected until siterep reverse " + cfg.name;
   }
   if (slot.role.phase == Phase::kFenced) {
     // Not a primary any more (a newer epoch runs elsewhere), not yet a replica.
@@ -332,8 +346,8 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
     out["health_reason"] = "planned failover to " + slot.role.peer + " under way; disks read-only";
   }
   if (slot.confirm_until_nanos != 0) {
-    out["health_reason"] = "guest writes wait until " + slot.role.peer +
-                           " confirms this site is still primary";
+    out["health_reason"] =
+        "guest writes wait until " + slot.role.peer + " confirms this site is still primary";
   }
   return out;
 }
@@ -349,10 +363,18 @@ json Daemon::StatusReport(const std::string& vm_filter) const {
     if (role.role == Role::kReplica) {
       json r = inbound_ ? inbound_->Report(now, slot->name) : json::array();
       if (r.empty()) {
-        v = {{"name", slot->name}, {"role", "replica"}, {"peer", role.peer}, {"epoch", role.epoch},
-             {"state", role.phase == Phase::kNone ? "waiting for " + role.peer : std::string(PhaseName(role.phase))},
-             {"health", "warning"}, {"health_reason", "no replica data yet"}, {"rpo_seconds", nullptr},
-             {"pending_bytes", 0}, {"last_recovery_point", nullptr}, {"progress", IdleProgress()},
+        v = {{"name", slot->name},
+             {"role", "replica"},
+             {"peer", role.peer},
+             {"epoch", role.epoch},
+             {"state", role.phase == Phase::kNone ? "waiting for " + role.peer
+                                                  : std::string(PhaseName(role.phase))},
+             {"health", "warning"},
+             {"health_reason", "no replica data yet"},
+             {"rpo_seconds", nullptr},
+             {"pending_bytes", 0},
+             {"last_recovery_point", nullptr},
+             {"progress", IdleProgress()},
              {"disks", json::array()}};
       } else {
         v = std::move(r[0]);
@@ -372,26 +394,44 @@ json Daemon::StatusReport(const std::string& vm_filter) const {
       uint64_t written = 0;
       for (size_t i = 0; i < copy.overlays.size(); ++i) {
         written += copy.overlays[i]->written_bytes();
-        disks.push_back({{"name", copy.view->disk_name(i)},
-                         {"size", copy.view->disk_size(i)},
-                         {"path", (config_.mountpoint / slot->name / copy.view->disk_name(i)).string()},
-                         {"tracking", "off"},
-                         {"written_since_failover", copy.overlays[i]->written_bytes()}});
+        disks.push_back(
+            {{"name", copy.view->disk_name(i)},
+             {"size", copy.view->disk_size(i)},
+             {"path", (config_.mountpoint / slot->name / copy.view->disk_name(i)).string()},
+             {"tracking", "off"},
+             {"written_since_failover", copy.overlays[i]->written_bytes()}});
       }
-      const json point = {{"id", copy.point}, {"time", FormatUtc(copy.view->point().cut_unix_nanos)}};
-      v = {{"name", slot->name}, {"role", "primary"}, {"peer", role.peer}, {"epoch", role.epoch},
-           {"state", "failed over"}, {"health", "warning"},
+      const json point = {{"id", copy.point},
+                          {"time", FormatUtc(copy.view->point().cut_unix_nanos)}};
+      v = {{"name", slot->name},
+           {"role", "primary"},
+           {"peer", role.peer},
+           {"epoch", role.epoch},
+           {"state", "failed over"},
+           {"health", "warning"},
            {"health_reason", "failed over to recovery point " + std::to_string(copy.point) +
-                                 ", not committed and not protected (siterep commit " + slot->name + ")"},
-           {"rpo_seconds", nullptr}, {"pending_bytes", 0}, {"failover_point", point},
-           {"last_recovery_point", point}, {"written_since_failover", written},
-           {"progress", IdleProgress()}, {"disks", disks}};
+                                 ", not committed and not protected (siterep commit " + slot->name +
+                                 ")"},
+           {"rpo_seconds", nullptr},
+           {"pending_bytes", 0},
+           {"failover_point", point},
+           {"last_recovery_point", point},
+           {"written_since_failover", written},
+           {"progress", IdleProgress()},
+           {"disks", disks}};
     } else {
-      v = {{"name", slot->name}, {"role", RoleName(role.role)}, {"peer", role.peer},
-           {"epoch", role.epoch}, {"state", std::string(PhaseName(role.phase))},
-           {"health", "critical"}, {"health_reason", "not running here"},
-           {"rpo_seconds", nullptr}, {"pending_bytes", 0}, {"last_recovery_point", nullptr},
-           {"progress", IdleProgress()}, {"disks", json::array()}};
+      v = {{"name", slot->name},
+           {"role", RoleName(role.role)},
+           {"peer", role.peer},
+           {"epoch", role.epoch},
+           {"state", std::string(PhaseName(role.phase))},
+           {"health", "critical"},
+           {"health_reason", "not running here"},
+           {"rpo_seconds", nullptr},
+           {"pending_bytes", 0},
+           {"last_recovery_point", nullptr},
+           {"progress", IdleProgress()},
+           {"disks", json::array()}};
     }
     v["home"] = slot->home;
     if (!slot->last_operation.is_null()) v["last_operation"] = slot->last_operation;
@@ -423,7 +463,7 @@ json Daemon::Handle(const json& request) {
   if (op == "plan-validate") return ValidatePlan(request);
   if (op.starts_with("plan-")) return PlanRequest(op, request);
   static const std::set<std::string> kVmOps = {
-      "cut",    "enable",   "pause",    "resume",  "resync",   "points",       "export",
+      "cut",      "enable", "pause",   "resume",   "resync",        "points", "export",
       "failover", "commit", "reverse", "failback", "test-failover", "verify"};
   if (kVmOps.contains(op)) {
     if (vm.empty()) return Refused("bad-request", op + " needs a VM");
@@ -494,10 +534,11 @@ json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request
     }
   }
   if (out == nullptr) {
-    return Refused("not-primary", "VM " + vm + " is not running as primary at " + config_.name +
-                                      (slot.role.role == Role::kReplica
-                                           ? "; run this at its primary site (" + slot.role.peer + ")"
-                                           : ""));
+    return Refused("not-primary",
+                   "VM " + vm + " is not running as primary at " + config_.name +
+                       (slot.role.role == Role::kReplica
+                            ? "; run this at its primary site (" + slot.role.peer + ")"
+                            : ""));
   }
   if (op == "cut") {
     // Cuts a VM's logs now (ends the current cycle); for tests and operators who want a
@@ -507,7 +548,8 @@ json Daemon::HandleVmOp(const std::string& op, VmSlot& slot, const json& request
       // A member of a consistency group is cut with the whole group: one common point.
       auto cycles = CutGroup(slot.config.consistency_group);
       if (!cycles.ok()) return Refused("cut-failed", cycles.status().message());
-      return Ok({{"cycle", (*cycles)[vm]}, {"consistency_group", slot.config.consistency_group},
+      return Ok({{"cycle", (*cycles)[vm]},
+                 {"consistency_group", slot.config.consistency_group},
                  {"cycles", *cycles}});
     }
     auto cycle = tracker->Cut();

@@ -32,6 +32,7 @@ std::chrono::milliseconds RpoBudget(std::chrono::milliseconds frequency) {
 
 HealthVerdict JudgeHealth(const HealthInputs& in) {
   if (!in.stopped_reason.empty()) return {Health::kCritical, in.stopped_reason};
+  if (!in.stalled_reason.empty()) return {Health::kWarning, in.stalled_reason};
   const double budget = std::chrono::duration<double>(RpoBudget(in.frequency)).count();
   if (!in.link_down_reason.empty() && in.link_down_seconds > budget) {
     return {Health::kWarning,

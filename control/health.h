@@ -35,6 +35,7 @@ struct HealthInputs {
   std::chrono::milliseconds frequency{300'000};
   std::optional<double> rpo_seconds;  // unset: not known (never connected)
   std::string stopped_reason;         // non-empty: replication is stopped (critical)
+  std::string stalled_reason;         // non-empty: cycles cannot be made now (warning)
   std::string link_down_reason;       // non-empty: not connected to the peer
   double link_down_seconds = 0;
   double missed_share = 0;  // share of missed cycles in the last hour, 0..1

@@ -74,5 +74,17 @@ TEST(HealthTest, MoreThanAFifthOfMissedCyclesIsWarning) {
   EXPECT_DOUBLE_EQ(m.MissedShare(t + 3601 * kSec), 0.0);
 }
 
+TEST(HealthTest, StalledIsWarningUnlessStopped) {
+  HealthInputs in;
+  in.frequency = std::chrono::seconds(30);
+  in.rpo_seconds = 1;
+  in.stalled_reason = "disk os: cycles cannot be built: No space left on device";
+  HealthVerdict v = JudgeHealth(in);
+  EXPECT_EQ(v.health, Health::kWarning);
+  EXPECT_EQ(v.reason, in.stalled_reason);
+  in.stopped_reason = "resync required";
+  EXPECT_EQ(JudgeHealth(in).health, Health::kCritical);
+}
+
 }  // namespace
 }  // namespace siterep::control

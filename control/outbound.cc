@@ -1,8 +1,7 @@
 #include "control/outbound.h"
 
-#include <spdlog/spdlog.h>
-
 #include <fcntl.h>
+#include <spdlog/spdlog.h>
 
 #include <ctime>
 
@@ -147,7 +146,8 @@ Status Outbound::BeginSync(applier::SyncKind kind, bool full, const DiskRanges* 
       for (const tracker::ByteRange& r : it->second) {
         if (r.length == 0 || r.offset >= size) continue;
         const uint64_t start = r.offset / kBlock * kBlock;
-        const uint64_t end = std::min(size, (std::min(size, r.offset + r.length) + kBlock - 1) / kBlock * kBlock);
+        const uint64_t end =
+            std::min(size, (std::min(size, r.offset + r.length) + kBlock - 1) / kBlock * kBlock);
         wide.push_back({start, end - start});
       }
       job.ranges[i] = UnionRanges(job.ranges[i], UnionRanges(wide, {}));
@@ -222,8 +222,8 @@ Status Outbound::Resync(bool full) {
 Status Outbound::ResyncLocked(const std::string& why, bool full) {
   const std::string& name = vm_->config->name;
   if (settings_.peer.empty()) {
-    return Status::Error(EINVAL, "VM " + name + " is not replicated (siterep enable " + name +
-                                     " --to SITE)");
+    return Status::Error(
+        EINVAL, "VM " + name + " is not replicated (siterep enable " + name + " --to SITE)");
   }
   {
     std::lock_guard lk(sync_mu_);
@@ -288,8 +288,7 @@ Status Outbound::Enable(const std::string& peer, applier::SyncKind kind,
   settings_ = s;  // BeginSync names the peer
   // sync.json before replication.json: a crash in between leaves a sync.json without a
   // peer, which Load ignores.
-  Status begun =
-      BeginSync(kind, kind == applier::SyncKind::kResync && compare == nullptr, compare);
+  Status begun = BeginSync(kind, kind == applier::SyncKind::kResync && compare == nullptr, compare);
   if (begun.ok()) begun = Persist(s);
   if (!begun.ok()) {
     settings_ = ReplicationSettings{};
@@ -434,7 +433,8 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
 
   out["peer"] = settings_.peer;
   if (owed) {
-    out["state"] = owed->kind == applier::SyncKind::kResync ? "resynchronising" : "initial replication";
+    out["state"] =
+        owed->kind == applier::SyncKind::kResync ? "resynchronising" : "initial replication";
     ReportSync(st, ranges, &out);
   } else if (out["state"] == "not replicating") {
     out["state"] = settings_.paused ? "paused" : "replicating";
@@ -447,8 +447,8 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
                         {"bytes_sent", st.sync.bytes_data},
                         {"bytes_wire", st.sync.bytes_wire}};
   }
-  out["rpo_seconds"] = rpo && !(owed && owed->kind != applier::SyncKind::kResync) ? json(*rpo)
-                                                                                  : json(nullptr);
+  out["rpo_seconds"] =
+      rpo && !(owed && owed->kind != applier::SyncKind::kResync) ? json(*rpo) : json(nullptr);
   if (st.applied_cycle > 0) {
     out["last_recovery_point"] = {{"id", st.applied_cycle},
                                   {"time", FormatUtc(st.applied_cut_unix_nanos)}};
@@ -475,6 +475,9 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
   if (owed) {
     in.rpo_seconds.reset();  // no RPO to judge while the replica is being brought in line
   }
+  if (out.value("health", "normal") == "warning") {
+    in.stalled_reason = out.value("health_reason", "");  // a cycle build failing, from the tracker
+  }
   if (out.value("health", "normal") == "critical" && !owed) {
     in.stopped_reason = out.value("health_reason", "");  // resync required, from the tracker
   } else if (settings_.paused) {
@@ -482,8 +485,7 @@ void Outbound::Report(int64_t now_nanos, json* vm) const {
         "replication paused by the operator (siterep resume " + vm_->config->name + ")";
   } else if (st.refused) {
     in.stopped_reason = "site " + settings_.peer + " refused replication: " + st.last_error;
-  } else if (!st.peer_apply_error.empty() &&
-             !(owed && owed->kind == applier::SyncKind::kResync)) {
+  } else if (!st.peer_apply_error.empty() && !(owed && owed->kind == applier::SyncKind::kResync)) {
     // A resync under way repairs what stopped the apply (the replica drops those cycles
     // when it begins), as it does a disk's lost tracking above: Warning, not Critical.
     in.stopped_reason =
@@ -530,7 +532,8 @@ void Outbound::ReportSync(const shipper::ShipperStats& st,
   for (size_t i = 0; i < ranges.size() && i < out["disks"].size(); ++i) {
     const uint64_t t = tracker::RangeBytes(ranges[i]);
     uint64_t d = std::min(left, t);
-    if (i < st.sync.disk_done.size()) d = std::max(d, tracker::RangeBytesBelow(ranges[i], st.sync.disk_done[i]));
+    if (i < st.sync.disk_done.size())
+      d = std::max(d, tracker::RangeBytesBelow(ranges[i], st.sync.disk_done[i]));
     left -= std::min(left, t);
     out["disks"][i]["progress"] = progress(std::min(d, t), t);
   }
