@@ -8,6 +8,7 @@
 
 #include "applier/applier_test_util.h"
 #include "applier/replica.h"
+#include "applier/segment_check.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
 #include "tracker/log_reader.h"
@@ -109,6 +110,18 @@ class ApplyTest : public ::testing::Test {
   testing::TempDir tmp_;
   std::unique_ptr<PrimaryVm> primary_;
 };
+
+// A cycle holds each changed 4 KiB block of a disk once: a disk written all over between
+// two cuts (a long pause) gives a segment as large as the disk plus a record header per
+// block, which the replica must accept; the old fixed 1 GiB limit refused it forever.
+TEST(SegmentLimitTest, ADiskWrittenAllOverFitsInOneSegment) {
+  EXPECT_EQ(MaxSegmentBytes(64 << 20), uint64_t{1} << 30);  // small disks: the old limit
+  const uint64_t disk = uint64_t{4} << 30;
+  const uint64_t every_block = disk + (disk / 4096) * tracker::kHeaderSize;
+  const uint64_t with_cut = every_block + tracker::kHeaderSize + tracker::kCutPayloadSize;
+  EXPECT_GE(MaxSegmentBytes(disk), with_cut);
+  EXPECT_LT(MaxSegmentBytes(disk), with_cut + 4096);
+}
 
 TEST_F(ApplyTest, ManyCyclesOfRandomChangesMatchThePrimaryAfterEachCycle) {
   PrimaryVm& primary = MakePrimary();

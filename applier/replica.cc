@@ -335,9 +335,10 @@ Status Replica::WriteSegmentLocked(size_t disk, uint64_t number, uint64_t offset
                                      " does not follow the " + std::to_string(in->written) +
                                      " bytes received");
   }
-  if (data.size() > kMaxSegmentBytes - offset) {
-    return Status::Error(
-        EFBIG, what + " would pass the limit of " + std::to_string(kMaxSegmentBytes) + " bytes");
+  if (const uint64_t limit = MaxSegmentBytes(d.size);
+      offset > limit || data.size() > limit - offset) {
+    return Status::Error(EFBIG,
+                         what + " would pass the limit of " + std::to_string(limit) + " bytes");
   }
   SR_RETURN_IF_ERROR(
       PWriteAll(in->fd.get(), data.data(), data.size(), offset, PartPath(disk, number).string()));

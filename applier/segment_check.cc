@@ -57,10 +57,10 @@ Result<SegmentSummary> ScanSegment(const std::filesystem::path& path, const Segm
   SR_ASSIGN_OR_RETURN(tracker::SegmentReader reader, tracker::SegmentReader::Open(path));
   SegmentSummary summary;
   summary.bytes = reader.file_size();
-  if (summary.bytes > kMaxSegmentBytes) {
+  if (summary.bytes > MaxSegmentBytes(rules.disk_size)) {
     return Status::Corrupt(path.string() + ": segment of " + std::to_string(summary.bytes) +
                            " bytes is larger than the limit of " +
-                           std::to_string(kMaxSegmentBytes));
+                           std::to_string(MaxSegmentBytes(rules.disk_size)));
   }
   bool have_cut = false;
   ParsedRecord rec;

@@ -10,6 +10,7 @@
 // cut. Stateless; thread-compatible.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <filesystem>
 #include <optional>
@@ -20,8 +21,15 @@
 
 namespace siterep::applier {
 
-// Largest segment a replica accepts (the tracker rolls segments at 64 MiB by default).
-inline constexpr uint64_t kMaxSegmentBytes = 1ull << 30;
+// Largest segment a replica accepts for a disk of disk_size bytes. A cycle holds each
+// changed 4 KiB block of a disk once (tracker/disk_log.h), so at worst every block of the
+// disk in a record of its own, then the cut record; never less than 1 GiB, the limit
+// when segments were pieces of a data log.
+inline uint64_t MaxSegmentBytes(uint64_t disk_size) {
+  const uint64_t blocks = (disk_size + 4095) / 4096;
+  const uint64_t worst = disk_size + (blocks + 1) * tracker::kHeaderSize + tracker::kCutPayloadSize;
+  return std::max<uint64_t>(uint64_t{1} << 30, worst);
+}
 
 struct SegmentRules {
   uint32_t disk_id = 0;
