@@ -112,6 +112,20 @@ std::vector<tracker::SealedSegment> PrimaryVm::Sealed(uint64_t cycle) {
   return out;
 }
 
+Bytes PrimaryVm::SegmentBytes(const tracker::SealedSegment& s) {
+  Bytes out;
+  Result<std::unique_ptr<tracker::SegmentStream>> stream = tracker_->OpenSegment(s);
+  EXPECT_TRUE(stream.ok()) << stream.status().ToString();
+  if (!stream.ok()) return out;
+  while (!(*stream)->done()) {
+    Result<std::span<const std::byte>> b = (*stream)->Next(1 << 20);
+    EXPECT_TRUE(b.ok()) << b.status().ToString();
+    if (!b.ok()) break;
+    out.insert(out.end(), b->begin(), b->end());
+  }
+  return out;
+}
+
 Status PrimaryVm::Ship(SegmentSink& sink, uint64_t cycle, std::optional<int64_t> cut_unix_nanos,
                        size_t chunk) {
   std::vector<tracker::SealedSegment> segments = Sealed(cycle);
@@ -120,7 +134,7 @@ Status PrimaryVm::Ship(SegmentSink& sink, uint64_t cycle, std::optional<int64_t>
                                      std::to_string(segments.size()) + " sealed segments");
   }
   for (const tracker::SealedSegment& s : segments) {
-    const Bytes bytes = ReadBytes(s.path);
+    const Bytes bytes = SegmentBytes(s);
     SR_RETURN_IF_ERROR(SendSegment(sink, s.disk_id, s.number, bytes, chunk));
   }
   CycleInfo info;

@@ -58,6 +58,8 @@ class PrimaryVm {
   uint64_t Cut();
   // Sealed segments of cycle, in disk order.
   std::vector<tracker::SealedSegment> Sealed(uint64_t cycle);
+  // The bytes of sealed segment s, read as the shipper would send them.
+  Bytes SegmentBytes(const tracker::SealedSegment& s);
   // Sends every segment of cycle to sink in chunks of chunk bytes and commits the cycle
   // (with cut_unix_nanos if given, else the tracker's cut time); then releases it.
   Status Ship(SegmentSink& sink, uint64_t cycle, std::optional<int64_t> cut_unix_nanos = {},

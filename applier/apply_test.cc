@@ -177,7 +177,7 @@ TEST_F(ApplyTest, CommittedCyclesSurviveARestartAndUncommittedSegmentsAreDropped
   primary.RandomChanges(rng, 10);
   ASSERT_EQ(primary.Cut(), 4u);
   for (const tracker::SealedSegment& s : primary.Sealed(4)) {
-    ASSERT_TRUE(testing::SendSegment(*replica, s.disk_id, s.number, ReadBytes(s.path)).ok());
+    ASSERT_TRUE(testing::SendSegment(*replica, s.disk_id, s.number, primary.SegmentBytes(s)).ok());
   }
   replica = Reopen(replica);
   ASSERT_TRUE(replica);

@@ -21,8 +21,10 @@ constexpr KnownPoint kKnown[] = {
     // tracker/ (primary): changed-block tracking and the cycles built from it.
     {"tracker.after_mark", "a change's blocks marked in the map, the image not yet"},
     {"tracker.mid_cut", "a cycle frozen on some disks of the VM, not all"},
-    {"tracker.before_seal", "a cycle's segment written, not yet synced (error: the build fails)"},
-    {"tracker.after_seal", "a segment synced and renamed, not yet published to the shipper"},
+    {"tracker.before_seal", "a disk's cut file written (error: the cut fails on that disk)"},
+    {"tracker.after_seal", "a disk's cut made, the VM's cycle not yet published to the shipper"},
+    {"tracker.cow_save",
+     "error: saving a block of a cut to its copy-on-write fails (the disk falls back)"},
     {"tracker.mid_release", "acknowledged segments' floors persisted, files not yet gone"},
     {"tracker.snapshot_mid", "a piece of a snapshot read for its copy (a sync), not the rest"},
     // shipper/: both ends of the link.

@@ -92,7 +92,7 @@ Result<std::unique_ptr<Daemon>> Daemon::Start(SiteConfig config, DaemonOptions o
   }
 
   if (d->options_.discard_sealed) {
-    spdlog::warn("--discard-sealed: sealed log segments are dropped (benchmark mode)");
+    spdlog::warn("--discard-sealed: sealed segments are read and dropped (benchmark mode)");
     d->discard_thread_ = std::thread([self] { self->DiscardLoop(); });
   }
   d->monitor_thread_ = std::thread([self] { self->MonitorLoop(); });
@@ -236,11 +236,24 @@ void Daemon::DiscardLoop() {
       std::lock_guard lk(slot->mu);
       if (!slot->primary || !slot->primary->tracker) continue;
       if (slot->outbound && slot->outbound->enabled()) continue;
+      // Each segment is read whole, as a shipper that keeps up would, then released.
+      tracker::VmTracker& tracker = *slot->primary->tracker;
       uint64_t through = 0;
-      for (const auto& seg : slot->primary->tracker->SealedSegments()) {
+      for (const auto& seg : tracker.SealedSegments()) {
+        Status read = [&]() -> Status {
+          SR_ASSIGN_OR_RETURN(std::unique_ptr<tracker::SegmentStream> stream,
+                              tracker.OpenSegment(seg));
+          while (!stream->done()) SR_RETURN_IF_ERROR(stream->Next(1u << 20).status());
+          return Status::Ok();
+        }();
+        if (!read.ok()) {
+          spdlog::warn("--discard-sealed: VM {} disk {} cycle {}: {}", slot->name, seg.disk,
+                       seg.cycle, read.ToString());
+          break;
+        }
         through = std::max(through, seg.cycle);
       }
-      if (through > 0) (void)slot->primary->tracker->ReleaseThrough(through);
+      if (through > 0) (void)tracker.ReleaseThrough(through);
     }
     lock.lock();
   }
@@ -254,7 +267,7 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
   json disks = json::array();
   uint64_t pending = 0;
   std::string reasons;  // resync required (critical)
-  std::string stalls;   // cycles cannot be built (warning)
+  std::string stalls;   // cycles cannot be cut (warning)
   for (size_t i = 0; i < vm->disks.size(); ++i) {
     const ProtectedDisk& disk = vm->disks[i];
     json d = {{"name", disk.name},
@@ -268,10 +281,10 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
               {"resync_required", false},
               {"resync_reason", ""},
               {"dirty_bytes", 0},
-              {"cycles_built", 0},
+              {"cycles_cut", 0},
               {"cow_bytes", 0},
               {"cow_bytes_total", 0},
-              {"build_error", ""}};
+              {"cut_error", ""}};
     if (vm->tracker) {
       const tracker::DiskStats& ds = stats.disks[i];
       d["tracking"] = tracker::DiskTrackingName(ds.tracking);
@@ -281,7 +294,7 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
       d["resync_required"] = ds.resync_required;
       d["resync_reason"] = ds.resync_reason;
       d["dirty_bytes"] = ds.dirty_bytes;
-      d["cycles_built"] = ds.cycles_built;
+      d["cycles_cut"] = ds.cycles_cut;
       d["cow_bytes"] = ds.cow_bytes;
       d["cow_bytes_total"] = ds.cow_bytes_total;
       pending += ds.unshipped_bytes;
@@ -289,11 +302,11 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
         if (!reasons.empty()) reasons += "; ";
         reasons += "disk " + disk.name + ": resync required (" + ds.resync_reason + ")";
       }
-      if (!ds.build_error.empty()) {
+      if (!ds.cut_error.empty()) {
         if (!stalls.empty()) stalls += "; ";
-        stalls += "disk " + disk.name + ": cycles cannot be built (" + ds.build_error + ")";
+        stalls += "disk " + disk.name + ": cycles cannot be cut (" + ds.cut_error + ")";
       }
-      d["build_error"] = ds.build_error;
+      d["cut_error"] = ds.cut_error;
     }
     disks.push_back(std::move(d));
   }

@@ -35,11 +35,11 @@
 namespace siterep::control {
 
 struct DaemonOptions {
-  // Benchmarks only: release sealed segments at once, like a shipper to nowhere, so the
-  // log stays within its budget during long runs without a peer.
+  // Benchmarks only: read each sealed segment and release it at once, like a shipper to
+  // nowhere that keeps up, so cycles are cut at the configured frequency without a peer.
   bool discard_sealed = false;
-  // Tests and checkers: released (shipped) log segments are moved to
-  // <archive_logs>/<vm>/<disk>/ instead of being deleted.
+  // Tests and checkers: each released (shipped) segment is written to
+  // <archive_logs>/<vm>/<disk>/ as it was sent.
   std::filesystem::path archive_logs;
 };
 

@@ -22,10 +22,10 @@ int main(int argc, char** argv) {
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error")
       ->check(CLI::IsMember({"trace", "debug", "info", "warn", "error"}));
   app.add_flag("--discard-sealed", options.discard_sealed,
-               "benchmarks only: drop sealed log segments at once (no replication)");
+               "benchmarks only: read each sealed segment and drop it (no replication)");
   std::string archive;
   app.add_option("--archive-logs", archive,
-                 "tests and checkers: keep shipped log segments under DIR/<vm>/<disk>/ "
+                 "tests and checkers: write each shipped segment to DIR/<vm>/<disk>/ "
                  "(same file system as the images)");
   try {
     app.parse(argc, argv);

@@ -803,10 +803,19 @@ class LinkTest : public tracker::testing::TrackerFixture {
     EXPECT_TRUE(c.ok()) << c.status().ToString();
     return c.ok() ? *c : 0;
   }
-  // Remembers every sealed segment's bytes, to compare with what the sink got.
+  // Remembers every sealed segment's bytes (read as the shipper would), to compare with
+  // what the sink got.
   void SnapshotSealed() {
     for (const tracker::SealedSegment& s : tracker_->SealedSegments()) {
-      expected_[{s.disk_id, s.number}] = ReadWhole(s.path);
+      std::vector<std::byte>& bytes = expected_[{s.disk_id, s.number}];
+      bytes.clear();
+      Result<std::unique_ptr<tracker::SegmentStream>> stream = tracker_->OpenSegment(s);
+      ASSERT_TRUE(stream.ok()) << stream.status().ToString();
+      while (!(*stream)->done()) {
+        Result<std::span<const std::byte>> b = (*stream)->Next(1 << 20);
+        ASSERT_TRUE(b.ok()) << b.status().ToString();
+        bytes.insert(bytes.end(), b->begin(), b->end());
+      }
     }
   }
   void ExpectSinkHasEverySegment() {
@@ -1202,10 +1211,12 @@ TEST_F(LinkTest, ACorruptFrameIsRefusedAndDeliveryCompletesAfterReconnect) {
   EXPECT_NE(rs[0].last_error.find("CRC mismatch"), std::string::npos) << rs[0].last_error;
 }
 
-// A byte of a sealed segment flipped on the primary's disk is found before any byte of its
-// cycle is sent: the real replica never receives that cycle, the shipper says why, and the
-// disk drops its log for a resync of every block. The resync brings the replica in line.
-TEST_F(LinkTest, ADamagedSegmentIsNotSentAndItsDiskIsResyncedInstead) {
+// A save to the copy-on-write of an unshipped cycle fails (a full log folder, an I/O
+// error; here the failpoint): that cycle can no longer be read as it was at the cut, so it
+// is never sent whole, the replica stays at the cycle before, and the disk drops its log
+// for a resync of the cycle's blocks and those changed since. The resync brings the
+// replica in line.
+TEST_F(LinkTest, AFailedCopyOnWriteIsNotShippedAndItsDiskIsResyncedInstead) {
   OpenTracker();
   const fs::path dir = tmp_.path() / "replica";
   fs::create_directories(dir);
@@ -1214,34 +1225,24 @@ TEST_F(LinkTest, ADamagedSegmentIsNotSentAndItsDiskIsResyncedInstead) {
   Write(0, 0, Pattern(300 << 10, 1));
   Write(1, 4096, Pattern(5000, 2));
   ASSERT_EQ(Cut(), 1u);
-  Write(0, 1 << 20, Pattern(200 << 10, 3));
-  Write(1, 0, Pattern(4096, 4));
-  ASSERT_EQ(Cut(), 2u);
-  std::optional<tracker::SealedSegment> damaged;
-  for (const tracker::SealedSegment& s : tracker_->SealedSegments()) {
-    if (s.disk == "os" && s.cycle == 2) damaged = s;
-  }
-  ASSERT_TRUE(damaged);
-  {
-    UniqueFd fd(::open(damaged->path.c_str(), O_RDWR | O_CLOEXEC));
-    ASSERT_TRUE(fd.valid());
-    std::byte b;
-    ASSERT_EQ(::pread(fd.get(), &b, 1, 1000), 1);
-    b ^= std::byte{0x10};  // in the payload of the 200 KiB write
-    ASSERT_EQ(::pwrite(fd.get(), &b, 1, 1000), 1);
-  }
-
   StartReceiver();
   StartShipper(ShipperOpts(receiver_->port()));
   ASSERT_TRUE(WaitApplied(1));
+  shipper_->Pause();
+  Write(0, 1 << 20, Pattern(200 << 10, 3));
+  Write(1, 0, Pattern(4096, 4));
+  ASSERT_EQ(Cut(), 2u);
+  ASSERT_TRUE(failpoint::Arm("tracker.cow_save=error*1").ok());
+  Write(0, (1 << 20) + 8192, Pattern(4096, 5));  // frozen in cycle 2: the save fails
+  shipper_->Resume();
   ASSERT_TRUE(WaitFor(
       [&] { return tracker_->Stats().disks[0].tracking == tracker::DiskTracking::kBitmap; }));
   const tracker::DiskStats os = tracker_->Stats().disks[0];
   EXPECT_TRUE(os.resync_required);
-  EXPECT_NE(os.resync_reason.find("damaged segment " + damaged->path.string()), std::string::npos)
+  EXPECT_NE(os.resync_reason.find("failpoint tracker.cow_save"), std::string::npos)
       << os.resync_reason;
-  EXPECT_NE(os.resync_reason.find("CRC mismatch"), std::string::npos) << os.resync_reason;
-  EXPECT_EQ(os.dirty_bytes, disks_[0].size);
+  EXPECT_EQ(os.dirty_bytes, 200u << 10) << "cycle 2's blocks of os";
+  std::this_thread::sleep_for(300ms);
   const applier::ReplicaPosition pos = replica_->Position();
   EXPECT_EQ(pos.received_cycle, 1u);
   EXPECT_EQ(pos.applied_cycle, 1u);
@@ -1252,7 +1253,8 @@ TEST_F(LinkTest, ADamagedSegmentIsNotSentAndItsDiskIsResyncedInstead) {
   ASSERT_TRUE(info.ok()) << info.status().ToString();
   ASSERT_EQ(info->disks.size(), 2u);
   EXPECT_TRUE(info->disks[0].resync);
-  EXPECT_TRUE(info->disks[0].all_dirty);
+  EXPECT_FALSE(info->disks[0].all_dirty);
+  EXPECT_EQ(info->disks[0].dirty, (std::vector<tracker::ByteRange>{{1 << 20, 256 << 10}}));
   StartShipper(SyncShipperOpts(receiver_->port()));
   ASSERT_TRUE(WaitSynced());
   ASSERT_TRUE(WaitApplied(info->cycle));
@@ -1915,11 +1917,11 @@ TEST_F(LinkTest, ARefusedSyncReachesTheShipperAsARefusal) {
   ExpectReplicaEqualsPrimary();
 }
 
-// Resync of a disk that fell back to the dirty bitmap (a sealed segment of it was found
-// damaged, so every block of it is compared): the snapshot returns it to the log, and the
-// other disk with the blocks of its unshipped cycles; only the blocks that differ are sent
-// (a block rewritten with its own content is not). Then cycles follow, both disks
-// logging again.
+// Resync of a disk that fell back to the dirty bitmap (a save to the copy-on-write of its
+// unshipped cycle failed, so the blocks of that cycle and those changed since are
+// compared): the snapshot returns it to the log, and the other disk with
+// the blocks of its unshipped cycles; only the blocks that differ are sent (a block
+// rewritten with its own content is not). Then cycles follow, both disks logging again.
 TEST_F(LinkTest, AResyncComparesOnlyTheDirtyBlocks) {
   AddDisk("os", 8 * kMiB);
   AddDisk("data", 4 * kMiB);
@@ -1933,7 +1935,8 @@ TEST_F(LinkTest, AResyncComparesOnlyTheDirtyBlocks) {
   for (uint64_t b = 0; b < 8; ++b) Write(0, b * kBlock, Pattern(kBlock, 300 + b));
   Write(1, 5 * kBlock + 100, Pattern(100, 1));
   ASSERT_EQ(Cut(), 1u);
-  tracker_->SegmentDamaged(tracker_->SealedSegments().front(), Status::Corrupt("test"));
+  ASSERT_TRUE(failpoint::Arm("tracker.cow_save=error*1").ok());
+  Write(0, 0, Pattern(kBlock, 299));  // frozen in cycle 1: its save fails
   for (uint64_t b = 40; b < 56; ++b) Write(0, b * kBlock, Pattern(kBlock, 400 + b));
   ASSERT_TRUE(WaitFor(
       [&] { return tracker_->Stats().disks[0].tracking == tracker::DiskTracking::kBitmap; }));
@@ -1949,11 +1952,14 @@ TEST_F(LinkTest, AResyncComparesOnlyTheDirtyBlocks) {
   const uint64_t sync_id = info->cycle;
   ASSERT_EQ(info->disks.size(), 2u);
   EXPECT_TRUE(info->disks[0].resync);
-  EXPECT_TRUE(info->disks[0].all_dirty);
+  EXPECT_FALSE(info->disks[0].all_dirty);
+  EXPECT_EQ(info->disks[0].dirty,
+            (std::vector<tracker::ByteRange>{
+                {0, 8 * kBlock}, {40 * kBlock, 16 * kBlock}, {100 * kBlock, kBlock}}));
   EXPECT_FALSE(info->disks[1].resync);
   EXPECT_EQ(info->disks[1].dirty,
             (std::vector<tracker::ByteRange>{{5 * kBlock, kBlock}, {30 * kBlock, 2 * kBlock}}));
-  const uint64_t dirty = 8 * kMiB + 3 * kBlock;
+  const uint64_t dirty = 25 * kBlock + 3 * kBlock;
   const uint64_t differ = 27 * kBlock;  // block 100 of os has its old content
 
   StartReceiver();

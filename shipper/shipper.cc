@@ -21,7 +21,6 @@
 #include "shipper/rate_limiter.h"
 #include "shipper/shipper_impl.h"
 #include "shipper/wire_format.h"
-#include "tracker/log_reader.h"
 
 namespace siterep::shipper {
 
@@ -478,19 +477,6 @@ std::optional<CycleBatch> Shipper::Impl::Connection::NextCycle() {
 }
 
 Status Shipper::Impl::Connection::SendCycle(const CycleBatch& batch) {
-  // Every segment of the cycle is read back and checked before any byte of it is sent: a
-  // damaged one is never shipped as data. Its disk falls back to a resync instead.
-  for (const tracker::SealedSegment& seg : batch.segments) {
-    Status checked = tracker::CheckSealedSegment(seg);
-    if (checked.code() == EBADMSG) {
-      spdlog::error("VM {}: cycle {} not sent: {}; disk {} falls back to a resync",
-                    opts_.definition.vm, batch.cycle, checked.message(), seg.disk);
-      opts_.source->SegmentDamaged(seg, checked);
-      return Status::Corrupt("cycle " + std::to_string(batch.cycle) + " not sent: " +
-                             checked.message() + "; disk " + seg.disk + " falls back to a resync");
-    }
-    SR_RETURN_IF_ERROR(checked.WithContext("VM " + opts_.definition.vm));
-  }
   for (const tracker::SealedSegment& seg : batch.segments) SR_RETURN_IF_ERROR(SendSegment(seg));
   applier::CycleInfo info;
   info.cycle = batch.cycle;
@@ -507,26 +493,44 @@ Status Shipper::Impl::Connection::SendCycle(const CycleBatch& batch) {
 }
 
 Status Shipper::Impl::Connection::SendSegment(const tracker::SealedSegment& seg) {
-  const std::string what = "segment " + seg.path.string();
-  Result<UniqueFd> fd = OpenFile(seg.path, O_RDONLY | O_CLOEXEC);
-  if (!fd.ok()) return fd.status().WithContext("VM " + opts_.definition.vm);
+  // The tracker reads the segment as it is sent (from the cut's blocks, or an older
+  // version's file), each record checked as it is made.
+  Result<std::unique_ptr<tracker::SegmentStream>> opened = opts_.source->OpenSegment(seg);
+  if (!opened.ok()) {
+    return opened.status().WithContext("VM " + opts_.definition.vm + " disk " + seg.disk +
+                                       " cycle " + std::to_string(seg.cycle));
+  }
+  tracker::SegmentStream& stream = **opened;
   uint64_t offset = 0;
+  bool last = false;
   do {
     // Pausing holds the cycle where it is; it continues from here on Resume.
     while (impl_.paused_ && !impl_.stopping_) {
       SR_RETURN_IF_ERROR(Service(last_heartbeat_ + opts_.heartbeat));
     }
     if (impl_.stopping_) return Status::Error(ECANCELED, "stopping");
-    const uint32_t n = static_cast<uint32_t>(std::min<uint64_t>(kMaxChunkRaw, seg.bytes - offset));
-    raw_.resize(n);
-    SR_RETURN_IF_ERROR(PReadAll(fd->get(), raw_.data(), n, offset, what));
+    raw_.clear();
+    while (raw_.size() < kMaxChunkRaw && !stream.done()) {
+      Result<std::span<const std::byte>> bytes = stream.Next(kMaxChunkRaw - raw_.size());
+      if (!bytes.ok()) {
+        return bytes.status().WithContext("VM " + opts_.definition.vm + " disk " + seg.disk +
+                                          " cycle " + std::to_string(seg.cycle));
+      }
+      raw_.insert(raw_.end(), bytes->begin(), bytes->end());
+    }
+    last = stream.done();
+    if (raw_.empty()) {
+      return Status::Error(EIO, "VM " + opts_.definition.vm + " disk " + seg.disk + ": segment " +
+                                    std::to_string(seg.number) + " is empty");
+    }
+    const uint32_t n = static_cast<uint32_t>(raw_.size());
     SegmentChunk chunk;
     chunk.disk_id = seg.disk_id;
     chunk.segment = seg.number;
     chunk.cycle = seg.cycle;
     chunk.offset = offset;
     chunk.raw_length = n;
-    chunk.flags = offset + n == seg.bytes ? kChunkLast : 0;
+    chunk.flags = last ? kChunkLast : 0;
     if (opts_.compress && impl_.compressor_.Compress(raw_, &packed_)) {
       chunk.flags |= kChunkZstd;
       chunk.data = packed_;
@@ -546,7 +550,7 @@ Status Shipper::Impl::Connection::SendSegment(const tracker::SealedSegment& seg)
     }
     offset += n;
     SR_RETURN_IF_ERROR(Service(Clock::now()));  // acks and heartbeats between chunks
-  } while (offset < seg.bytes);
+  } while (!last);
   return Status::Ok();
 }
 

@@ -1,15 +1,15 @@
 // Shipper: the sending end of the replication link, one per replicated VM on the primary.
 //
 // control/ starts one Shipper per VM that is primary here and has a peer. It reads the VM's
-// sealed change-log segments from a tracker::SegmentSource and sends them, cycle by cycle,
-// to the peer's Receiver over TLS (wire format: shipper/wire_format.h). When the peer
-// acknowledges a cycle (it is durable on the replica), the shipper releases the segments
-// through that cycle, so the tracker deletes them.
+// sealed segments from a tracker::SegmentSource as it sends them (the tracker makes each
+// from the cut's blocks, every record with its CRC32C), in chunks of at most kMaxChunkRaw,
+// cycle by cycle, to the peer's Receiver over TLS (wire format: shipper/wire_format.h).
+// When the peer acknowledges a cycle (it is durable on the replica), the shipper releases
+// the segments through that cycle, so the tracker forgets the cuts.
 //
-// Damage: before a cycle is sent, each of its segments is read back and checked
-// (tracker::CheckSealedSegment); a damaged one is not sent (no byte of the cycle is), the
-// source is told (SegmentSource::SegmentDamaged: the disk falls back to a resync) and the
-// connection ends with that error, which Stats().last_error shows.
+// Errors reading a segment (the blocks cannot be read, the cut was dropped by a fall back
+// to the bitmap) end the connection with that error, which Stats().last_error shows; the
+// cycle is sent again from its start after the reconnect.
 //
 // Delivery: the peer's HelloReply says which cycle it has received; the shipper resumes
 // after it. Every cycle is sent whole (every disk's segment from offset 0, then CycleEnd),

@@ -3,8 +3,10 @@
 #  - west already holds an older copy of vm1's disk, with five 64 KiB blocks changed:
 #    `enable --seed` compares block hashes and sends only those blocks (the two that are
 #    zero at the primary as zero extents, no data).
-#  - shipping paused while the guest writes: cycles wait (no resync); then a built cycle is
-#    damaged, so the disk falls back to the dirty bitmap ("resync required", critical);
+#  - shipping paused while the guest writes: cycles wait (no resync); then saving a block
+#    of the unshipped cycle to its copy-on-write fails (failpoint tracker.cow_save, as a full
+#    or failing disk would), so the disk falls back to the dirty bitmap ("resync required",
+#    critical);
 #    `siterep resync --wait` compares every block and sends only the
 #    dirty blocks, and the replica equals the primary again.
 #  - with resync = "auto", the same fall back heals by itself.
@@ -44,26 +46,17 @@ log "seeded enable ($kind): $sent bytes of data, $wire bytes on the wire (hashes
 ((sent == 3 * 65536)) || fail "seeded enable sent $sent bytes of data; the 3 changed data blocks are 196608"
 ((wire < 4 * 65536 + 131072)) || fail "seeded enable put $wire bytes on the wire"
 
-# damage_built_segment: waits for a built, unshipped cycle of d0 and flips a byte in the
-# middle of it (the shipper reads every segment back before it sends it).
-damage_built_segment() {
-  local seg=""
-  for ((i = 0; i < 50; i++)); do
-    seg=$(ls "$T/d0.img.srlog/"*.seg 2>/dev/null | tail -n 1 || true)
-    [[ -n $seg ]] && break
-    sleep 0.2
+# fail_copy_on_write SIZE_MIB OFFSET_MIB...: the next save to a cut's copy-on-write fails;
+# then the guest writes the regions again, which hits the blocks of the unshipped cycle.
+fail_copy_on_write() {
+  local size=$1 off
+  shift
+  "$SITEREP" -c "$EAST_CONF" failpoint tracker.cow_save=error*1 >/dev/null ||
+    fail "cannot arm tracker.cow_save"
+  for off in "$@"; do
+    dd if=/dev/urandom of="$EAST_MNT/vm1/d0" bs=1M count="$size" seek="$off" oflag=direct \
+      conv=notrunc status=none || fail "the guest saw an error"
   done
-  [[ -n $seg ]] || fail "no built cycle of d0 to damage"
-  python3 - "$seg" <<'PY'
-import os, sys
-path = sys.argv[1]
-with open(path, "r+b") as f:
-    f.seek(os.path.getsize(path) // 2)
-    b = f.read(1)
-    f.seek(-1, 1)
-    f.write(bytes([b[0] ^ 0xFF]))
-print(f"    flipped a byte of {os.path.basename(path)}")
-PY
 }
 
 step "shipping paused while the guest writes: the cycles wait, no resync"
@@ -77,8 +70,8 @@ sleep 2
 pending=$(vm_field "$EAST_CONF" vm1 "v['pending_bytes']")
 ((pending >= 6 << 20)) || fail "only $pending bytes pending after 6 MiB written while paused"
 
-step "a built cycle is damaged: resync required"
-damage_built_segment
+step "a save to the unshipped cycle's copy-on-write fails: resync required"
+fail_copy_on_write 2 10 90 150
 "$SITEREP" -c "$EAST_CONF" resume vm1 >/dev/null
 for ((i = 0; i < 50; i++)); do
   [[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['tracking']") == bitmap ]] && break
@@ -114,7 +107,8 @@ wait_caught_up "$EAST_CONF" vm1 60
 for off in 30 120; do
   dd if=/dev/urandom of="$EAST_MNT/vm1/d0" bs=1M count=3 seek=$off oflag=direct conv=notrunc status=none
 done
-damage_built_segment
+sleep 2
+fail_copy_on_write 3 30 120
 "$SITEREP" -c "$EAST_CONF" resume vm1 >/dev/null
 for ((i = 0; i < 50; i++)); do
   [[ $(vm_field "$EAST_CONF" vm1 "v['disks'][0]['resync_required']") == true ]] && break

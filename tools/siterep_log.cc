@@ -1,21 +1,34 @@
-// siterep-log: inspect and use change logs (tracker/log_format.h) for tests and debugging.
+// siterep-log: inspect and use folders of segments (tracker/log_format.h) for tests and
+// debugging: the archive of siterepd --archive-logs, a replica's received/<disk>/ folder,
+// or a disk's log folder "<image>.srlog" (its unshipped cuts are read as the shipper
+// would send them, from the image and their copy-on-write; --image names the image when
+// the folder is not next to it).
 //
-//   siterep-log dump LOG_DIR                 one line per record
-//   siterep-log check LOG_DIR                verify every record; exit 1 on damage
-//   siterep-log replay LOG_DIR TARGET_IMAGE [--through-cycle N]
+//   siterep-log dump LOG_DIR [--image IMG]              one line per record
+//   siterep-log check LOG_DIR [--image IMG]             verify every record; exit 1 on damage
+//   siterep-log replay LOG_DIR TARGET_IMAGE [--image IMG] [--through-cycle N]
 //
 // Exit codes: 0 ok (a torn tail at the end of the last segment is a warning), 1 failure,
-// 2 usage. Works on a live log too (it only reads), but then sees a moment's snapshot.
+// 2 usage. A log folder must not be in use by siterepd (its images change under it).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
 #include <optional>
 #include <string>
 
+#include "common/file_util.h"
 #include "common/status.h"
 #include "common/time_util.h"
+#include "common/unique_fd.h"
+#include "tracker/cut_stream.h"
 #include "tracker/disk_state.h"
+#include "tracker/locks.h"
 #include "tracker/log_format.h"
 #include "tracker/log_reader.h"
 #include "tracker/replay.h"
@@ -41,6 +54,70 @@ void WarnTornTail(const TornTail& tail) {
                SegmentFileName(tail.segment).c_str(),
                static_cast<unsigned long long>(tail.file_offset),
                static_cast<unsigned long long>(tail.dropped_bytes), tail.why.c_str());
+}
+
+// A folder that holds what its segments are, removed at the end.
+struct Scratch {
+  fs::path dir;
+  ~Scratch() {
+    std::error_code ec;
+    if (!dir.empty()) fs::remove_all(dir, ec);
+  }
+};
+
+// The folder to read: log_dir itself, or, when it holds cut files, a scratch copy with
+// an older version's segment files and every cut's segment as the shipper would send it.
+Result<fs::path> Readable(const fs::path& log_dir, std::string image, Scratch* scratch) {
+  bool cuts = false;
+  std::error_code ec;
+  for (const auto& e : fs::directory_iterator(log_dir, ec)) {
+    if (e.path().extension() == ".cut") cuts = true;
+  }
+  if (ec) return Status::Error(ec.value(), "list " + log_dir.string() + ": " + ec.message());
+  if (!cuts) return log_dir;
+  if (image.empty()) {
+    fs::path p = log_dir.lexically_normal();
+    if (!p.has_filename()) p = p.parent_path();
+    if (p.extension() != ".srlog") {
+      return Status::Invalid(log_dir.string() +
+                             " holds cuts but is not named <image>.srlog: give --image");
+    }
+    image = p.replace_extension().string();
+  }
+  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(image, O_RDONLY | O_CLOEXEC));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return Status::FromErrno(errno, "stat " + image);
+  char tmpl[] = "/tmp/siterep-log.XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) return Status::FromErrno(errno, "make a scratch folder");
+  scratch->dir = tmpl;
+  SR_ASSIGN_OR_RETURN(std::vector<SegmentFile> files, ListSegments(log_dir));
+  for (const SegmentFile& f : files) {
+    fs::copy_file(f.path, scratch->dir / f.path.filename(), ec);
+    if (ec) return Status::Error(ec.value(), "copy " + f.path.string() + ": " + ec.message());
+  }
+  Result<std::optional<DiskState>> state = LoadDiskState(log_dir);
+  if (!state.ok()) return state.status();
+  CutFiles in;
+  in.log_dir = log_dir;
+  in.disk_name = fs::path(image).filename().string();
+  in.disk_size = static_cast<uint64_t>(st.st_size);
+  in.image_fd = fd.get();
+  if (*state) in.released_segment = (*state)->last_segment;
+  SR_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<FrozenCut>> cut_list, OpenCutFiles(in));
+  RangeLocks locks;
+  for (const std::shared_ptr<FrozenCut>& cut : cut_list) {
+    CutStream stream(cut, in.disk_size, &locks);
+    const fs::path out = SegmentPath(scratch->dir, cut->segment);
+    SR_ASSIGN_OR_RETURN(UniqueFd seg,
+                        OpenFile(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+    uint64_t at = 0;
+    while (!stream.done()) {
+      SR_ASSIGN_OR_RETURN(std::span<const std::byte> bytes, stream.Next(4u << 20));
+      SR_RETURN_IF_ERROR(PWriteAll(seg.get(), bytes.data(), bytes.size(), at, out.string()));
+      at += bytes.size();
+    }
+  }
+  return scratch->dir;
 }
 
 int Dump(const fs::path& log_dir) {
@@ -176,15 +253,22 @@ int Main(int argc, char** argv) {
   app.require_subcommand(1);
   std::string log_dir;
   std::string target;
+  std::string image;
   std::optional<uint64_t> through;
 
+  const std::string what =
+      "folder of segments: an archive, a replica's received folder, or <image>.srlog";
+  const std::string image_help = "the image of a log folder with cuts (default: its name)";
   CLI::App* dump = app.add_subcommand("dump", "print one line per record");
-  dump->add_option("LOG_DIR", log_dir, "change log folder (<image>.srlog)")->required();
+  dump->add_option("LOG_DIR", log_dir, what)->required();
+  dump->add_option("--image", image, image_help);
   CLI::App* check = app.add_subcommand("check", "verify every record; exit 1 on damage");
-  check->add_option("LOG_DIR", log_dir, "change log folder (<image>.srlog)")->required();
+  check->add_option("LOG_DIR", log_dir, what)->required();
+  check->add_option("--image", image, image_help);
   CLI::App* replay = app.add_subcommand("replay", "apply the log's records to an image file");
-  replay->add_option("LOG_DIR", log_dir, "change log folder (<image>.srlog)")->required();
+  replay->add_option("LOG_DIR", log_dir, what)->required();
   replay->add_option("TARGET_IMAGE", target, "image file to change (must exist)")->required();
+  replay->add_option("--image", image, image_help);
   replay->add_option("--through-cycle", through, "stop after the cut of this cycle");
 
   try {
@@ -195,9 +279,12 @@ int Main(int argc, char** argv) {
     (void)app.exit(e);
     return kUsage;
   }
-  if (dump->parsed()) return Dump(log_dir);
-  if (check->parsed()) return Check(log_dir);
-  return Replay(log_dir, target, through);
+  Scratch scratch;
+  Result<fs::path> dir = Readable(log_dir, image, &scratch);
+  if (!dir.ok()) return Fail(dir.status());
+  if (dump->parsed()) return Dump(*dir);
+  if (check->parsed()) return Check(*dir);
+  return Replay(*dir, target, through);
 }
 
 }  // namespace

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <optional>
 #include <utility>
@@ -29,6 +31,35 @@ namespace {
 
 constexpr std::string_view kLockFileName = "LOCK";
 constexpr uint64_t kBlock = DirtyBitmap::kBlockSize;
+constexpr std::string_view kCowSuffix = ".cow";
+
+// The number of "<20 digits><suffix>"; nullopt for any other name.
+std::optional<uint64_t> ParseNumbered(std::string_view name, std::string_view suffix) {
+  if (name.size() != 20 + suffix.size() || !name.ends_with(suffix)) return std::nullopt;
+  uint64_t number = 0;
+  auto [ptr, ec] = std::from_chars(name.data(), name.data() + 20, number);
+  if (ec != std::errc() || ptr != name.data() + 20) return std::nullopt;
+  return number;
+}
+
+uint64_t PopCount(const std::vector<uint64_t>& words) {
+  uint64_t n = 0;
+  for (uint64_t w : words) n += static_cast<uint64_t>(__builtin_popcountll(w));
+  return n;
+}
+
+void Unlink(const std::string& disk, const fs::path& p) {
+  if (::unlink(p.c_str()) != 0 && errno != ENOENT) {
+    spdlog::warn("disk {}: delete {}: {}", disk, p.string(), std::strerror(errno));
+  }
+}
+
+Status RemoveFile(const fs::path& p) {
+  if (::unlink(p.c_str()) != 0 && errno != ENOENT) {
+    return Status::FromErrno(errno, "delete " + p.string());
+  }
+  return Status::Ok();
+}
 
 }  // namespace
 
@@ -94,12 +125,13 @@ Status DiskLog::Init() {
       mode_ = Mode::kSwitching;
       resync_required_ = true;
       reason_ = "change log unreadable: " + s.message();
+      unreleased_.clear();
+      cows_.clear();
       bitmap_ = OpenBitmap();
       DropLog(*bitmap_, /*mark_all=*/true);
       mode_ = Mode::kBitmap;
     }
   }
-  builder_ = std::thread(&DiskLog::BuilderLoop, this);
   return Status::Ok();
 }
 
@@ -115,9 +147,9 @@ Status DiskLog::OpenLogMode(const DiskState& state) {
   in.map = map_.get();
   in.legacy_open_segment = first_open;
   SR_ASSIGN_OR_RETURN(RecoveredLog r, RecoverLog(in));
-  for (SealedSegment& seg : r.sealed) {
-    sealed_bytes_ += seg.bytes;
-    sealed_.push_back(std::move(seg));
+  for (RecoveredSegment& f : r.sealed) {
+    unreleased_bytes_ += f.segment.bytes;
+    unreleased_.push_back(Unreleased{std::move(f.segment), nullptr, std::move(f.path)});
   }
   last_seq_ = r.last_seq;
   last_segment_ = r.last_segment;
@@ -125,8 +157,8 @@ Status DiskLog::OpenLogMode(const DiskState& state) {
   last_cut_nanos_ = r.last_cut_unix_nanos;
   last_cut_first_change_ = r.last_cut_first_change_unix_nanos;
 
-  // A cut that was frozen but not published before the stop: its blocks go back into the
-  // map (their content is in the image), so the next cycle carries them.
+  // An older version's cut that was not published before the stop: its blocks go back
+  // into the map (their content is in the image), so the next cycle carries them.
   const fs::path frozen_path = opts_.log_dir / kFrozenFileName;
   SR_ASSIGN_OR_RETURN(std::optional<FrozenSet> frozen, LoadFrozenSet(frozen_path, opts_.size));
   if (frozen) {
@@ -146,12 +178,56 @@ Status DiskLog::OpenLogMode(const DiskState& state) {
       return Status::FromErrno(errno, "delete " + frozen_path.string());
     }
   }
-  const fs::path cow_path = opts_.log_dir / kCowFileName;
-  if (::unlink(cow_path.c_str()) != 0 && errno != ENOENT) {
-    return Status::FromErrno(errno, "delete " + cow_path.string());
-  }
+  SR_RETURN_IF_ERROR(OpenCuts());
   changed_ = map_->dirty_blocks() > 0;
   return Status::Ok();
+}
+
+Status DiskLog::OpenCuts() {
+  CutFiles in;
+  in.log_dir = opts_.log_dir;
+  in.disk_name = opts_.name;
+  in.disk_size = opts_.size;
+  in.image_fd = opts_.image_fd;
+  in.disk_id = opts_.disk_id;
+  in.released_segment = floors_.last_segment;
+  in.remove_released = true;
+  in.last_seq = last_seq_;
+  in.last_cycle = last_cycle_;
+  SR_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<FrozenCut>> cuts, OpenCutFiles(in));
+  std::vector<uint64_t> kept;
+  for (std::shared_ptr<FrozenCut>& cut : cuts) {
+    if (cut->cow) cows_.push_back(cut->cow);
+    last_seq_ = cut->last_seq;
+    last_segment_ = cut->segment;
+    last_cycle_ = cut->cycle;
+    last_cut_nanos_ = cut->cut_unix_nanos;
+    last_cut_first_change_ = cut->first_change_unix_nanos;
+    kept.push_back(cut->segment);
+    Unreleased u{SegmentOf(*cut), std::move(cut), {}};
+    unreleased_bytes_ += u.seg.bytes;
+    unreleased_.push_back(std::move(u));
+  }
+  // Copy-on-write files without their cut (a release deletes the cut file first).
+  for (const fs::path& p : LogFiles()) {
+    std::optional<uint64_t> n = ParseNumbered(p.filename().native(), kCowSuffix);
+    if (n && !std::binary_search(kept.begin(), kept.end(), *n)) SR_RETURN_IF_ERROR(RemoveFile(p));
+  }
+  return Status::Ok();
+}
+
+SealedSegment DiskLog::SegmentOf(const FrozenCut& cut) const {
+  SealedSegment seg;
+  seg.disk = opts_.name;
+  seg.disk_id = opts_.disk_id;
+  seg.number = cut.segment;
+  seg.cycle = cut.cycle;
+  seg.first_seq = cut.first_seq;
+  seg.last_seq = cut.last_seq;
+  seg.bytes = CutBytesAtMost(*cut.frozen, opts_.size);
+  seg.cut_unix_nanos = cut.cut_unix_nanos;
+  seg.first_change_unix_nanos = cut.first_change_unix_nanos;
+  return seg;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -163,10 +239,13 @@ LogOutcome DiskLog::BeforeChange(uint64_t offset, uint64_t length) {
     // the bitmap, with the VM lock exclusive, so no change is marking then).
     map->MarkRange(offset, length);
     if (!changed_.load(std::memory_order_relaxed)) changed_.store(true, std::memory_order_relaxed);
-    // The cut's content of frozen blocks not yet read goes to the copy-on-write file
-    // first; never fails the change (a failed save fails the build, which rolls back).
-    // cow_ changes only at a cut, when no change is in flight, so no lock is needed.
-    if (cow_active_.load(std::memory_order_acquire)) cow_->SaveBefore(offset, length);
+    // The cut's content of frozen blocks goes to the copy-on-write file first. cows_
+    // changes only with the VM lock exclusive, so no lock is needed. A save that fails
+    // never fails the change: the disk falls back to the bitmap instead.
+    for (const std::shared_ptr<DiskSnapshot>& cow : cows_) {
+      cow->SaveBefore(offset, length);
+      if (cow->failed()) CowFailed();
+    }
     return LogOutcome::kLogged;
   }
   std::unique_lock lk(mu_);
@@ -195,6 +274,32 @@ void DiskLog::RequestFallbackLocked(std::string reason) {
   spdlog::warn("disk {}: falling back to the dirty bitmap: {}", opts_.name, reason_);
 }
 
+void DiskLog::CowFailed() {
+  {
+    std::lock_guard lk(mu_);
+    if (mode_ != Mode::kLog || stop_) return;
+    std::string why = "a cut can no longer be read";
+    for (const Unreleased& u : unreleased_) {
+      if (u.cut && u.cut->cow && u.cut->cow->failed()) {
+        why = u.cut->cow->status().message();
+        break;
+      }
+    }
+    RequestFallbackLocked(why);
+  }
+  EnsureBitmap();
+}
+
+void DiskLog::CutDamaged(const Status& why) {
+  {
+    std::lock_guard lk(mu_);
+    if (mode_ != Mode::kLog || stop_) return;
+    // Not every block: the damaged cut's blocks are marked with the rest of the log.
+    RequestFallbackLocked("change log: " + why.message());
+  }
+  EnsureBitmap();
+}
+
 void DiskLog::EnsureBitmap() {
   std::lock_guard bitmap_lock(bitmap_mu_);
   {
@@ -214,137 +319,157 @@ void DiskLog::EnsureBitmap() {
 std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t unix_nanos,
                                                       int64_t first_change_unix_nanos) {
   FinishFallback();  // a pending fall back gets no cut; finishing it needs what we hold
+  auto ticket = std::make_unique<CutTicket>();
+  ticket->cycle = cycle;
+  ticket->unix_nanos = unix_nanos;
+  ticket->first_change_unix_nanos = first_change_unix_nanos;
+  auto cut = std::make_shared<FrozenCut>();
   {
     std::lock_guard lk(mu_);
-    if (mode_ != Mode::kLog || stop_ || build_) return nullptr;
+    if (mode_ != Mode::kLog || stop_ || pending_) return nullptr;
+    cut->segment = last_segment_ + 1;
+    cut->first_seq = last_seq_ + 1;
+    ticket->seq = last_seq_;
+    ticket->segment = last_segment_;
   }
-  auto build = std::make_unique<Build>();
-  auto frozen = std::make_shared<std::vector<uint64_t>>();
-  build->frozen_blocks = map_->TakeAll(frozen.get());
-  changed_.store(false, std::memory_order_relaxed);
-  build->frozen = frozen;
-  // In the page cache before the builder starts: a kill -9 from here on finds it. (Not
-  // for power loss: the builder fdatasyncs it before it starts reading.)
-  Status saved = SaveFrozenSet(opts_.log_dir / kFrozenFileName, cycle, opts_.size, *frozen);
-  if (!saved.ok()) {
-    spdlog::warn("disk {}: {} (cycle {} is built without it)", opts_.name, saved.ToString(), cycle);
-  }
-  if (build->frozen_blocks > 0) {
-    SnapshotOptions so;
-    so.block_size = kBlock;
-    so.only = frozen;
-    Result<std::unique_ptr<DiskSnapshot>> cow = DiskSnapshot::Create(
-        opts_.name, opts_.image_fd, opts_.size, opts_.log_dir / kCowFileName, std::move(so));
-    if (cow.ok()) {
-      build->cow = std::move(*cow);
-    } else {
-      // The build fails (it cannot read the cut without the copy-on-write) and rolls back.
-      spdlog::warn("disk {}: {}", opts_.name, cow.status().ToString());
-    }
-  }
-  auto cut = std::make_unique<CutTicket>();
+  // The caller holds the VM lock exclusively: no change marks the map meanwhile, so its
+  // bits are read here and cleared only once the cut file holds them.
+  auto words = std::make_shared<std::vector<uint64_t>>(map_->word_count());
+  for (uint64_t w = 0; w < words->size(); ++w) (*words)[w] = map_->word(w);
+  cut->disk_id = opts_.disk_id;
   cut->cycle = cycle;
-  cut->unix_nanos = unix_nanos;
+  cut->epoch = opts_.epoch;
+  cut->cut_unix_nanos = unix_nanos;
   cut->first_change_unix_nanos = first_change_unix_nanos;
-  build->cut = cut.get();
-  // The caller holds the VM lock exclusively: no change is reading cow_.
-  cow_ = build->cow;
-  cow_active_.store(cow_ != nullptr, std::memory_order_release);
-  {
-    std::lock_guard lk(mu_);
-    build_ = std::move(build);
-    build_queued_ = true;
+  cut->frozen_blocks = PopCount(*words);
+  cut->last_seq = cut->first_seq + CutRecordCount(*words, opts_.size) - 1;
+  cut->frozen = words;
+  const fs::path cut_path = CutPath(opts_.log_dir, cut->segment);
+  Status made = [&]() -> Status {
+    FrozenSet set;
+    static_cast<CutInfo&>(set) = *cut;
+    set.words = *words;
+    if (cut->frozen_blocks > 0) {
+      SR_ASSIGN_OR_RETURN(cut->cow, DiskSnapshot::Create(opts_.name, opts_.image_fd, opts_.size,
+                                                         CowPath(opts_.log_dir, cut->segment),
+                                                         CutCowOptions(words)));
+    }
+    // Last: a restart takes a cut file as a cut made (kill -9 from here on finds it all).
+    return SaveFrozenSet(cut_path, opts_.size, set);
+  }();
+  if (failpoint::Check("tracker.before_seal") == failpoint::Action::kError && made.ok()) {
+    made = Status::Error(EIO, "failpoint tracker.before_seal");
   }
-  build_cv_.notify_one();
-  return cut;
+  if (!made.ok()) {
+    spdlog::warn("disk {}: cycle {} cannot be cut, its blocks stay for the next cycle: {}",
+                 opts_.name, cycle, made.ToString());
+    RemoveCutFiles(*cut);
+    std::lock_guard lk(mu_);
+    cut_error_ = made.message();
+    return ticket;
+  }
+  std::vector<uint64_t> cleared;
+  map_->TakeAll(&cleared);  // the same bits: no change is in flight
+  changed_.store(false, std::memory_order_relaxed);
+  // The caller holds the VM lock exclusively: no change walks cows_.
+  std::erase_if(cows_, [](const std::shared_ptr<DiskSnapshot>& c) { return c->ended(); });
+  if (cut->cow) cows_.push_back(cut->cow);
+  ticket->made = true;
+  ticket->seq = cut->last_seq;
+  ticket->segment = cut->segment;
+  failpoint::Check("tracker.after_seal");
+  std::lock_guard lk(mu_);
+  cut_error_.clear();
+  pending_ = std::make_unique<Unreleased>(Unreleased{SegmentOf(*cut), std::move(cut), {}});
+  return ticket;
 }
 
-bool DiskLog::WaitBuilt(CutTicket& cut) {
-  std::unique_lock lk(mu_);
-  done_cv_.wait(lk, [&] { return cut.state != CutTicket::State::kBuilding; });
-  return cut.state == CutTicket::State::kBuilt;
-}
-
-bool DiskLog::Publish(CutTicket& cut) {
-  std::unique_ptr<Build> b;
-  {
-    std::lock_guard lk(mu_);
-    if (!build_ || build_->cut != &cut || cut.state != CutTicket::State::kBuilt) return false;
-    b = std::move(build_);
-    if (mode_ != Mode::kLog) return false;  // the fall back deletes the file
-    const SealedSegment& seg = b->segment;
-    sealed_bytes_ += seg.bytes;
-    last_seq_ = seg.last_seq;
-    last_segment_ = seg.number;
-    last_cycle_ = seg.cycle;
-    last_cut_nanos_ = seg.cut_unix_nanos;
-    last_cut_first_change_ = seg.first_change_unix_nanos;
-    ++cycles_built_;
-    cut.seq = seg.last_seq;
-    cut.segment = seg.number;
-    sealed_.push_back(seg);
-  }
-  const fs::path frozen = opts_.log_dir / kFrozenFileName;
-  if (::unlink(frozen.c_str()) != 0 && errno != ENOENT) {
-    spdlog::warn("disk {}: delete {}: {}", opts_.name, frozen.string(), std::strerror(errno));
-  }
+bool DiskLog::Publish(CutTicket& ticket) {
+  std::lock_guard lk(mu_);
+  if (!pending_ || pending_->seg.cycle != ticket.cycle || !ticket.made) return false;
+  std::unique_ptr<Unreleased> u = std::move(pending_);
+  if (mode_ != Mode::kLog) return false;  // the fall back marked its blocks
+  last_seq_ = u->seg.last_seq;
+  last_segment_ = u->seg.number;
+  last_cycle_ = u->seg.cycle;
+  last_cut_nanos_ = u->seg.cut_unix_nanos;
+  last_cut_first_change_ = u->seg.first_change_unix_nanos;
+  ++cycles_cut_;
+  unreleased_bytes_ += u->seg.bytes;
+  unreleased_.push_back(std::move(*u));
   return true;
 }
 
-void DiskLog::RollBack(CutTicket& cut) {
-  std::unique_ptr<Build> b;
+void DiskLog::RollBack(CutTicket& ticket) {
+  std::unique_ptr<Unreleased> u;
   {
     std::lock_guard lk(mu_);
-    cut.state = CutTicket::State::kDropped;
-    cut.seq = last_seq_;
-    cut.segment = last_segment_;
-    if (!build_ || build_->cut != &cut) return;
-    b = std::move(build_);
+    ticket.made = false;
+    ticket.seq = last_seq_;
+    ticket.segment = last_segment_;
+    if (!pending_ || pending_->seg.cycle != ticket.cycle) return;
+    u = std::move(pending_);
     // In bitmap mode the fall back marked the frozen set already.
     if (mode_ == Mode::kLog) {
-      map_->MarkWords(*b->frozen);
-      if (b->frozen_blocks > 0) changed_.store(true, std::memory_order_relaxed);
+      map_->MarkWords(*u->cut->frozen);
+      if (u->cut->frozen_blocks > 0) changed_.store(true, std::memory_order_relaxed);
     }
   }
-  if (!b->segment.path.empty() && ::unlink(b->segment.path.c_str()) != 0 && errno != ENOENT) {
-    spdlog::warn("disk {}: delete {}: {}", opts_.name, b->segment.path.string(),
-                 std::strerror(errno));
+  RemoveCutFiles(*u->cut);
+}
+
+void DiskLog::RemoveCutFiles(const FrozenCut& cut) {
+  if (cut.cow) {
+    cut.cow->End();
+    Status removed = cut.cow->Remove();
+    if (!removed.ok()) spdlog::warn("disk {}: {}", opts_.name, removed.ToString());
   }
-  const fs::path frozen = opts_.log_dir / kFrozenFileName;
-  (void)::unlink(frozen.c_str());  // the map holds the blocks again
+  // The cut file first: a restart that finds a copy-on-write file alone deletes it.
+  Unlink(opts_.name, CutPath(opts_.log_dir, cut.segment));
+  if (!cut.cow) Unlink(opts_.name, CowPath(opts_.log_dir, cut.segment));
 }
 
 Status DiskLog::RollBackAfter(uint64_t vm_cycle) {
-  std::vector<SealedSegment> gone;
+  std::vector<Unreleased> gone;
   {
     std::lock_guard lk(mu_);
     if (mode_ != Mode::kLog) return Status::Ok();
-    while (!sealed_.empty() && sealed_.back().cycle > vm_cycle) {
-      sealed_bytes_ -= sealed_.back().bytes;
-      gone.push_back(std::move(sealed_.back()));
-      sealed_.pop_back();
+    while (!unreleased_.empty() && unreleased_.back().seg.cycle > vm_cycle) {
+      unreleased_bytes_ -= unreleased_.back().seg.bytes;
+      gone.push_back(std::move(unreleased_.back()));
+      unreleased_.pop_back();
     }
     if (gone.empty()) return Status::Ok();
   }
-  for (const SealedSegment& seg : gone) {
-    SR_RETURN_IF_ERROR(MarkSegmentBlocks(seg.path, *map_, /*strict=*/true).status());
+  for (const Unreleased& u : gone) {
+    if (u.cut) {
+      map_->MarkWords(*u.cut->frozen);
+    } else {
+      SR_RETURN_IF_ERROR(MarkSegmentBlocks(u.path, *map_, /*strict=*/true).status());
+    }
     spdlog::info(
         "disk {}: cycle {} is not on every disk of the VM; its blocks go into the next "
         "cycle",
-        opts_.name, seg.cycle);
+        opts_.name, u.seg.cycle);
   }
   SR_RETURN_IF_ERROR(map_->Flush());
-  for (const SealedSegment& seg : gone) {
-    if (::unlink(seg.path.c_str()) != 0 && errno != ENOENT) {
-      return Status::FromErrno(errno, "delete " + seg.path.string());
+  for (const Unreleased& u : gone) {
+    if (u.cut) {
+      RemoveCutFiles(*u.cut);
+    } else if (::unlink(u.path.c_str()) != 0 && errno != ENOENT) {
+      return Status::FromErrno(errno, "delete " + u.path.string());
     }
   }
+  // Called before any change: no one walks cows_.
+  std::erase_if(cows_, [](const std::shared_ptr<DiskSnapshot>& c) { return c->ended(); });
   SR_RETURN_IF_ERROR(SyncDir(opts_.log_dir));
   std::lock_guard lk(mu_);
   changed_ = true;
-  last_cycle_ = sealed_.empty() ? floors_.last_cycle : sealed_.back().cycle;
-  last_seq_ = sealed_.empty() ? floors_.last_seq : sealed_.back().last_seq;
-  last_cut_nanos_ = sealed_.empty() ? last_cut_nanos_ : sealed_.back().cut_unix_nanos;
+  const SealedSegment* last = unreleased_.empty() ? nullptr : &unreleased_.back().seg;
+  last_cycle_ = last ? last->cycle : floors_.last_cycle;
+  last_seq_ = last ? last->last_seq : floors_.last_seq;
+  last_segment_ = last ? last->number : floors_.last_segment;
+  if (last) last_cut_nanos_ = last->cut_unix_nanos;
   return Status::Ok();
 }
 
@@ -370,173 +495,7 @@ int64_t DiskLog::last_cut_unix_nanos() const {
 
 bool DiskLog::has_unreleased() const {
   std::lock_guard lk(mu_);
-  return !sealed_.empty();
-}
-
-// ---------------------------------------------------------------------------------------
-// Builder thread
-
-void DiskLog::BuilderLoop() {
-  std::unique_lock lk(mu_);
-  for (;;) {
-    build_cv_.wait(lk, [&] { return build_queued_ || builder_stop_; });
-    if (!build_queued_) break;  // stopping, and nothing left to build
-    build_queued_ = false;
-    building_ = true;
-    Build* b = build_.get();
-    lk.unlock();
-    Status s = BuildSegment(*b);
-    if (b->cow) {
-      // Every frozen block has been read (or the build failed): nothing more to save.
-      b->cow->End();
-      Status removed = b->cow->Remove();
-      if (!removed.ok()) spdlog::warn("disk {}: {}", opts_.name, removed.ToString());
-    }
-    lk.lock();
-    building_ = false;
-    if (b->cow) cow_saved_bytes_ += b->cow->saved_bytes();
-    cow_active_.store(false, std::memory_order_release);  // cow_ stays until the next cut
-    if (s.ok()) build_error_.clear();
-    if (s.ok() && mode_ == Mode::kLog) {
-      b->cut->state = CutTicket::State::kBuilt;
-    } else {
-      if (!s.ok()) {
-        build_error_ = s.message();
-        spdlog::warn("disk {}: building cycle {} failed, its blocks go into the next cycle: {}",
-                     opts_.name, b->cut->cycle, s.ToString());
-        if (!b->tmp_path.empty()) (void)::unlink(b->tmp_path.c_str());
-        b->segment.path.clear();
-      }
-      b->cut->state = CutTicket::State::kDropped;
-    }
-    done_cv_.notify_all();
-  }
-}
-
-Status DiskLog::BuildSegment(Build& b) {
-  if (b.frozen_blocks > 0 && !b.cow) {
-    return Status::Error(EIO,
-                         "no copy-on-write for the cut of cycle " + std::to_string(b.cut->cycle));
-  }
-  uint64_t number;
-  uint64_t seq;
-  {
-    std::lock_guard lk(mu_);
-    number = last_segment_ + 1;
-    seq = last_seq_;
-  }
-  const fs::path final_path = SegmentPath(opts_.log_dir, number);
-  b.tmp_path = final_path;
-  b.tmp_path += ".tmp";
-  // Power loss: the frozen set is durable before the map could lose its bits' copy.
-  {
-    Result<UniqueFd> frozen = OpenFile(opts_.log_dir / kFrozenFileName, O_RDONLY);
-    if (frozen.ok() && ::fdatasync(frozen->get()) != 0) {
-      return Status::FromErrno(errno, "fdatasync " + (opts_.log_dir / kFrozenFileName).string());
-    }
-  }
-  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(b.tmp_path, O_WRONLY | O_CREAT | O_TRUNC, 0600));
-  const uint64_t first_seq = seq + 1;
-  std::vector<std::byte> out;
-  // Written out every 2 MiB: a disk with nothing frozen (a cycle of its cut record alone)
-  // allocates nothing more, and four disks building at once stay within a few MiB.
-  constexpr size_t kFlushAt = 2u << 20;
-  if (b.frozen_blocks > 0) out.reserve(kFlushAt + kHeaderSize + kMaxRecordPayload);
-  uint64_t file_offset = 0;
-  auto flush_out = [&]() -> Status {
-    if (out.empty()) return Status::Ok();
-    SR_RETURN_IF_ERROR(
-        PWriteAll(fd.get(), out.data(), out.size(), file_offset, b.tmp_path.string()));
-    file_offset += out.size();
-    out.clear();
-    return Status::Ok();
-  };
-  auto put_record = [&](RecordKind kind, uint64_t offset, uint64_t length, size_t payload_size) {
-    // The payload (if any) is already at out[at + kHeaderSize ...).
-    const size_t at = out.size() - kHeaderSize - payload_size;
-    RecordHeader h;
-    h.kind = kind;
-    h.disk_id = opts_.disk_id;
-    h.epoch = opts_.epoch;
-    h.seq = ++seq;
-    h.offset = offset;
-    h.length = length;
-    EncodeHeader(h, std::span<const std::byte>(out.data() + at + kHeaderSize, payload_size),
-                 std::span<std::byte, kHeaderSize>(out.data() + at, kHeaderSize));
-  };
-
-  // Runs of frozen blocks, at most kMaxRecordPayload each, in disk order.
-  const std::vector<uint64_t>& words = *b.frozen;
-  const uint64_t blocks = (opts_.size + kBlock - 1) / kBlock;
-  constexpr uint64_t kMaxRunBlocks = kMaxRecordPayload / kBlock;
-  auto is_set = [&](uint64_t block) {
-    return block < blocks && ((words[block / 64] >> (block % 64)) & 1) != 0;
-  };
-  for (uint64_t block = 0; block < blocks;) {
-    if ((words[block / 64] >> (block % 64)) == 0) {
-      block = (block / 64 + 1) * 64;  // nothing more set in this word
-      continue;
-    }
-    if (!is_set(block)) {
-      ++block;
-      continue;
-    }
-    uint64_t n = 1;
-    while (n < kMaxRunBlocks && is_set(block + n)) ++n;
-    const uint64_t offset = block * kBlock;
-    const uint64_t length = std::min(n * kBlock, opts_.size - offset);
-    block += n;
-    const size_t at = out.size();
-    out.resize(at + kHeaderSize + length);
-    std::span<std::byte> payload(out.data() + at + kHeaderSize, length);
-    {
-      RangeLocks::Guard range = opts_.ranges->Lock(offset, length);
-      SR_RETURN_IF_ERROR(b.cow->Read(offset, payload));
-      b.cow->MarkRead(offset, length);
-    }
-    if (IsAllZero(payload)) {
-      // Zeros at the cut (a discard, or zeros written): a discard record, no payload.
-      out.resize(at + kHeaderSize);
-      put_record(RecordKind::kDiscard, offset, length, 0);
-    } else {
-      put_record(RecordKind::kWrite, offset, length, length);
-    }
-    if (out.size() >= kFlushAt) SR_RETURN_IF_ERROR(flush_out());
-  }
-  // The cut record closes the segment.
-  {
-    const size_t at = out.size();
-    out.resize(at + kHeaderSize + kCutPayloadSize);
-    EncodeCutPayload(
-        CutPayload{b.cut->cycle, b.cut->unix_nanos, b.cut->first_change_unix_nanos},
-        std::span<std::byte, kCutPayloadSize>(out.data() + at + kHeaderSize, kCutPayloadSize));
-    put_record(RecordKind::kCut, 0, kCutPayloadSize, kCutPayloadSize);
-  }
-  SR_RETURN_IF_ERROR(flush_out());
-  if (failpoint::Check("tracker.before_seal") == failpoint::Action::kError) {
-    return Status::Error(EIO, "failpoint tracker.before_seal");
-  }
-  if (::fdatasync(fd.get()) != 0) {
-    return Status::FromErrno(errno, "fdatasync " + b.tmp_path.string());
-  }
-  if (::rename(b.tmp_path.c_str(), final_path.c_str()) != 0) {
-    return Status::FromErrno(errno, "rename " + b.tmp_path.string() + " to " + final_path.string());
-  }
-  b.tmp_path.clear();
-  SealedSegment& seg = b.segment;
-  seg.disk = opts_.name;
-  seg.disk_id = opts_.disk_id;
-  seg.number = number;
-  seg.cycle = b.cut->cycle;
-  seg.first_seq = first_seq;
-  seg.last_seq = seq;
-  seg.bytes = file_offset;
-  seg.cut_unix_nanos = b.cut->unix_nanos;
-  seg.first_change_unix_nanos = b.cut->first_change_unix_nanos;
-  seg.path = final_path;
-  SR_RETURN_IF_ERROR(SyncDir(opts_.log_dir));
-  failpoint::Check("tracker.after_seal");
-  return Status::Ok();
+  return !unreleased_.empty() || pending_ != nullptr;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -585,13 +544,9 @@ Status DiskLog::SyncFiles(DirtyBitmap* map) {
 Status DiskLog::Stop() {
   {
     std::lock_guard lk(mu_);
-    if (stop_ && !builder_.joinable()) return Status::Ok();
+    if (stop_) return Status::Ok();
     stop_ = true;
-    builder_stop_ = true;
   }
-  // The builder finishes a queued build, then exits.
-  build_cv_.notify_one();
-  if (builder_.joinable()) builder_.join();
   // No change runs now (the caller's guarantee), which is what FinishFallback needs.
   FinishFallback();
   if (opts_.image_fd < 0) return Status::Ok();
@@ -608,43 +563,132 @@ Status DiskLog::Stop() {
 
 std::vector<SealedSegment> DiskLog::SealedSegments() const {
   std::lock_guard lk(mu_);
-  return std::vector<SealedSegment>(sealed_.begin(), sealed_.end());
+  std::vector<SealedSegment> out;
+  out.reserve(unreleased_.size());
+  for (const Unreleased& u : unreleased_) out.push_back(u.seg);
+  return out;
+}
+
+Result<std::unique_ptr<SegmentStream>> DiskLog::OpenSegment(uint64_t number) {
+  std::shared_ptr<const FrozenCut> cut;
+  fs::path path;
+  SealedSegment seg;
+  {
+    std::lock_guard lk(mu_);
+    auto it = std::find_if(unreleased_.begin(), unreleased_.end(),
+                           [&](const Unreleased& u) { return u.seg.number == number; });
+    if (it == unreleased_.end()) {
+      return Status::Error(ENOENT, "segment " + std::to_string(number) + " of disk " + opts_.name +
+                                       " is not sealed and unreleased");
+    }
+    cut = it->cut;
+    path = it->path;
+    seg = it->seg;
+  }
+  if (!cut) {
+    // An older version's file is checked whole before any byte of it is sent; a damaged
+    // one is never shipped as data: the disk falls back to a resync instead.
+    Status checked = CheckSealedSegment(seg, path);
+    if (checked.code() == EBADMSG) {
+      {
+        std::lock_guard lk(mu_);
+        if (mode_ == Mode::kLog && !stop_) {
+          RequestFallbackLocked("change log: " + checked.message());
+          resync_all_dirty_ = true;  // what the damaged records changed is unknown
+        }
+      }
+      EnsureBitmap();
+    }
+    SR_RETURN_IF_ERROR(checked);
+    SR_ASSIGN_OR_RETURN(std::unique_ptr<FileSegmentStream> file, FileSegmentStream::Open(path));
+    return std::unique_ptr<SegmentStream>(std::move(file));
+  }
+  return std::unique_ptr<SegmentStream>(std::make_unique<CutStream>(
+      std::move(cut), opts_.size, opts_.ranges, [this](const Status& why) { CutDamaged(why); }));
+}
+
+Status DiskLog::Archive(const Unreleased& u) {
+  const fs::path to = SegmentPath(opts_.archive_dir, u.seg.number);
+  if (!u.cut) {
+    if (::rename(u.path.c_str(), to.c_str()) != 0) {
+      return Status::FromErrno(errno, "archive " + u.path.string() + " to " + to.string());
+    }
+    return Status::Ok();
+  }
+  fs::path tmp = to;
+  tmp += ".tmp";
+  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  CutStream stream(u.cut, opts_.size, opts_.ranges, [this](const Status& why) { CutDamaged(why); });
+  uint64_t offset = 0;
+  for (;;) {
+    SR_ASSIGN_OR_RETURN(std::span<const std::byte> bytes, stream.Next(4u << 20));
+    if (bytes.empty()) break;
+    SR_RETURN_IF_ERROR(PWriteAll(fd.get(), bytes.data(), bytes.size(), offset, tmp.string()));
+    offset += bytes.size();
+  }
+  if (::fdatasync(fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp.string());
+  if (::rename(tmp.c_str(), to.c_str()) != 0) {
+    return Status::FromErrno(errno, "rename " + tmp.string() + " to " + to.string());
+  }
+  return Status::Ok();
 }
 
 Status DiskLog::ReleaseThrough(uint64_t cycle) {
+  // Archive first, with no lock of ours held (the reader takes range locks): the entries
+  // stay listed until they are written out. The archive is for checkers: one that cannot
+  // be written (a full file system) is logged and left out, and the release goes on, so
+  // replication never waits for it.
+  if (!opts_.archive_dir.empty()) {
+    std::vector<Unreleased> out;
+    {
+      std::lock_guard lk(mu_);
+      for (const Unreleased& u : unreleased_) {
+        if (u.seg.cycle > cycle) break;
+        out.push_back(u);
+      }
+    }
+    Status made = out.empty() ? Status::Ok() : MakeDirs(opts_.archive_dir);
+    for (const Unreleased& u : out) {
+      Status s = made.ok() ? Archive(u) : made;
+      if (!s.ok()) {
+        spdlog::error("disk {}: segment {} (cycle {}) is not archived: {}", opts_.name,
+                      u.seg.number, u.seg.cycle, s.ToString());
+      }
+    }
+    if (!out.empty() && made.ok()) {
+      Status synced = SyncDir(opts_.archive_dir);
+      if (!synced.ok()) spdlog::error("disk {}: {}", opts_.name, synced.ToString());
+    }
+  }
   std::lock_guard release(release_mu_);
-  std::vector<SealedSegment> gone;
+  std::vector<Unreleased> gone;
   {
     std::lock_guard lk(mu_);
-    while (!sealed_.empty() && sealed_.front().cycle <= cycle) {
-      sealed_bytes_ -= sealed_.front().bytes;
-      gone.push_back(std::move(sealed_.front()));
-      sealed_.pop_front();
+    while (!unreleased_.empty() && unreleased_.front().seg.cycle <= cycle) {
+      unreleased_bytes_ -= unreleased_.front().seg.bytes;
+      gone.push_back(std::move(unreleased_.front()));
+      unreleased_.pop_front();
     }
     if (gone.empty()) return Status::Ok();
-    floors_.last_cycle = std::max(floors_.last_cycle, gone.back().cycle);
-    floors_.last_seq = std::max(floors_.last_seq, gone.back().last_seq);
-    floors_.last_segment = std::max(floors_.last_segment, gone.back().number);
+    floors_.last_cycle = std::max(floors_.last_cycle, gone.back().seg.cycle);
+    floors_.last_seq = std::max(floors_.last_seq, gone.back().seg.last_seq);
+    floors_.last_segment = std::max(floors_.last_segment, gone.back().seg.number);
+    for (const Unreleased& u : gone) {
+      if (u.cut && u.cut->cow) cow_released_bytes_ += u.cut->cow->saved_bytes();
+    }
   }
-  // The floors must be durable before the segments that carry the numbers go.
+  // The floors must be durable before the files that carry the numbers go.
   Status result = PersistState();
   if (!result.ok()) return result.WithContext("release change log of disk " + opts_.name);
   failpoint::Check("tracker.mid_release");
-  if (!opts_.archive_dir.empty()) {
-    Status made = MakeDirs(opts_.archive_dir);
-    if (!made.ok()) return made.WithContext("archive of disk " + opts_.name);
-  }
-  for (const SealedSegment& seg : gone) {
-    if (!opts_.archive_dir.empty()) {
-      const std::filesystem::path to = opts_.archive_dir / seg.path.filename();
-      if (::rename(seg.path.c_str(), to.c_str()) != 0 && result.ok()) {
-        result = Status::FromErrno(errno, "archive " + seg.path.string() + " to " + to.string());
-      }
-    } else if (::unlink(seg.path.c_str()) != 0 && errno != ENOENT && result.ok()) {
-      result = Status::FromErrno(errno, "delete " + seg.path.string());
+  for (const Unreleased& u : gone) {
+    if (u.cut) {
+      RemoveCutFiles(*u.cut);
+    } else if (opts_.archive_dir.empty() && ::unlink(u.path.c_str()) != 0 && errno != ENOENT &&
+               result.ok()) {
+      result = Status::FromErrno(errno, "delete " + u.path.string());
     }
   }
-  if (!opts_.archive_dir.empty() && result.ok()) result = SyncDir(opts_.archive_dir);
   Status synced = SyncDir(opts_.log_dir);
   return result.ok() ? synced : result;
 }
@@ -658,13 +702,15 @@ DiskStats DiskLog::Stats() const {
   s.resync_reason = reason_;
   if (mode_ == Mode::kLog) {
     const uint64_t open = map_ ? map_->dirty_blocks() * kBlock : 0;
-    const uint64_t frozen = build_ ? build_->frozen_blocks * kBlock : 0;
-    s.unshipped_bytes = sealed_bytes_ + open + frozen;
+    const uint64_t pending = pending_ ? pending_->seg.bytes : 0;
+    s.unshipped_bytes = unreleased_bytes_ + open + pending;
   }
-  s.cycles_built = cycles_built_;
-  s.build_error = build_error_;
-  s.cow_bytes = building_ && build_ && build_->cow ? build_->cow->saved_bytes() : 0;
-  s.cow_bytes_total = cow_saved_bytes_ + s.cow_bytes;
+  s.cycles_cut = cycles_cut_;
+  s.cut_error = cut_error_;
+  for (const Unreleased& u : unreleased_) {
+    if (u.cut && u.cut->cow) s.cow_bytes += u.cut->cow->saved_bytes();
+  }
+  s.cow_bytes_total = cow_released_bytes_ + s.cow_bytes;
   s.last_seq = last_seq_;
   s.last_cut_unix_nanos = last_cut_nanos_;
   if (bitmap_) {

@@ -2,50 +2,49 @@
 // does the VM-wide ordering (CutLock, RangeLocks, cycles); DiskLog does the rest.
 //
 // Changed-block tracking with per-cycle copy-on-write. Nothing of a guest's data is
-// written twice on its write path:
+// written twice, and nothing but the image and the map is written at the primary:
 //  - Marking: a change (a FUSE thread, holding the VM lock shared and its range locked)
 //    sets the bits of the 4 KiB blocks it touches in the changed-block map of the open
 //    cycle, "<log dir>/changed.map" (DirtyBitmap, memory-mapped: a bit set before the
 //    image write survives kill -9 in the page cache; Flush msyncs it). No system call
 //    and no hand-off per write.
 //  - Cuts: WriteCut is called with the VM lock exclusive (no change in flight, so the
-//    image holds exactly the cut's content). It moves the map's bits into the frozen set
-//    of the cut, writes that set to "<log dir>/frozen.map" (for a restart after kill -9),
-//    and attaches a copy-on-write snapshot of the frozen blocks (snapshot.h, 4 KiB blocks,
-//    "<log dir>/cycle.cow"): from then on, a change to a frozen block the builder has not
-//    read yet saves the block's content at the cut first (under its range lock).
-//  - Building: the builder thread reads the frozen blocks in runs (each under its range
-//    lock: from the copy-on-write file where saved, else from the image) and writes the
-//    cycle's segment in the record format of log_format.h (a write record per run of at
-//    most kMaxRecordPayload bytes, a discard record for a run that reads as zeros, then
-//    the cut record) to "<n>.seg.tmp", fdatasyncs it and renames it "<n>.seg". The
-//    segment is durable then, but not offered to the shipper: VmTracker publishes the
-//    cycle once every disk of the VM built its part (Publish), or rolls it back
-//    (RollBack: the frozen bits go back into the map, the file is deleted), so a cycle
-//    is always on every disk or on none. Overwrites within a cycle coalesce: a cycle
-//    holds each changed block once, with its content at the cut.
+//    image holds exactly the cut's content). It writes the map's bits with the numbers
+//    the cut's records will carry to "<log dir>/<segment>.cut" (frozen_set.h), then
+//    clears the map, and attaches a copy-on-write of the frozen blocks (snapshot.h, 4 KiB
+//    blocks, persistent, "<log dir>/<segment>.cow"): from then on, the first change to a
+//    frozen block saves the block's content at the cut (under its range lock), until the
+//    cycle is released. VmTracker publishes the cut once every disk of the VM made its
+//    own (Publish), or rolls it back on every disk (RollBack: the frozen bits go back into
+//    the map), so a cycle is always on every disk or on none.
+//  - Shipping: the cut is offered as a sealed segment at once; OpenSegment reads it
+//    (cut_stream.h) from the copy-on-write where a block was saved, else from the image,
+//    as the records of log_format.h. Overwrites within a cycle coalesce: a cycle holds
+//    each changed block once, with its content at the cut. ReleaseThrough ends the
+//    copy-on-write and deletes the cut's files (with an archive folder, the released
+//    segment is written there first, read the same way).
 //  - Group commit (Flush): the first caller that finds no sync in flight becomes the
 //    leader and msyncs the map and fdatasyncs the image; callers that arrive meanwhile
 //    are covered by the next generation, which starts after their call.
-//  - Restart: "*.tmp" files are unfinished builds and are deleted; a frozen set whose
-//    cycle has no published segment goes back into the map (VmTracker rolls back a
-//    cycle that not every disk finished first). The map then holds every block changed
-//    since the last published cycle, and the next cut ships them with their content at
-//    that cut: the replica moves from its last cycle to a later whole-cycle point, and
-//    no acknowledged write is lost.
-//  - The fall back to the dirty bitmap (a sealed segment the shipper found damaged, an
-//    unreadable log at open) happens in two steps, as before: (1) SegmentDamaged sets
-//    mode_ to kSwitching and creates the bitmap; changes meanwhile mark it. (2)
-//    FinishFallback, with the VM lock exclusive, marks the blocks of every unshipped
-//    segment, of the map and of the frozen set, persists state.json as bitmap mode and
-//    deletes the segments. The guest never sees an error. A failed build never falls
-//    back: its blocks go back into the map and the next cycle carries them.
+//  - Restart after kill -9: the page cache holds the image, the map, the cut files and
+//    the copy-on-write files (data and bits), so every unreleased cut is reopened and
+//    reads as before; "*.tmp" files (a cut file not renamed yet: its bits are still in
+//    the map) are deleted, and VmTracker rolls back a cycle that not every disk had cut.
+//    An older version's segment files ("<n>.seg") are shipped from their files, and its
+//    "frozen.map" (a cut not published) goes back into the map.
+//  - The fall back to the dirty bitmap (a copy-on-write that failed, so a cut can no
+//    longer be read; a saved block that fails its CRC32C when read; an unreadable log at
+//    open) happens in two steps: (1) mode_ becomes
+//    kSwitching and the bitmap is created; changes meanwhile mark it. (2) FinishFallback,
+//    with the VM lock exclusive, marks the blocks of every unreleased cut and segment
+//    and of the map, persists state.json as bitmap mode and deletes the log's files.
+//    The guest never sees an error.
 //  - Snapshots (disk_log_resync.cc): at the cut of VmTracker::StartSnapshot, a disk in
 //    bitmap mode returns to the log (ReturnToLog) with its dirty blocks as what it must
 //    resync.
 //
 // Thread-safety: every public method may be called from any thread, with the preconditions
-// stated on each. Lock order: VmTracker's locks (the builder takes a disk's RangeLocks,
+// stated on each. Lock order: VmTracker's locks (the reader of a cut takes a disk's RangeLocks,
 // holding none of DiskLog's), then release_mu_, then bitmap_mu_, then state_mu_, then mu_.
 #pragma once
 
@@ -59,11 +58,11 @@
 #include <mutex>
 #include <span>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "common/status.h"
 #include "common/unique_fd.h"
+#include "tracker/cut_stream.h"
 #include "tracker/dirty_bitmap.h"
 #include "tracker/disk_state.h"
 #include "tracker/log_format.h"
@@ -75,13 +74,10 @@ namespace siterep::tracker {
 class RangeLocks;
 class DiskSnapshot;
 
-// Files in the log folder besides the segments (see above).
+// Files in the log folder besides the cuts (see above).
 inline constexpr std::string_view kMapFileName = "changed.map";
+// An older version's frozen set of a cut that was not published (a restart merges it).
 inline constexpr std::string_view kFrozenFileName = "frozen.map";
-inline constexpr std::string_view kCowFileName = "cycle.cow";
-
-// Largest payload of one write record; longer runs of changed blocks become several.
-inline constexpr uint64_t kMaxRecordPayload = 1u << 20;
 
 enum class LogOutcome {
   kLogged,    // the change's blocks are marked in the open cycle's map
@@ -98,21 +94,23 @@ class DiskLog {
     int image_fd = -1;  // borrowed
     uint64_t size = 0;
     std::filesystem::path log_dir;
-    std::filesystem::path archive_dir;  // released segments are moved here; empty: deleted
-    // The disk's range locks (borrowed; outlive the DiskLog): the builder reads each run
-    // of frozen blocks with its range locked, as changes hold it while they save and apply.
+    // Released segments are written (a cut) or moved (an older version's file) here, as
+    // "<number>.seg"; empty: they are forgotten.
+    std::filesystem::path archive_dir;
+    // The disk's range locks (borrowed; outlive the DiskLog): a cut's reader reads each
+    // run of frozen blocks with its range locked, as changes hold it while they save and
+    // apply.
     RangeLocks* ranges = nullptr;
   };
 
-  // A cut frozen by WriteCut, until its segment is built (or dropped).
+  // A cut made by WriteCut, until Publish or RollBack.
   struct CutTicket {
-    enum class State { kBuilding, kBuilt, kDropped };
     uint64_t cycle = 0;
     int64_t unix_nanos = 0;
     int64_t first_change_unix_nanos = 0;
-    State state = State::kBuilding;  // guarded by mu_
-    // Set by Publish (the segment's last seq and number) or RollBack (the disk's last seq
-    // and segment number, which the next cycle goes on from).
+    bool made = false;  // false: the cut could not be made; its blocks stay in the map
+    // The cut's segment number and last seq (made), or the disk's last ones (not made,
+    // and after RollBack), which the next cycle goes on from.
     uint64_t seq = 0;
     uint64_t segment = 0;
   };
@@ -129,28 +127,21 @@ class DiskLog {
     std::vector<ByteRange> dirty;
   };
 
-  // Opens the log folder (created if missing; locked against a second tracker), lists its
-  // segments (each must end in a cut record; a damaged one falls back to the bitmap),
-  // deletes unfinished builds, opens the map and merges a leftover frozen set into it
-  // (unless its cycle is published), or reopens the bitmap; starts the builder thread.
+  // Opens the log folder (created if missing; locked against a second tracker), lists an
+  // older version's segments (each must end in a cut record) and the unreleased cuts (a
+  // damaged one, or one whose copy-on-write is lost, falls back to the bitmap), opens the
+  // map and merges an older version's frozen set into it, or reopens the bitmap.
   static Result<std::unique_ptr<DiskLog>> Open(Options options);
   ~DiskLog();  // Stop()s if needed
   DiskLog(const DiskLog&) = delete;
   DiskLog& operator=(const DiskLog&) = delete;
 
   // Before a change of [offset, offset + length) is applied: marks its blocks in the map
-  // (log mode) or the bitmap, and saves the cut's content of frozen blocks the builder
-  // has not read yet. The caller holds the VM lock shared and the range locked, and
-  // applies the change only after this returns kLogged or kBitmap; then, with no lock
-  // held, it calls FinishFallback (VM lock exclusive) if fallback_pending().
+  // (log mode) or the bitmap, and saves the cut's content of frozen blocks of unreleased
+  // cuts. The caller holds the VM lock shared and the range locked, and applies the
+  // change only after this returns kLogged or kBitmap; then, with no lock held, it calls
+  // FinishFallback (VM lock exclusive) if fallback_pending() (a save failed).
   LogOutcome BeforeChange(uint64_t offset, uint64_t length);
-
-  // The sealed, unreleased segment `segment` cannot be read back (why): start the fall
-  // back to the bitmap with every block marked, since what the damaged records changed is
-  // unknown. No-op when that segment is not sealed and unreleased (released or dropped
-  // since) or the disk is not logging. Any thread, holding none of the VmTracker's locks;
-  // the caller then runs FinishFallback with the VM lock exclusive.
-  void SegmentDamaged(uint64_t segment, const std::string& why);
 
   // A fall back was started and FinishFallback has not run yet.
   bool fallback_pending() const { return fallback_pending_.load(std::memory_order_acquire); }
@@ -159,24 +150,21 @@ class DiskLog {
   void FinishFallback();
 
   // Freezes the blocks changed since the last cut as the cycle `cycle` (a disk without a
-  // change gets a segment of the cut record alone) and hands it to the builder. The caller
-  // holds the VM lock exclusively, and the previous ticket is no longer kBuilding.
-  // Returns null when the disk is not logging (bitmap mode, stopped).
+  // change gets a segment of the cut record alone): writes the cut file and starts the
+  // copy-on-write. The caller holds the VM lock exclusively, and has published or rolled
+  // back the previous ticket. Returns null when the disk is not logging (bitmap mode,
+  // stopped); a ticket that is not made when a file could not be written.
   std::unique_ptr<CutTicket> WriteCut(uint64_t cycle, int64_t unix_nanos,
                                       int64_t first_change_unix_nanos);
-  // Waits until the segment of cut is built (true), or could not be (false: its blocks
-  // are back in the map). Call without the VM lock.
-  bool WaitBuilt(CutTicket& cut);
-  // After every disk's WaitBuilt returned true: offers the built segment to the shipper
-  // (SealedSegments) and forgets the frozen set. Returns whether it was published (false:
-  // the disk fell back to the bitmap meanwhile).
+  // After every disk's WriteCut made its cut: offers it to the shipper (SealedSegments).
+  // Returns whether it was published (false: the disk fell back to the bitmap meanwhile).
   bool Publish(CutTicket& cut);
-  // After some disk's WaitBuilt returned false: the cycle is given up on every disk; a
-  // built segment is deleted and its frozen blocks go back into the map.
+  // After some disk's WriteCut failed: the cycle is given up on every disk; its frozen
+  // blocks go back into the map and its files are deleted.
   void RollBack(CutTicket& cut);
-  // Restart: the last published cycle is newer than the VM's (another disk did not finish
-  // it before a kill -9): delete this disk's segments of cycles after vm_cycle and mark
-  // their blocks in the map. Called from VmTracker::Open before any change.
+  // Restart: the last cut is newer than the VM's (another disk did not cut it before a
+  // kill -9): roll back this disk's cuts and segments of cycles after vm_cycle. Called
+  // from VmTracker::Open before any change.
   Status RollBackAfter(uint64_t vm_cycle);
   // A block was changed since the last cut (log mode).
   bool ChangedSinceCut() const;
@@ -189,13 +177,19 @@ class DiskLog {
   // Group commit: returns when every change applied before the call is durable in the
   // image and its blocks in the map (or bitmap). The Status is the image's.
   Status Flush();
-  // Stops the builder once the queued builds are done and syncs map and image.
-  // Idempotent. The caller guarantees that no BeforeChange or WriteCut runs during or
-  // after it (VmTracker refuses changes once closed).
+  // Syncs map and image; unreleased cuts stay for the next Open. Idempotent. The caller
+  // guarantees that no BeforeChange or WriteCut runs during or after it (VmTracker
+  // refuses changes once closed).
   Status Stop();
 
   std::vector<SealedSegment> SealedSegments() const;
-  // Deletes the sealed segments up to and including cycle.
+  // Opens the unreleased segment number for reading (ENOENT: released or dropped). An
+  // older version's segment file is checked whole first; a damaged one (EBADMSG) starts
+  // the fall back to the bitmap with every block marked (the caller then runs
+  // FinishFallback with the VM lock exclusive). Any thread, holding none of the
+  // VmTracker's locks.
+  Result<std::unique_ptr<SegmentStream>> OpenSegment(uint64_t number);
+  // Forgets the sealed segments up to and including cycle (see Options::archive_dir).
   Status ReleaseThrough(uint64_t cycle);
   DiskStats Stats() const;
 
@@ -208,9 +202,8 @@ class DiskLog {
   // bitmap file is deleted (in that order, so a crash at any point leaves a state whose
   // next Open marks a superset). The caller holds the VM lock exclusively.
   ResyncStart ReturnToLog(uint64_t cycle);
-  // The blocks that the writes and discards of the segments numbered up to and including
-  // through touch (those not released yet), kSnapshotBlockSize-aligned, sorted, merged.
-  // Any thread, no lock.
+  // The blocks that the unreleased segments numbered up to and including through change,
+  // kSnapshotBlockSize-aligned, sorted, merged. Any thread, no lock.
   Result<std::vector<ByteRange>> ChangedBlocksThrough(uint64_t through) const;
   // The snapshot that resynced this disk ended. completed: the disk is no longer resync
   // required (if it still logs: a fall back since then keeps it). Not completed: it stays
@@ -222,45 +215,50 @@ class DiskLog {
   // kSwitching: a fall back is pending (step 1 done or under way, FinishFallback not yet).
   enum class Mode { kLog, kSwitching, kBitmap };
 
-  // A cut on its way from WriteCut through the builder to Publish or RollBack.
-  struct Build {
-    CutTicket* cut = nullptr;
-    // The frozen blocks, one bit per 4 KiB; shared with the copy-on-write snapshot.
-    std::shared_ptr<const std::vector<uint64_t>> frozen;
-    uint64_t frozen_blocks = 0;
-    std::shared_ptr<DiskSnapshot> cow;  // copy-on-write of the frozen blocks (null: none)
-    SealedSegment segment;              // filled by the builder
-    std::filesystem::path tmp_path;     // the file being built
+  // A sealed segment not released yet: a cut, or an older version's segment file.
+  struct Unreleased {
+    SealedSegment seg;
+    std::shared_ptr<const FrozenCut> cut;  // null: a file
+    std::filesystem::path path;            // the file (an older version's segment)
   };
 
   explicit DiskLog(Options options);
   Status Init();
   Status OpenLogMode(const DiskState& state);
-  // Writes b's segment; fills b.segment. Never holds mu_ while reading or writing.
-  Status BuildSegment(Build& b);
+  // Reopens the cut files of the folder into unreleased_ (after RecoverLog's segments).
+  Status OpenCuts();
+  SealedSegment SegmentOf(const FrozenCut& cut) const;
+  // Deletes a cut's files, ending its copy-on-write first. Errors are logged.
+  void RemoveCutFiles(const FrozenCut& cut);
+  // Writes the released entry u to the archive folder.
+  Status Archive(const Unreleased& u);
   // Marks [offset, offset + length) without the log: in the bitmap, or in pending_ranges_
   // and then EnsureBitmap. Unlocks lk (which holds mu_).
   void MarkWithoutLog(std::unique_lock<std::mutex>& lk, uint64_t offset, uint64_t length);
   // Step 1 of the fall back: mode_ kLog -> kSwitching, with the reason. mu_ must be held.
   void RequestFallbackLocked(std::string reason);
+  // A copy-on-write failed (seen by BeforeChange): start the fall back.
+  void CowFailed();
+  // A reader of a cut found a copy-on-write block damaged (why): start the fall back. The
+  // next change, cut or OpenSegment finishes it.
+  void CutDamaged(const Status& why);
   // Creates (or opens) the bitmap if it does not exist yet, marking pending_ranges_.
   void EnsureBitmap();
-  // Builder thread.
-  void BuilderLoop();
   // Syncs the map (or bitmap) and the image; returns the image's status.
   Status SyncFiles(DirtyBitmap* map);
 
-  // Marks the blocks of every record of the unshipped log (all blocks if mark_all), of the
-  // map and of a frozen set in bitmap, persists the bitmap state and deletes the segments
-  // and the map. Never fails: problems are logged and tracking carries on with what it has.
-  // mode_ must not be kLog.
+  // Marks the blocks of every unreleased segment and cut (all blocks if mark_all), of the
+  // map and of an older version's frozen set in bitmap, persists the bitmap state and
+  // deletes the log's files. Never fails: problems are logged and tracking carries on
+  // with what it has. mode_ must not be kLog.
   void DropLog(DirtyBitmap& bitmap, bool mark_all);
   std::unique_ptr<DirtyBitmap> OpenBitmap();
+  // Every file of the log folder (errors are logged).
+  std::vector<std::filesystem::path> LogFiles() const;
   Status PersistState();
 
   const Options opts_;
   UniqueFd lock_fd_;  // flock on "<log dir>/LOCK" while open
-  std::thread builder_;
 
   // Serialises ReleaseThrough against itself and against DropLog's scan of the folder.
   std::mutex release_mu_;
@@ -275,15 +273,14 @@ class DiskLog {
   std::atomic<bool> changed_{false};
   // The open cycle's map (log mode); replaced only with the VM lock exclusive.
   std::unique_ptr<DirtyBitmap> map_;
-  // The copy-on-write of the last cut (or null): replaced only by WriteCut, with the VM
-  // lock exclusive, so a change (VM lock shared) uses it without a lock while cow_active_;
-  // the builder clears cow_active_ once it has read every frozen block.
-  std::shared_ptr<DiskSnapshot> cow_;
-  std::atomic<bool> cow_active_{false};
+  // The copy-on-writes of the unreleased cuts: changed only with the VM lock exclusive
+  // (WriteCut, Open, FinishFallback), so a change (VM lock shared) walks it without a
+  // lock. A released cut's copy-on-write is ended (saves nothing) and leaves the list at
+  // the next cut.
+  std::vector<std::shared_ptr<DiskSnapshot>> cows_;
 
   // Protects everything below.
   mutable std::mutex mu_;
-  std::condition_variable done_cv_;  // builds and mode changes are waited for here
   std::condition_variable sync_cv_;  // Flush callers wait here for the leader's sync
   Mode mode_ = Mode::kLog;
   bool resync_required_ = false;
@@ -296,19 +293,13 @@ class DiskLog {
   // lock exclusive and no Flush leader running (the only users that hold it without mu_).
   std::unique_ptr<DirtyBitmap> bitmap_;
   std::vector<ByteRange> pending_ranges_;  // kSwitching, before the bitmap exists
-  std::condition_variable build_cv_;       // the builder waits for build_queued_
-  // The one cut between WriteCut and Publish / RollBack (VmTracker cuts again only after
-  // that). The builder works on it without mu_ while building_.
-  std::unique_ptr<Build> build_;
-  bool build_queued_ = false;  // build_ waits for the builder
-  bool building_ = false;      // the builder works on build_
-  bool builder_stop_ = false;
-  uint64_t building_bytes_ = 0;  // frozen bytes of the cut being built
-  uint64_t sealed_bytes_ = 0;
-  std::deque<SealedSegment> sealed_;
+  // The cut between WriteCut and Publish / RollBack.
+  std::unique_ptr<Unreleased> pending_;
+  std::deque<Unreleased> unreleased_;  // in log order
+  uint64_t unreleased_bytes_ = 0;      // at most (SealedSegment::bytes)
   DiskState floors_;           // numbering floors: released and dropped segments
-  uint64_t last_seq_ = 0;      // seq of the last record built
-  uint64_t last_segment_ = 0;  // number of the last segment built (or dropped)
+  uint64_t last_seq_ = 0;      // seq of the last record of the last cut
+  uint64_t last_segment_ = 0;  // number of the last segment (or dropped)
   uint64_t last_cycle_ = 0;
   int64_t last_cut_nanos_ = 0;
   int64_t last_cut_first_change_ = 0;
@@ -317,10 +308,10 @@ class DiskLog {
   uint64_t syncs_completed_ = 0;
   uint64_t sync_error_generation_ = 0;  // the last generation whose image sync failed
   Status sync_error_;
-  uint64_t syncs_done_ = 0;       // for DiskStats::flush_syncs
-  uint64_t cycles_built_ = 0;     // for DiskStats
-  uint64_t cow_saved_bytes_ = 0;  // copy-on-write bytes saved over all cycles (DiskStats)
-  std::string build_error_;       // the last build's failure; cleared by a build that works
+  uint64_t syncs_done_ = 0;          // for DiskStats::flush_syncs
+  uint64_t cycles_cut_ = 0;          // for DiskStats
+  uint64_t cow_released_bytes_ = 0;  // copy-on-write bytes of released cuts (DiskStats)
+  std::string cut_error_;            // the last cut's failure; cleared by a cut that works
   bool stop_ = false;
 };
 

@@ -12,6 +12,7 @@
 #include "tracker/disk_log.h"
 #include "tracker/frozen_set.h"
 #include "tracker/log_reader.h"
+#include "tracker/snapshot.h"
 
 namespace siterep::tracker {
 namespace fs = std::filesystem;
@@ -21,23 +22,19 @@ void DiskLog::FinishFallback() {
   std::string reason;
   std::vector<ByteRange> resync_dirty;  // a resync in progress: still to be sent
   bool resync_all_dirty;
-  std::unique_ptr<Build> build;
+  std::vector<std::shared_ptr<const FrozenCut>> cuts;  // unreleased and pending
   {
     std::unique_lock lk(mu_);
     if (mode_ != Mode::kSwitching) return;
-    // The builder reads the frozen blocks without mu_: let it finish first (it takes only
-    // range locks, which no change holds while the caller holds the VM lock exclusively).
-    done_cv_.wait(lk, [&] { return !building_; });
     reason = reason_;
     resync_dirty = std::move(resync_dirty_);
     resync_dirty_.clear();
     resync_all_dirty = std::exchange(resync_all_dirty_, false);
-    // A cut not published yet is dropped with the rest (its ticket says so).
-    if (build_) {
-      build_->cut->state = CutTicket::State::kDropped;
-      build = std::move(build_);
-      build_queued_ = false;
+    for (const Unreleased& u : unreleased_) {
+      if (u.cut) cuts.push_back(u.cut);
     }
+    // A cut not published yet is dropped with the rest (Publish then says so).
+    if (pending_) cuts.push_back(pending_->cut);
   }
   spdlog::warn("disk {}: change log dropped, tracking with the dirty bitmap (resync required): {}",
                opts_.name, reason);
@@ -49,10 +46,13 @@ void DiskLog::FinishFallback() {
     bitmap = bitmap_.get();
   }
   // The blocks an unfinished resync still has to send are as dirty as the log's, and so
-  // are the open cycle's and a frozen cut's.
+  // are the open cycle's and the cuts'. A reader of a cut fails from here on (ECANCELED).
   for (const ByteRange& r : resync_dirty) bitmap->MarkRange(r.offset, r.length);
-  if (build) bitmap->MarkWords(*build->frozen);
-  if (build && !build->segment.path.empty()) (void)::unlink(build->segment.path.c_str());
+  for (const auto& cut : cuts) {
+    bitmap->MarkWords(*cut->frozen);
+    if (cut->cow) cut->cow->End();
+  }
+  cows_.clear();  // the caller holds the VM lock exclusively
   if (map_) {
     std::vector<uint64_t> words;
     map_->TakeAll(&words);
@@ -66,24 +66,21 @@ void DiskLog::FinishFallback() {
     sync_cv_.wait(lk, [&] { return !sync_running_; });
     mode_ = Mode::kBitmap;
     fallback_pending_.store(false, std::memory_order_release);
-    sealed_.clear();
-    sealed_bytes_ = 0;
+    unreleased_.clear();
+    unreleased_bytes_ = 0;
     changed_ = false;
     map_.reset();  // changes mark the bitmap from now on (no change is in flight)
   }
-  done_cv_.notify_all();
 }
 
-void DiskLog::SegmentDamaged(uint64_t segment, const std::string& why) {
-  {
-    std::lock_guard lk(mu_);
-    const bool sealed = std::any_of(sealed_.begin(), sealed_.end(),
-                                    [&](const SealedSegment& s) { return s.number == segment; });
-    if (!sealed || mode_ != Mode::kLog || stop_) return;
-    RequestFallbackLocked("change log: " + why);
-    resync_all_dirty_ = true;  // DropLog marks every block
+std::vector<fs::path> DiskLog::LogFiles() const {
+  std::vector<fs::path> out;
+  std::error_code ec;
+  for (const fs::directory_entry& e : fs::directory_iterator(opts_.log_dir, ec)) {
+    out.push_back(e.path());
   }
-  EnsureBitmap();
+  if (ec) spdlog::error("disk {}: list {}: {}", opts_.name, opts_.log_dir.string(), ec.message());
+  return out;
 }
 
 std::unique_ptr<DirtyBitmap> DiskLog::OpenBitmap() {
@@ -132,12 +129,6 @@ void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
                   opts_.name, scan_status.ToString());
     bitmap.MarkAll();
   }
-  {
-    std::lock_guard lk(mu_);
-    last_seq_ = std::max(last_seq_, max_seq);
-    last_cycle_ = std::max(last_cycle_, max_cycle);
-    last_segment_ = std::max(last_segment_, max_segment);
-  }
   // The open cycle's map and a frozen cut, when this runs at Open (FinishFallback has
   // moved the live ones into the bitmap already): their blocks are as dirty as the log's.
   if (!map_ && !mark_all) {
@@ -155,6 +146,7 @@ void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
         bitmap.MarkAll();
       }
     }
+    // An older version's frozen set.
     Result<std::optional<FrozenSet>> frozen =
         LoadFrozenSet(opts_.log_dir / kFrozenFileName, opts_.size);
     if (!frozen.ok() || (*frozen && (*frozen)->torn)) {
@@ -163,6 +155,26 @@ void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
       bitmap.MarkWords((*frozen)->words);
     }
   }
+  // The cut files: their blocks (at Open; FinishFallback marked the live cuts already),
+  // and their numbers, which state.json keeps as floors once they are gone.
+  for (const fs::path& p : LogFiles()) {
+    if (p.extension() != ".cut") continue;
+    Result<std::optional<FrozenSet>> cut = LoadFrozenSet(p, opts_.size);
+    if (!cut.ok() || !*cut || (*cut)->torn) {
+      if (!map_) bitmap.MarkAll();
+      continue;
+    }
+    if (!map_ && !mark_all) bitmap.MarkWords((*cut)->words);
+    max_seq = std::max(max_seq, (*cut)->last_seq);
+    max_cycle = std::max(max_cycle, (*cut)->cycle);
+    max_segment = std::max(max_segment, (*cut)->segment);
+  }
+  {
+    std::lock_guard lk(mu_);
+    last_seq_ = std::max(last_seq_, max_seq);
+    last_cycle_ = std::max(last_cycle_, max_cycle);
+    last_segment_ = std::max(last_segment_, max_segment);
+  }
   Status flushed = bitmap.Flush();
   if (!flushed.ok()) spdlog::error("disk {}: {}", opts_.name, flushed.ToString());
 
@@ -170,9 +182,12 @@ void DiskLog::DropLog(DirtyBitmap& bitmap, bool mark_all) {
   // Without a bitmap file, delete first: the segments may be what fills the folder, and a
   // state.json saying "bitmap" with no bitmap file marks every block at the next start.
   auto delete_segments = [&] {
-    // The map and a frozen set are in the bitmap now.
-    for (std::string_view name : {kMapFileName, kFrozenFileName}) {
-      const fs::path p = opts_.log_dir / name;
+    // The map, the cuts and an older version's frozen set are in the bitmap now.
+    std::vector<fs::path> gone = {opts_.log_dir / kMapFileName, opts_.log_dir / kFrozenFileName};
+    for (const fs::path& p : LogFiles()) {
+      if (p.extension() == ".cut" || p.extension() == ".cow") gone.push_back(p);
+    }
+    for (const fs::path& p : gone) {
       if (::unlink(p.c_str()) != 0 && errno != ENOENT) {
         spdlog::error("disk {}: delete {}: {}", opts_.name, p.string(), std::strerror(errno));
       }

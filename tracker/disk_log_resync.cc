@@ -138,12 +138,34 @@ DiskLog::ResyncStart DiskLog::ReturnToLog(uint64_t cycle) {
 }
 
 Result<std::vector<ByteRange>> DiskLog::ChangedBlocksThrough(uint64_t through) const {
-  SR_ASSIGN_OR_RETURN(std::vector<SegmentFile> files, ListSegments(opts_.log_dir));
+  std::vector<Unreleased> entries;
+  {
+    std::lock_guard lk(mu_);
+    for (const Unreleased& u : unreleased_) {
+      if (u.seg.number <= through) entries.push_back(u);
+    }
+  }
   std::vector<ByteRange> ranges;
   size_t compact_at = 1 << 16;  // merge as we go, so a long log needs little memory
-  for (const SegmentFile& f : files) {
-    if (f.number > through) break;
-    Result<SegmentReader> reader = SegmentReader::Open(f.path);
+  auto add = [&](uint64_t offset, uint64_t length) {
+    ranges.push_back(ByteRange{offset, length});
+    if (ranges.size() >= compact_at) {
+      ranges = ToBlockRanges(std::move(ranges), opts_.size);
+      compact_at = std::max(compact_at, 2 * ranges.size());
+    }
+  };
+  for (const Unreleased& u : entries) {
+    if (u.cut) {
+      const std::vector<uint64_t>& words = *u.cut->frozen;
+      for (uint64_t w = 0; w < words.size(); ++w) {
+        for (uint64_t bits = words[w]; bits != 0; bits &= bits - 1) {
+          const uint64_t block = 64 * w + static_cast<uint64_t>(__builtin_ctzll(bits));
+          add(block * DirtyBitmap::kBlockSize, DirtyBitmap::kBlockSize);
+        }
+      }
+      continue;
+    }
+    Result<SegmentReader> reader = SegmentReader::Open(u.path);
     if (!reader.ok()) {
       if (reader.status().code() == ENOENT) continue;  // released meanwhile: on the replica
       return reader.status();
@@ -154,15 +176,10 @@ Result<std::vector<ByteRange>> DiskLog::ChangedBlocksThrough(uint64_t through) c
       SR_ASSIGN_OR_RETURN(ReadStatus st, reader->Next(&rec, &why));
       if (st == ReadStatus::kEnd) break;
       if (st != ReadStatus::kRecord) {
-        return Status::Corrupt(f.path.string() + " at offset " + std::to_string(reader->offset()) +
+        return Status::Corrupt(u.path.string() + " at offset " + std::to_string(reader->offset()) +
                                ": " + why);
       }
-      if (rec.header.kind == RecordKind::kCut) continue;
-      ranges.push_back(ByteRange{rec.header.offset, rec.header.length});
-      if (ranges.size() >= compact_at) {
-        ranges = ToBlockRanges(std::move(ranges), opts_.size);
-        compact_at = std::max(compact_at, 2 * ranges.size());
-      }
+      if (rec.header.kind != RecordKind::kCut) add(rec.header.offset, rec.header.length);
     }
   }
   return ToBlockRanges(std::move(ranges), opts_.size);

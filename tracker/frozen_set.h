@@ -1,12 +1,19 @@
-// The frozen set of a cut on disk: "<log dir>/frozen.map", written by DiskLog::WriteCut
-// (page cache; the builder fdatasyncs it before it reads the blocks) and deleted once the
-// cycle is published or rolled back. A restart finds it only when the cut was not
-// published: its blocks then go back into the changed-block map (disk_log.h).
+// The frozen set of a cut on disk: "<log dir>/<segment>.cut", written by DiskLog::WriteCut
+// (to "<segment>.cut.tmp", renamed once whole; no sync: it is for a restart after kill -9,
+// as the page cache keeps it) and deleted when the cycle is released or rolled back. It
+// holds what the cut's records are made of: the frozen blocks, and the numbers the
+// records carry. An older version wrote "<log dir>/frozen.map" (version 1: cycle and
+// words only) for a cut not yet published; a restart puts its blocks back into the map.
 //
-// Layout (little-endian):
-//   0  4  magic "SRFZ"     4  4  version (1)    8  8  cycle      16  8  disk size
-//   24 8  word count      32  4  CRC32C of the words              36 28  zero
-//   64 .. the words: bit b of word w is the 4 KiB block 64 * w + b
+// Layout (little-endian), version 2:
+//   0  4  magic "SRFZ"     4  4  version (2)    8  8  cycle      16  8  disk size
+//   24 8  word count      32  4  CRC32C of the header (this field zero) and the words
+//   36 4  disk id         40  8  segment        48  8  first seq  56  8  last seq
+//   64 8  epoch           72  8  cut time (ns)  80  8  first change time (ns, 0: none)
+//   88 40 zero
+//   128 .. the words: bit b of word w is the 4 KiB block 64 * w + b
+// Version 1: the same first 32 bytes, the CRC32C of the words alone, zero to byte 64, then
+// the words.
 #pragma once
 
 #include <cstdint>
@@ -18,17 +25,29 @@
 
 namespace siterep::tracker {
 
-struct FrozenSet {
+// What a cut's records carry, and where they go: one disk's share of a cut.
+struct CutInfo {
+  uint32_t disk_id = 0;
   uint64_t cycle = 0;
+  uint64_t segment = 0;  // the segment number it ships as
+  uint64_t first_seq = 0;
+  uint64_t last_seq = 0;  // of its cut record
+  uint64_t epoch = 0;     // what its records carry
+  int64_t cut_unix_nanos = 0;
+  int64_t first_change_unix_nanos = 0;  // 0: none
+};
+
+struct FrozenSet : CutInfo {
+  uint32_t version = 2;  // version 1 has the cycle alone of CutInfo
   std::vector<uint64_t> words;
   // The file is short, of another disk size, or its CRC does not match: what it held is
   // unknown (the caller marks every block).
   bool torn = false;
 };
 
-// Writes the frozen set of cycle (no sync). ENOSPC for a short write.
-Status SaveFrozenSet(const std::filesystem::path& path, uint64_t cycle, uint64_t disk_size,
-                     const std::vector<uint64_t>& words);
+// Writes set (as version 2) to "<path>.tmp" and renames it to path (no sync). ENOSPC for
+// a short write; the .tmp file is deleted on failure.
+Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, const FrozenSet& set);
 // nullopt when there is no file.
 Result<std::optional<FrozenSet>> LoadFrozenSet(const std::filesystem::path& path,
                                                uint64_t disk_size);

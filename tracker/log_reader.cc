@@ -146,10 +146,10 @@ Result<ReadStatus> SegmentReader::Next(ParsedRecord* out, std::string* why) {
 // ---------------------------------------------------------------------------------------
 // Sealed segments
 
-Status CheckSealedSegment(const SealedSegment& seg) {
-  SR_ASSIGN_OR_RETURN(SegmentReader reader, SegmentReader::Open(seg.path));
+Status CheckSealedSegment(const SealedSegment& seg, const fs::path& path) {
+  SR_ASSIGN_OR_RETURN(SegmentReader reader, SegmentReader::Open(path));
   auto damaged = [&](uint64_t offset, const std::string& why) {
-    return Status::Corrupt("damaged segment " + Where(seg.path, offset) + ": " + why);
+    return Status::Corrupt("damaged segment " + Where(path, offset) + ": " + why);
   };
   if (reader.file_size() != seg.bytes) {
     return damaged(0, "the file holds " + std::to_string(reader.file_size()) +

@@ -73,13 +73,13 @@ class SegmentReader {
   bool eof_ = false;
 };
 
-// Checks a sealed segment before it leaves the primary (the shipper calls it before
-// sending a cycle): the file holds exactly seg.bytes bytes of whole, valid records
+// Checks the file at path of a sealed segment an older version wrote, before it leaves the
+// primary (DiskLog::OpenSegment): the file holds exactly seg.bytes bytes of whole, valid records
 // (ParseRecord: magic, version, kind, length, CRC) of seg.disk_id, numbered +1 each from
 // seg.first_seq (when set) to seg.last_seq, the last one - and only it - the cut of
 // seg.cycle. A damaged segment is an EBADMSG Status naming the file, the offset and what is
 // wrong; a read error is the read's Status (ENOENT: the segment was released or dropped).
-Status CheckSealedSegment(const SealedSegment& seg);
+Status CheckSealedSegment(const SealedSegment& seg, const std::filesystem::path& path);
 
 // One record found by LogScanner.
 struct ScannedRecord {

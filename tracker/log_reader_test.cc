@@ -173,27 +173,27 @@ TEST(LogReaderTest, CheckSealedSegmentRefusesEveryFlippedByte) {
   seg.cycle = 9;
   seg.first_seq = 41;
   seg.last_seq = 43;
-  seg.path = log.current();
-  seg.bytes = fs::file_size(seg.path);
-  ASSERT_TRUE(CheckSealedSegment(seg).ok()) << CheckSealedSegment(seg).ToString();
+  const fs::path path = log.current();
+  seg.bytes = fs::file_size(path);
+  ASSERT_TRUE(CheckSealedSegment(seg, path).ok()) << CheckSealedSegment(seg, path).ToString();
 
   for (uint64_t at = 0; at < seg.bytes; ++at) {
-    std::fstream f(seg.path, std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
     f.seekg(static_cast<std::streamoff>(at));
     const char old = static_cast<char>(f.get());
     f.seekp(static_cast<std::streamoff>(at));
     f.put(static_cast<char>(old ^ 0x40));
     f.flush();
-    Status s = CheckSealedSegment(seg);
+    Status s = CheckSealedSegment(seg, path);
     EXPECT_EQ(s.code(), EBADMSG) << "byte " << at << " flipped: " << s.ToString();
     EXPECT_NE(s.message().find(SegmentFileName(4)), std::string::npos) << s.message();
     f.seekp(static_cast<std::streamoff>(at));
     f.put(old);
   }
-  ASSERT_TRUE(CheckSealedSegment(seg).ok());
+  ASSERT_TRUE(CheckSealedSegment(seg, path).ok());
 
   auto refused = [&](SealedSegment other, std::string_view why) {
-    Status s = CheckSealedSegment(other);
+    Status s = CheckSealedSegment(other, path);
     EXPECT_EQ(s.code(), EBADMSG) << s.ToString();
     EXPECT_NE(s.message().find(why), std::string::npos) << s.message();
   };
@@ -214,10 +214,9 @@ TEST(LogReaderTest, CheckSealedSegmentRefusesEveryFlippedByte) {
   refused(other, "bytes");
   log.Write(0, Pattern(10, 2));  // past the cut
   other = seg;
-  other.bytes = fs::file_size(seg.path);
+  other.bytes = fs::file_size(path);
   refused(other, "after the cut");
-  other.path = tmp.path() / SegmentFileName(5);
-  EXPECT_EQ(CheckSealedSegment(other).code(), ENOENT);
+  EXPECT_EQ(CheckSealedSegment(other, tmp.path() / SegmentFileName(5)).code(), ENOENT);
 }
 
 // A hole (zeros where an append never finished) is tolerated only in the open segment, by

@@ -34,7 +34,9 @@ class PrefixCheckTest : public testing::TrackerFixture {
     write(0, 0, 512, 5);
     ASSERT_TRUE(testing::DiscardVia(tracker->observer(1), disks_[1].fd.get(), 0, 8 * kBlock).ok());
     ASSERT_TRUE(tracker->Close().ok());  // cuts cycle 3
+    for (size_t i = 0; i < 2; ++i) logs_.push_back(LogOf(*tracker, i));
   }
+  std::vector<fs::path> logs_;  // every disk's segments, as files
 
   // A replica of disk i: its pre-image with the log applied through `through` (0: none).
   fs::path ReplicaAt(size_t i, uint64_t through) {
@@ -42,16 +44,16 @@ class PrefixCheckTest : public testing::TrackerFixture {
     fs::path out = tmp_.path() / (d.name + ".replica." + std::to_string(through));
     fs::copy_file(d.pre_image, out, fs::copy_options::overwrite_existing);
     if (through > 0) {
-      Result<ReplayResult> r = ReplayLogToFile(d.log_dir, out, ReplayOptions{through});
+      Result<ReplayResult> r = ReplayLogToFile(logs_[i], out, ReplayOptions{through});
       EXPECT_TRUE(r.ok()) << r.status().ToString();
     }
     return out;
   }
 
   Result<PrefixCheckResult> Check(const fs::path& ra, const fs::path& rb) {
-    return CheckReplicaIsLogPrefix({{"a", disks_[0].pre_image, disks_[0].log_dir, ra},
-                                    {"b", disks_[1].pre_image, disks_[1].log_dir, rb}},
-                                   tmp_.path());
+    return CheckReplicaIsLogPrefix(
+        {{"a", disks_[0].pre_image, logs_[0], ra}, {"b", disks_[1].pre_image, logs_[1], rb}},
+        tmp_.path());
   }
 };
 

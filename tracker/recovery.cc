@@ -24,7 +24,7 @@ Status WrongDisk(const RecoveryInput& in, const fs::path& path, uint32_t found) 
 }
 
 struct SealedInfo {
-  SealedSegment segment;
+  RecoveredSegment found;
   int64_t cut_unix_nanos = 0;
 };
 
@@ -56,7 +56,7 @@ Result<SealedInfo> ReadSealed(const RecoveryInput& in, const SegmentFile& file) 
   }
   const CutPayload payload = DecodeCutPayload(cut.payload.first<kCutPayloadSize>());
   SealedInfo info;
-  SealedSegment& seg = info.segment;
+  SealedSegment& seg = info.found.segment;
   seg.disk = in.disk_name;
   seg.disk_id = in.disk_id;
   seg.number = file.number;
@@ -66,7 +66,7 @@ Result<SealedInfo> ReadSealed(const RecoveryInput& in, const SegmentFile& file) 
   seg.first_seq = first.header.seq;
   seg.last_seq = cut.header.seq;
   seg.bytes = file.size;
-  seg.path = file.path;
+  info.found.path = file.path;
   info.cut_unix_nanos = payload.unix_nanos;
   return info;
 }
@@ -99,9 +99,9 @@ Result<RecoveredLog> RecoverLog(const RecoveryInput& in) {
     const fs::path& p = e.path();
     if (p.extension() != ".tmp" && p.extension() != ".compact") continue;
     if (::unlink(p.c_str()) != 0 && errno != ENOENT) {
-      return Status::FromErrno(errno, "delete the unfinished segment " + p.string());
+      return Status::FromErrno(errno, "delete the unfinished file " + p.string());
     }
-    spdlog::info("disk {}: deleted the unfinished segment {}", in.disk_name, p.string());
+    spdlog::info("disk {}: deleted the unfinished file {}", in.disk_name, p.string());
   }
   if (ec) return Status::Error(ec.value(), "list " + in.log_dir.string() + ": " + ec.message());
 
@@ -134,18 +134,18 @@ Result<RecoveredLog> RecoverLog(const RecoveryInput& in) {
       SR_RETURN_IF_ERROR(SyncDir(in.log_dir));
       break;
     }
-    const SealedSegment& seg = info->segment;
-    if (!r.sealed.empty() && seg.first_seq != r.sealed.back().last_seq + 1) {
+    const SealedSegment& seg = info->found.segment;
+    if (!r.sealed.empty() && seg.first_seq != r.sealed.back().segment.last_seq + 1) {
       return Status::Corrupt(files[i].path.string() + " starts at seq " +
                              std::to_string(seg.first_seq) + " but the segment before it ends at " +
-                             std::to_string(r.sealed.back().last_seq));
+                             std::to_string(r.sealed.back().segment.last_seq));
     }
     r.last_cut_unix_nanos = info->cut_unix_nanos;
-    r.last_cut_first_change_unix_nanos = info->segment.first_change_unix_nanos;
-    r.sealed.push_back(std::move(info->segment));
+    r.last_cut_first_change_unix_nanos = seg.first_change_unix_nanos;
+    r.sealed.push_back(std::move(info->found));
   }
   if (!r.sealed.empty()) {
-    const SealedSegment& s = r.sealed.back();
+    const SealedSegment& s = r.sealed.back().segment;
     r.last_seq = std::max(r.last_seq, s.last_seq);
     r.last_cycle = std::max(r.last_cycle, s.cycle);
   }

@@ -1,9 +1,8 @@
-// Recovery of one disk's change log when the tracker opens it (after a clean stop, a
-// kill -9 or a crash). With changed-block tracking (disk_log.h) the folder holds only
-// whole segments: a cycle's segment is written to "<n>.seg.tmp" and renamed once it is
-// durable, so
-//  1. "*.tmp" files (unfinished builds) and "*.compact" files (an older version's) are
-//     deleted;
+// Recovery of the segment files an older version left in a disk's change log folder,
+// when the tracker opens it (this version writes no segments: disk_log.h). An older
+// version wrote a cycle's segment to "<n>.seg.tmp" and renamed it once durable, so
+//  1. "*.tmp" files (unfinished segments, and cut files not renamed: disk_log.h) and
+//     "*.compact" files are deleted;
 //  2. every segment must end in a cut record, with sequence numbers going on from the
 //     segment before; a damaged one is an error (the caller falls back to the bitmap);
 //  3. on the first open by this version (legacy_open_segment), a last segment that does not
@@ -36,8 +35,13 @@ struct RecoveryInput {
   bool legacy_open_segment = false;  // the folder has no changed-block map yet (step 3)
 };
 
+struct RecoveredSegment {
+  SealedSegment segment;
+  std::filesystem::path path;
+};
+
 struct RecoveredLog {
-  std::vector<SealedSegment> sealed;  // in log order
+  std::vector<RecoveredSegment> sealed;  // in log order
   uint64_t last_seq = 0;              // the next record gets last_seq + 1
   uint64_t last_segment = 0;          // the next segment gets last_segment + 1
   uint64_t last_cycle = 0;

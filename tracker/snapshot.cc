@@ -2,6 +2,8 @@
 
 #include <fcntl.h>
 #include <spdlog/spdlog.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <limits>
 
 #include "common/block_hash.h"
+#include "common/crc32c.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
 #include "tracker/locks.h"
@@ -35,6 +38,12 @@ std::byte* BlockBuffer() {
 
 // The offset of the first data at or after offset in fd (kNoData: none), or offset itself
 // when the file system cannot tell (then everything counts as data).
+// CRC32C of a block of zeros of length bytes (at most kSnapshotBlockSize).
+uint32_t ZeroCrc(uint64_t length) {
+  static const std::vector<std::byte> zeros(kSnapshotBlockSize);
+  return Crc32c(zeros.data(), length);
+}
+
 uint64_t NextData(int fd, uint64_t offset) {
   const off_t d = ::lseek(fd, static_cast<off_t>(offset), SEEK_DATA);
   if (d >= 0) return static_cast<uint64_t>(d);
@@ -93,36 +102,95 @@ DiskSnapshot::DiskSnapshot(std::string disk_name, uint64_t size, fs::path path,
       size_(size),
       path_(std::move(path)),
       block_size_(options.block_size),
-      only_(std::move(options.only)) {}
+      only_(std::move(options.only)),
+      persistent_(options.persistent) {}
 
-DiskSnapshot::~DiskSnapshot() = default;
+DiskSnapshot::~DiskSnapshot() {
+  if (mapped_ != nullptr) ::munmap(mapped_, mapped_length());
+}
+
+namespace {
+
+Status CheckBlockSize(const std::string& disk_name, uint64_t block_size) {
+  if (block_size == 0 || (block_size & (block_size - 1)) != 0 || block_size > kSnapshotBlockSize) {
+    return Status::Invalid("snapshot of disk " + disk_name + ": block size " +
+                           std::to_string(block_size) +
+                           " is not a power of two <= " + std::to_string(kSnapshotBlockSize));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status DiskSnapshot::Attach(int image_fd, bool reopen) {
+  // An own descriptor of the image: lseek(SEEK_DATA) moves the file position, which must
+  // not be the borrowed descriptor's; and O_DIRECT would refuse unaligned buffers.
+  SR_ASSIGN_OR_RETURN(image_fd_,
+                      OpenFile("/proc/self/fd/" + std::to_string(image_fd), O_RDONLY | O_CLOEXEC));
+  const uint64_t words = word_count();
+  data_ = std::make_unique<uint64_t[]>(words);  // zeroed
+  if (!persistent_) {
+    saved_owned_ = std::make_unique<uint64_t[]>(words);
+    saved_ = saved_owned_.get();
+    return Status::Ok();
+  }
+  const uint64_t file_size = bits_offset() + mapped_length();
+  if (reopen) {
+    struct stat st {};
+    if (::fstat(fd_.get(), &st) != 0) return Status::FromErrno(errno, "stat " + path_.string());
+    if (static_cast<uint64_t>(st.st_size) != file_size) {
+      return Status::Corrupt("copy-on-write file " + path_.string() + " is " +
+                             std::to_string(st.st_size) + " bytes, not the " +
+                             std::to_string(file_size) + " of its disk");
+    }
+  }
+  void* m = ::mmap(nullptr, mapped_length(), PROT_READ | PROT_WRITE, MAP_SHARED, fd_.get(),
+                   static_cast<off_t>(bits_offset()));
+  if (m == MAP_FAILED) return Status::FromErrno(errno, "map the bits of " + path_.string());
+  mapped_ = m;
+  saved_ = static_cast<uint64_t*>(m);
+  crcs_ = reinterpret_cast<uint32_t*>(static_cast<std::byte*>(m) + (crc_offset() - bits_offset()));
+  // Which saved blocks hold data is not kept: a saved block counts as data, and its bytes.
+  uint64_t saved = 0;
+  for (uint64_t w = 0; w < words; ++w) {
+    data_[w] = saved_[w];
+    saved += static_cast<uint64_t>(__builtin_popcountll(saved_[w]));
+  }
+  saved_bytes_.store(saved * block_size_, std::memory_order_relaxed);
+  return Status::Ok();
+}
 
 Result<std::unique_ptr<DiskSnapshot>> DiskSnapshot::Create(std::string disk_name, int image_fd,
                                                            uint64_t size, fs::path path,
                                                            SnapshotOptions options) {
-  if (options.block_size == 0 || (options.block_size & (options.block_size - 1)) != 0 ||
-      options.block_size > kSnapshotBlockSize) {
-    return Status::Invalid("snapshot of disk " + disk_name + ": block size " +
-                           std::to_string(options.block_size) +
-                           " is not a power of two <= " + std::to_string(kSnapshotBlockSize));
-  }
+  SR_RETURN_IF_ERROR(CheckBlockSize(disk_name, options.block_size));
   std::unique_ptr<DiskSnapshot> snap(
       new DiskSnapshot(std::move(disk_name), size, std::move(path), std::move(options)));
-  // An own descriptor of the image: lseek(SEEK_DATA) moves the file position, which must
-  // not be the borrowed descriptor's; and O_DIRECT would refuse unaligned buffers.
-  SR_ASSIGN_OR_RETURN(snap->image_fd_,
-                      OpenFile("/proc/self/fd/" + std::to_string(image_fd), O_RDONLY | O_CLOEXEC));
   SR_ASSIGN_OR_RETURN(snap->fd_,
                       OpenFile(snap->path_, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-  if (::ftruncate(snap->fd_.get(), static_cast<off_t>(size)) != 0) {
-    Status s = Status::FromErrno(errno, "size the snapshot file " + snap->path_.string());
-    (void)snap->Remove();
-    return s;
+  const uint64_t file_size = snap->persistent_ ? snap->bits_offset() + snap->mapped_length() : size;
+  Status made;
+  if (::ftruncate(snap->fd_.get(), static_cast<off_t>(file_size)) != 0) {
+    made = Status::FromErrno(errno, "size the snapshot file " + snap->path_.string());
+  } else {
+    made = snap->Attach(image_fd, /*reopen=*/false);
   }
-  const uint64_t words = (snap->block_count() + 63) / 64;
-  snap->saved_ = std::make_unique<std::atomic<uint64_t>[]>(words);  // zeroed (C++20)
-  snap->data_ = std::make_unique<std::atomic<uint64_t>[]>(words);
-  if (snap->only_) snap->read_ = std::make_unique<std::atomic<uint64_t>[]>(words);
+  if (!made.ok()) {
+    (void)snap->Remove();
+    return made;
+  }
+  return snap;
+}
+
+Result<std::unique_ptr<DiskSnapshot>> DiskSnapshot::Reopen(std::string disk_name, int image_fd,
+                                                           uint64_t size, fs::path path,
+                                                           SnapshotOptions options) {
+  SR_RETURN_IF_ERROR(CheckBlockSize(disk_name, options.block_size));
+  options.persistent = true;
+  std::unique_ptr<DiskSnapshot> snap(
+      new DiskSnapshot(std::move(disk_name), size, std::move(path), std::move(options)));
+  SR_ASSIGN_OR_RETURN(snap->fd_, OpenFile(snap->path_, O_RDWR | O_CLOEXEC));
+  SR_RETURN_IF_ERROR(snap->Attach(image_fd, /*reopen=*/true));
   return snap;
 }
 
@@ -130,16 +198,21 @@ uint64_t DiskSnapshot::BlockLength(uint64_t block) const {
   return std::min(block_size_, size_ - block * block_size_);
 }
 
-void DiskSnapshot::SetBit(std::atomic<uint64_t>* bits, uint64_t block) {
-  bits[block / 64].fetch_or(uint64_t{1} << (block % 64));
+void DiskSnapshot::SetBit(uint64_t* bits, uint64_t block) {
+  std::atomic_ref<uint64_t>(bits[block / 64]).fetch_or(uint64_t{1} << (block % 64));
 }
 
-bool DiskSnapshot::TestBit(const std::atomic<uint64_t>* bits, uint64_t block) {
-  return (bits[block / 64].load() >> (block % 64)) & 1;
+bool DiskSnapshot::TestBit(const uint64_t* bits, uint64_t block) {
+  return (std::atomic_ref<uint64_t>(const_cast<uint64_t&>(bits[block / 64])).load() >>
+          (block % 64)) &
+         1;
 }
 
 void DiskSnapshot::SaveBefore(uint64_t offset, uint64_t length) {
-  if (length == 0 || offset >= size_ || failed_.load(std::memory_order_acquire)) return;
+  if (length == 0 || offset >= size_ || failed_.load(std::memory_order_acquire) ||
+      ended_.load(std::memory_order_acquire)) {
+    return;
+  }
   const uint64_t end = offset + std::min(length, size_ - offset);
   const uint64_t watermark = copied_below_.load(std::memory_order_acquire);
   // [query, hole_until) is a hole of the image, from the last SEEK_DATA at query; a big
@@ -148,10 +221,15 @@ void DiskSnapshot::SaveBefore(uint64_t offset, uint64_t length) {
   for (uint64_t b = offset / block_size_; b * block_size_ < end; ++b) {
     const uint64_t start = b * block_size_;
     const uint64_t block_end = start + BlockLength(b);
-    if (block_end <= watermark || !Protected(b) || TestBit(saved_.get(), b)) continue;
+    if (block_end <= watermark || !Protected(b) || TestBit(saved_, b)) continue;
     if (block_end > hole_until) hole_until = NextData(image_fd_.get(), start);
     if (block_end <= hole_until) {
-      SetBit(saved_.get(), b);  // a hole at the cut: reads as zeros, nothing to copy
+      // A hole at the cut: reads as zeros, nothing to copy.
+      if (crcs_ != nullptr) {
+        std::atomic_ref<uint32_t>(crcs_[b]).store(ZeroCrc(BlockLength(b)),
+                                                  std::memory_order_relaxed);
+      }
+      SetBit(saved_, b);
       continue;
     }
     Status s = Save(b);
@@ -165,28 +243,28 @@ void DiskSnapshot::SaveBefore(uint64_t offset, uint64_t length) {
 bool DiskSnapshot::Protected(uint64_t block) const {
   if (!only_) return true;
   const std::vector<uint64_t>& only = *only_;
-  if (block / 64 >= only.size() || ((only[block / 64] >> (block % 64)) & 1) == 0) return false;
-  return !TestBit(read_.get(), block);
-}
-
-void DiskSnapshot::MarkRead(uint64_t offset, uint64_t length) {
-  if (!read_ || length == 0 || offset >= size_) return;
-  const uint64_t end = offset + std::min(length, size_ - offset);
-  for (uint64_t b = offset / block_size_; b * block_size_ < end; ++b) SetBit(read_.get(), b);
+  return block / 64 < only.size() && ((only[block / 64] >> (block % 64)) & 1) != 0;
 }
 
 Status DiskSnapshot::Save(uint64_t block) {
+  if (only_ && failpoint::Check("tracker.cow_save") == failpoint::Action::kError) {
+    return Status::Error(EIO, "failpoint tracker.cow_save");
+  }
   const uint64_t offset = block * block_size_;
   const size_t length = static_cast<size_t>(BlockLength(block));
   std::byte* buf = BlockBuffer();
   SR_RETURN_IF_ERROR(PReadAll(image_fd_.get(), buf, length, offset, "image of disk " + disk_name_));
+  if (crcs_ != nullptr) {
+    std::atomic_ref<uint32_t>(crcs_[block]).store(Crc32c(buf, length), std::memory_order_relaxed);
+  }
   if (!IsAllZero(std::span<const std::byte>(buf, length))) {
     SR_RETURN_IF_ERROR(PWriteAll(fd_.get(), buf, length, offset, path_.string()));
     SetBit(data_.get(), block);
     saved_bytes_.fetch_add(length, std::memory_order_relaxed);
   }
   // The snapshot file is sparse: an all-zero block reads as zeros without being written.
-  SetBit(saved_.get(), block);
+  // The bit only after the write: persistent, a set bit must name a saved block.
+  SetBit(saved_, block);
   return Status::Ok();
 }
 
@@ -194,11 +272,12 @@ void DiskSnapshot::Fail(Status status) {
   {
     std::lock_guard lk(status_mu_);
     if (!status_.ok()) return;
-    status_ = status.WithContext("snapshot of disk " + disk_name_ + " failed");
+    status_ = status.WithContext(std::string(only_ ? "copy-on-write of a cut" : "snapshot") +
+                                 " of disk " + disk_name_ + " failed");
   }
   failed_.store(true, std::memory_order_release);
-  spdlog::error("disk {}: the snapshot can no longer be read (the guest goes on): {}", disk_name_,
-                status.ToString());
+  spdlog::error("disk {}: the {} can no longer be read (the guest goes on): {}", disk_name_,
+                only_ ? "copy-on-write of a cut" : "snapshot", status.ToString());
 }
 
 Status DiskSnapshot::status() const {
@@ -219,24 +298,45 @@ Status DiskSnapshot::Read(uint64_t offset, std::span<std::byte> out) {
   while (at < end) {
     // A run of blocks with the same source: the snapshot file or the image.
     const uint64_t first = at / block_size_;
-    const bool from_file = TestBit(saved_.get(), first);
+    const bool from_file = TestBit(saved_, first);
     uint64_t run_end = std::min(end, (first + 1) * block_size_);
-    while (run_end < end && TestBit(saved_.get(), run_end / block_size_) == from_file) {
+    while (run_end < end && TestBit(saved_, run_end / block_size_) == from_file) {
       run_end = std::min(end, run_end + block_size_);
     }
     std::byte* dst = out.data() + (at - offset);
     if (from_file) {
       SR_RETURN_IF_ERROR(PReadAll(fd_.get(), dst, run_end - at, at, path_.string()));
+      if (crcs_ != nullptr) {
+        SR_RETURN_IF_ERROR(CheckSaved(at, std::span<const std::byte>(dst, run_end - at)));
+      }
     } else {
       SR_RETURN_IF_ERROR(
           PReadAll(image_fd_.get(), dst, run_end - at, at, "image of disk " + disk_name_));
     }
     at = run_end;
   }
-  // The sync's copy has read this piece, not the rest (not the cycle builder's reads).
+  // The sync's copy has read this piece, not the rest (not a cut's reads).
   if (!only_) failpoint::Check("tracker.snapshot_mid");
   // A save that failed meanwhile may have let a change through unsaved.
   return status();
+}
+
+Status DiskSnapshot::CheckSaved(uint64_t offset, std::span<const std::byte> data) const {
+  // Whole blocks only: a partial block cannot be checked (the cut's readers read whole
+  // 4 KiB blocks).
+  const uint64_t end = offset + data.size();
+  for (uint64_t b = (offset + block_size_ - 1) / block_size_; b < block_count(); ++b) {
+    const uint64_t length = BlockLength(b);
+    if (b * block_size_ + length > end) break;
+    const uint64_t at = b * block_size_ - offset;
+    const uint32_t want =
+        std::atomic_ref<uint32_t>(const_cast<uint32_t&>(crcs_[b])).load(std::memory_order_relaxed);
+    if (Crc32c(data.data() + at, length) != want) {
+      return Status::Corrupt("damaged copy-on-write block " + std::to_string(b) + " of " +
+                             path_.string() + " (CRC32C mismatch)");
+    }
+  }
+  return Status::Ok();
 }
 
 Result<std::vector<ByteRange>> DiskSnapshot::DataRanges(uint64_t from, uint64_t to) {
@@ -276,7 +376,7 @@ Result<std::vector<ByteRange>> DiskSnapshot::DataRanges(uint64_t from, uint64_t 
   }
   const size_t image_ranges = ranges.size();
   for (uint64_t b = from / block_size_; b * block_size_ < to;) {
-    if (b % 64 == 0 && data_[b / 64].load() == 0) {
+    if (b % 64 == 0 && std::atomic_ref<uint64_t>(data_[b / 64]).load() == 0) {
       b += 64;  // a whole word of blocks with nothing saved
       continue;
     }

@@ -1,8 +1,9 @@
 // DiskSnapshot: the copy-on-write point-in-time view of one disk. Two users:
 //  - VmTracker's StartSnapshot (initial replication, resync): 64 KiB blocks, every block
 //    of the disk protected until the copy's watermark (Copied) passes it;
-//  - the cycle builder of DiskLog: 4 KiB blocks, only the blocks of the frozen cut
-//    (SnapshotOptions::only) are protected, each until the builder has read it (MarkRead).
+//  - each unreleased cut of DiskLog: 4 KiB blocks, only the blocks of the frozen cut
+//    (SnapshotOptions::only) are protected, until the cycle is released; persistent, so a
+//    restart after kill -9 reopens it (Reopen) and reads the cut as before.
 // The owner does all the ordering; this class does the per-disk mechanics.
 //
 // The snapshot file "<image>.srsnap" is sparse and as long as the disk: a saved block sits
@@ -11,7 +12,17 @@
 // current content (the content at the cut, as it is the first change since) from the
 // image into the file and sets the block's bit in an in-memory bitset. Reads take a
 // block from the file when its bit is set, else from the image. Not crash-safe by
-// design: the file is scratch space, deleted at the end and at the next Open.
+// design (the sync's snapshot: scratch space, deleted at the end and at the next Open),
+// unless SnapshotOptions::persistent: then the bits live in the file too, after the
+// disk's bytes, memory-mapped, with a CRC32C of every saved block after them; a bit is set
+// only after its block's write returned, so after a kill -9 (the page cache keeps both)
+// every set bit names a saved block and every clear one a block the image still holds at
+// the cut. Not across power loss. Read checks every saved block against its CRC32C
+// (EBADMSG naming the block and the file: the file was damaged at rest).
+//
+// Persistent file layout: [0, size) the saved blocks at their own offsets (sparse);
+// at bits_offset() (size rounded up to 4 KiB) the saved bits, one uint64 per 64 blocks;
+// at crc_offset() (page-aligned after them) one uint32 CRC32C per block.
 //
 // Threads and locks: VmTracker's range locks (1 MiB chunks, so every block lies in one
 // chunk) order everything per block. SaveBefore runs with the range of the change locked,
@@ -57,8 +68,10 @@ Status RemoveLeftoverSnapshot(const std::filesystem::path& path);
 struct SnapshotOptions {
   uint64_t block_size = kSnapshotBlockSize;  // a power of two, at most kSnapshotBlockSize
   // When set: one bit per block (bit b of word w is block 64 * w + b); only blocks whose
-  // bit is set are ever saved, and each only until MarkRead passes it.
+  // bit is set are ever saved.
   std::shared_ptr<const std::vector<uint64_t>> only;
+  // The saved bits are kept in the file (see above), for Reopen.
+  bool persistent = false;
 };
 
 class DiskSnapshot {
@@ -70,6 +83,11 @@ class DiskSnapshot {
   static Result<std::unique_ptr<DiskSnapshot>> Create(std::string disk_name, int image_fd,
                                                       uint64_t size, std::filesystem::path path,
                                                       SnapshotOptions options = {});
+  // Opens a persistent snapshot file that Create made in an earlier run, with the blocks
+  // it had saved (options as given to Create). EBADMSG when the file is not of that size.
+  static Result<std::unique_ptr<DiskSnapshot>> Reopen(std::string disk_name, int image_fd,
+                                                      uint64_t size, std::filesystem::path path,
+                                                      SnapshotOptions options);
   ~DiskSnapshot();  // closes the descriptors; Remove() deletes the file
   DiskSnapshot(const DiskSnapshot&) = delete;
   DiskSnapshot& operator=(const DiskSnapshot&) = delete;
@@ -90,12 +108,9 @@ class DiskSnapshot {
 
   // Raises the watermark: blocks that end at or below offset are not saved any more.
   void Copied(uint64_t offset);
-  // The blocks [offset, offset + length) touches have been read by the owner: they are not
-  // saved any more (and a saved one is not read again). The caller holds the range locked.
-  void MarkRead(uint64_t offset, uint64_t length);
 
-  // Marks the snapshot ended: Read fails from now on (a reader that raced EndSnapshot must
-  // not return image content that is no longer protected).
+  // Marks the snapshot ended: nothing is saved and Read fails from now on (a reader that
+  // raced EndSnapshot must not return image content that is no longer protected).
   void End() { ended_.store(true, std::memory_order_release); }
   // Deletes the snapshot file (its descriptor stays open until destruction). Call after
   // End and once no SaveBefore can run.
@@ -107,6 +122,9 @@ class DiskSnapshot {
   const std::filesystem::path& path() const { return path_; }
   // Ok, or why the snapshot can no longer be read.
   Status status() const;
+  // A save failed (status() says why).
+  bool failed() const { return failed_.load(std::memory_order_acquire); }
+  bool ended() const { return ended_.load(std::memory_order_acquire); }
 
  private:
   DiskSnapshot(std::string disk_name, uint64_t size, std::filesystem::path path,
@@ -114,27 +132,44 @@ class DiskSnapshot {
   uint64_t block_count() const { return (size_ + block_size_ - 1) / block_size_; }
   bool Protected(uint64_t block) const;
   uint64_t BlockLength(uint64_t block) const;
+  // Opens the image's own descriptor and allocates (or, persistent, maps) the bits.
+  Status Attach(int image_fd, bool reopen);
+  uint64_t word_count() const { return (block_count() + 63) / 64; }
+  // Where the saved bits and the CRCs start in a persistent file (see the layout above).
+  uint64_t bits_offset() const { return (size_ + 4095) / 4096 * 4096; }
+  uint64_t crc_offset() const {
+    return (bits_offset() + word_count() * sizeof(uint64_t) + 4095) / 4096 * 4096;
+  }
+  // Bytes mapped from bits_offset(): the bits and the CRCs.
+  uint64_t mapped_length() const {
+    return crc_offset() - bits_offset() + block_count() * sizeof(uint32_t);
+  }
+  // Checks the saved blocks of [offset, offset + length) read into data (persistent).
+  Status CheckSaved(uint64_t offset, std::span<const std::byte> data) const;
   // Copies one block from the image into the file and sets its bit.
   Status Save(uint64_t block);
   void Fail(Status status);
-  static void SetBit(std::atomic<uint64_t>* bits, uint64_t block);
-  static bool TestBit(const std::atomic<uint64_t>* bits, uint64_t block);
+  static void SetBit(uint64_t* bits, uint64_t block);
+  static bool TestBit(const uint64_t* bits, uint64_t block);
 
   const std::string disk_name_;
   const uint64_t size_;
   const std::filesystem::path path_;
   const uint64_t block_size_;
   const std::shared_ptr<const std::vector<uint64_t>> only_;  // see SnapshotOptions
+  const bool persistent_;
   UniqueFd image_fd_;  // the image, O_RDONLY, our own descriptor
   UniqueFd fd_;        // the snapshot file, O_RDWR
 
-  // Bit b of word w is block 64 * w + b. saved_: the block's cut content is in the file
-  // (or, for an all-zero block, is known to be zeros). data_: a saved block that is not
-  // all zeros (only those count as data in DataRanges).
-  std::unique_ptr<std::atomic<uint64_t>[]> saved_;
-  std::unique_ptr<std::atomic<uint64_t>[]> data_;
-  // Blocks MarkRead has passed (only with only_ set).
-  std::unique_ptr<std::atomic<uint64_t>[]> read_;
+  // Bit b of word w is block 64 * w + b, read and set through std::atomic_ref. saved_:
+  // the block's cut content is in the file (or, for an all-zero block, is known to be
+  // zeros); in memory, or mapped from the file (persistent_, mapped_ bytes long).
+  // data_: a saved block that is not all zeros (only those count as data in DataRanges).
+  std::unique_ptr<uint64_t[]> saved_owned_;
+  void* mapped_ = nullptr;
+  uint64_t* saved_ = nullptr;
+  uint32_t* crcs_ = nullptr;  // persistent: the CRC32C of each saved block
+  std::unique_ptr<uint64_t[]> data_;
   std::atomic<uint64_t> copied_below_{0};
   std::atomic<uint64_t> saved_bytes_{0};
   std::atomic<bool> failed_{false};

@@ -6,11 +6,13 @@
 
 #include <deque>
 #include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "common/unique_fd.h"
+#include "tracker/log_reader.h"
 #include "tracker/replay.h"
 #include "tracker/test_util.h"
 #include "tracker/vm_tracker.h"
@@ -48,11 +50,53 @@ class TrackerFixture : public ::testing::Test {
     o.vm = "vm1";
     o.epoch = 3;
     o.cycle = cycle;
+    o.archive_dir = tmp_.path() / "archive";
     for (const DiskFiles& d : disks_) {
       o.disks.push_back(TrackedDisk{d.name, d.fd.get(), d.size, d.log_dir});
     }
     return o;
   }
+
+  // Where disk i's released segments go (Options' archive).
+  std::filesystem::path ArchiveOf(size_t i) const {
+    return tmp_.path() / "archive" / disks_[i].name;
+  }
+
+  // A folder with every segment of disk i that t has sealed so far, as files: the
+  // released ones from the archive, the others read now as the shipper would send them.
+  // Works on a closed tracker too; releases nothing.
+  std::filesystem::path LogOf(VmTracker& t, size_t i) {
+    namespace fs = std::filesystem;
+    const fs::path dir = tmp_.path() / "log-copies" / disks_[i].name;
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    if (fs::exists(ArchiveOf(i))) {
+      for (const auto& e : fs::directory_iterator(ArchiveOf(i))) {
+        fs::copy_file(e.path(), dir / e.path().filename());
+      }
+    }
+    for (const SealedSegment& seg : t.SealedSegments()) {
+      if (seg.disk != disks_[i].name) continue;
+      Result<std::unique_ptr<SegmentStream>> stream = t.OpenSegment(seg);
+      EXPECT_TRUE(stream.ok()) << stream.status().ToString();
+      if (!stream.ok()) continue;
+      std::vector<std::byte> bytes;
+      while (!(*stream)->done()) {
+        Result<std::span<const std::byte>> b = (*stream)->Next(1 << 20);
+        EXPECT_TRUE(b.ok()) << b.status().ToString();
+        if (!b.ok()) break;
+        bytes.insert(bytes.end(), b->begin(), b->end());
+      }
+      EXPECT_LE(bytes.size(), seg.bytes);
+      std::ofstream(SegmentPath(dir, seg.number), std::ios::binary)
+          .write(reinterpret_cast<const char*>(bytes.data()),
+                 static_cast<std::streamsize>(bytes.size()));
+    }
+    return dir;
+  }
+
+  // The records of every segment of disk i that t has sealed so far (LogOf).
+  std::vector<Rec> RecordsOf(VmTracker& t, size_t i) { return ReadLog(LogOf(t, i)); }
 
   std::unique_ptr<VmTracker> Open(VmTrackerOptions options) {
     Result<std::unique_ptr<VmTracker>> t = VmTracker::Open(std::move(options));
@@ -61,13 +105,15 @@ class TrackerFixture : public ::testing::Test {
     return std::move(*t);
   }
 
-  // Replays disk i's log onto a copy of its pre-image and compares with the image.
-  void ExpectReplayEqualsImage(size_t i) {
+  // Replays every segment of disk i (LogOf) onto a copy of its pre-image and compares
+  // with the image.
+  void ExpectReplayEqualsImage(VmTracker& t, size_t i) {
+    const std::filesystem::path log = LogOf(t, i);
     const DiskFiles& d = disks_[i];
     const std::filesystem::path copy = tmp_.path() / (d.name + ".replayed");
     std::filesystem::copy_file(d.pre_image, copy,
                                std::filesystem::copy_options::overwrite_existing);
-    Result<ReplayResult> r = ReplayLogToFile(d.log_dir, copy);
+    Result<ReplayResult> r = ReplayLogToFile(log, copy);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     EXPECT_FALSE(r->torn_tail.has_value());
     const std::vector<std::byte> image = ReadWhole(d.image);

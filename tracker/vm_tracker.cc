@@ -87,8 +87,8 @@ Status VmTracker::Impl::Open() {
   return Status::Ok();
 }
 
-// Each disk publishes its segment of a cycle only once every disk has built its own, but
-// a kill -9 can fall between two disks' Publish: then some disks hold cycle N and the
+// Each disk publishes its cut of a cycle only once every disk has made its own, but a
+// kill -9 can fall between two disks' WriteCut: then some disks hold cycle N and the
 // others end at N - 1. Those that hold it give it back (its blocks go into their maps), so
 // every disk ends at N - 1 and the next cut covers the lost cycle on all of them.
 Status VmTracker::Impl::RollBackUnfinishedCycle() {
@@ -131,7 +131,7 @@ Status VmTracker::Impl::Change(size_t index, RecordKind kind, uint64_t offset, u
     }
     RangeLocks::Guard range = disk.ranges.Lock(offset, length);
     // Marks the blocks (before the image changes: a kill -9 after this finds them in the
-    // map) and saves the content at the cut of frozen blocks the builder has not read.
+    // map) and saves the content at the cut of frozen blocks of unreleased cycles.
     const LogOutcome outcome = disk.log->BeforeChange(offset, length);
     if (outcome == LogOutcome::kShutdown) {
       return Status::Error(
@@ -199,15 +199,13 @@ std::optional<VmTracker::Impl::CutWrite> VmTracker::Impl::CutLocked(CutWhen when
   return cut;
 }
 
-std::vector<bool> VmTracker::Impl::FinishCut(CutWrite& cut, OnFailedBuild on_failure) {
+std::vector<bool> VmTracker::Impl::FinishCut(CutWrite& cut, OnFailedCut on_failure) {
   const size_t n = disks_.size();
-  std::vector<bool> built(n, false);
   bool all = true;
   bool any = false;
   for (size_t i = 0; i < n; ++i) {
     if (!cut.tickets[i]) continue;
-    built[i] = disks_[i]->log->WaitBuilt(*cut.tickets[i]);
-    all = all && built[i];
+    all = all && cut.tickets[i]->made;
     any = true;
   }
   std::vector<bool> published(n, false);
@@ -217,14 +215,14 @@ std::vector<bool> VmTracker::Impl::FinishCut(CutWrite& cut, OnFailedBuild on_fai
     for (size_t i = 0; i < n; ++i) {
       if (cut.tickets[i]) disks_[i]->log->RollBack(*cut.tickets[i]);
     }
-    if (on_failure == OnFailedBuild::kReuseCycle) {
+    if (on_failure == OnFailedCut::kReuseCycle) {
       last_cycle_ = cut.cycle - 1;
       // The cycle's changes are pending again; its first change is the oldest of them.
       int64_t none = 0;
       if (cut.first_change != 0) open_first_change_.compare_exchange_strong(none, cut.first_change);
     }
     spdlog::warn(
-        "VM {}: cycle {} could not be built on every disk; its changes go into the "
+        "VM {}: cycle {} could not be cut on every disk; its changes go into the "
         "next cycle",
         options_.vm, cut.cycle);
     return published;
@@ -258,11 +256,10 @@ Result<uint64_t> VmTracker::Impl::Cut(bool closing) {
     cut = CutLocked(CutWhen::kIfChanged, NextCutNanosLocked());
     if (!cut) return last_cycle_.load();
   }
-  // Outside the VM lock: changes after the cut proceed while the builders build.
-  std::vector<bool> published = FinishCut(*cut, OnFailedBuild::kReuseCycle);
+  std::vector<bool> published = FinishCut(*cut, OnFailedCut::kReuseCycle);
   if (std::none_of(published.begin(), published.end(), [](bool b) { return b; })) {
     return Status::Error(EAGAIN, "VM " + options_.vm + ": cycle " + std::to_string(cut->cycle) +
-                                     " could not be built; its changes go into the next cycle");
+                                     " could not be cut; its changes go into the next cycle");
   }
   return cut->cycle;
 }
@@ -311,7 +308,7 @@ Result<std::vector<uint64_t>> VmTracker::Impl::CutTogether(std::span<Impl* const
   // its cycles still seal and report in order.
   for (size_t i = 0; i < n; ++i) {
     if (cuts[i]) {
-      std::vector<bool> published = order[i]->FinishCut(*cuts[i], OnFailedBuild::kReuseCycle);
+      std::vector<bool> published = order[i]->FinishCut(*cuts[i], OnFailedCut::kReuseCycle);
       if (std::none_of(published.begin(), published.end(), [](bool b) { return b; })) {
         cycles[i] = order[i]->last_cycle_;  // given up: the member stays at its last cycle
       }
@@ -367,13 +364,14 @@ Status VmTracker::Impl::ReleaseThrough(uint64_t cycle) {
   return result;
 }
 
-void VmTracker::Impl::SegmentDamaged(const SealedSegment& seg, const Status& why) {
+Result<std::unique_ptr<SegmentStream>> VmTracker::Impl::OpenSegment(const SealedSegment& seg) {
   for (size_t i = 0; i < disks_.size(); ++i) {
     if (disks_[i]->config.name != seg.disk) continue;
-    disks_[i]->log->SegmentDamaged(seg.number, why.message());
+    Result<std::unique_ptr<SegmentStream>> stream = disks_[i]->log->OpenSegment(seg.number);
     if (disks_[i]->log->fallback_pending()) FinishFallback(i);
-    return;
+    return stream;
   }
+  return Status::Error(ENOENT, "VM " + options_.vm + " has no disk " + seg.disk);
 }
 
 void VmTracker::Impl::RequestCut() {
@@ -490,8 +488,8 @@ void VmTracker::SnapshotCopied(size_t disk, uint64_t offset) {
 Status VmTracker::EndSnapshot(bool completed) { return impl_->EndSnapshot(completed); }
 std::vector<SealedSegment> VmTracker::SealedSegments() { return impl_->SealedSegments(); }
 Status VmTracker::ReleaseThrough(uint64_t cycle) { return impl_->ReleaseThrough(cycle); }
-void VmTracker::SegmentDamaged(const SealedSegment& seg, const Status& why) {
-  impl_->SegmentDamaged(seg, why);
+Result<std::unique_ptr<SegmentStream>> VmTracker::OpenSegment(const SealedSegment& seg) {
+  return impl_->OpenSegment(seg);
 }
 void VmTracker::SetSealedCallback(std::function<void(uint64_t cycle)> callback) {
   impl_->SetSealedCallback(std::move(callback));

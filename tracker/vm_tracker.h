@@ -6,14 +6,16 @@
 // marks its 4 KiB blocks in the disk's changed-block map (a mapped file: no system call, no
 // hand-off to another thread) and then changes the image; nothing of its data is written
 // twice on the guest's path. A cut freezes every disk's map at one instant and starts a
-// copy-on-write of the frozen blocks; a builder thread per disk reads them (their content
-// at the cut) and writes the cycle's segment in the record format of tracker/log_format.h,
-// which the shipper sends. Flush syncs map and image (group commit, leader/follower).
+// copy-on-write of the frozen blocks until the cycle is released; the shipper reads them
+// (their content at the cut) as the cycle's segments, in the record format of
+// tracker/log_format.h, when it sends them. Nothing but the image, the map and the cut's
+// small files is written at the primary. Flush syncs map and image (group commit,
+// leader/follower).
 //
 // Cuts: a VM-wide lock is held shared by every change from marking until apply returns,
 // and exclusively by Cut() while it freezes every disk's map, so no change straddles a cut
 // and the image holds exactly the cut's content at that instant. A cycle is published
-// (offered to the shipper) only once every disk built its segment, else it is rolled back
+// (offered to the shipper) only once every disk made its cut, else it is rolled back
 // on all of them: its blocks go into the next cycle. The cycle timer cuts every `cycle`,
 // but only once the previous cycle has been released (pacing): a slow or cut link makes
 // cycles longer, with overwrites coalesced, and the log never holds more than what the
@@ -21,13 +23,13 @@
 // one instant by CutTogether, which holds every member's VM lock at once and gives all
 // members one cut time: the group's instants are the cut times that every member's log has.
 //
-// Restart after kill -9: the image (page cache) holds every acknowledged write and the map
-// every block changed since the last published cycle (a frozen cut not published goes back
-// into it); the next cut ships them, so the replica moves from its last cycle to a later
-// whole-cycle point. No acknowledged write is lost and no resync is needed.
+// Restart after kill -9: the image (page cache) holds every acknowledged write, the map
+// every block changed since the last cut, and the cut files and copy-on-write files every
+// unreleased cycle, which reads as before; a cycle not cut on every disk is rolled back
+// into the maps. No acknowledged write is lost and no resync is needed.
 //
-// Resync: only when what changed is no longer known (a sealed segment the shipper found
-// damaged, an unreadable log at open), a disk falls back to a persistent dirty bitmap
+// Resync: only when what changed is no longer known (a copy-on-write that failed, so a
+// cut cannot be read; an unreadable log at open), a disk falls back to a persistent dirty bitmap
 // (dirty_bitmap.h) and is marked "resync required" (persisted in "<log dir>/state.json");
 // guest I/O carries on.
 //
@@ -132,10 +134,10 @@ struct DiskStats {
   uint64_t dirty_bytes = 0;      // bitmap mode: bytes marked dirty
   uint64_t flush_syncs = 0;      // group-commit syncs issued (each serves many Flush calls)
   uint64_t snapshot_bytes = 0;   // bytes saved in the disk's snapshot file (0: none)
-  uint64_t cycles_built = 0;     // cycles built since the tracker opened
-  uint64_t cow_bytes = 0;        // copy-on-write bytes saved for the cut being built
-  uint64_t cow_bytes_total = 0;  // ... for every cycle built since the tracker opened
-  std::string build_error;       // why the last build of a cycle failed (empty: it did not)
+  uint64_t cycles_cut = 0;       // cycles cut since the tracker opened
+  uint64_t cow_bytes = 0;        // copy-on-write bytes saved for the unreleased cuts
+  uint64_t cow_bytes_total = 0;  // ... and for the cuts released since the tracker opened
+  std::string cut_error;         // why the last cut failed (empty: it did not)
 };
 
 struct VmStats {
@@ -234,7 +236,7 @@ class VmTracker : public SegmentSource {
   std::vector<SealedSegment> SealedSegments() override;
   Status ReleaseThrough(uint64_t cycle) override;
   void SetSealedCallback(std::function<void(uint64_t cycle)> callback) override;
-  void SegmentDamaged(const SealedSegment& seg, const Status& why) override;
+  Result<std::unique_ptr<SegmentStream>> OpenSegment(const SealedSegment& seg) override;
 
  private:
   class Impl;

@@ -39,7 +39,7 @@ class VmTracker::Impl {
   Status Close();
   std::vector<SealedSegment> SealedSegments() const;
   Status ReleaseThrough(uint64_t cycle);
-  void SegmentDamaged(const SealedSegment& seg, const Status& why);
+  Result<std::unique_ptr<SegmentStream>> OpenSegment(const SealedSegment& seg);
   void SetSealedCallback(std::function<void(uint64_t)> callback) {
     std::lock_guard lk(callback_mu_);
     callback_ = std::move(callback);
@@ -128,16 +128,16 @@ class VmTracker::Impl {
   // at nanos; if some disk logged the cut, commits its cycle and time (last_cycle_,
   // last_cut_nanos_) and returns it for FinishCut. Otherwise nothing is cut: nullopt.
   std::optional<CutWrite> CutLocked(CutWhen when, int64_t nanos);
-  // What FinishCut does when some disk could not build its segment.
-  enum class OnFailedBuild {
+  // What FinishCut does when some disk could not make its cut.
+  enum class OnFailedCut {
     kReuseCycle,  // Cut, CutTogether: the cycle is given up, its number is used again
     kKeepCycle,   // StartSnapshot: the snapshot holds the cycle; the next is cycle + 1
   };
-  // With cut_mu_ held, without cut_lock_: waits until every disk built its segment of
-  // the cut, then publishes them all and runs the sealed callback; or, when a disk could
-  // not, rolls the cycle back on every disk (its blocks go into the next cycle). Returns,
-  // per disk, whether its segment was published.
-  std::vector<bool> FinishCut(CutWrite& cut, OnFailedBuild on_failure);
+  // With cut_mu_ held, without cut_lock_: when every disk made its cut, publishes them
+  // all and runs the sealed callback; when a disk could not, rolls the cycle back on
+  // every disk (its blocks go into the next cycle). Returns, per disk, whether its
+  // segment was published.
+  std::vector<bool> FinishCut(CutWrite& cut, OnFailedCut on_failure);
   // Some disk's segments are sealed and not released yet: the cycle timer waits.
   bool HasUnreleased() const;
   // The active snapshot, after checking that [offset, offset + length) is inside disk

@@ -73,7 +73,7 @@ Result<SnapshotInfo> VmTracker::Impl::StartSnapshot() {
       std::lock_guard lk(snapshot_mu_);
       snapshot_ = snap;
     }
-    sealed = FinishCut(cut, OnFailedBuild::kKeepCycle);
+    sealed = FinishCut(cut, OnFailedCut::kKeepCycle);
   }
 
   // Outside every lock but snapshot_ctl_mu_: what each disk must resync.

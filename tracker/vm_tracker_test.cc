@@ -9,6 +9,7 @@
 #include <chrono>
 #include <csignal>
 #include <cstring>
+#include <fstream>
 #include <latch>
 #include <map>
 #include <mutex>
@@ -16,9 +17,11 @@
 #include <span>
 #include <thread>
 
+#include "common/failpoint.h"
 #include "common/file_util.h"
 #include "common/time_util.h"
 #include "tracker/dirty_bitmap.h"
+#include "tracker/disk_log.h"
 #include "tracker/disk_state.h"
 #include "tracker/log_reader.h"
 #include "tracker/prefix_check.h"
@@ -68,8 +71,8 @@ TEST_F(VmTrackerTest, ConcurrentWritesAndDiscardsReplayToTheImage) {
   for (auto& t : threads) t.join();
   ASSERT_TRUE(tracker->Close().ok());
   EXPECT_GT(tracker->Stats().last_cycle, 1u);
-  ExpectReplayEqualsImage(0);
-  ExpectReplayEqualsImage(1);
+  ExpectReplayEqualsImage(*tracker, 0);
+  ExpectReplayEqualsImage(*tracker, 1);
 }
 
 // Overlapping writes race for the same blocks; after every round the image must equal the
@@ -97,7 +100,7 @@ TEST_F(VmTrackerTest, OverlappingConcurrentWritesAreShippedAsTheImageAtTheCut) {
     for (auto& t : threads) t.join();
     // The cycles replay to the image as it was at the last cut (now).
     ASSERT_TRUE(tracker->Cut().ok());
-    ExpectReplayEqualsImage(0);
+    ExpectReplayEqualsImage(*tracker, 0);
   }
   ASSERT_TRUE(tracker->Close().ok());
 }
@@ -109,7 +112,7 @@ TEST_F(VmTrackerTest, WritesLargerThanARecordAreSplit) {
   const std::vector<std::byte> data = Pattern((5 << 20) / 2, 1);
   ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), 100, data).ok());
   ASSERT_TRUE(tracker->Close().ok());
-  std::vector<Rec> recs = ReadLog(disks_[0].log_dir);
+  std::vector<Rec> recs = RecordsOf(*tracker, 0);
   // Whole 4 KiB blocks: [0, 2.5 MiB + 100) rounded up, as 1 MiB + 1 MiB + the rest, then
   // the cut of Close.
   ASSERT_EQ(recs.size(), 4u);
@@ -118,7 +121,7 @@ TEST_F(VmTrackerTest, WritesLargerThanARecordAreSplit) {
   EXPECT_EQ(recs[1].header.offset, 1u << 20);
   EXPECT_EQ(recs[2].header.length, (1u << 19) + kBlock);
   EXPECT_EQ(recs[3].header.kind, RecordKind::kCut);
-  ExpectReplayEqualsImage(0);
+  ExpectReplayEqualsImage(*tracker, 0);
 }
 
 TEST_F(VmTrackerTest, RecordsCarryDiskIdEpochAndContiguousSequenceNumbers) {
@@ -132,7 +135,7 @@ TEST_F(VmTrackerTest, RecordsCarryDiskIdEpochAndContiguousSequenceNumbers) {
   ASSERT_TRUE(tracker->Cut().ok());
   EXPECT_EQ(tracker->Stats().disks[0].last_seq, 6u);
   ASSERT_TRUE(tracker->Close().ok());
-  std::vector<Rec> recs = ReadLog(disks_[0].log_dir);
+  std::vector<Rec> recs = RecordsOf(*tracker, 0);
   ASSERT_EQ(recs.size(), 6u);
   for (size_t i = 0; i < recs.size(); ++i) {
     EXPECT_EQ(recs[i].header.seq, i + 1);
@@ -141,9 +144,10 @@ TEST_F(VmTrackerTest, RecordsCarryDiskIdEpochAndContiguousSequenceNumbers) {
   }
 }
 
-// Threads write a counter to disk A, and once that returned, to disk B, while cuts run.
-// A cut is one instant across both disks, so at every cut each block of A holds a counter
-// at least as new as the same block of B.
+// Threads write a counter to disk A, and once that returned, to disk B, while cuts run;
+// each thread has blocks of its own, so the writes to a block are in counter order. A cut
+// is one instant across both disks, so at every cut each block of A holds a counter at
+// least as new as the same block of B.
 TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
   AddDisk("a", 1 << 20);
   AddDisk("b", 1 << 20);
@@ -157,14 +161,14 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
   std::atomic<bool> cutter_done{false};
   std::vector<std::thread> writers;
   for (int t = 0; t < 4; ++t) {
-    writers.emplace_back([&] {
+    writers.emplace_back([&, t] {
       std::vector<std::byte> block(kBlock);
       for (;;) {
         const uint64_t c = ++counter;
         if (c > 3000) break;
         while (c > (cuts + 1) * 100 && !cutter_done) std::this_thread::sleep_for(50us);
         std::memcpy(block.data(), &c, sizeof(c));
-        const uint64_t offset = (c % 256) * kBlock;
+        const uint64_t offset = ((c % 64) * 4 + t) * kBlock;
         ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), offset, block).ok());
         ASSERT_TRUE(WriteVia(tracker->observer(1), disks_[1].fd.get(), offset, block).ok());
       }
@@ -192,10 +196,10 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
     int64_t nanos;
     std::vector<uint64_t> counters;
   };
-  auto states_of = [](const fs::path& dir) {
+  auto states_of = [&](size_t disk) {
     std::vector<AtCut> out;
     std::vector<uint64_t> blocks(256, 0);
-    for (const Rec& r : ReadLog(dir)) {
+    for (const Rec& r : RecordsOf(*tracker, disk)) {
       if (r.header.kind == RecordKind::kCut) {
         const CutPayload cut = DecodeCutPayload(std::span(r.payload).first<kCutPayloadSize>());
         out.push_back(AtCut{cut.cycle, cut.unix_nanos, blocks});
@@ -209,8 +213,8 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
     }
     return out;
   };
-  const std::vector<AtCut> a = states_of(disks_[0].log_dir);
-  const std::vector<AtCut> b = states_of(disks_[1].log_dir);
+  const std::vector<AtCut> a = states_of(0);
+  const std::vector<AtCut> b = states_of(1);
   ASSERT_EQ(a.size(), b.size()) << "every cut is in both logs";
   EXPECT_GT(a.size(), 5u) << "the test needs cuts during the writes";
   int violations = 0;
@@ -224,8 +228,8 @@ TEST_F(VmTrackerTest, CutsAreOneInstantAcrossDisks) {
   EXPECT_EQ(violations, 0);
   // Close cut the last writes: the last state holds the highest counter of each block.
   EXPECT_EQ(*std::max_element(a.back().counters.begin(), a.back().counters.end()), 3000u);
-  ExpectReplayEqualsImage(0);
-  ExpectReplayEqualsImage(1);
+  ExpectReplayEqualsImage(*tracker, 0);
+  ExpectReplayEqualsImage(*tracker, 1);
 }
 
 TEST_F(VmTrackerTest, CutSealsSegmentsAndSkipsWhenNothingChanged) {
@@ -258,8 +262,12 @@ TEST_F(VmTrackerTest, CutSealsSegmentsAndSkipsWhenNothingChanged) {
   EXPECT_EQ(sealed[0].last_seq, 2u);
   EXPECT_EQ(sealed[1].first_seq, 1u);
   EXPECT_EQ(sealed[1].last_seq, 1u);
-  EXPECT_EQ(sealed[0].bytes, fs::file_size(sealed[0].path));
+  EXPECT_EQ(sealed[0].bytes, 2 * kHeaderSize + kBlock + kCutPayloadSize);
   EXPECT_EQ(sealed[1].bytes, kHeaderSize + kCutPayloadSize);
+  EXPECT_TRUE(fs::exists(CutPath(disks_[0].log_dir, 1)));
+  EXPECT_TRUE(fs::exists(CowPath(disks_[0].log_dir, 1)));
+  EXPECT_TRUE(fs::exists(CutPath(disks_[1].log_dir, 1)));
+  EXPECT_FALSE(fs::exists(CowPath(disks_[1].log_dir, 1))) << "nothing frozen: no copy-on-write";
   const VmStats stats = tracker->Stats();
   EXPECT_EQ(stats.last_cycle, 1u);
   EXPECT_GT(stats.last_cut_unix_nanos, 0);
@@ -339,9 +347,9 @@ TEST_F(VmTrackerTest, ReleaseThroughDeletesSegmentsAndLowersUnshippedBytes) {
   EXPECT_EQ(unshipped_b, sealed[1].bytes + sealed[3].bytes + kBlock);
 
   ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
-  EXPECT_FALSE(fs::exists(sealed[0].path));
-  EXPECT_FALSE(fs::exists(sealed[1].path));
-  EXPECT_TRUE(fs::exists(sealed[2].path));
+  EXPECT_FALSE(fs::exists(CutPath(disks_[0].log_dir, sealed[0].number)));
+  EXPECT_FALSE(fs::exists(CutPath(disks_[1].log_dir, sealed[1].number)));
+  EXPECT_TRUE(fs::exists(CutPath(disks_[0].log_dir, sealed[2].number)));
   EXPECT_EQ(tracker->Stats().disks[0].unshipped_bytes, unshipped_a - sealed[0].bytes);
   EXPECT_EQ(tracker->Stats().disks[1].unshipped_bytes, unshipped_b - sealed[1].bytes);
   ASSERT_EQ(tracker->SealedSegments().size(), 2u);
@@ -362,15 +370,19 @@ TEST_F(VmTrackerTest, ReleaseThroughDeletesSegmentsAndLowersUnshippedBytes) {
   write(0, 5);
   EXPECT_EQ(*tracker->Cut(), 4u);
   ASSERT_TRUE(tracker->Close().ok());
-  std::vector<Rec> recs = ReadLog(disks_[0].log_dir);
+  const std::vector<SealedSegment> left = tracker->SealedSegments();
+  ASSERT_FALSE(left.empty());
+  EXPECT_EQ(left.front().first_seq, last_seq_a + 1);
+  std::vector<Rec> recs = RecordsOf(*tracker, 0);
   ASSERT_FALSE(recs.empty());
-  EXPECT_EQ(recs.front().header.seq, last_seq_a + 1);
+  EXPECT_EQ(recs.back().header.seq, left.front().last_seq);
 }
 
-// A sealed segment the shipper found damaged: its disk drops the log for the bitmap with
-// every block dirty (what the damaged records changed is unknown), resync required with
-// the reason; the other disk logs on. A report about a segment that is gone is ignored.
-TEST_F(VmTrackerTest, ADamagedSegmentFallsBackToTheBitmapWithEveryBlockDirty) {
+// A save to a cut's copy-on-write that fails (here a failpoint; ENOSPC or EIO for real):
+// the cut can no longer be read, so its disk drops the log for the bitmap with the cut's
+// blocks and the map's, resync required with the reason; the guest's write succeeds and
+// the other disk logs on.
+TEST_F(VmTrackerTest, AFailedCopyOnWriteFallsBackToTheBitmap) {
   AddDisk("a", 1 << 20);
   AddDisk("b", 1 << 20);
   auto tracker = Open(Options());
@@ -386,22 +398,31 @@ TEST_F(VmTrackerTest, ADamagedSegmentFallsBackToTheBitmapWithEveryBlockDirty) {
   std::vector<SealedSegment> sealed = tracker->SealedSegments();
   ASSERT_EQ(sealed.size(), 4u);
   ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
-  // Released: not the log's any more, so nothing happens.
-  tracker->SegmentDamaged(sealed[1], Status::Corrupt("stale"));
-  EXPECT_EQ(tracker->Stats().disks[1].tracking, DiskTracking::kLog);
-
   ASSERT_EQ(sealed[2].disk, "a");
-  tracker->SegmentDamaged(sealed[2],
-                          Status::Corrupt("damaged segment 2 at offset 60: CRC mismatch"));
+  Result<std::unique_ptr<SegmentStream>> reader = tracker->OpenSegment(sealed[2]);
+  ASSERT_TRUE(reader.ok()) << reader.status().ToString();
+
+  ASSERT_TRUE(failpoint::Arm("tracker.cow_save=error*1").ok());
+  ASSERT_TRUE(
+      WriteVia(tracker->observer(0), disks_[0].fd.get(), 2 * kBlock, Pattern(kBlock, 99)).ok())
+      << "the guest never sees the copy-on-write fail";
   DiskStats a = tracker->Stats().disks[0];
   EXPECT_EQ(a.tracking, DiskTracking::kBitmap);
   EXPECT_TRUE(a.resync_required);
-  EXPECT_NE(a.resync_reason.find("change log: damaged segment 2 at offset 60: CRC mismatch"),
-            std::string::npos)
+  EXPECT_NE(a.resync_reason.find("failpoint tracker.cow_save"), std::string::npos)
       << a.resync_reason;
-  EXPECT_EQ(a.dirty_bytes, disks_[0].size);
+  EXPECT_EQ(a.dirty_bytes, kBlock) << "block 2: frozen in cycle 2, and written since";
   EXPECT_EQ(a.unshipped_bytes, 0u);
-  EXPECT_TRUE(ListSegments(disks_[0].log_dir)->empty());
+  for (const auto& e : fs::directory_iterator(disks_[0].log_dir)) {
+    EXPECT_NE(e.path().extension(), ".cut") << e.path();
+    EXPECT_NE(e.path().extension(), ".cow") << e.path();
+  }
+  // A reader of the dropped cut fails instead of returning content no longer protected.
+  Status read;
+  while (read.ok() && !(*reader)->done()) read = (*reader)->Next(1 << 20).status();
+  EXPECT_FALSE(read.ok());
+  EXPECT_NE(read.message().find("failpoint tracker.cow_save"), std::string::npos)
+      << read.ToString();
   const DiskStats b = tracker->Stats().disks[1];
   EXPECT_EQ(b.tracking, DiskTracking::kLog);
   EXPECT_FALSE(b.resync_required);
@@ -418,8 +439,59 @@ TEST_F(VmTrackerTest, ADamagedSegmentFallsBackToTheBitmapWithEveryBlockDirty) {
   a = tracker->Stats().disks[0];
   EXPECT_EQ(a.tracking, DiskTracking::kBitmap);
   EXPECT_TRUE(a.resync_required);
-  EXPECT_NE(a.resync_reason.find("damaged segment 2"), std::string::npos) << a.resync_reason;
-  EXPECT_EQ(a.dirty_bytes, disks_[0].size);
+  EXPECT_NE(a.resync_reason.find("failpoint tracker.cow_save"), std::string::npos)
+      << a.resync_reason;
+  EXPECT_EQ(a.dirty_bytes, kBlock);
+}
+
+// A saved block of a cut damaged at rest (a byte of the copy-on-write file flipped, in the
+// block or in its CRC32C): reading the cut for shipping finds it, names the block, and the
+// disk falls back to the bitmap with the cut's blocks, so no wrong block is shipped.
+TEST_F(VmTrackerTest, ADamagedCopyOnWriteBlockIsFoundWhenTheCutIsRead) {
+  for (const bool in_crc : {false, true}) {
+    SCOPED_TRACE(in_crc ? "a byte of its CRC32C" : "a byte of the block");
+    disks_.clear();
+    AddDisk(in_crc ? "c" : "b", 1 << 20);
+    auto tracker = Open(Options());
+    ASSERT_TRUE(tracker);
+    for (uint64_t b = 0; b < 8; ++b) {
+      ASSERT_TRUE(
+          WriteVia(tracker->observer(0), disks_[0].fd.get(), b * kBlock, Pattern(kBlock, b)).ok());
+    }
+    ASSERT_EQ(*tracker->Cut(), 1u);
+    // Block 5 is overwritten: its content at the cut goes to the copy-on-write.
+    ASSERT_TRUE(
+        WriteVia(tracker->observer(0), disks_[0].fd.get(), 5 * kBlock, Pattern(kBlock, 50)).ok());
+    const SealedSegment seg = tracker->SealedSegments().at(0);
+    const fs::path cow = CowPath(disks_[0].log_dir, seg.number);
+    {
+      // The CRCs follow the bits (one page: 4 words), each block's at 4 * block.
+      const uint64_t at = in_crc ? (1 << 20) + 4096 + 4 * 5 + 1 : 5 * kBlock + 100;
+      std::fstream f(cow, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekg(static_cast<std::streamoff>(at));
+      const char old = static_cast<char>(f.get());
+      f.seekp(static_cast<std::streamoff>(at));
+      f.put(static_cast<char>(old ^ 0x21));
+    }
+    Result<std::unique_ptr<SegmentStream>> stream = tracker->OpenSegment(seg);
+    ASSERT_TRUE(stream.ok()) << stream.status().ToString();
+    Status read;
+    while (read.ok() && !(*stream)->done()) read = (*stream)->Next(1 << 20).status();
+    EXPECT_EQ(read.code(), EBADMSG) << read.ToString();
+    EXPECT_NE(read.message().find("damaged copy-on-write block 5 of " + cow.string()),
+              std::string::npos)
+        << read.message();
+    // The next change finishes the fall back.
+    ASSERT_TRUE(
+        WriteVia(tracker->observer(0), disks_[0].fd.get(), 20 * kBlock, Pattern(kBlock, 9)).ok());
+    const DiskStats st = tracker->Stats().disks[0];
+    EXPECT_EQ(st.tracking, DiskTracking::kBitmap);
+    EXPECT_NE(st.resync_reason.find("damaged copy-on-write block 5"), std::string::npos)
+        << st.resync_reason;
+    EXPECT_EQ(st.dirty_bytes, 9 * kBlock) << "the cut's 8 blocks and block 20";
+    EXPECT_TRUE(tracker->SealedSegments().empty());
+    ASSERT_TRUE(tracker->Close().ok());
+  }
 }
 
 // A failed image write returns its error to the guest; its blocks stay marked, so the next
@@ -438,7 +510,7 @@ TEST_F(VmTrackerTest, AFailedApplyReturnsTheErrorAndKeepsTheBlocksMarked) {
   EXPECT_EQ(stats.unshipped_bytes, kBlock);
   ASSERT_EQ(*tracker->Cut(), 1u);
   ASSERT_TRUE(tracker->Close().ok());
-  ExpectReplayEqualsImage(0);
+  ExpectReplayEqualsImage(*tracker, 0);
 }
 
 TEST_F(VmTrackerTest, ChangesPastTheEndAreRefusedWithoutApplying) {
@@ -540,22 +612,43 @@ TEST_F(VmTrackerTest, SealedSegmentsCarryCutAndFirstChangeTimes) {
   EXPECT_EQ(again[0].cut_unix_nanos, sealed[0].cut_unix_nanos);
 }
 
+// A released segment goes to the archive as the shipper read it, also when its blocks
+// were overwritten after the cut; without an archive nothing is written.
 TEST_F(VmTrackerTest, ReleasedSegmentsGoToTheArchiveWhenOneIsSet) {
   AddDisk("a", 1 << 20);
   VmTrackerOptions o = Options();
-  o.archive_dir = tmp_.path() / "archive";
   auto tracker = Open(o);
   ASSERT_TRUE(tracker);
   ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), 0, Pattern(kBlock, 1)).ok());
   ASSERT_EQ(*tracker->Cut(), 1u);
   std::vector<SealedSegment> sealed = tracker->SealedSegments();
   ASSERT_EQ(sealed.size(), 1u);
-  const std::string before = *ReadFile(sealed[0].path);
+  std::string sent;
+  {
+    Result<std::unique_ptr<SegmentStream>> stream = tracker->OpenSegment(sealed[0]);
+    ASSERT_TRUE(stream.ok()) << stream.status().ToString();
+    while (!(*stream)->done()) {
+      Result<std::span<const std::byte>> b = (*stream)->Next(100);
+      ASSERT_TRUE(b.ok()) << b.status().ToString();
+      sent.append(reinterpret_cast<const char*>(b->data()), b->size());
+    }
+  }
+  ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), 0, Pattern(kBlock, 2)).ok());
   ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
-  EXPECT_FALSE(fs::exists(sealed[0].path));
-  const fs::path archived = o.archive_dir / "a" / sealed[0].path.filename();
+  EXPECT_FALSE(fs::exists(CutPath(disks_[0].log_dir, sealed[0].number)));
+  EXPECT_FALSE(fs::exists(CowPath(disks_[0].log_dir, sealed[0].number)));
+  const fs::path archived = o.archive_dir / "a" / SegmentFileName(sealed[0].number);
   ASSERT_TRUE(fs::exists(archived));
-  EXPECT_EQ(*ReadFile(archived), before);
+  EXPECT_EQ(*ReadFile(archived), sent);
+  ASSERT_TRUE(tracker->Close().ok());
+
+  tracker.reset();
+  o.archive_dir.clear();
+  fs::remove_all(tmp_.path() / "archive");
+  tracker = Open(o);
+  ASSERT_TRUE(tracker);
+  ASSERT_TRUE(tracker->ReleaseThrough(2).ok());  // Close's cut
+  EXPECT_FALSE(fs::exists(tmp_.path() / "archive"));
   ASSERT_TRUE(tracker->Close().ok());
 }
 
@@ -679,7 +772,8 @@ TEST_F(VmTrackerGroupTest, MembersOfAGroupCutGetOneCutTimeThatOnlyIncreases) {
   EXPECT_EQ(last_cycle[a.get()], 20u);
   EXPECT_EQ(last_cycle[c.get()], 10u);
   for (auto* t : {a.get(), b.get(), c.get()}) ASSERT_TRUE(t->Close().ok());
-  for (size_t i = 0; i < disks_.size(); ++i) ExpectReplayEqualsImage(i);
+  VmTracker* of_disk[] = {a.get(), a.get(), b.get(), c.get()};
+  for (size_t i = 0; i < disks_.size(); ++i) ExpectReplayEqualsImage(*of_disk[i], i);
 }
 
 // A member without a change gets the cycle too: a segment of one cut record per disk,
@@ -706,7 +800,6 @@ TEST_F(VmTrackerGroupTest, AnUnchangedMemberGetsACycleOfCutRecordsOnly) {
   EXPECT_EQ(sealed[0].first_seq, 1u);
   EXPECT_EQ(sealed[0].last_seq, 1u);
   EXPECT_EQ(sealed[0].bytes, kCutRecord);
-  EXPECT_EQ(fs::file_size(sealed[0].path), kCutRecord);
   EXPECT_EQ(sealed[0].first_change_unix_nanos, 0) << "the cycle holds no change";
   EXPECT_EQ(sealed[0].cut_unix_nanos, a->Stats().last_cut_unix_nanos);
   EXPECT_GT(a->SealedSegments().at(0).first_change_unix_nanos, 0);
@@ -727,7 +820,8 @@ TEST_F(VmTrackerGroupTest, AnUnchangedMemberGetsACycleOfCutRecordsOnly) {
   }
 
   // The reader: one sequence, two cycles of cuts alone.
-  std::vector<Rec> recs = ReadLog(b0.log_dir);
+  const fs::path b_log = LogOf(*b, 1);
+  std::vector<Rec> recs = ReadLog(b_log);
   ASSERT_EQ(recs.size(), 4u);
   for (size_t i = 0; i < recs.size(); ++i) EXPECT_EQ(recs[i].header.seq, i + 1);
   EXPECT_EQ(recs[0].header.kind, RecordKind::kCut);
@@ -738,7 +832,7 @@ TEST_F(VmTrackerGroupTest, AnUnchangedMemberGetsACycleOfCutRecordsOnly) {
   // Replay through an empty cycle changes nothing; through the next one, everything.
   const fs::path copy = tmp_.path() / "b0.replica";
   fs::copy_file(b0.pre_image, copy);
-  Result<ReplayResult> replayed = ReplayLogToFile(b0.log_dir, copy, ReplayOptions{2});
+  Result<ReplayResult> replayed = ReplayLogToFile(b_log, copy, ReplayOptions{2});
   ASSERT_TRUE(replayed.ok()) << replayed.status().ToString();
   EXPECT_EQ(replayed->cuts, 2u);
   EXPECT_EQ(replayed->writes, 0u);
@@ -747,19 +841,19 @@ TEST_F(VmTrackerGroupTest, AnUnchangedMemberGetsACycleOfCutRecordsOnly) {
 
   // The prefix check finds a replica at the pre-image at the empty cycles too.
   Result<PrefixCheckResult> check =
-      CheckReplicaIsLogPrefix({{"b0", b0.pre_image, b0.log_dir, copy}}, tmp_.path());
+      CheckReplicaIsLogPrefix({{"b0", b0.pre_image, b_log, copy}}, tmp_.path());
   ASSERT_TRUE(check.ok()) << check.status().ToString();
   EXPECT_EQ(check->disks[0].matching_cycles, (std::vector<uint64_t>{0, 1, 2}));
   EXPECT_EQ(check->cycle, std::optional<uint64_t>(2));
-  replayed = ReplayLogToFile(b0.log_dir, copy, ReplayOptions{3});
+  replayed = ReplayLogToFile(b_log, copy, ReplayOptions{3});
   ASSERT_TRUE(replayed.ok()) << replayed.status().ToString();
-  check = CheckReplicaIsLogPrefix({{"b0", b0.pre_image, b0.log_dir, copy}}, tmp_.path());
+  check = CheckReplicaIsLogPrefix({{"b0", b0.pre_image, b_log, copy}}, tmp_.path());
   ASSERT_TRUE(check.ok()) << check.status().ToString();
   EXPECT_EQ(check->cycle, std::optional<uint64_t>(3));
 
   // Release, and a restart: the recovered list holds the empty cycle as it was.
   ASSERT_TRUE(b->ReleaseThrough(1).ok());
-  EXPECT_FALSE(fs::exists(sealed[0].path));
+  EXPECT_FALSE(fs::exists(CutPath(b0.log_dir, sealed[0].number)));
   EXPECT_EQ(b->Stats().disks[0].unshipped_bytes, kCutRecord + kCutRecord + kHeaderSize + kBlock);
   const std::vector<SealedSegment> before = b->SealedSegments();
   ASSERT_TRUE(a->Close().ok());
@@ -785,7 +879,7 @@ TEST_F(VmTrackerGroupTest, AnUnchangedMemberGetsACycleOfCutRecordsOnly) {
   ASSERT_TRUE(b->ReleaseThrough(3).ok());
   EXPECT_TRUE(b->SealedSegments().empty());
   EXPECT_EQ(b->Stats().disks[0].unshipped_bytes, 0u);
-  ExpectReplayEqualsImage(0);
+  ExpectReplayEqualsImage(*a, 0);
 }
 
 TEST_F(VmTrackerGroupTest, NothingChangedAnywhereCutsNothing) {
@@ -955,7 +1049,7 @@ TEST_F(VmTrackerGroupTest, GroupCutsAreOneInstantAcrossVms) {
   std::vector<LogCycles> logs;
   std::vector<std::vector<uint64_t>> cycle_of(vms.size());  // [vm][tag]
   for (size_t v = 0; v < vms.size(); ++v) {
-    logs.push_back(ReadCycles(disks_[v].log_dir));
+    logs.push_back(ReadCycles(LogOf(*vms[v], v)));
     ASSERT_EQ(logs[v].cycle_of_tag.size(), kWrites) << "VM " << v;
     cycle_of[v].resize(kWrites + 1);
     for (const auto& [tag, cycle] : logs[v].cycle_of_tag) cycle_of[v].at(tag) = cycle;
@@ -992,7 +1086,7 @@ TEST_F(VmTrackerGroupTest, GroupCutsAreOneInstantAcrossVms) {
   EXPECT_EQ(violations, 0);
   EXPECT_GT(cut_instants, 5u) << "the test needs group cuts during the writes";
   std::printf("%zu group cuts, %zu of them cut\n", instants.size(), cut_instants);
-  for (size_t v = 0; v < vms.size(); ++v) ExpectReplayEqualsImage(v);
+  for (size_t v = 0; v < vms.size(); ++v) ExpectReplayEqualsImage(*vms[v], v);
 }
 
 // Group cuts listing the trackers in opposite orders, and a VM's own cuts, all at once
@@ -1004,6 +1098,7 @@ TEST_F(VmTrackerGroupTest, ConcurrentGroupCutsInAnyOrderDoNotDeadlock) {
   auto b = Open(VmOptions("vm-b", {1}));
   ASSERT_TRUE(a && b);
   std::atomic<bool> stop{false};
+  std::atomic<uint64_t> writes{0};
   std::vector<std::thread> threads;
   for (int w = 0; w < 2; ++w) {
     threads.emplace_back([&, w] {
@@ -1012,18 +1107,36 @@ TEST_F(VmTrackerGroupTest, ConcurrentGroupCutsInAnyOrderDoNotDeadlock) {
         const uint64_t offset = (rng() % 256) * kBlock;
         Put(*a, 0, a0, offset, Pattern(kBlock, rng()));
         Put(*b, 0, b0, offset, Pattern(kBlock, rng()));
+        ++writes;
       }
     });
   }
+  // Each cutter waits for a write after its last cut before the next (a cut is quicker
+  // than a write, and cuts are preferred by the VM lock), so that writes and cuts
+  // interleave.
+  auto paced = [&](int) {
+    thread_local uint64_t seen = 0;
+    while (writes <= seen && !stop) std::this_thread::sleep_for(20us);
+    seen = writes;
+  };
   std::vector<std::thread> cutters;
   cutters.emplace_back([&] {
-    for (int i = 0; i < 150; ++i) ASSERT_TRUE(CutTogether({a.get(), b.get()}).ok());
+    for (int i = 0; i < 150; ++i) {
+      paced(i);
+      ASSERT_TRUE(CutTogether({a.get(), b.get()}).ok());
+    }
   });
   cutters.emplace_back([&] {
-    for (int i = 0; i < 150; ++i) ASSERT_TRUE(CutTogether({b.get(), a.get()}).ok());
+    for (int i = 0; i < 150; ++i) {
+      paced(i);
+      ASSERT_TRUE(CutTogether({b.get(), a.get()}).ok());
+    }
   });
   cutters.emplace_back([&] {
-    for (int i = 0; i < 150; ++i) ASSERT_TRUE(a->Cut().ok());
+    for (int i = 0; i < 150; ++i) {
+      paced(i);
+      ASSERT_TRUE(a->Cut().ok());
+    }
   });
   for (auto& t : cutters) t.join();
   stop = true;
@@ -1033,7 +1146,8 @@ TEST_F(VmTrackerGroupTest, ConcurrentGroupCutsInAnyOrderDoNotDeadlock) {
   for (size_t v = 0; v < 2; ++v) {
     int64_t previous = 0;
     uint64_t cuts = 0;
-    for (const Rec& r : ReadLog(disks_[v].log_dir)) {
+    VmTracker& t = v == 0 ? *a : *b;
+    for (const Rec& r : RecordsOf(t, v)) {
       if (r.header.kind != RecordKind::kCut) continue;
       const CutPayload cut = DecodeCutPayload(std::span(r.payload).first<kCutPayloadSize>());
       EXPECT_GT(cut.unix_nanos, previous) << "VM " << v << " cycle " << cut.cycle;
@@ -1041,7 +1155,7 @@ TEST_F(VmTrackerGroupTest, ConcurrentGroupCutsInAnyOrderDoNotDeadlock) {
       ++cuts;
     }
     EXPECT_GT(cuts, 10u);
-    ExpectReplayEqualsImage(v);
+    ExpectReplayEqualsImage(t, v);
   }
 }
 
@@ -1088,7 +1202,8 @@ TEST_F(VmTrackerGroupTest, AMemberWithoutALoggingDiskGetsNoCycle) {
   ASSERT_TRUE(a && b);
   for (uint64_t i = 0; i < 8; ++i) Put(*b, 0, b0, i * kBlock, Pattern(kBlock, i));
   ASSERT_EQ(*b->Cut(), 1u);
-  b->SegmentDamaged(b->SealedSegments().front(), Status::Corrupt("damaged for the test"));
+  ASSERT_TRUE(failpoint::Arm("tracker.cow_save=error*1").ok());
+  Put(*b, 0, b0, 0, Pattern(kBlock, 9));  // frozen in cycle 1: its save fails
   ASSERT_EQ(b->Stats().disks[0].tracking, DiskTracking::kBitmap);
   Put(*b, 0, b0, 20 * kBlock, Pattern(kBlock, 20));
   Put(*a, 0, a0, 0, Pattern(kBlock, 1));

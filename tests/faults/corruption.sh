@@ -4,20 +4,23 @@
 # detected and recovered from without losing an acknowledged write and without applying
 # bad data:
 #
-#   corrupt_primary_segment   the link is cut at the proxy (close) while the load runs, so
-#       sealed segments pile up unshipped in east's log folder; a byte of one of them (of a
-#       cycle the replica has not received; in a record's header or payload, half each) is
-#       flipped, the link healed. The shipper checks every segment of a cycle before
-#       sending it (tracker::CheckSealedSegment): the cycle is not sent, the disk drops its
-#       log for the dirty bitmap with every block marked ("resync required", reason "change
-#       log: damaged segment <file> at offset N: ..."), and the automatic resync (resync =
-#       "auto", the default) compares the disk with the replica. Checks: detected (east's
-#       log says "not sent: damaged segment <that file>" and the disk fell back with that
-#       reason, which `siterep status` shows as its resync_reason until the resync starts
-#       a second later), not_shipped (west never saw it: no refusal of that segment in
-#       west's log), prefix_before (before the heal, siterep-check finds the replica a
-#       prefix of the archived log at its applied cycle), recovered (the resync ended, the
-#       disk logs again and is no longer resync required).
+#   corrupt_primary_cow       the link is cut at the proxy (close) while the load runs, so
+#       the cut cycle waits unshipped at east (pacing), and the load's overwrites of its
+#       blocks save their content at the cut to the cycle's copy-on-write file
+#       ("<n>.cow" in east's log folder); a byte of one saved block (in the block's data or
+#       in its CRC32C, half each) is flipped, the link healed. The shipper reads the cycle
+#       from the copy-on-write, checking each saved block's CRC32C: the damaged block is
+#       never sent, the disk drops its log for the dirty bitmap with the cut's blocks
+#       marked ("resync required", reason "change log: damaged copy-on-write block B of
+#       <file> (CRC32C mismatch)"), and the automatic resync (resync = "auto", the default)
+#       compares those blocks with the replica. Checks: detected (east's log says the disk
+#       fell back naming that block of that file), not_shipped (west never committed that
+#       cycle from the log: no refusal of its segment in west's log, and the cycle after
+#       west's received one came by the resync), prefix_before (before the heal,
+#       siterep-check finds the replica a prefix of the archived log at its applied
+#       cycle), recovered (the resync ended, the disk logs again and is no longer resync
+#       required). A flipped bit of the saved-block bitmap itself is not detected (as a
+#       flipped byte of the image is not): the class does not flip those.
 #   corrupt_received_segment  the applier is held on west (failpoint applier.before_apply=
 #       error) while the load runs, so committed cycles wait in west's received/ folder; a
 #       byte of one of those segment files (in a record's header or payload, half each) is
@@ -44,8 +47,8 @@
 # and sha256 (the images of both sites hash the same).
 #
 # The pre-image and the resync. siterep-check replays the archived log (east runs with
-# --archive-logs) over the pre-image. A resync after corrupt_primary_segment breaks that
-# log: the damaged disk's unshipped segments are dropped by the fall back (never archived),
+# --archive-logs) over the pre-image. A resync after corrupt_primary_cow breaks that
+# log: the damaged disk's unshipped cuts are dropped by the fall back (never archived),
 # and the replica becomes "the primary at the sync's cut" rather than "the pre-image plus a
 # log". So in that class the replica is frozen right after the sync ends (applier.before_
 # apply=error armed on west before the heal; a sync does not pass that point): the images
@@ -71,7 +74,7 @@ source "$FAULTS_DIR/common.sh"
 
 COUNT=${FAULTS_CORRUPTIONS:-10}
 SEED=${FAULTS_SEED:-$(new_seed)}
-ALL="corrupt_primary_segment corrupt_received_segment corrupt_frame corrupt_replica_image"
+ALL="corrupt_primary_cow corrupt_received_segment corrupt_frame corrupt_replica_image"
 CLASSES=${FAULTS_CORRUPTION_CLASSES:-$ALL}
 MUTATE=${FAULTS_CORRUPTION_MUTATE:-0}
 [[ $COUNT =~ ^[0-9]+$ && $SEED =~ ^[0-9]+$ ]] || fail "FAULTS_CORRUPTIONS and FAULTS_SEED must be whole numbers"
@@ -146,6 +149,59 @@ elif cmd == "flip":
     os.pwrite(fd, bytes([b[0] ^ mask]), at)
     os.fsync(fd)
     os.close(fd)
+PY
+}
+
+# cow_tool: a cut's copy-on-write file (tracker/snapshot.h, persistent layout), by hand.
+#   candidates LOG_DIR DISK_SIZE RECEIVED
+#                         "COW CYCLE SAVED" per copy-on-write file of a cut of a cycle after
+#                         RECEIVED that has saved blocks
+#   offset COW DISK_SIZE PART BLOCK_PICK BYTE_PICK
+#                         "OFFSET BLOCK": a byte of saved block int(BLOCK_PICK * saved), in
+#                         its data (PART payload) or its CRC32C (PART header)
+cow_tool() {
+  python3 - "$@" <<'PY'
+import os, struct, sys
+def layout(size):
+    blocks = (size + 4095) // 4096
+    words = (blocks + 63) // 64
+    bits = (size + 4095) // 4096 * 4096
+    crcs = (bits + words * 8 + 4095) // 4096 * 4096
+    return blocks, words, bits, crcs
+def saved(path, size):
+    blocks, words, bits, _ = layout(size)
+    with open(path, "rb") as f:
+        f.seek(bits)
+        raw = f.read(words * 8)
+    out = []
+    for w in range(len(raw) // 8):
+        v = struct.unpack_from("<Q", raw, w * 8)[0]
+        out += [64 * w + b for b in range(64) if v >> b & 1]
+    return [b for b in out if b < blocks]
+cmd = sys.argv[1]
+if cmd == "candidates":
+    log_dir, size, received = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    for name in sorted(os.listdir(log_dir)):
+        if not name.endswith(".cow"):
+            continue
+        cut = os.path.join(log_dir, name[:20] + ".cut")
+        try:
+            with open(cut, "rb") as f:
+                cycle = struct.unpack_from("<Q", f.read(16), 8)[0]
+            n = len(saved(os.path.join(log_dir, name), size))
+        except OSError:
+            continue
+        if cycle > received and n > 0:
+            print(os.path.join(log_dir, name), cycle, n)
+elif cmd == "offset":
+    path, size, part = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    pick, byte_pick = float(sys.argv[5]), float(sys.argv[6])
+    blocks = saved(path, size)
+    block = blocks[min(len(blocks) - 1, int(pick * len(blocks)))]
+    if part == "payload":
+        print(block * 4096 + min(4095, int(byte_pick * 4096)), block)
+    else:
+        print(layout(size)[3] + 4 * block + min(3, int(byte_pick * 4)), block)
 PY
 }
 
@@ -256,7 +312,8 @@ rebase_at() {
 
 # The plan: one line per iteration, from FAULTS_SEED alone.
 #   CLASS N LOAD_S SLOT ARGS...
-#   corrupt_primary_segment  HOLD_S DISK SEG_PICK PART:REC_PICK:BYTE_PICK MASK
+#   corrupt_primary_cow      HOLD_S DISK COW_PICK PART:BLOCK_PICK:BYTE_PICK MASK
+# (PART: header (the CRC32C) or payload (the data), half each; see cow_tool offset)
 #   corrupt_received_segment HOLD_S DISK SEG_PICK PART:REC_PICK:BYTE_PICK MASK
 # (PART: header or payload, half each; see seg_tool offset)
 #   corrupt_frame            SKIP
@@ -269,7 +326,7 @@ for c in classes:
     for n in range(1, count + 1):
         load = rng.uniform(0.5, 1.5)
         slot = rng.randrange(64)
-        if c in ("corrupt_primary_segment", "corrupt_received_segment"):
+        if c in ("corrupt_primary_cow", "corrupt_received_segment"):
             part = rng.choice(["header", "payload"])
             args = [f"{rng.uniform(2.0, 4.0):.2f}", rng.choice(["d0", "d1"]), f"{rng.random():.4f}",
                     f"{part}:{rng.random():.4f}:{rng.random():.6f}", str(rng.randrange(1, 256))]
@@ -285,9 +342,9 @@ PY
 
 for c in $CLASSES; do
   case $c in
-    corrupt_primary_segment)
-      injected="a byte of a sealed, unshipped change-log segment in east's log folder flipped (random segment of a random disk, random offset: header or payload of a record, random XOR mask) while the link is cut at the proxy under write load; then the link healed"
-      checked='["detected: the shipper refuses to send the cycle (east log: not sent: damaged segment FILE) and the disk falls back to the bitmap, resync required with reason change log: damaged segment FILE", "not_shipped: west never received the damaged segment (no refusal of it in west log)", "prefix_before: before the heal siterep-check finds the replica a prefix of the archived log at its applied cycle", "recovered: the automatic resync ended; the disk logs again, not resync required", "acked, prefix (over the pre-image taken at the sync end), sha256"]' ;;
+    corrupt_primary_cow)
+      injected="a byte of a block saved in the copy-on-write file of an unshipped cut in east's log folder flipped (random cut of a random disk, random saved block: its data or its CRC32C, random byte and XOR mask) while the link is cut at the proxy under write load; then the link healed"
+      checked='["detected: reading the cycle for shipping finds the block (CRC32C mismatch) and the disk falls back to the bitmap, resync required with reason change log: damaged copy-on-write block B of FILE", "not_shipped: west never received the damaged cycle from the log (no refusal of its segment in west log)", "prefix_before: before the heal siterep-check finds the replica a prefix of the archived log at its applied cycle", "recovered: the automatic resync ended; the disk logs again, not resync required", "acked, prefix (over the pre-image taken at the sync end), sha256"]' ;;
     corrupt_received_segment)
       injected="a byte of a received, committed but not yet applied segment in west's received/ folder flipped (applier held with failpoint applier.before_apply=error under write load); then the applier released"
       checked='["detected: west stops the apply naming that segment (status apply failed)", "not_applied: west applied cycle stays below the damaged cycle and siterep-check finds the replica a prefix at exactly that cycle", "recovered: siterep resync vm1 by the operator ends and west applies past the damaged cycle", "acked, prefix, sha256"]' ;;
@@ -305,28 +362,29 @@ done
 # The classes. Each runs with the load on and its marker written; sets CK, DETAIL (what
 # was done, for the record) and WHAT (one line).
 
-# corrupt_primary_segment HOLD_S DISK SEG_PICK PART:REC_PICK:BYTE_PICK MASK
-corrupt_primary_segment() {
-  local hold=$1 disk=$2 seg_pick=$3 mask=$5 part rec_pick byte_pick
-  IFS=: read -r part rec_pick byte_pick <<<"$4"
-  local received files=() cand=() f c file size off where t_heal line reason sync_id=""
+# corrupt_primary_cow HOLD_S DISK COW_PICK PART:BLOCK_PICK:BYTE_PICK MASK
+corrupt_primary_cow() {
+  local hold=$1 disk=$2 cow_pick=$3 mask=$5 part block_pick byte_pick
+  IFS=: read -r part block_pick byte_pick <<<"$4"
+  local received cand=() f c n file size off block where t_heal line reason sync_id=""
   proxy_mode close >>"$LIBLOG"
   sleep "$hold"
   wait_until 15 west_applied_all_received || add_msg "west did not apply what it received within 15 s"
   received=$(west_field "v['received_cycle']")
-  # A built segment of a cycle the replica has not received (with the link closed, pacing
-  # keeps the one built before the cut waiting).
+  size=$(stat -c %s "$T/$disk.img")
+  # The copy-on-write of a cut the replica has not received, with a block saved (with the
+  # link closed, pacing keeps the cut before the cut of the link waiting; the load's
+  # overwrites of its blocks save them).
   for ((i = 0; i < 50; i++)); do
-    mapfile -t files < <(ls "$T/$disk.img.srlog/"*.seg 2>/dev/null | sort)
     cand=()
-    while read -r f c; do
-      [[ -n $f && $c -gt $received ]] && cand+=("$f")
-    done < <(seg_tool cycles "${files[@]}" 2>/dev/null)
+    while read -r f c n; do
+      [[ -n $f ]] && cand+=("$f")
+    done < <(cow_tool candidates "$T/$disk.img.srlog" "$size" "$received" 2>/dev/null)
     ((${#cand[@]} > 0)) && break
     sleep 0.2
   done
   if ((${#cand[@]} == 0)); then
-    ck detected fail "no sealed unshipped segment of $disk after ${hold}s + 10 s"
+    ck detected fail "no unshipped cut of $disk with a saved block after ${hold}s + 10 s"
     proxy_mode pass >>"$LIBLOG"
     return
   fi
@@ -339,35 +397,29 @@ corrupt_primary_segment() {
   else
     ck prefix_before fail "$(tr '\n' ' ' <"$T/check.out" | head -c 400)"
   fi
-  file=${cand[$(python3 -c "print(int($seg_pick * ${#cand[@]}))")]}
-  size=$(stat -c %s "$file")
-  off=$(seg_tool offset "$file" "$part" "$rec_pick" "$byte_pick")
-  where=$(seg_tool where "$file" "$off")
+  file=${cand[$(python3 -c "print(int($cow_pick * ${#cand[@]}))")]}
+  read -r off block < <(cow_tool offset "$file" "$size" "$part" "$block_pick" "$byte_pick")
+  if [[ $part == payload ]]; then where="data byte $((off - block * 4096)) of saved block $block"; else where="CRC32C of saved block $block"; fi
   seg_tool flip "$file" "$off" "$mask"
-  DETAIL="{\"disk\": \"$disk\", \"segment\": \"$(basename "$file")\", \"segment_bytes\": $size, \"offset\": $off, \"mask\": $mask, \"where\": \"$where\", \"replica_received\": $received, \"candidates\": ${#cand[@]}}"
-  WHAT="link cut ${hold}s under load; flipped byte $off of $disk segment $(basename "$file") ($where; ${#cand[@]} unshipped sealed segments, replica received cycle $received) with mask $mask; link healed"
+  DETAIL="{\"disk\": \"$disk\", \"cow\": \"$(basename "$file")\", \"offset\": $off, \"block\": $block, \"mask\": $mask, \"where\": \"$where\", \"replica_received\": $received, \"candidates\": ${#cand[@]}}"
+  WHAT="link cut ${hold}s under load; flipped byte $off of $disk copy-on-write $(basename "$file") ($where; ${#cand[@]} unshipped cuts with saved blocks, replica received cycle $received) with mask $mask; link healed"
   local expect
   expect=$(basename "$file")
   ((MUTATE && N == 1)) && expect="0$expect"
   west_failpoint 'applier.before_apply=error'
   proxy_mode pass >>"$LIBLOG"
   t_heal=$(now_ns)
-  # Detected: east refuses to send it, and the disk says why.
-  local pattern="not sent: damaged segment [^ ]*/$expect at offset"
+  # Detected: reading the cycle finds the block, and the disk falls back naming it. (The
+  # status shows the reason until the resync has ended; then it is cleared.)
+  local pattern="falling back to the dirty bitmap: change log: damaged copy-on-write block $block of [^ ]*/$expect"
   if wait_until 30 grep -q "$pattern" "$EAST_LOG"; then
-    line=$(grep -m1 "$pattern" "$EAST_LOG" | cut -c1-300)
-    # The status shows the reason until the resync has ended (then it is cleared).
-    reason=$(grep -m1 "falling back to the dirty bitmap: change log: damaged segment [^ ]*/$expect" "$EAST_LOG" | cut -c1-300)
-    if [[ -n $reason ]]; then
-      ck detected pass
-    else
-      ck detected fail "east's log refused the segment but $disk did not fall back naming it"
-    fi
+    reason=$(grep -m1 "$pattern" "$EAST_LOG" | cut -c1-300)
+    ck detected pass
     DETECTED_S=$(since "$t_heal")
   else
-    ck detected fail "no 'not sent: damaged segment $expect' in east's log within 30 s of the heal"
+    ck detected fail "no '$pattern' in east's log within 30 s of the heal"
   fi
-  DETECTION="${line:-} | ${reason:-}"
+  DETECTION="${reason:-}"
   # Recovered: the resync ran and ended; the replica is frozen at its cut (failpoint).
   local t_sync=$(now_ns) st end=$((SECONDS + 90))
   while ((SECONDS < end)); do
@@ -386,8 +438,8 @@ corrupt_primary_segment() {
     ck recovered fail "east: state $state, last sync ${sync_id:-none}, resync still required: $resync_left, tracking $tracking; west applied $(west_field "v['applied_cycle']")"
   fi
   west_failpoint 'applier.before_apply=off'
-  # Not shipped: west never saw the damaged segment as data.
-  local number=$((10#$(basename "$file" .seg)))
+  # Not shipped: west never saw the damaged cycle's segment as data.
+  local number=$((10#$(basename "$file" .cow)))
   if grep -q "segment $number of disk $disk refused" "$WEST_LOG"; then
     ck not_shipped fail "west refused segment $number of $disk: it was shipped"
   else
@@ -572,7 +624,7 @@ while read -r class N load_s slot a1 a2 a3 a4 a5; do
   sleep "$load_s"
   write_markers "$slot" || note+="${note:+; }a marker write failed before the fault"
   case $class in
-    corrupt_primary_segment | corrupt_received_segment) "$class" "$a1" "$a2" "$a3" "$a4" "$a5" ;;
+    corrupt_primary_cow | corrupt_received_segment) "$class" "$a1" "$a2" "$a3" "$a4" "$a5" ;;
     *) "$class" "$a1" ;;
   esac
   wait_load TERM

@@ -16,15 +16,18 @@
 #                                        it. (Not a proxy stalling the link: the test proxy
 #                                        closes both ways on a half-close, which would turn
 #                                        west's Error frames into resets in the other class.)
-#                           Expected: the guest keeps writing and no disk leaves its
-#                           changed-block tracking: a cycle that cannot be built for lack
-#                           of space keeps its blocks in the map and the next build
-#                           retries (health warning naming the error); paused, pacing
-#                           builds nothing more, so nothing needs the space. When the
-#                           space returns (file removed, shipping resumed) the cycles
-#                           catch the replica up, with no resync. (The resync choice,
-#                           automatic or an operator's `siterep resync vm1` whenever the VM
-#                           needs one, is kept: it must not be needed.)
+#                           Expected: the guest keeps writing and no disk loses track of
+#                           which blocks changed: a cycle that cannot be cut for lack of
+#                           space (its cut file) keeps its blocks in the map and the next
+#                           cut retries (health warning naming the error); a save to the
+#                           copy-on-write of an unshipped cycle that finds no space (the
+#                           load overwrites its blocks; paused, that cycle waits) drops the
+#                           disk's log for the dirty bitmap with the cycle's blocks and the
+#                           map's (resync required, naming No space left on device), never
+#                           every block. When the space returns (file removed, shipping
+#                           resumed) the cycles catch the replica up, after a resync of
+#                           those blocks when a disk fell back (automatic, or an operator's
+#                           `siterep resync vm1` whenever the VM needs one).
 #   enospc_secondary_state  west's state_dir is a small file system: room for the two
 #                           replica images (fully allocated: the seed copies are random
 #                           data), for the undo journal of a resync of both disks (a resync
@@ -42,7 +45,9 @@
 #   guest_io_ok        numbered writes kept being acknowledged by fsync while the disk was
 #                      full (at least one; none failed), a 64 KiB marker per disk written
 #                      while full was acknowledged, and fio ended its round with err=0
-#   kept_log           (primary) no disk left its changed-block tracking (bitmap) while full
+#   kept_log           (primary) no disk lost track of its changed blocks while full: none
+#                      fell back to the bitmap, or one that did names No space left on
+#                      device and marks fewer blocks than its VM's disks hold
 #   health_shows       (primary, filler mode) east's health is not normal and its status
 #                      names "No space left on device" (health_reason) while full;
 #                      (secondary) east's status names it (link.last_error or health_reason)
@@ -169,7 +174,7 @@ ilog "sites up: east pid $EAST_PID replicates vm1 (2 x $DISK_MIB MiB) to west pi
 
 python3 "$TOOL" record "$RECORDS" kind=class_info class=enospc_primary_log \
   injected="east's change-log folders and log archive on a $LOGFS_MIB MiB ext4 on a loop device, filled under write load: a file leaving 0-2 MiB (filler) or 2-8 MiB with shipping paused (siterep pause) so the unshipped log fills it (paused); full for 2-4 s after the fall back, then the file removed and shipping resumed; the resync automatic or started by the operator" \
-  checked='["guest_io_ok: numbered writes acknowledged by fsync while full, a marker per disk acknowledged while full, fio err=0", "kept_log: no disk on the dirty bitmap while full", "health_shows: (filler) health not normal and the status names No space left on device while full", "recovered: both disks log again, no resync required, within 150 s of the space returning", "acked: every acknowledged write reads back at the primary (each load round)", "sha256_at_resync: after the recovery, load stopped and caught up, the images hash the same", "prefix + sha256: siterep-check of a load round after the resync (pre-image rebased at the resync)"]'
+  checked='["guest_io_ok: numbered writes acknowledged by fsync while full, a marker per disk acknowledged while full, fio err=0", "kept_log: no disk fell back to the dirty bitmap while full, or one that did (a copy-on-write save without space) names No space left on device and marks fewer blocks than the disks hold", "health_shows: (filler) health not normal and the status names No space left on device while full", "recovered: both disks log again, no resync required (after the resync of a disk that fell back), within 150 s of the space returning", "acked: every acknowledged write reads back at the primary (each load round)", "sha256_at_resync: after the recovery, load stopped and caught up, the images hash the same", "prefix + sha256: siterep-check of a load round after the resync (pre-image rebased at the resync)"]'
 python3 "$TOOL" record "$RECORDS" kind=class_info class=enospc_secondary_state \
   injected="west's state_dir on a $STATEFS_MIB MiB ext4 on a loop device (the two replica images fully allocated, room for a resync's undo journal and 24 MiB more), filled under write load by a file leaving 0-3 MiB, for 2-5 s; then the file removed and, in some iterations, west restarted (SIGTERM, start)" \
   checked='["guest_io_ok: numbered writes acknowledged by fsync while full, a marker per disk acknowledged while full, fio err=0", "refused_cleanly: west logs No space left on device, keeps running; east stays on its log", "health_shows: east status names No space left on device", "consistent_while_full: siterep-check finds the quiet replica consistent at its applied cycle while full", "restart_ok: west stops with exit code 0 and starts cleanly, its applied cycle not older, no error logged (some iterations)", "recovered: link connected and a newer cycle acknowledged within 90 s", "acked + prefix (siterep-check) + sha256 after the load stopped"]'
@@ -386,7 +391,7 @@ primary_iteration() {
   local t0 fill_ns space_ns filler st health acked link t0d t1d rnos lnos dirty lerr
   local fell=0 fell_s="" shows=0 health_seen="" recovered=0 rec_s="" conv_s="" gerr sha_resync=skip acked_first note=""
   local dirty_at_return=0 resync_out="" fell_disks="" resyncs=0 last_resync_ns=0 elines east_errors
-  local topped=0
+  local topped=0 fell_dirty=0 fell_nos=no
   t0=$(now_ns)
   reset_checks
   elines=$(wc -l <"$EAST_LOG")
@@ -396,10 +401,12 @@ primary_iteration() {
   [[ $mode == paused ]] && "$SITEREP" -c "$EAST_CONF" pause vm1 >>"$LIBLOG" 2>&1
   filler=$(fill "$LOGFS" "$slack")
   fill_ns=$(now_ns)
-  # Filler: until a build fails for lack of space and the status says so (60 s at most).
+  # Filler: until a cut fails for lack of space and the status says so (60 s at most).
   while [[ $mode != paused ]] && (($(now_ns) - fill_ns < 60 * 1000000000)); do
     read -r st health acked link t0d t1d rnos lnos dirty lerr <<<"$(east_snap)"
-    [[ $t0d == bitmap* || $t1d == bitmap* ]] && fell=1 fell_disks="d0 $t0d, d1 $t1d"
+    if [[ $t0d == bitmap* || $t1d == bitmap* ]] && ((!fell)); then
+      fell=1 fell_disks="d0 $t0d, d1 $t1d" fell_dirty=$dirty fell_nos=$rnos
+    fi
     if [[ $health != normal && $rnos == yes ]]; then
       fell_s=$(since "$fill_ns")
       break
@@ -413,7 +420,9 @@ primary_iteration() {
     read -r st health acked link t0d t1d rnos lnos dirty lerr <<<"$(east_snap)"
     health_seen+="$health/$st "
     [[ $health != normal && $rnos == yes ]] && shows=1
-    [[ $t0d == bitmap* || $t1d == bitmap* ]] && fell=1 fell_disks="d0 $t0d, d1 $t1d"
+    if [[ $t0d == bitmap* || $t1d == bitmap* ]] && ((!fell)); then
+      fell=1 fell_disks="d0 $t0d, d1 $t1d" fell_dirty=$dirty fell_nos=$rnos
+    fi
     topped=$((topped + $(top_up "$LOGFS" "$slack")))
     sleep 0.2
   done
@@ -480,9 +489,9 @@ primary_iteration() {
     cut -c1-120 | sort | uniq -c | sort -rn | head -n 3 | tr -s ' \n' ' ' || true)
   local c_guest c_kept c_shows c_rec result secs what summary artifacts=""
   c_guest=$(judge guest_io_ok "$([[ $FULL_ACKS -gt 0 && $FULL_MARKER == 1 && -z $gerr ]] && echo 1 || echo 0)")
-  c_kept=$(judge kept_log $((1 - fell)))
+  c_kept=$(judge kept_log "$( ((!fell || (fell_dirty < 2 * DISK_MIB * 1048576))) && [[ $fell == 0 || $fell_nos == yes ]] && echo 1 || echo 0)")
   if [[ $mode == paused ]]; then
-    c_shows=skip  # paused: pacing builds no cycle, so nothing fails for lack of space
+    c_shows=skip  # paused: pacing cuts no cycle, so a cut does not fail for lack of space
   else
     c_shows=$(judge health_shows "$shows")
   fi
@@ -494,8 +503,8 @@ primary_iteration() {
   if [[ $checks == *'"fail"'* ]]; then result=fail; else result=pass; fi
   [[ $result == fail ]] && artifacts=$(save_failure "primary-$n")
   secs=$(since "$t0")
-  what="$mode fill of east's log file system (filler $filler bytes, ${slack} KiB left, $topped bytes added back as the daemon freed space) after ${load_s}s of load; full for ${hold_s}s after the first failed build; resync $resync"
-  summary="primary $n: $what; kept its log: $c_kept${fell_disks:+ ($fell_disks)}${fell_s:+; a build failed after ${fell_s}s}; guest while full: $FULL_ACKS numbered writes acked, fio wrote $FULL_IO bytes, marker $( ((FULL_MARKER)) && echo acked || echo FAILED); $c_guest; health shows it: $c_shows (${health_seen% }); dirty at return: $dirty_at_return bytes; recovered: $c_rec${rec_s:+ in ${rec_s}s after the space returned}; caught up ${conv_s:+${conv_s}s after it}; sha256 at resync: $sha_resync; acked ($ACKED_WRITES numbered in the last round): $CHECK_acked; prefix after the resync: $CHECK_prefix${CHECK_CYCLE:+ (cycle $CHECK_CYCLE)}; sha256: $CHECK_sha256"
+  what="$mode fill of east's log file system (filler $filler bytes, ${slack} KiB left, $topped bytes added back as the daemon freed space) after ${load_s}s of load; full for ${hold_s}s after the first failed cut; resync $resync"
+  summary="primary $n: $what; kept its log: $c_kept${fell_disks:+ ($fell_disks, $fell_dirty bytes dirty, names no space: $fell_nos)}${fell_s:+; a cut failed after ${fell_s}s}; guest while full: $FULL_ACKS numbered writes acked, fio wrote $FULL_IO bytes, marker $( ((FULL_MARKER)) && echo acked || echo FAILED); $c_guest; health shows it: $c_shows (${health_seen% }); dirty at return: $dirty_at_return bytes; recovered: $c_rec${rec_s:+ in ${rec_s}s after the space returned}; caught up ${conv_s:+${conv_s}s after it}; sha256 at resync: $sha_resync; acked ($ACKED_WRITES numbered in the last round): $CHECK_acked; prefix after the resync: $CHECK_prefix${CHECK_CYCLE:+ (cycle $CHECK_CYCLE)}; sha256: $CHECK_sha256"
   [[ -n $east_errors ]] && summary+="; east logged errors: $east_errors"
   [[ $resync == operator ]] && summary+="; siterep resync run $resyncs times${resync_out:+, the last: $(tr '\n' ' ' <<<"$resync_out" | head -c 200)}"
   [[ -n $note ]] && summary+="; note: ${note%; }"
