@@ -23,7 +23,8 @@
 #                    10 full disks, 20 slow or stalled replicas, FAULTS_PARALLEL classes at
 #                    a time (default 2); random choices from FAULTS_SEED (default: new,
 #                    printed); figures in tests/faults/results/<UTC time>.json and a
-#                    summary table (about 45 minutes)
+#                    summary table (about 45 minutes); then POWER_CUTS host power cuts at
+#                    the primary (tests/power_loss.sh, default 200, about 10 minutes)
 #   make deps | build | clean
 
 SHELL := /bin/bash
@@ -39,6 +40,7 @@ FAULTS_CRASHES ?= 200
 FAULTS_CUTS ?= 100
 FAULTS_SEED ?=
 FAULTS_PARALLEL ?= 2
+POWER_CUTS ?= 200
 BUILD_TYPE ?= RelWithDebInfo
 JOBS ?= $(shell nproc)
 
@@ -114,9 +116,12 @@ fuzz: deps
 
 # Exit 1 when a check failed; the result file is written either way.
 faults: build
+	rc=0; \
 	FAULTS_CRASHES=$(FAULTS_CRASHES) FAULTS_CUTS=$(FAULTS_CUTS) FAULTS_SEED=$(FAULTS_SEED) \
 	  FAULTS_PARALLEL=$(FAULTS_PARALLEL) \
-	  bash tests/faults/campaign.sh $(BUILD_DIR)/bin
+	  bash tests/faults/campaign.sh $(BUILD_DIR)/bin || rc=1; \
+	POWER_CUTS=$(POWER_CUTS) bash tests/power_loss.sh $(BUILD_DIR)/bin || rc=1; \
+	exit $$rc
 
 clean:
 	rm -rf $(BUILD_DIR) $(ASAN_DIR) $(FUZZ_DIR) build-int

@@ -267,7 +267,7 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
   json disks = json::array();
   uint64_t pending = 0;
   std::string reasons;  // resync required (critical)
-  std::string stalls;   // cycles cannot be cut (warning)
+  std::string stalls;   // cycles cannot be cut, activity log not written (warning)
   for (size_t i = 0; i < vm->disks.size(); ++i) {
     const ProtectedDisk& disk = vm->disks[i];
     json d = {{"name", disk.name},
@@ -284,7 +284,9 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
               {"cycles_cut", 0},
               {"cow_bytes", 0},
               {"cow_bytes_total", 0},
-              {"cut_error", ""}};
+              {"cut_error", ""},
+              {"activity_log_writes", 0},
+              {"activity_log_error", ""}};
     if (vm->tracker) {
       const tracker::DiskStats& ds = stats.disks[i];
       d["tracking"] = tracker::DiskTrackingName(ds.tracking);
@@ -307,6 +309,13 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
         stalls += "disk " + disk.name + ": cycles cannot be cut (" + ds.cut_error + ")";
       }
       d["cut_error"] = ds.cut_error;
+      if (!ds.activity_log_error.empty()) {
+        if (!stalls.empty()) stalls += "; ";
+        stalls += "disk " + disk.name + ": activity log not written, a host crash would " +
+                  "compare every block (" + ds.activity_log_error + ")";
+      }
+      d["activity_log_writes"] = ds.activity_log_writes;
+      d["activity_log_error"] = ds.activity_log_error;
     }
     disks.push_back(std::move(d));
   }

@@ -18,6 +18,7 @@
 #include "common/crc32c.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
+#include "tracker/activity_log.h"
 #include "tracker/frozen_set.h"
 #include "tracker/locks.h"
 #include "tracker/log_reader.h"
@@ -97,7 +98,31 @@ Status DiskLog::Init() {
 
   std::error_code ec;
   const bool bitmap_file = fs::exists(opts_.log_dir / kBitmapFileName, ec);
-  if (state.tracking == DiskTracking::kBitmap || bitmap_file) {
+  SR_ASSIGN_OR_RETURN(ActivityLog::Previous previous,
+                      ActivityLog::ReadPrevious(opts_.log_dir, opts_.size));
+  if (previous.host_crashed) {
+    // The host went down with the tracker running: the map, the cut files, the
+    // copy-on-write and the image may each have lost what was not synced. What may differ
+    // from the replica is within the activity log's extents, the map and the unshipped
+    // cuts: the disk is compared there (a resync), every block when the activity log is
+    // unreadable or a resync was under way.
+    mode_ = Mode::kSwitching;
+    resync_required_ = true;
+    const bool all = !previous.extents || state.resync_required;
+    reason_ = "unclean host stop (the host went down with siterepd running, boot " +
+              previous.boot_id + "): " +
+              (previous.extents
+                   ? std::to_string(previous.extents->size()) + " extents of the activity log"
+                   : std::string("the activity log is unreadable, so every block")) +
+              ", the changed blocks and the unshipped cycles are compared with the replica";
+    spdlog::warn("disk {}: {}", opts_.name, reason_);
+    bitmap_ = OpenBitmap();
+    if (previous.extents) {
+      for (const ByteRange& r : *previous.extents) bitmap_->MarkRange(r.offset, r.length);
+    }
+    DropLog(*bitmap_, all);
+    mode_ = Mode::kBitmap;
+  } else if (state.tracking == DiskTracking::kBitmap || bitmap_file) {
     // Bitmap mode survives restarts until a resync. A bitmap file without the state means
     // a crash during the fall back: finish it (mark what is left of the log, drop it).
     mode_ = Mode::kSwitching;
@@ -132,6 +157,15 @@ Status DiskLog::Init() {
       mode_ = Mode::kBitmap;
     }
   }
+  // Every change before this start is made durable in the map (a kill -9 left it in the
+  // page cache), so the activity log can start empty.
+  DirtyBitmap* map = map_ ? map_.get() : bitmap_.get();
+  if (map != nullptr) SR_RETURN_IF_ERROR(map->Flush().WithContext("disk " + opts_.name));
+  SR_ASSIGN_OR_RETURN(al_, ActivityLog::Start(opts_.log_dir, opts_.size, [this] {
+                        // Trim runs with the VM lock exclusive: map_ and bitmap_ stay put.
+                        DirtyBitmap* m = map_ ? map_.get() : bitmap_.get();
+                        return m != nullptr ? m->Flush() : Status::Ok();
+                      }));
   return Status::Ok();
 }
 
@@ -234,6 +268,8 @@ SealedSegment DiskLog::SegmentOf(const FrozenCut& cut) const {
 // The write path
 
 LogOutcome DiskLog::BeforeChange(uint64_t offset, uint64_t length) {
+  // Its extents are in the activity log before anything of the change can reach the disk.
+  if (al_) al_->Touch(offset, length);
   if (DirtyBitmap* map = map_.get(); map != nullptr) {
     // Log mode, or a fall back not finished yet (FinishFallback moves the map's bits into
     // the bitmap, with the VM lock exclusive, so no change is marking then).
@@ -371,9 +407,11 @@ std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t un
   std::vector<uint64_t> cleared;
   map_->TakeAll(&cleared);  // the same bits: no change is in flight
   changed_.store(false, std::memory_order_relaxed);
-  // The caller holds the VM lock exclusively: no change walks cows_.
+  // The caller holds the VM lock exclusively: no change walks cows_, and none is in flight
+  // for the activity log's trim.
   std::erase_if(cows_, [](const std::shared_ptr<DiskSnapshot>& c) { return c->ended(); });
   if (cut->cow) cows_.push_back(cut->cow);
+  if (al_) al_->Trim();
   ticket->made = true;
   ticket->seq = cut->last_seq;
   ticket->segment = cut->segment;
@@ -555,8 +593,17 @@ Status DiskLog::Stop() {
     std::lock_guard lk(mu_);
     map = mode_ == Mode::kBitmap ? bitmap_.get() : map_.get();
   }
-  return SyncFiles(map);
+  SR_RETURN_IF_ERROR(SyncFiles(map));
+  if (map != nullptr) SR_RETURN_IF_ERROR(map->Flush());  // SyncFiles only logs its failure
+  // Everything is durable: a clean stop.
+  return al_ ? al_->MarkClean() : Status::Ok();
 }
+
+void DiskLog::TrimActivityLog() {
+  if (al_) al_->Trim();
+}
+
+bool DiskLog::activity_log_over() const { return al_ && al_->over(); }
 
 // ---------------------------------------------------------------------------------------
 // Sealed segments, stats
@@ -707,6 +754,10 @@ DiskStats DiskLog::Stats() const {
   }
   s.cycles_cut = cycles_cut_;
   s.cut_error = cut_error_;
+  if (al_) {
+    s.activity_log_writes = al_->writes();
+    s.activity_log_error = al_->error();
+  }
   for (const Unreleased& u : unreleased_) {
     if (u.cut && u.cut->cow) s.cow_bytes += u.cut->cow->saved_bytes();
   }

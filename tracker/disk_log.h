@@ -71,6 +71,7 @@
 
 namespace siterep::tracker {
 
+class ActivityLog;
 class RangeLocks;
 class DiskSnapshot;
 
@@ -173,6 +174,11 @@ class DiskLog {
   int64_t last_cut_first_change_unix_nanos() const;
   // Sealed segments not released yet (what the cycle timer waits for).
   bool has_unreleased() const;
+  // Lets the activity log shrink (activity_log.h). The caller holds the VM lock
+  // exclusively (WriteCut does it too).
+  void TrimActivityLog();
+  // The activity log holds more extents than Trim keeps. Any thread, no lock.
+  bool activity_log_over() const;
 
   // Group commit: returns when every change applied before the call is durable in the
   // image and its blocks in the map (or bitmap). The Status is the image's.
@@ -259,6 +265,8 @@ class DiskLog {
 
   const Options opts_;
   UniqueFd lock_fd_;  // flock on "<log dir>/LOCK" while open
+  // Set at open, before any change; its Touch is thread-safe.
+  std::unique_ptr<ActivityLog> al_;
 
   // Serialises ReleaseThrough against itself and against DropLog's scan of the folder.
   std::mutex release_mu_;

@@ -92,10 +92,12 @@ Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, cons
     if (static_cast<size_t>(n) != total) {
       return Status::Error(ENOSPC, "write " + tmp.string() + ": short write");
     }
+    // Durable before the map's bits are cleared (they may reach the disk at any time).
+    if (::fdatasync(fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp.string());
     if (::rename(tmp.c_str(), path.c_str()) != 0) {
       return Status::FromErrno(errno, "rename " + tmp.string() + " to " + path.string());
     }
-    return Status::Ok();
+    return SyncDir(path.parent_path());
   }();
   if (!s.ok()) (void)::unlink(tmp.c_str());
   return s;

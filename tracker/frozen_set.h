@@ -1,6 +1,6 @@
 // The frozen set of a cut on disk: "<log dir>/<segment>.cut", written by DiskLog::WriteCut
-// (to "<segment>.cut.tmp", renamed once whole; no sync: it is for a restart after kill -9,
-// as the page cache keeps it) and deleted when the cycle is released or rolled back. It
+// (to "<segment>.cut.tmp", synced, renamed, the folder synced: durable before the map's
+// bits are cleared) and deleted when the cycle is released or rolled back. It
 // holds what the cut's records are made of: the frozen blocks, and the numbers the
 // records carry. An older version wrote "<log dir>/frozen.map" (version 1: cycle and
 // words only) for a cut not yet published; a restart puts its blocks back into the map.
@@ -45,8 +45,8 @@ struct FrozenSet : CutInfo {
   bool torn = false;
 };
 
-// Writes set (as version 2) to "<path>.tmp" and renames it to path (no sync). ENOSPC for
-// a short write; the .tmp file is deleted on failure.
+// Writes set (as version 2) to "<path>.tmp", fdatasyncs it, renames it to path and syncs
+// the folder. ENOSPC for a short write; the .tmp file is deleted on failure.
 Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, const FrozenSet& set);
 // nullopt when there is no file.
 Result<std::optional<FrozenSet>> LoadFrozenSet(const std::filesystem::path& path,

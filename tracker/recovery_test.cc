@@ -16,6 +16,7 @@
 #include "common/crc32c.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
+#include "tracker/activity_log.h"
 #include "tracker/dirty_bitmap.h"
 #include "tracker/disk_log.h"
 #include "tracker/disk_state.h"
@@ -398,6 +399,118 @@ TEST_F(RecoveryTest, ACycleOnlySomeDisksPublishedIsRolledBack) {
   ASSERT_TRUE(tracker->Close().ok());
   ExpectReplayEqualsImage(*tracker, 0);
   ExpectReplayEqualsImage(*tracker, 1);
+}
+
+// --- Host power loss (activity_log.h) ---
+
+// The boot id the trackers see, for a test that reboots the host.
+class BootId {
+ public:
+  explicit BootId(const std::string& id) { ::setenv("SITEREP_BOOT_ID", id.c_str(), 1); }
+  ~BootId() { ::unsetenv("SITEREP_BOOT_ID"); }
+};
+
+// What a host power loss may leave of a disk whose writes were never flushed: the image
+// blocks reached the disk, the map's bits did not. At the next start (another boot id) the
+// tracker finds the marker of a run that did not stop, and compares the extents of its
+// activity log (the second 64 MiB extent here, where the writes were), the map and the
+// unshipped cuts with the replica: the disk needs a resync of that extent, not more.
+TEST_F(RecoveryTest, AHostCrashComparesTheActivityLogsExtents) {
+  constexpr uint64_t kExtent = uint64_t{1} << ActivityLog::kExtentShift;
+  AddDisk("a", kExtent + (1 << 20));
+  std::unique_ptr<VmTracker> tracker;
+  {
+    BootId boot("boot-1");
+    tracker = Open(Options());
+    ASSERT_TRUE(tracker);
+    WriteBlocks(*tracker, 0, kExtent / kBlock + 3, 2);
+    EXPECT_EQ(tracker->Stats().disks[0].activity_log_writes, 2u) << "empty at open, then 1 miss";
+    Crash(tracker);
+  }
+  // The power loss: the map's bits never reached the disk.
+  fs::remove(disks_[0].log_dir / kMapFileName);
+  ASSERT_TRUE(DirtyBitmap::Open(disks_[0].log_dir / kMapFileName, disks_[0].size).ok());
+  BootId boot("boot-2");
+  tracker = Open(Options());
+  ASSERT_TRUE(tracker);
+  const DiskStats st = tracker->Stats().disks[0];
+  EXPECT_EQ(st.tracking, DiskTracking::kBitmap);
+  EXPECT_TRUE(st.resync_required);
+  EXPECT_NE(st.resync_reason.find("unclean host stop"), std::string::npos) << st.resync_reason;
+  EXPECT_NE(st.resync_reason.find("1 extents of the activity log"), std::string::npos)
+      << st.resync_reason;
+  EXPECT_EQ(st.dirty_bytes, uint64_t{1} << 20) << "the second extent (1 MiB long) only";
+}
+
+// A clean stop, or a kill -9 on the same boot (the page cache kept everything), needs no
+// repair; a host crash with the activity log unreadable compares every block.
+TEST_F(RecoveryTest, OnlyAHostCrashNeedsARepair) {
+  AddDisk("a", 1 << 20);
+  {
+    BootId boot("boot-1");
+    auto tracker = Open(Options());
+    ASSERT_TRUE(tracker);
+    WriteBlocks(*tracker, 0, 0, 2);
+    ASSERT_TRUE(tracker->Close().ok());
+  }
+  {
+    BootId boot("boot-2");  // clean stop, then a reboot
+    auto tracker = Open(Options());
+    ASSERT_TRUE(tracker);
+    EXPECT_EQ(tracker->Stats().disks[0].tracking, DiskTracking::kLog);
+    WriteBlocks(*tracker, 0, 4, 2);
+    Crash(tracker);  // a kill -9
+    tracker = Open(Options());
+    ASSERT_TRUE(tracker);
+    EXPECT_EQ(tracker->Stats().disks[0].tracking, DiskTracking::kLog) << "same boot";
+    EXPECT_FALSE(tracker->Stats().disks[0].resync_required);
+    Crash(tracker);
+  }
+  {
+    std::fstream f(disks_[0].log_dir / kActivityLogFileName,
+                   std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(33);
+    f.put('\x7f');  // a byte of its CRC32C: a torn activity log
+  }
+  BootId boot("boot-3");
+  auto tracker = Open(Options());
+  ASSERT_TRUE(tracker);
+  const DiskStats st = tracker->Stats().disks[0];
+  EXPECT_EQ(st.tracking, DiskTracking::kBitmap);
+  EXPECT_NE(st.resync_reason.find("activity log is unreadable"), std::string::npos)
+      << st.resync_reason;
+  EXPECT_EQ(st.dirty_bytes, disks_[0].size);
+}
+
+// The log keeps at most kSlots extents after a trim, the most recently used ones, and
+// makes the map durable before any leaves.
+TEST(ActivityLogTest, TrimKeepsTheRecentExtentsAfterSyncingTheMap) {
+  testing::TempDir dir;
+  constexpr uint64_t kExtent = uint64_t{1} << ActivityLog::kExtentShift;
+  const uint64_t size = 100 * kExtent;
+  int syncs = 0;
+  Result<std::unique_ptr<ActivityLog>> log = ActivityLog::Start(dir.path(), size, [&] {
+    ++syncs;
+    return Status::Ok();
+  });
+  ASSERT_TRUE(log.ok()) << log.status().ToString();
+  for (uint64_t e = 0; e < 80; ++e) (*log)->Touch(e * kExtent + 5, 10);
+  (*log)->Touch(3 * kExtent, 2 * kExtent);  // extents 3 and 4 again: no new write
+  EXPECT_EQ((*log)->writes(), 81u);
+  EXPECT_TRUE((*log)->over());
+  (*log)->Trim();
+  EXPECT_EQ(syncs, 1);
+  EXPECT_FALSE((*log)->over());
+  Result<ActivityLog::Previous> prev = ActivityLog::ReadPrevious(dir.path(), size);
+  ASSERT_TRUE(prev.ok());
+  EXPECT_TRUE(prev->unclean) << "running, so not stopped cleanly";
+  EXPECT_FALSE(prev->host_crashed) << "same boot";
+  ASSERT_TRUE(prev->extents);
+  EXPECT_EQ(prev->extents->size(), ActivityLog::kSlots);
+  ASSERT_TRUE((*log)->MarkClean().ok());
+  prev = ActivityLog::ReadPrevious(dir.path(), size);
+  ASSERT_TRUE(prev.ok());
+  EXPECT_FALSE(prev->unclean);
 }
 
 }  // namespace

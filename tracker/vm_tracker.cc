@@ -406,15 +406,25 @@ void VmTracker::Impl::CutterLoop() {
         spdlog::warn("VM {}: cut failed: {}", options_.vm, cycle.status().ToString());
       }
     }
+    if (paced) TrimActivityLogs();  // a cut trims them; without cuts, every period
     lk.lock();
     if (paced) {
       // ReleaseThrough wakes us (RequestCut); then the cut is due at once.
-      cutter_cv_.wait(lk, [&] { return cutter_stop_ || cut_requested_; });
+      cutter_cv_.wait_for(lk, period, [&] { return cutter_stop_ || cut_requested_; });
       next = Clock::now();
     } else {
       next = Clock::now() + period;
     }
   }
+}
+
+void VmTracker::Impl::TrimActivityLogs() {
+  if (std::none_of(disks_.begin(), disks_.end(),
+                   [](const auto& d) { return d->log->activity_log_over(); })) {
+    return;
+  }
+  std::unique_lock vm(cut_lock_);  // no change in flight
+  for (const auto& d : disks_) d->log->TrimActivityLog();
 }
 
 void VmTracker::Impl::StopCutter() {

@@ -138,6 +138,8 @@ struct DiskStats {
   uint64_t cow_bytes = 0;        // copy-on-write bytes saved for the unreleased cuts
   uint64_t cow_bytes_total = 0;  // ... and for the cuts released since the tracker opened
   std::string cut_error;         // why the last cut failed (empty: it did not)
+  uint64_t activity_log_writes = 0;  // activity log writes (misses) since the tracker opened
+  std::string activity_log_error;    // why the activity log could not be written (empty: ok)
 };
 
 struct VmStats {

@@ -154,6 +154,9 @@ class VmTracker::Impl {
   // calls) is rolled back on those, so that every disk holds the same cycles.
   Status RollBackUnfinishedCycle();
   void RequestCut();
+  // While cuts are paced: lets the disks' activity logs shrink (takes cut_lock_
+  // exclusively, only when one has grown past its bound).
+  void TrimActivityLogs();
   void CutterLoop();
   void StopCutter();
 
