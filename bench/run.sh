@@ -2,9 +2,9 @@
 # make bench: the same fio jobs, side by side in one run, on
 #   (a) raw  a raw image file, O_DIRECT (the host's own disk path),
 #   (b) off  a protected disk with tracking = "off" (the ceiling of the FUSE layer),
-#   (c) log  a protected disk with tracking = "log" (siterepd --discard-sealed: every built
+#   (c) log  a protected disk with tracking = "log" (siterepd --discard-sealed: every cut
 #            cycle is dropped as if shipped, so a cycle is cut, frozen, copied-on-write and
-#            built every second, as with a replica that keeps up).
+#            read every second, as by a shipper that keeps up).
 # Each daemon protects 4 disks of BENCH_SIZE (one VM); fio runs on the first disk. For each
 # round and job, a, b and c run back to back (the order rotates per round). The daemon's
 # CPU seconds (utime+stime from /proc/PID/stat) are taken around each job, and its peak RSS

@@ -28,12 +28,21 @@ namespace {
 
 constexpr uint64_t kNoData = std::numeric_limits<uint64_t>::max();
 
-// The calling thread's block buffer for saves (a FUSE thread saves one block at a time;
-// every snapshot's blocks are at most kSnapshotBlockSize).
-std::byte* BlockBuffer() {
+// The longest run of blocks one save copies.
+constexpr uint64_t kMaxRun = uint64_t{1} << 20;
+static_assert(kMaxRun >= kSnapshotBlockSize);
+
+// The calling thread's buffer for a run of saved blocks (made at its first save).
+std::byte* RunBuffer() {
   thread_local std::unique_ptr<std::byte[]> buffer;
-  if (!buffer) buffer = std::make_unique<std::byte[]>(kSnapshotBlockSize);
+  if (!buffer) buffer = std::make_unique<std::byte[]>(kMaxRun);
   return buffer.get();
+}
+
+// The offset of the first hole at or after offset in fd (size: none, or cannot tell).
+uint64_t NextHole(int fd, uint64_t offset, uint64_t size) {
+  const off_t h = ::lseek(fd, static_cast<off_t>(offset), SEEK_HOLE);
+  return h >= 0 ? static_cast<uint64_t>(h) : size;
 }
 
 // The offset of the first data at or after offset in fd (kNoData: none), or offset itself
@@ -215,15 +224,39 @@ void DiskSnapshot::SaveBefore(uint64_t offset, uint64_t length) {
   }
   const uint64_t end = offset + std::min(length, size_ - offset);
   const uint64_t watermark = copied_below_.load(std::memory_order_acquire);
-  // [query, hole_until) is a hole of the image, from the last SEEK_DATA at query; a big
-  // discard of a sparse region so costs one lseek per extent, not one read per block.
+  // What the image holds, from the last SEEK_DATA / SEEK_HOLE: [.., hole_until) is a hole,
+  // [.., data_until) data. A big discard of a sparse region so costs one lseek per extent,
+  // and a big write over data two lseeks, not one per block.
   uint64_t hole_until = 0;
+  uint64_t data_until = 0;
+  // The blocks to copy go in runs: one read and one write per run of adjacent blocks.
+  uint64_t run_first = 0;
+  uint64_t run_count = 0;
+  auto flush = [&]() {
+    if (run_count == 0) return true;
+    Status s = SaveRun(run_first, run_count);
+    run_count = 0;
+    if (s.ok()) return true;
+    Fail(std::move(s));
+    return false;
+  };
   for (uint64_t b = offset / block_size_; b * block_size_ < end; ++b) {
     const uint64_t start = b * block_size_;
     const uint64_t block_end = start + BlockLength(b);
-    if (block_end <= watermark || !Protected(b) || TestBit(saved_, b)) continue;
-    if (block_end > hole_until) hole_until = NextData(image_fd_.get(), start);
+    if (block_end <= watermark || !Protected(b) || TestBit(saved_, b)) {
+      if (!flush()) return;
+      continue;
+    }
+    if (block_end > hole_until && block_end > data_until) {
+      const uint64_t d = NextData(image_fd_.get(), start);
+      if (d > start) {
+        hole_until = d;
+      } else {
+        data_until = NextHole(image_fd_.get(), start, size_);
+      }
+    }
     if (block_end <= hole_until) {
+      if (!flush()) return;
       // A hole at the cut: reads as zeros, nothing to copy.
       if (crcs_ != nullptr) {
         std::atomic_ref<uint32_t>(crcs_[b]).store(ZeroCrc(BlockLength(b)),
@@ -232,12 +265,13 @@ void DiskSnapshot::SaveBefore(uint64_t offset, uint64_t length) {
       SetBit(saved_, b);
       continue;
     }
-    Status s = Save(b);
-    if (!s.ok()) {
-      Fail(std::move(s));
-      return;
+    if (run_count > 0 && (b != run_first + run_count || (run_count + 1) * block_size_ > kMaxRun)) {
+      if (!flush()) return;
     }
+    if (run_count == 0) run_first = b;
+    ++run_count;
   }
+  (void)flush();
 }
 
 bool DiskSnapshot::Protected(uint64_t block) const {
@@ -246,25 +280,31 @@ bool DiskSnapshot::Protected(uint64_t block) const {
   return block / 64 < only.size() && ((only[block / 64] >> (block % 64)) & 1) != 0;
 }
 
-Status DiskSnapshot::Save(uint64_t block) {
+Status DiskSnapshot::SaveRun(uint64_t first, uint64_t count) {
   if (only_ && failpoint::Check("tracker.cow_save") == failpoint::Action::kError) {
     return Status::Error(EIO, "failpoint tracker.cow_save");
   }
-  const uint64_t offset = block * block_size_;
-  const size_t length = static_cast<size_t>(BlockLength(block));
-  std::byte* buf = BlockBuffer();
+  const uint64_t offset = first * block_size_;
+  uint64_t length = 0;
+  for (uint64_t b = first; b < first + count; ++b) length += BlockLength(b);
+  std::byte* buf = RunBuffer();
   SR_RETURN_IF_ERROR(PReadAll(image_fd_.get(), buf, length, offset, "image of disk " + disk_name_));
-  if (crcs_ != nullptr) {
-    std::atomic_ref<uint32_t>(crcs_[block]).store(Crc32c(buf, length), std::memory_order_relaxed);
+  uint64_t data_bytes = 0;
+  for (uint64_t b = first, at = 0; b < first + count; at += BlockLength(b), ++b) {
+    const std::span<const std::byte> block(buf + at, BlockLength(b));
+    if (crcs_ != nullptr) {
+      std::atomic_ref<uint32_t>(crcs_[b]).store(Crc32c(block), std::memory_order_relaxed);
+    }
+    if (!IsAllZero(block)) {
+      SetBit(data_.get(), b);
+      data_bytes += block.size();
+    }
   }
-  if (!IsAllZero(std::span<const std::byte>(buf, length))) {
-    SR_RETURN_IF_ERROR(PWriteAll(fd_.get(), buf, length, offset, path_.string()));
-    SetBit(data_.get(), block);
-    saved_bytes_.fetch_add(length, std::memory_order_relaxed);
-  }
-  // The snapshot file is sparse: an all-zero block reads as zeros without being written.
-  // The bit only after the write: persistent, a set bit must name a saved block.
-  SetBit(saved_, block);
+  // The snapshot file is sparse: an all-zero run reads as zeros without being written.
+  if (data_bytes > 0) SR_RETURN_IF_ERROR(PWriteAll(fd_.get(), buf, length, offset, path_.string()));
+  saved_bytes_.fetch_add(data_bytes, std::memory_order_relaxed);
+  // The bits only after the write: persistent, a set bit must name a saved block.
+  for (uint64_t b = first; b < first + count; ++b) SetBit(saved_, b);
   return Status::Ok();
 }
 

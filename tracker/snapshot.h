@@ -116,7 +116,7 @@ class DiskSnapshot {
   // End and once no SaveBefore can run.
   Status Remove();
 
-  // Bytes written to the snapshot file (all-zero blocks are saved without a write).
+  // Bytes of saved blocks that are not all zeros (all-zero runs are saved without a write).
   uint64_t saved_bytes() const { return saved_bytes_.load(std::memory_order_relaxed); }
   uint64_t copied_below() const { return copied_below_.load(std::memory_order_relaxed); }
   const std::filesystem::path& path() const { return path_; }
@@ -146,8 +146,9 @@ class DiskSnapshot {
   }
   // Checks the saved blocks of [offset, offset + length) read into data (persistent).
   Status CheckSaved(uint64_t offset, std::span<const std::byte> data) const;
-  // Copies one block from the image into the file and sets its bit.
-  Status Save(uint64_t block);
+  // Copies the blocks [first, first + count) (adjacent, at most 1 MiB together) from the
+  // image into the file with one read and one write, then sets their bits.
+  Status SaveRun(uint64_t first, uint64_t count);
   void Fail(Status status);
   static void SetBit(uint64_t* bits, uint64_t block);
   static bool TestBit(const uint64_t* bits, uint64_t block);
