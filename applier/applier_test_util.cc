@@ -7,6 +7,7 @@
 
 #include "common/crc32c.h"
 #include "common/file_util.h"
+#include "tracker/cut_stream.h"
 #include "tracker/test_util.h"
 
 namespace siterep::applier::testing {
@@ -113,17 +114,12 @@ std::vector<tracker::SealedSegment> PrimaryVm::Sealed(uint64_t cycle) {
 }
 
 Bytes PrimaryVm::SegmentBytes(const tracker::SealedSegment& s) {
-  Bytes out;
   Result<std::unique_ptr<tracker::SegmentStream>> stream = tracker_->OpenSegment(s);
   EXPECT_TRUE(stream.ok()) << stream.status().ToString();
-  if (!stream.ok()) return out;
-  while (!(*stream)->done()) {
-    Result<std::span<const std::byte>> b = (*stream)->Next(1 << 20);
-    EXPECT_TRUE(b.ok()) << b.status().ToString();
-    if (!b.ok()) break;
-    out.insert(out.end(), b->begin(), b->end());
-  }
-  return out;
+  if (!stream.ok()) return {};
+  Result<Bytes> bytes = tracker::ReadSegment(**stream);
+  EXPECT_TRUE(bytes.ok()) << bytes.status().ToString();
+  return bytes.ok() ? std::move(*bytes) : Bytes();
 }
 
 Status PrimaryVm::Ship(SegmentSink& sink, uint64_t cycle, std::optional<int64_t> cut_unix_nanos,

@@ -807,15 +807,11 @@ class LinkTest : public tracker::testing::TrackerFixture {
   // what the sink got.
   void SnapshotSealed() {
     for (const tracker::SealedSegment& s : tracker_->SealedSegments()) {
-      std::vector<std::byte>& bytes = expected_[{s.disk_id, s.number}];
-      bytes.clear();
       Result<std::unique_ptr<tracker::SegmentStream>> stream = tracker_->OpenSegment(s);
       ASSERT_TRUE(stream.ok()) << stream.status().ToString();
-      while (!(*stream)->done()) {
-        Result<std::span<const std::byte>> b = (*stream)->Next(1 << 20);
-        ASSERT_TRUE(b.ok()) << b.status().ToString();
-        bytes.insert(bytes.end(), b->begin(), b->end());
-      }
+      Result<std::vector<std::byte>> bytes = tracker::ReadSegment(**stream);
+      ASSERT_TRUE(bytes.ok()) << bytes.status().ToString();
+      expected_[{s.disk_id, s.number}] = std::move(*bytes);
     }
   }
   void ExpectSinkHasEverySegment() {

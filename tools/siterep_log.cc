@@ -107,15 +107,7 @@ Result<fs::path> Readable(const fs::path& log_dir, std::string image, Scratch* s
   RangeLocks locks;
   for (const std::shared_ptr<FrozenCut>& cut : cut_list) {
     CutStream stream(cut, in.disk_size, &locks);
-    const fs::path out = SegmentPath(scratch->dir, cut->segment);
-    SR_ASSIGN_OR_RETURN(UniqueFd seg,
-                        OpenFile(out, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
-    uint64_t at = 0;
-    while (!stream.done()) {
-      SR_ASSIGN_OR_RETURN(std::span<const std::byte> bytes, stream.Next(4u << 20));
-      SR_RETURN_IF_ERROR(PWriteAll(seg.get(), bytes.data(), bytes.size(), at, out.string()));
-      at += bytes.size();
-    }
+    SR_RETURN_IF_ERROR(WriteSegmentFile(stream, SegmentPath(scratch->dir, cut->segment)));
   }
   return scratch->dir;
 }

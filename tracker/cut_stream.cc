@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 #include <charconv>
 #include <cstdio>
@@ -222,7 +223,7 @@ Result<std::vector<std::shared_ptr<FrozenCut>>> OpenCutFiles(CutFiles in) {
     auto cut = std::make_shared<FrozenCut>();
     static_cast<CutInfo&>(*cut) = *set;
     auto words = std::make_shared<std::vector<uint64_t>>(std::move(set->words));
-    for (uint64_t w : *words) cut->frozen_blocks += static_cast<uint64_t>(__builtin_popcountll(w));
+    for (uint64_t w : *words) cut->frozen_blocks += static_cast<uint64_t>(std::popcount(w));
     if (cut->last_seq - cut->first_seq + 1 != CutRecordCount(*words, in.disk_size)) {
       return Status::Corrupt("cut file " + path.string() + " says seq " +
                              std::to_string(cut->first_seq) + ".." + std::to_string(cut->last_seq) +
@@ -246,6 +247,32 @@ Result<std::vector<std::shared_ptr<FrozenCut>>> OpenCutFiles(CutFiles in) {
     out.push_back(std::move(cut));
   }
   return out;
+}
+
+Result<std::vector<std::byte>> ReadSegment(SegmentStream& stream, size_t max) {
+  std::vector<std::byte> out;
+  while (!stream.done()) {
+    SR_ASSIGN_OR_RETURN(std::span<const std::byte> bytes, stream.Next(max));
+    out.insert(out.end(), bytes.begin(), bytes.end());
+  }
+  return out;
+}
+
+Status WriteSegmentFile(SegmentStream& stream, const fs::path& path) {
+  fs::path tmp = path;
+  tmp += ".tmp";
+  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
+  uint64_t offset = 0;
+  while (!stream.done()) {
+    SR_ASSIGN_OR_RETURN(std::span<const std::byte> bytes, stream.Next(4u << 20));
+    SR_RETURN_IF_ERROR(PWriteAll(fd.get(), bytes.data(), bytes.size(), offset, tmp.string()));
+    offset += bytes.size();
+  }
+  if (::fdatasync(fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp.string());
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    return Status::FromErrno(errno, "rename " + tmp.string() + " to " + path.string());
+  }
+  return Status::Ok();
 }
 
 Result<std::unique_ptr<FileSegmentStream>> FileSegmentStream::Open(

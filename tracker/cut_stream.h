@@ -103,6 +103,11 @@ class CutStream final : public SegmentStream {
   size_t pos_ = 0;  // bytes of buf_ already returned
 };
 
+// The rest of stream's bytes, read max at a time.
+Result<std::vector<std::byte>> ReadSegment(SegmentStream& stream, size_t max = 1u << 20);
+// Writes the rest of stream to path as a segment file: "<path>.tmp", fdatasync, rename.
+Status WriteSegmentFile(SegmentStream& stream, const std::filesystem::path& path);
+
 class FileSegmentStream final : public SegmentStream {
  public:
   static Result<std::unique_ptr<FileSegmentStream>> Open(const std::filesystem::path& path);

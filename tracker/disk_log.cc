@@ -43,12 +43,6 @@ std::optional<uint64_t> ParseNumbered(std::string_view name, std::string_view su
   return number;
 }
 
-uint64_t PopCount(const std::vector<uint64_t>& words) {
-  uint64_t n = 0;
-  for (uint64_t w : words) n += static_cast<uint64_t>(__builtin_popcountll(w));
-  return n;
-}
-
 void Unlink(const std::string& disk, const fs::path& p) {
   if (::unlink(p.c_str()) != 0 && errno != ENOENT) {
     spdlog::warn("disk {}: delete {}: {}", disk, p.string(), std::strerror(errno));
@@ -377,21 +371,18 @@ std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t un
   cut->epoch = opts_.epoch;
   cut->cut_unix_nanos = unix_nanos;
   cut->first_change_unix_nanos = first_change_unix_nanos;
-  cut->frozen_blocks = PopCount(*words);
+  cut->frozen_blocks = map_->dirty_blocks();  // the map counts its bits
   cut->last_seq = cut->first_seq + CutRecordCount(*words, opts_.size) - 1;
   cut->frozen = words;
   const fs::path cut_path = CutPath(opts_.log_dir, cut->segment);
   Status made = [&]() -> Status {
-    FrozenSet set;
-    static_cast<CutInfo&>(set) = *cut;
-    set.words = *words;
     if (cut->frozen_blocks > 0) {
       SR_ASSIGN_OR_RETURN(cut->cow, DiskSnapshot::Create(opts_.name, opts_.image_fd, opts_.size,
                                                          CowPath(opts_.log_dir, cut->segment),
                                                          CutCowOptions(words)));
     }
     // Last: a restart takes a cut file as a cut made (kill -9 from here on finds it all).
-    return SaveFrozenSet(cut_path, opts_.size, set);
+    return SaveFrozenSet(cut_path, opts_.size, *cut, *words);
   }();
   if (failpoint::Check("tracker.before_seal") == failpoint::Action::kError && made.ok()) {
     made = Status::Error(EIO, "failpoint tracker.before_seal");
@@ -568,10 +559,11 @@ Status DiskLog::Flush() {
   return Status::Ok();
 }
 
-Status DiskLog::SyncFiles(DirtyBitmap* map) {
+Status DiskLog::SyncFiles(DirtyBitmap* map, Status* map_status) {
   if (map != nullptr) {
     Status b = map->Flush();
     if (!b.ok()) spdlog::error("disk {}: {}", opts_.name, b.ToString());
+    if (map_status != nullptr) *map_status = b;
   }
   if (::fdatasync(opts_.image_fd) != 0) {
     return Status::FromErrno(errno, "fdatasync the image of disk " + opts_.name);
@@ -593,8 +585,9 @@ Status DiskLog::Stop() {
     std::lock_guard lk(mu_);
     map = mode_ == Mode::kBitmap ? bitmap_.get() : map_.get();
   }
-  SR_RETURN_IF_ERROR(SyncFiles(map));
-  if (map != nullptr) SR_RETURN_IF_ERROR(map->Flush());  // SyncFiles only logs its failure
+  Status map_synced;
+  SR_RETURN_IF_ERROR(SyncFiles(map, &map_synced));
+  SR_RETURN_IF_ERROR(map_synced);
   // Everything is durable: a clean stop.
   return al_ ? al_->MarkClean() : Status::Ok();
 }
@@ -662,22 +655,8 @@ Status DiskLog::Archive(const Unreleased& u) {
     }
     return Status::Ok();
   }
-  fs::path tmp = to;
-  tmp += ".tmp";
-  SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   CutStream stream(u.cut, opts_.size, opts_.ranges, [this](const Status& why) { CutDamaged(why); });
-  uint64_t offset = 0;
-  for (;;) {
-    SR_ASSIGN_OR_RETURN(std::span<const std::byte> bytes, stream.Next(4u << 20));
-    if (bytes.empty()) break;
-    SR_RETURN_IF_ERROR(PWriteAll(fd.get(), bytes.data(), bytes.size(), offset, tmp.string()));
-    offset += bytes.size();
-  }
-  if (::fdatasync(fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + tmp.string());
-  if (::rename(tmp.c_str(), to.c_str()) != 0) {
-    return Status::FromErrno(errno, "rename " + tmp.string() + " to " + to.string());
-  }
-  return Status::Ok();
+  return WriteSegmentFile(stream, to);
 }
 
 Status DiskLog::ReleaseThrough(uint64_t cycle) {

@@ -250,8 +250,9 @@ class DiskLog {
   void CutDamaged(const Status& why);
   // Creates (or opens) the bitmap if it does not exist yet, marking pending_ranges_.
   void EnsureBitmap();
-  // Syncs the map (or bitmap) and the image; returns the image's status.
-  Status SyncFiles(DirtyBitmap* map);
+  // Syncs the map (or bitmap) and the image; returns the image's status (the map's, when
+  // map_status is set, goes there; otherwise a failure is only logged).
+  Status SyncFiles(DirtyBitmap* map, Status* map_status = nullptr);
 
   // Marks the blocks of every unreleased segment and cut (all blocks if mark_all), of the
   // map and of an older version's frozen set in bitmap, persists the bitmap state and

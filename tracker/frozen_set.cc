@@ -65,13 +65,14 @@ uint32_t HeaderCrc(HeaderV2 h) {
 
 }  // namespace
 
-Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, const FrozenSet& set) {
+Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, const CutInfo& set,
+                     const std::vector<uint64_t>& words) {
   HeaderV2 h{};
   h.magic = kFrozenMagic;
   h.version = 2;
   h.cycle = set.cycle;
   h.disk_size = disk_size;
-  h.words = set.words.size();
+  h.words = words.size();
   h.disk_id = set.disk_id;
   h.segment = set.segment;
   h.first_seq = set.first_seq;
@@ -79,13 +80,13 @@ Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, cons
   h.epoch = set.epoch;
   h.cut_unix_nanos = set.cut_unix_nanos;
   h.first_change_unix_nanos = set.first_change_unix_nanos;
-  h.crc = WordsCrc(set.words, HeaderCrc(h));
+  h.crc = WordsCrc(words, HeaderCrc(h));
   std::filesystem::path tmp = path;
   tmp += ".tmp";
   Status s = [&]() -> Status {
     SR_ASSIGN_OR_RETURN(UniqueFd fd, OpenFile(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
     iovec iov[2] = {{&h, sizeof(h)},
-                    {const_cast<uint64_t*>(set.words.data()), set.words.size() * sizeof(uint64_t)}};
+                    {const_cast<uint64_t*>(words.data()), words.size() * sizeof(uint64_t)}};
     const size_t total = iov[0].iov_len + iov[1].iov_len;
     const ssize_t n = ::pwritev(fd.get(), iov, 2, 0);
     if (n < 0) return Status::FromErrno(errno, "write " + tmp.string());

@@ -45,9 +45,10 @@ struct FrozenSet : CutInfo {
   bool torn = false;
 };
 
-// Writes set (as version 2) to "<path>.tmp", fdatasyncs it, renames it to path and syncs
+// Writes cut and words (as version 2) to "<path>.tmp", fdatasyncs it, renames it to path and syncs
 // the folder. ENOSPC for a short write; the .tmp file is deleted on failure.
-Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, const FrozenSet& set);
+Status SaveFrozenSet(const std::filesystem::path& path, uint64_t disk_size, const CutInfo& cut,
+                     const std::vector<uint64_t>& words);
 // nullopt when there is no file.
 Result<std::optional<FrozenSet>> LoadFrozenSet(const std::filesystem::path& path,
                                                uint64_t disk_size);

@@ -242,13 +242,9 @@ TEST_F(RecoveryTest, AnUnreleasedCutReadsTheSameAfterKill9) {
     Result<std::unique_ptr<SegmentStream>> stream = t.OpenSegment(seg);
     EXPECT_TRUE(stream.ok()) << stream.status().ToString();
     if (!stream.ok()) return out;
-    while (!(*stream)->done()) {
-      Result<std::span<const std::byte>> bytes = (*stream)->Next(5000);
-      EXPECT_TRUE(bytes.ok()) << bytes.status().ToString();
-      if (!bytes.ok()) break;
-      out.insert(out.end(), bytes->begin(), bytes->end());
-    }
-    return out;
+    Result<std::vector<std::byte>> bytes = ReadSegment(**stream, 5000);
+    EXPECT_TRUE(bytes.ok()) << bytes.status().ToString();
+    return bytes.ok() ? std::move(*bytes) : out;
   };
   const std::vector<std::byte> cycle2 = read_all(*tracker, before[1]);
   EXPECT_EQ(cycle2.size(), before[1].bytes);

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "common/unique_fd.h"
+#include "tracker/cut_stream.h"
 #include "tracker/log_reader.h"
 #include "tracker/replay.h"
 #include "tracker/test_util.h"
@@ -80,13 +81,9 @@ class TrackerFixture : public ::testing::Test {
       Result<std::unique_ptr<SegmentStream>> stream = t.OpenSegment(seg);
       EXPECT_TRUE(stream.ok()) << stream.status().ToString();
       if (!stream.ok()) continue;
-      std::vector<std::byte> bytes;
-      while (!(*stream)->done()) {
-        Result<std::span<const std::byte>> b = (*stream)->Next(1 << 20);
-        EXPECT_TRUE(b.ok()) << b.status().ToString();
-        if (!b.ok()) break;
-        bytes.insert(bytes.end(), b->begin(), b->end());
-      }
+      Result<std::vector<std::byte>> read = ReadSegment(**stream);
+      EXPECT_TRUE(read.ok()) << read.status().ToString();
+      const std::vector<std::byte> bytes = read.ok() ? std::move(*read) : std::vector<std::byte>();
       EXPECT_LE(bytes.size(), seg.bytes);
       std::ofstream(SegmentPath(dir, seg.number), std::ios::binary)
           .write(reinterpret_cast<const char*>(bytes.data()),

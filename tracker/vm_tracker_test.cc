@@ -627,11 +627,9 @@ TEST_F(VmTrackerTest, ReleasedSegmentsGoToTheArchiveWhenOneIsSet) {
   {
     Result<std::unique_ptr<SegmentStream>> stream = tracker->OpenSegment(sealed[0]);
     ASSERT_TRUE(stream.ok()) << stream.status().ToString();
-    while (!(*stream)->done()) {
-      Result<std::span<const std::byte>> b = (*stream)->Next(100);
-      ASSERT_TRUE(b.ok()) << b.status().ToString();
-      sent.append(reinterpret_cast<const char*>(b->data()), b->size());
-    }
+    Result<std::vector<std::byte>> b = ReadSegment(**stream, 100);
+    ASSERT_TRUE(b.ok()) << b.status().ToString();
+    sent.assign(reinterpret_cast<const char*>(b->data()), b->size());
   }
   ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), 0, Pattern(kBlock, 2)).ok());
   ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
