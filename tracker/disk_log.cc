@@ -274,7 +274,7 @@ LogOutcome DiskLog::BeforeChange(uint64_t offset, uint64_t length) {
     // never fails the change: the disk falls back to the bitmap instead.
     for (const std::shared_ptr<DiskSnapshot>& cow : cows_) {
       cow->SaveBefore(offset, length);
-      if (cow->failed()) CowFailed();
+      if (cow->failed()) CowFailed(cow->status());
     }
     return LogOutcome::kLogged;
   }
@@ -304,18 +304,13 @@ void DiskLog::RequestFallbackLocked(std::string reason) {
   spdlog::warn("disk {}: falling back to the dirty bitmap: {}", opts_.name, reason_);
 }
 
-void DiskLog::CowFailed() {
+void DiskLog::CowFailed(const Status& why) {
   {
     std::lock_guard lk(mu_);
     if (mode_ != Mode::kLog || stop_) return;
-    std::string why = "a cut can no longer be read";
-    for (const Unreleased& u : unreleased_) {
-      if (u.cut && u.cut->cow && u.cut->cow->failed()) {
-        why = u.cut->cow->status().message();
-        break;
-      }
-    }
-    RequestFallbackLocked(why);
+    // The failed copy-on-write's own error (ENOSPC, EIO), whichever cut it belongs to: an
+    // unreleased one or the one just cut and not yet published.
+    RequestFallbackLocked(why.message());
   }
   EnsureBitmap();
 }

@@ -243,8 +243,8 @@ class DiskLog {
   void MarkWithoutLog(std::unique_lock<std::mutex>& lk, uint64_t offset, uint64_t length);
   // Step 1 of the fall back: mode_ kLog -> kSwitching, with the reason. mu_ must be held.
   void RequestFallbackLocked(std::string reason);
-  // A copy-on-write failed (seen by BeforeChange): start the fall back.
-  void CowFailed();
+  // A copy-on-write failed (seen by BeforeChange) with why: start the fall back.
+  void CowFailed(const Status& why);
   // A reader of a cut found a copy-on-write block damaged (why): start the fall back. The
   // next change, cut or OpenSegment finishes it.
   void CutDamaged(const Status& why);

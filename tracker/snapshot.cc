@@ -179,8 +179,16 @@ Result<std::unique_ptr<DiskSnapshot>> DiskSnapshot::Create(std::string disk_name
                       OpenFile(snap->path_, O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0600));
   const uint64_t file_size = snap->persistent_ ? snap->bits_offset() + snap->mapped_length() : size;
   Status made;
+  int err = 0;
   if (::ftruncate(snap->fd_.get(), static_cast<off_t>(file_size)) != 0) {
     made = Status::FromErrno(errno, "size the snapshot file " + snap->path_.string());
+  } else if (snap->persistent_ &&
+             (err = ::posix_fallocate(snap->fd_.get(), static_cast<off_t>(snap->bits_offset()),
+                                      static_cast<off_t>(snap->mapped_length()))) != 0) {
+    // The bits and CRCs are written through a shared mapping: a page of a hole that finds
+    // the file system full would be SIGBUS, not an error. So they get their blocks now,
+    // where ENOSPC is a Status (the cut is not made and its blocks stay in the map).
+    made = Status::FromErrno(err, "allocate the bits of " + snap->path_.string());
   } else {
     made = snap->Attach(image_fd, /*reopen=*/false);
   }

@@ -17,8 +17,10 @@
 // disk's bytes, memory-mapped, with a CRC32C of every saved block after them; a bit is set
 // only after its block's write returned, so after a kill -9 (the page cache keeps both)
 // every set bit names a saved block and every clear one a block the image still holds at
-// the cut. Not across power loss. Read checks every saved block against its CRC32C
-// (EBADMSG naming the block and the file: the file was damaged at rest).
+// the cut. Not across power loss. The mapped part is allocated at Create (posix_fallocate),
+// so a full file system fails Create instead of raising SIGBUS at a store into a hole.
+// Read checks every saved block against its CRC32C (EBADMSG naming the block and the
+// file: the file was damaged at rest).
 //
 // Persistent file layout: [0, size) the saved blocks at their own offsets (sparse);
 // at bits_offset() (size rounded up to 4 KiB) the saved bits, one uint64 per 64 blocks;

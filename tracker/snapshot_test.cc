@@ -442,6 +442,29 @@ TEST_F(SnapshotTest, TheSnapshotFileLivesAsLongAsTheSnapshot) {
   EXPECT_FALSE(tracker->snapshot_active());
 }
 
+// The saved bits and CRCs of a persistent copy-on-write are stored through a shared
+// mapping; a store into a hole of a file on a full file system is SIGBUS, which killed
+// the daemon under the enospc fault class. So Create allocates them: no hole from the end
+// of the disk's bytes (rounded to 4 KiB) to the end of the file, while the disk's bytes
+// stay a hole.
+TEST_F(SnapshotTest, APersistentSnapshotAllocatesWhatItMaps) {
+  AddDisk("a", kMiB + 512);
+  const fs::path path = tmp_.path() / "a.cow";
+  Result<std::unique_ptr<DiskSnapshot>> snap =
+      DiskSnapshot::Create("a", disks_[0].fd.get(), disks_[0].size, path,
+                           SnapshotOptions{.block_size = kBlock, .persistent = true});
+  ASSERT_TRUE(snap.ok()) << snap.status().ToString();
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(fd.valid());
+  const off_t end = static_cast<off_t>(fs::file_size(path));
+  const off_t tail = static_cast<off_t>((disks_[0].size + 4095) / 4096 * 4096);
+  ASSERT_GT(end, tail);
+  EXPECT_EQ(::lseek(fd.get(), tail, SEEK_DATA), tail) << "the bits start allocated";
+  EXPECT_EQ(::lseek(fd.get(), tail, SEEK_HOLE), end) << "and no hole follows them";
+  EXPECT_EQ(::lseek(fd.get(), 0, SEEK_DATA), tail) << "the disk's bytes stay sparse";
+  EXPECT_TRUE((*snap)->Remove().ok());
+}
+
 TEST_F(SnapshotTest, AFailedSaveFailsTheSnapshotNotTheGuest) {
   AddDisk("a", 4 * kMiB);
   auto tracker = Open(Options());
