@@ -324,9 +324,19 @@ Status Replica::WriteSegmentLocked(size_t disk, uint64_t number, uint64_t offset
                                        std::to_string(last_segment) + ")");
     }
     DropIncoming(disk);  // a transfer cut short: start afresh
+    SegmentRules rules;
+    rules.disk_id = d.disk_id;
+    rules.disk_size = d.size;
+    {
+      std::lock_guard lk(mu_);
+      rules.min_epoch = def_.epoch;
+      // A brand-new replica takes the log from wherever the primary's starts.
+      if (state_.received_cycle != 0) rules.first_seq = state_.disks[disk].last_seq + 1;
+    }
     SR_ASSIGN_OR_RETURN(UniqueFd fd,
                         OpenFile(PartPath(disk, number), O_WRONLY | O_CREAT | O_TRUNC, 0600));
-    in = Incoming{number, 0, std::move(fd)};
+    in = Incoming{number,          0, std::move(fd), SegmentChecker(PartPath(disk, number), rules),
+                  rules.min_epoch, 0};
   } else if (!in || in->number != number) {
     return Status::Error(EINVAL, what + ": chunk at offset " + std::to_string(offset) +
                                      " without the start of the segment");
@@ -340,9 +350,19 @@ Status Replica::WriteSegmentLocked(size_t disk, uint64_t number, uint64_t offset
     return Status::Error(EFBIG,
                          what + " would pass the limit of " + std::to_string(limit) + " bytes");
   }
+  // Checked before it is written: a refused chunk never reaches the disk.
+  SR_RETURN_IF_ERROR(in->check.Feed(data));
   SR_RETURN_IF_ERROR(
       PWriteAll(in->fd.get(), data.data(), data.size(), offset, PartPath(disk, number).string()));
   in->written += data.size();
+  if (in->written - in->written_back >= kWritebackStep) {
+    // Starts the writeback of what is in without waiting for it (a hint: its failure is
+    // the fdatasync's to report).
+    (void)::sync_file_range(in->fd.get(), static_cast<off_t>(in->written_back),
+                            static_cast<off_t>(in->written - in->written_back),
+                            SYNC_FILE_RANGE_WRITE);
+    in->written_back = in->written;
+  }
   if (!last) return Status::Ok();
   Status s = FinishSegment(disk, *in);
   if (!s.ok()) return s.WithContext(what + " refused");
@@ -350,25 +370,25 @@ Status Replica::WriteSegmentLocked(size_t disk, uint64_t number, uint64_t offset
 }
 
 Status Replica::FinishSegment(size_t disk, Incoming& in) {
-  const DiskDefinition& d = store_->disk(disk);
   const fs::path part = PartPath(disk, in.number);
-  if (::fdatasync(in.fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + part.string());
-  in.fd.Reset();
-  SegmentRules rules;
-  rules.disk_id = d.disk_id;
-  rules.disk_size = d.size;
+  // Checked as it arrived; nothing is read back.
+  SR_ASSIGN_OR_RETURN(SegmentSummary summary, in.check.Finish());
   {
     std::lock_guard lk(mu_);
-    rules.min_epoch = def_.epoch;
-    // A brand-new replica takes the log from wherever the primary's starts.
-    if (state_.received_cycle != 0) rules.first_seq = state_.disks[disk].last_seq + 1;
+    if (def_.epoch != in.epoch) {
+      return Status::Error(ESTALE, "the replica's epoch changed from " + std::to_string(in.epoch) +
+                                       " to " + std::to_string(def_.epoch) +
+                                       " while the segment arrived");
+    }
   }
-  SR_ASSIGN_OR_RETURN(SegmentSummary summary, ScanSegment(part, rules));
+  if (::fdatasync(in.fd.get()) != 0) return Status::FromErrno(errno, "fdatasync " + part.string());
+  in.fd.Reset();
   const fs::path seg = tracker::SegmentPath(ReceivedDir(disk), in.number);
   if (::rename(part.c_str(), seg.c_str()) != 0) {
     return Status::FromErrno(errno, "rename " + part.string() + " to " + seg.string());
   }
   const uint64_t number = in.number;
+  const uint64_t in_epoch = in.epoch;
   incoming_[disk].reset();  // `in` is gone from here on
   SR_RETURN_IF_ERROR(SyncDir(ReceivedDir(disk)));
   std::optional<Staged> previous;
@@ -382,7 +402,7 @@ Status Replica::FinishSegment(size_t disk, Incoming& in) {
                            summary.cut.cycle,
                            summary.cut.unix_nanos,
                            summary.cut.first_change_unix_nanos,
-                           rules.min_epoch};
+                           in_epoch};
   }
   if (previous && previous->number != number) {
     // An uncommitted segment this one replaces (the primary never sends two per cycle).

@@ -87,6 +87,7 @@
 #include "applier/point_store.h"
 #include "applier/point_view.h"
 #include "applier/replica_state.h"
+#include "applier/segment_check.h"
 #include "applier/segment_sink.h"
 #include "common/status.h"
 #include "common/unique_fd.h"
@@ -311,10 +312,17 @@ class Replica : public SegmentSink {
 
  private:
   // A segment being received (receiver thread only, under recv_mu_).
+  // A segment being received: its records are checked as its chunks arrive, and the
+  // kernel is asked to start writing each kWritebackStep bytes back as soon as they are
+  // in, so the fdatasync at its end finds little left to write.
+  static constexpr uint64_t kWritebackStep = uint64_t{8} << 20;
   struct Incoming {
     uint64_t number = 0;
     uint64_t written = 0;
     UniqueFd fd;
+    SegmentChecker check;
+    uint64_t epoch = 0;         // the replica's epoch when the segment started
+    uint64_t written_back = 0;  // bytes handed to sync_file_range
   };
   // A segment received whole but not yet committed.
   struct Staged {

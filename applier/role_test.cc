@@ -11,6 +11,7 @@
 #include "applier/replica.h"
 #include "common/failpoint.h"
 #include "common/file_util.h"
+#include "tracker/log_format.h"
 #include "tracker/test_util.h"
 
 namespace siterep::applier {
@@ -84,10 +85,19 @@ class RoleTest : public ::testing::Test {
   }
   static int64_t CutOf(uint64_t cycle) { return kBase + static_cast<int64_t>(cycle) * kMs; }
 
-  // A received segment cut short (a .part file in received/).
+  // A received segment cut short (a .part file in received/): the first 5000 bytes of a
+  // write record of 8 KiB (a chunk of junk would be refused as it arrives).
   void PartialSegment(Replica& r) {
-    const Bytes junk = Pattern(5000, 77);
-    ASSERT_TRUE(r.WriteSegment(primary_->disk_id(0), 999, 0, junk, /*last=*/false).ok());
+    tracker::RecordHeader h;
+    h.disk_id = primary_->disk_id(0);
+    h.epoch = r.Definition().epoch;
+    h.seq = 1;
+    h.length = 8192;
+    const Bytes payload = Pattern(h.length, 77);
+    Bytes chunk(tracker::kHeaderSize);
+    tracker::EncodeHeader(h, payload, std::span<std::byte, tracker::kHeaderSize>(chunk));
+    chunk.insert(chunk.end(), payload.begin(), payload.begin() + 5000 - tracker::kHeaderSize);
+    ASSERT_TRUE(r.WriteSegment(primary_->disk_id(0), 999, 0, chunk, /*last=*/false).ok());
   }
 
   static std::vector<Bytes> Images(const Replica& r, size_t disks = 2) {

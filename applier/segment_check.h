@@ -1,19 +1,22 @@
-// Checking a received segment file record by record: the one place that decides whether a
-// segment from the primary may be kept (Replica::WriteSegment, when its last chunk arrives)
-// and may be applied (the applier checks every segment of a cycle again before it writes
-// anything, so a byte that flipped on the replica's disk after reception is caught).
+// Checking a received segment record by record: the one place that decides whether a
+// segment from the primary may be kept (Replica::WriteSegment, with a SegmentChecker fed
+// each chunk as it arrives) and may be applied (the applier checks every segment of a
+// cycle again before it writes anything, so a byte that flipped on the replica's disk
+// after reception is caught).
 //
 // A segment is accepted when every record parses (magic, version, kind, length, CRC;
 // tracker::ParseRecord), carries the segment's disk id, has an epoch not older than
 // the replica's, keeps write/discard ranges inside the disk, numbers its records seq + 1
 // each (the first one as expected, when given), and the last record - and only it - is a
-// cut. Stateless; thread-compatible.
+// cut. ScanSegment is stateless; both are thread-compatible.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
 #include <filesystem>
+#include <memory>
 #include <optional>
+#include <span>
 
 #include "common/function_ref.h"
 #include "common/status.h"
@@ -63,5 +66,30 @@ struct CheckedRecord {
 Result<SegmentSummary> ScanSegment(const std::filesystem::path& path, const SegmentRules& rules,
                                    FunctionRef<Status(const CheckedRecord&)> visit);
 Result<SegmentSummary> ScanSegment(const std::filesystem::path& path, const SegmentRules& rules);
+
+// Checks a segment as its bytes arrive, in pieces of any size (the receiver's chunks), by
+// the rules and with the refusals of ScanSegment (path names the segment in them), so the
+// replica never reads a received segment back to check it. Between pieces it holds at
+// most one record header and a cut's payload, never a write's data: each payload's CRC
+// is extended piece by piece. The first refusal stays: every later Feed and Finish
+// return it. Thread-compatible.
+class SegmentChecker {
+ public:
+  SegmentChecker(std::filesystem::path path, SegmentRules rules);
+  ~SegmentChecker();
+  SegmentChecker(SegmentChecker&&) noexcept;
+  SegmentChecker& operator=(SegmentChecker&&) noexcept;
+
+  // The next bytes of the segment. One that grows past MaxSegmentBytes is refused.
+  Status Feed(std::span<const std::byte> data);
+  // Every byte fed: the summary, or the refusal (a record cut short, no cut at the end,
+  // the wrong last seq).
+  Result<SegmentSummary> Finish();
+  uint64_t bytes() const;  // fed so far
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
 
 }  // namespace siterep::applier

@@ -83,7 +83,8 @@ CutPayload DecodeCutPayload(std::span<const std::byte, kCutPayloadSize> in) {
   return cut;
 }
 
-ParseStatus ParseRecord(std::span<const std::byte> in, ParsedRecord* out, std::string_view* why) {
+ParseStatus ParseHeader(std::span<const std::byte> in, RecordHeader* out, uint32_t* crc,
+                        std::string_view* why) {
   const std::byte* p = in.data();
   // Check what the available bytes allow before calling a short input truncated, so that
   // garbage is reported as corrupt as early as possible.
@@ -108,7 +109,6 @@ ParseStatus ParseRecord(std::span<const std::byte> in, ParsedRecord* out, std::s
   h.seq = LoadLe<uint64_t>(p + kSeqAt);
   h.offset = LoadLe<uint64_t>(p + kOffsetAt);
   h.length = LoadLe<uint64_t>(p + kLengthAt);
-  const uint32_t stored_crc = LoadLe<uint32_t>(p + kCrcAt);
 
   switch (h.kind) {
     case RecordKind::kWrite:
@@ -123,14 +123,26 @@ ParseStatus ParseRecord(std::span<const std::byte> in, ParsedRecord* out, std::s
       break;
   }
   if (h.offset + h.length < h.offset) return Corrupt(why, "offset + length overflows");
+  *out = h;
+  *crc = LoadLe<uint32_t>(p + kCrcAt);
+  return ParseStatus::kOk;
+}
 
+uint32_t RecordCrcBegin(std::span<const std::byte, kHeaderSize> header) {
+  return RecordCrc(header.data(), {});
+}
+
+ParseStatus ParseRecord(std::span<const std::byte> in, ParsedRecord* out, std::string_view* why) {
+  RecordHeader h;
+  uint32_t stored_crc = 0;
+  if (ParseStatus st = ParseHeader(in, &h, &stored_crc, why); st != ParseStatus::kOk) return st;
   const uint64_t size = RecordSize(h);
   if (in.size() < size) {
     if (why != nullptr) *why = "short payload";
     return ParseStatus::kTruncated;
   }
   std::span<const std::byte> payload = in.subspan(kHeaderSize, size - kHeaderSize);
-  if (RecordCrc(p, payload) != stored_crc) return Corrupt(why, "CRC mismatch");
+  if (RecordCrc(in.data(), payload) != stored_crc) return Corrupt(why, "CRC mismatch");
 
   out->header = h;
   out->payload = payload;

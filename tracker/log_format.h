@@ -85,6 +85,14 @@ struct ParsedRecord {
 ParseStatus ParseRecord(std::span<const std::byte> in, ParsedRecord* out,
                         std::string_view* why = nullptr);
 
+// For a reader that gets a record in pieces (the replica's receiver): checks the header at
+// the start of in as ParseRecord does (magic, version, kind, length; kTruncated below
+// kHeaderSize) but not the CRC, which covers the payload too; *crc is the stored one. The
+// record's CRC is then Crc32cExtend(RecordCrcBegin(header), payload...) over its pieces.
+ParseStatus ParseHeader(std::span<const std::byte> in, RecordHeader* out, uint32_t* crc,
+                        std::string_view* why = nullptr);
+uint32_t RecordCrcBegin(std::span<const std::byte, kHeaderSize> header);
+
 // Stable 32-bit id of a disk, the same on every site: CRC32C of "vm/disk".
 uint32_t DiskIdFor(std::string_view vm, std::string_view disk);
 
