@@ -430,7 +430,10 @@ Status Shipper::Impl::Connection::HandleAck(const Ack& ack) {
 }
 
 Status Shipper::Impl::Connection::SendFrame(FrameType type, std::span<const std::byte> payload) {
-  const std::vector<std::byte> frame = EncodeFrame(type, payload);
+  return SendEncoded(EncodeFrame(type, payload));
+}
+
+Status Shipper::Impl::Connection::SendEncoded(std::span<const std::byte> frame) {
   SR_RETURN_IF_ERROR(stream_.WriteAll(frame, IoDeadline()));
   std::lock_guard lk(impl_.mu_);
   impl_.meter_.Add(frame.size(), Clock::now());
@@ -509,21 +512,23 @@ Status Shipper::Impl::Connection::SendSegment(const tracker::SealedSegment& seg)
       SR_RETURN_IF_ERROR(Service(last_heartbeat_ + opts_.heartbeat));
     }
     if (impl_.stopping_) return Status::Error(ECANCELED, "stopping");
-    raw_.clear();
-    while (raw_.size() < kMaxChunkRaw && !stream.done()) {
-      Result<std::span<const std::byte>> bytes = stream.Next(kMaxChunkRaw - raw_.size());
+    // The chunk's bytes go straight into the frame, after room for its headers.
+    frame_.resize(kSegmentChunkPrefix);
+    while (frame_.size() - kSegmentChunkPrefix < kMaxChunkRaw && !stream.done()) {
+      Result<std::span<const std::byte>> bytes =
+          stream.Next(kMaxChunkRaw - (frame_.size() - kSegmentChunkPrefix));
       if (!bytes.ok()) {
         return bytes.status().WithContext("VM " + opts_.definition.vm + " disk " + seg.disk +
                                           " cycle " + std::to_string(seg.cycle));
       }
-      raw_.insert(raw_.end(), bytes->begin(), bytes->end());
+      frame_.insert(frame_.end(), bytes->begin(), bytes->end());
     }
     last = stream.done();
-    if (raw_.empty()) {
+    const uint32_t n = static_cast<uint32_t>(frame_.size() - kSegmentChunkPrefix);
+    if (n == 0) {
       return Status::Error(EIO, "VM " + opts_.definition.vm + " disk " + seg.disk + ": segment " +
                                     std::to_string(seg.number) + " is empty");
     }
-    const uint32_t n = static_cast<uint32_t>(raw_.size());
     SegmentChunk chunk;
     chunk.disk_id = seg.disk_id;
     chunk.segment = seg.number;
@@ -531,19 +536,20 @@ Status Shipper::Impl::Connection::SendSegment(const tracker::SealedSegment& seg)
     chunk.offset = offset;
     chunk.raw_length = n;
     chunk.flags = last ? kChunkLast : 0;
-    if (opts_.compress && impl_.compressor_.Compress(raw_, &packed_)) {
+    if (opts_.compress &&
+        impl_.compressor_.Compress(std::span(frame_).subspan(kSegmentChunkPrefix), &packed_)) {
       chunk.flags |= kChunkZstd;
-      chunk.data = packed_;
-    } else {
-      chunk.data = raw_;
+      frame_.resize(kSegmentChunkPrefix);
+      frame_.insert(frame_.end(), packed_.begin(), packed_.end());
     }
-    const std::vector<std::byte> payload = EncodeSegmentChunk(chunk);
-    SR_RETURN_IF_ERROR(Throttle(kFrameHeaderSize + payload.size()));
-    SR_RETURN_IF_ERROR(SendFrame(FrameType::kSegmentChunk, payload));
+    const uint64_t wire = frame_.size() - kSegmentChunkPrefix;
+    SealSegmentChunkFrame(chunk, frame_);
+    SR_RETURN_IF_ERROR(Throttle(frame_.size()));
+    SR_RETURN_IF_ERROR(SendEncoded(frame_));
     {
       std::lock_guard lk(impl_.mu_);
       impl_.stats_.bytes_raw += n;
-      impl_.stats_.bytes_wire += chunk.data.size();
+      impl_.stats_.bytes_wire += wire;
     }
     if (failpoint::Check("shipper.after_send") == failpoint::Action::kError) {
       return Status::Error(EIO, "failpoint shipper.after_send");

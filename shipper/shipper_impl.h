@@ -162,6 +162,8 @@ class Shipper::Impl::Connection {
   Status HandleAck(const Ack& ack);
   Status SendHeartbeat();
   Status SendFrame(FrameType type, std::span<const std::byte> payload);
+  // Sends a frame already encoded (a SegmentChunk made in place) and counts its bytes.
+  Status SendEncoded(std::span<const std::byte> frame);
   // The lowest cycle above sent_through_ whose segments are all sealed, if any.
   std::optional<CycleBatch> NextCycle();
   Status SendCycle(const CycleBatch& batch);
@@ -218,8 +220,8 @@ class Shipper::Impl::Connection {
   Clock::time_point last_contact_;
   Clock::time_point last_heartbeat_;
   std::vector<std::byte> in_;  // payload of the frame being read
-  std::vector<std::byte> raw_;
-  std::vector<std::byte> packed_;
+  std::vector<std::byte> frame_;   // the SegmentChunk frame being made (reused)
+  std::vector<std::byte> packed_;  // its data compressed
 };
 
 }  // namespace siterep::shipper

@@ -402,17 +402,31 @@ int RefusalCode(std::string_view name) {
 
 // --- SegmentChunk -------------------------------------------------------------------------
 
-std::vector<std::byte> EncodeSegmentChunk(const SegmentChunk& chunk) {
-  std::vector<std::byte> out(kChunkHeaderSize + chunk.data.size());
-  std::byte* p = out.data();
+namespace {
+
+void PutChunkHeader(const SegmentChunk& chunk, std::byte* p) {
   Put32(p, chunk.disk_id);
   Put32(p + 4, chunk.flags);
   Put64(p + 8, chunk.segment);
   Put64(p + 16, chunk.cycle);
   Put64(p + 24, chunk.offset);
   Put32(p + 32, chunk.raw_length);
-  if (!chunk.data.empty()) std::memcpy(p + kChunkHeaderSize, chunk.data.data(), chunk.data.size());
+}
+
+}  // namespace
+
+std::vector<std::byte> EncodeSegmentChunk(const SegmentChunk& chunk) {
+  std::vector<std::byte> out(kChunkHeaderSize + chunk.data.size());
+  PutChunkHeader(chunk, out.data());
+  if (!chunk.data.empty()) {
+    std::memcpy(out.data() + kChunkHeaderSize, chunk.data.data(), chunk.data.size());
+  }
   return out;
+}
+
+void SealSegmentChunkFrame(const SegmentChunk& chunk, std::span<std::byte> frame) {
+  PutChunkHeader(chunk, frame.data() + kFrameHeaderSize);
+  EncodeHeaderInto(FrameType::kSegmentChunk, frame.subspan(kFrameHeaderSize), frame.data());
 }
 
 Result<SegmentChunk> DecodeSegmentChunk(std::span<const std::byte> payload) {

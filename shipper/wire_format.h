@@ -223,6 +223,14 @@ struct SegmentChunk {
 };
 // chunk.data is what goes on the wire; flags must say whether it is compressed.
 std::vector<std::byte> EncodeSegmentChunk(const SegmentChunk& chunk);
+// A SegmentChunk frame made in place, so that the shipper copies a chunk's data once,
+// into the frame (EncodeFrame(EncodeSegmentChunk(...)) copies it twice more): the caller
+// puts the data at frame[kSegmentChunkPrefix..], then SealSegmentChunkFrame writes the
+// frame header, the chunk header and the frame's CRC in front of it. The result is the
+// bytes EncodeFrame(kSegmentChunk, EncodeSegmentChunk(chunk)) would make; chunk.data is
+// not read (the data is what the frame holds after the prefix).
+inline constexpr size_t kSegmentChunkPrefix = kFrameHeaderSize + kChunkHeaderSize;
+void SealSegmentChunkFrame(const SegmentChunk& chunk, std::span<std::byte> frame);
 // Refuses a short payload, unknown flags, raw_length above kMaxChunkRaw, an offset that
 // overflows with raw_length, and uncompressed data whose size is not raw_length.
 Result<SegmentChunk> DecodeSegmentChunk(std::span<const std::byte> payload);

@@ -309,6 +309,37 @@ TEST(WireFormat, SegmentChunkRoundTripRawAndCompressed) {
   EXPECT_TRUE(compressor.Compress(raw, &packed));
 }
 
+// The frame the shipper makes in place is byte for byte the one EncodeFrame of
+// EncodeSegmentChunk makes, and it reads back as a checked frame with the chunk.
+TEST(WireFormat, ASegmentChunkFrameMadeInPlaceIsTheEncodedOne) {
+  const std::vector<std::byte> data = Random(100000, 8);
+  SegmentChunk c;
+  c.disk_id = 77;
+  c.flags = kChunkLast;
+  c.segment = 9;
+  c.cycle = 8;
+  c.offset = 1 << 20;
+  c.raw_length = static_cast<uint32_t>(data.size());
+  c.data = data;
+  const std::vector<std::byte> want = EncodeFrame(FrameType::kSegmentChunk, EncodeSegmentChunk(c));
+
+  std::vector<std::byte> frame(kSegmentChunkPrefix + data.size(), std::byte{0xee});  // stale
+  std::copy(data.begin(), data.end(), frame.begin() + kSegmentChunkPrefix);
+  SegmentChunk fields = c;
+  fields.data = {};  // not read
+  SealSegmentChunkFrame(fields, frame);
+  EXPECT_EQ(frame, want);
+
+  Result<FrameHeader> header = ParseFrameHeader(frame);
+  ASSERT_TRUE(header.ok()) << header.status().ToString();
+  const std::span<const std::byte> payload = std::span(frame).subspan(kFrameHeaderSize);
+  ASSERT_TRUE(VerifyFrame(*header, payload).ok());
+  Result<SegmentChunk> got = DecodeSegmentChunk(payload);
+  ASSERT_TRUE(got.ok()) << got.status().ToString();
+  EXPECT_EQ(got->offset, uint64_t{1} << 20);
+  EXPECT_TRUE(std::equal(got->data.begin(), got->data.end(), data.begin(), data.end()));
+}
+
 TEST(WireFormat, SegmentChunkRefusals) {
   const std::vector<std::byte> data = Random(100, 7);
   SegmentChunk c;
