@@ -23,8 +23,8 @@
 #                    10 full disks, 20 slow or stalled replicas, FAULTS_PARALLEL classes at
 #                    a time (default 2); random choices from FAULTS_SEED (default: new,
 #                    printed); figures in tests/faults/results/<UTC time>.json and a
-#                    summary table (about 45 minutes); then POWER_CUTS host power cuts at
-#                    the primary (tests/power_loss.sh, default 200, about 10 minutes)
+#                    summary table (about 45 minutes); then POWER_CUTS host power cuts, at
+#                    the primary and the replica in turn (tests/power_loss.sh, default 200)
 #   make deps | build | clean
 
 SHELL := /bin/bash
