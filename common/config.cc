@@ -223,6 +223,8 @@ Status ParseVm(const toml::table& t, const std::string& where, const fs::path& b
     return Status::Invalid(r.Key("image_cache") + ": '" + cache +
                            "' is not one of writeback, none");
 
+  SR_RETURN_IF_ERROR(r.Size("cow_limit", &vm->cow_limit));
+
   std::string resync;
   SR_RETURN_IF_ERROR(r.String("resync", &resync, false));
   if (resync == "manual")

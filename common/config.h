@@ -49,6 +49,10 @@ struct VmConfig {
   std::chrono::milliseconds recovery_point_interval{3'600'000};
   TrackingMode tracking = TrackingMode::kLog;
   ImageCache image_cache = ImageCache::kWriteback;
+  // Bytes that each disk's copy-on-write (the blocks of cycles not yet acknowledged that
+  // the guest overwrote, saved in "<image>.srlog/<n>.cow") may hold; past it the disk
+  // falls back to a resync of those cycles' blocks. 0 (default): the file system's space.
+  uint64_t cow_limit = 0;
   // Automatic resynchronisation of a disk that needs it ("resync = auto"), only within
   // the daily window [resync_window_start, resync_window_end) of local time, minutes
   // after midnight (a window may wrap past midnight; 0-1440 is always). "manual": only

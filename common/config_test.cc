@@ -51,6 +51,7 @@ name = "db1"
 frequency = "continuous"
 tracking = "off"
 image_cache = "none"
+cow_limit = "512MiB"
   [[vms.disks]]
   name = "os"
   image = "/var/lib/images/db1.img"
@@ -87,6 +88,8 @@ TEST(ConfigTest, ParsesTheDesignExample) {
   EXPECT_EQ(db.tracking, TrackingMode::kOff);
   EXPECT_EQ(db.image_cache, ImageCache::kNone);
   EXPECT_EQ(web.image_cache, ImageCache::kWriteback);  // the default
+  EXPECT_EQ(db.cow_limit, uint64_t{512} << 20);
+  EXPECT_EQ(web.cow_limit, 0u);  // the default: no bound but the file system's
   EXPECT_EQ(cfg->FindVm("db1"), &cfg->vms[1]);
   EXPECT_EQ(cfg->FindVm("nope"), nullptr);
 }
@@ -182,6 +185,9 @@ INSTANTIATE_TEST_SUITE_P(
                 "vms[0].log_budget: no longer used"},
         BadCase{"tracking = \"log\"", "tracking = \"maybe\"", "vms[0].tracking"},
         BadCase{"image_cache = \"none\"", "image_cache = \"unsafe\"", "vms[1].image_cache"},
+        BadCase{"cow_limit = \"512MiB\"", "cow_limit = \"lots\"", "vms[1].cow_limit"},
+        BadCase{"cow_limit = \"512MiB\"", "cow_limit = -1",
+                "vms[1].cow_limit: must not be negative"},
         BadCase{"recovery_points = 4", "recovery_points = -1", "vms[0].recovery_points"},
         BadCase{"recovery_point_interval = \"1h\"", "recovery_point_interval = \"1x\"",
                 "vms[0].recovery_point_interval"},

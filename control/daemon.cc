@@ -284,6 +284,7 @@ json Daemon::PrimaryReport(const VmSlot& slot, int64_t now) const {
               {"cycles_cut", 0},
               {"cow_bytes", 0},
               {"cow_bytes_total", 0},
+              {"cow_limit", cfg.cow_limit},
               {"cut_error", ""},
               {"activity_log_writes", 0},
               {"activity_log_error", ""}};

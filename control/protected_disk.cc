@@ -75,6 +75,7 @@ Result<std::unique_ptr<ProtectedVm>> OpenProtectedVm(const VmConfig& config, uin
     options.cycle =
         config.consistency_group.empty() ? config.frequency : std::chrono::milliseconds(0);
     if (!archive_dir.empty()) options.archive_dir = archive_dir / config.name;
+    options.cow_limit = config.cow_limit;
     for (const ProtectedDisk& disk : vm->disks) {
       fs::path log_dir = disk.image;
       log_dir += ".srlog";

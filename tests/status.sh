@@ -5,7 +5,7 @@
 source "$(dirname "$0")/lib.sh"
 
 new_site east
-add_vm "$CONF" web01 'frequency = "continuous"'
+add_vm "$CONF" web01 'frequency = "continuous"' 'cow_limit = "8MiB"'
 add_disk "$CONF" os "$T/os.img" 64M
 add_disk "$CONF" data "$T/data.img" 32M
 add_vm "$CONF" bench 'frequency = "5m"' 'tracking = "off"'
@@ -39,6 +39,7 @@ for name, vm in vms.items():
         assert d["path"] == f"{mnt}/{name}/{dname}", d["path"]
         assert isinstance(d["pending_bytes"], int) and isinstance(d["last_seq"], int)
         assert d["resync_required"] is False
+        assert d["cow_limit"] == (8 << 20 if name == "web01" else 0), (dname, d["cow_limit"])
 print("    shape ok:", ", ".join(f"{v['name']}({len(v['disks'])} disks)" for v in s["vms"]))
 PY
 

@@ -69,11 +69,13 @@ fs::path CowPath(const fs::path& log_dir, uint64_t segment) {
   return log_dir / name;
 }
 
-SnapshotOptions CutCowOptions(std::shared_ptr<const std::vector<uint64_t>> frozen) {
+SnapshotOptions CutCowOptions(std::shared_ptr<const std::vector<uint64_t>> frozen,
+                              std::shared_ptr<CowBudget> budget) {
   SnapshotOptions so;
   so.block_size = kBlock;
   so.only = std::move(frozen);
   so.persistent = true;
+  so.budget = std::move(budget);
   return so;
 }
 
@@ -231,8 +233,9 @@ Result<std::vector<std::shared_ptr<FrozenCut>>> OpenCutFiles(CutFiles in) {
     }
     cut->frozen = words;
     if (cut->frozen_blocks > 0) {
-      Result<std::unique_ptr<DiskSnapshot>> cow = DiskSnapshot::Reopen(
-          in.disk_name, in.image_fd, in.disk_size, CowPath(in.log_dir, n), CutCowOptions(words));
+      Result<std::unique_ptr<DiskSnapshot>> cow =
+          DiskSnapshot::Reopen(in.disk_name, in.image_fd, in.disk_size, CowPath(in.log_dir, n),
+                               CutCowOptions(words, in.cow_budget));
       if (!cow.ok()) {
         // Without it the blocks overwritten since the cut are gone: a resync must say.
         return Status::Corrupt("copy-on-write of cycle " + std::to_string(cut->cycle) + ": " +

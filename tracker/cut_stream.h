@@ -46,8 +46,10 @@ struct FrozenCut : CutInfo {
 // "<log dir>/<20 digits>.cut" and ".cow": a cut's frozen set and its copy-on-write.
 std::filesystem::path CutPath(const std::filesystem::path& log_dir, uint64_t segment);
 std::filesystem::path CowPath(const std::filesystem::path& log_dir, uint64_t segment);
-// The copy-on-write of a cut of the frozen set: 4 KiB blocks, only those, persistent.
-SnapshotOptions CutCowOptions(std::shared_ptr<const std::vector<uint64_t>> frozen);
+// The copy-on-write of a cut of the frozen set: 4 KiB blocks, only those, persistent,
+// counted against the disk's budget (null: none).
+SnapshotOptions CutCowOptions(std::shared_ptr<const std::vector<uint64_t>> frozen,
+                              std::shared_ptr<CowBudget> budget);
 
 // Records of a cut of the frozen set words on a disk of disk_size bytes: one per run (as
 // above) and the cut record.
@@ -72,6 +74,7 @@ struct CutFiles {
   // When set, each cut must go on from these (EBADMSG otherwise), and they move along.
   std::optional<uint64_t> last_seq;
   uint64_t last_cycle = 0;
+  std::shared_ptr<CowBudget> cow_budget;  // the reopened copy-on-writes count against it
 };
 // In segment order. EBADMSG for a damaged cut file or a copy-on-write that cannot be
 // reopened (the blocks it held are lost); "*.cut.tmp" files are not looked at.

@@ -58,7 +58,12 @@ Status RemoveFile(const fs::path& p) {
 
 }  // namespace
 
-DiskLog::DiskLog(Options options) : opts_(std::move(options)) {}
+DiskLog::DiskLog(Options options)
+    : opts_(std::move(options)), cow_budget_([&] {
+        auto budget = std::make_shared<CowBudget>();
+        budget->limit = opts_.cow_limit;
+        return budget;
+      }()) {}
 
 DiskLog::~DiskLog() {
   Status s = Stop();
@@ -221,6 +226,7 @@ Status DiskLog::OpenCuts() {
   in.released_segment = floors_.last_segment;
   in.remove_released = true;
   in.last_seq = last_seq_;
+  in.cow_budget = cow_budget_;
   in.last_cycle = last_cycle_;
   SR_ASSIGN_OR_RETURN(std::vector<std::shared_ptr<FrozenCut>> cuts, OpenCutFiles(in));
   std::vector<uint64_t> kept;
@@ -374,7 +380,7 @@ std::unique_ptr<DiskLog::CutTicket> DiskLog::WriteCut(uint64_t cycle, int64_t un
     if (cut->frozen_blocks > 0) {
       SR_ASSIGN_OR_RETURN(cut->cow, DiskSnapshot::Create(opts_.name, opts_.image_fd, opts_.size,
                                                          CowPath(opts_.log_dir, cut->segment),
-                                                         CutCowOptions(words)));
+                                                         CutCowOptions(words, cow_budget_)));
     }
     // Last: a restart takes a cut file as a cut made (kill -9 from here on finds it all).
     return SaveFrozenSet(cut_path, opts_.size, *cut, *words);

@@ -102,6 +102,9 @@ class DiskLog {
     // run of frozen blocks with its range locked, as changes hold it while they save and
     // apply.
     RangeLocks* ranges = nullptr;
+    // Bytes the copy-on-writes of the unreleased cuts may hold together (cow_limit); 0:
+    // no bound but the file system's space.
+    uint64_t cow_limit = 0;
   };
 
   // A cut made by WriteCut, until Publish or RollBack.
@@ -287,6 +290,8 @@ class DiskLog {
   // lock. A released cut's copy-on-write is ended (saves nothing) and leaves the list at
   // the next cut.
   std::vector<std::shared_ptr<DiskSnapshot>> cows_;
+  // What the copy-on-writes of this disk hold, against opts_.cow_limit.
+  const std::shared_ptr<CowBudget> cow_budget_;
 
   // Protects everything below.
   mutable std::mutex mu_;

@@ -112,10 +112,13 @@ DiskSnapshot::DiskSnapshot(std::string disk_name, uint64_t size, fs::path path,
       path_(std::move(path)),
       block_size_(options.block_size),
       only_(std::move(options.only)),
-      persistent_(options.persistent) {}
+      persistent_(options.persistent),
+      budget_(std::move(options.budget)) {}
 
 DiskSnapshot::~DiskSnapshot() {
   if (mapped_ != nullptr) ::munmap(mapped_, mapped_length());
+  // No save runs any more (the owner drops a snapshot only when no change can reach it).
+  if (budget_) budget_->used.fetch_sub(saved_bytes(), std::memory_order_relaxed);
 }
 
 namespace {
@@ -166,6 +169,7 @@ Status DiskSnapshot::Attach(int image_fd, bool reopen) {
     saved += static_cast<uint64_t>(__builtin_popcountll(saved_[w]));
   }
   saved_bytes_.store(saved * block_size_, std::memory_order_relaxed);
+  if (budget_) budget_->used.fetch_add(saved * block_size_, std::memory_order_relaxed);
   return Status::Ok();
 }
 
@@ -308,8 +312,25 @@ Status DiskSnapshot::SaveRun(uint64_t first, uint64_t count) {
       data_bytes += block.size();
     }
   }
+  // The bytes are counted against the disk's budget before they are written, and given
+  // back if the write fails; the destructor gives back what was saved.
+  if (budget_ && data_bytes > 0) {
+    const uint64_t before = budget_->used.fetch_add(data_bytes, std::memory_order_relaxed);
+    if (budget_->limit > 0 && before + data_bytes > budget_->limit) {
+      budget_->used.fetch_sub(data_bytes, std::memory_order_relaxed);
+      return Status::Error(ENOSPC, "the copy-on-write of disk " + disk_name_ +
+                                       " would pass its cow_limit of " +
+                                       std::to_string(budget_->limit) + " bytes");
+    }
+  }
   // The snapshot file is sparse: an all-zero run reads as zeros without being written.
-  if (data_bytes > 0) SR_RETURN_IF_ERROR(PWriteAll(fd_.get(), buf, length, offset, path_.string()));
+  if (data_bytes > 0) {
+    Status written = PWriteAll(fd_.get(), buf, length, offset, path_.string());
+    if (!written.ok()) {
+      if (budget_) budget_->used.fetch_sub(data_bytes, std::memory_order_relaxed);
+      return written;
+    }
+  }
   saved_bytes_.fetch_add(data_bytes, std::memory_order_relaxed);
   // The bits only after the write: persistent, a set bit must name a saved block.
   for (uint64_t b = first; b < first + count; ++b) SetBit(saved_, b);

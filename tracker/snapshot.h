@@ -67,6 +67,15 @@ std::vector<ByteRange> ToBlockRanges(std::vector<ByteRange> ranges, uint64_t siz
 // snapshot). Ok when there is none.
 Status RemoveLeftoverSnapshot(const std::filesystem::path& path);
 
+// A bound on the bytes that the copy-on-writes of one disk's unreleased cuts hold
+// together (the VM's cow_limit), shared by them: a save that would pass it fails as a
+// save without space does (the disk falls back to a resync of its cuts' blocks and the
+// map's; the guest never sees it). A snapshot counts what it saved until it is destroyed.
+struct CowBudget {
+  uint64_t limit = 0;  // bytes; 0: no bound but the file system's space
+  std::atomic<uint64_t> used{0};
+};
+
 struct SnapshotOptions {
   uint64_t block_size = kSnapshotBlockSize;  // a power of two, at most kSnapshotBlockSize
   // When set: one bit per block (bit b of word w is block 64 * w + b); only blocks whose
@@ -74,6 +83,7 @@ struct SnapshotOptions {
   std::shared_ptr<const std::vector<uint64_t>> only;
   // The saved bits are kept in the file (see above), for Reopen.
   bool persistent = false;
+  std::shared_ptr<CowBudget> budget;  // null: no bound
 };
 
 class DiskSnapshot {
@@ -161,6 +171,7 @@ class DiskSnapshot {
   const uint64_t block_size_;
   const std::shared_ptr<const std::vector<uint64_t>> only_;  // see SnapshotOptions
   const bool persistent_;
+  const std::shared_ptr<CowBudget> budget_;  // see SnapshotOptions
   UniqueFd image_fd_;  // the image, O_RDONLY, our own descriptor
   UniqueFd fd_;        // the snapshot file, O_RDWR
 

@@ -65,6 +65,7 @@ Status VmTracker::Impl::Open() {
     o.log_dir = config.log_dir;
     if (!options_.archive_dir.empty()) o.archive_dir = options_.archive_dir / config.name;
     o.ranges = &disk->ranges;
+    o.cow_limit = options_.cow_limit;
     Result<std::unique_ptr<DiskLog>> log = DiskLog::Open(std::move(o));
     if (!log.ok()) return log.status().WithContext("VM " + options_.vm + " disk " + config.name);
     disk->log = std::move(*log);

@@ -70,6 +70,8 @@ struct VmTrackerOptions {
   // Where released segments go ("<archive_dir>/<disk>/<number>.seg"), for checkers and
   // debugging; empty: released segments are deleted. Must be on the logs' file system.
   std::filesystem::path archive_dir;
+  // Bytes the copy-on-writes of each disk's unreleased cuts may hold (DiskLog::Options).
+  uint64_t cow_limit = 0;
 };
 
 // A byte range of a disk.

@@ -378,6 +378,49 @@ TEST_F(VmTrackerTest, ReleaseThroughDeletesSegmentsAndLowersUnshippedBytes) {
   EXPECT_EQ(recs.back().header.seq, left.front().last_seq);
 }
 
+// cow_limit bounds what a disk's copy-on-writes hold together: released cuts give their
+// bytes back, a restart counts the reopened ones, and the save that would pass the bound
+// fails as a save without space does (the disk falls back to a resync of its cuts' blocks
+// and the map's, with a reason naming cow_limit); the guest never sees it.
+TEST_F(VmTrackerTest, TheCopyOnWriteLimitBoundsWhatADiskHolds) {
+  AddDisk("a", 1 << 20);
+  VmTrackerOptions o = Options();
+  o.cow_limit = 4 * kBlock;
+  auto tracker = Open(o);
+  ASSERT_TRUE(tracker);
+  auto write = [&](uint64_t block, uint64_t count, uint64_t seed) {
+    ASSERT_TRUE(WriteVia(tracker->observer(0), disks_[0].fd.get(), block * kBlock,
+                         Pattern(count * kBlock, seed))
+                    .ok());
+  };
+  write(0, 8, 1);
+  ASSERT_EQ(*tracker->Cut(), 1u);
+  for (uint64_t b = 0; b < 3; ++b) write(b, 1, 100 + b);
+  EXPECT_EQ(tracker->Stats().disks[0].cow_bytes, 3 * kBlock);
+
+  // Released, cycle 1's copy-on-write gives its 3 blocks back (when the next cut drops it).
+  ASSERT_TRUE(tracker->ReleaseThrough(1).ok());
+  write(8, 8, 2);
+  ASSERT_EQ(*tracker->Cut(), 2u);  // frozen: blocks 0-2 and 8-15
+  for (uint64_t b = 8; b < 12; ++b) write(b, 1, 200 + b);
+  DiskStats a = tracker->Stats().disks[0];
+  EXPECT_EQ(a.tracking, DiskTracking::kLog) << a.resync_reason;
+  EXPECT_EQ(a.cow_bytes, 4 * kBlock) << "exactly the limit";
+
+  // A restart counts what the reopened copy-on-write holds.
+  ASSERT_TRUE(tracker->Close().ok());
+  tracker.reset();
+  tracker = Open(o);
+  ASSERT_TRUE(tracker);
+  EXPECT_EQ(tracker->Stats().disks[0].cow_bytes, 4 * kBlock);
+  write(12, 1, 212);  // one block more than the limit
+  a = tracker->Stats().disks[0];
+  EXPECT_EQ(a.tracking, DiskTracking::kBitmap);
+  EXPECT_TRUE(a.resync_required);
+  EXPECT_NE(a.resync_reason.find("cow_limit of 16384 bytes"), std::string::npos) << a.resync_reason;
+  EXPECT_EQ(a.dirty_bytes, 11 * kBlock) << "cycle 2's blocks and the map's (8-12), no more";
+}
+
 // A save to a cut's copy-on-write that fails (here a failpoint; ENOSPC or EIO for real):
 // the cut can no longer be read, so its disk drops the log for the bitmap with the cut's
 // blocks and the map's, resync required with the reason; the guest's write succeeds and
