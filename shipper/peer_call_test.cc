@@ -365,6 +365,9 @@ TEST_F(PeerCallTest, AnAnswerSlowerThanTheCallsTimeoutTimesOut) {
   Result<json> reply = CallPeer(o, {{"op", "promote"}});
   const auto took = Clock::now() - start;
   release.Open();
+  // The handler may still be waking up on release's condition variable: stop (which waits
+  // for it) before release goes out of scope, not in TearDown after it has.
+  receiver_->Stop();
   ASSERT_FALSE(reply.ok());
   EXPECT_EQ(reply.status().code(), ETIMEDOUT) << reply.status().ToString();
   EXPECT_GE(took, 290ms);
