@@ -209,8 +209,6 @@ Result<SegmentSummary> SegmentChecker::Finish() {
   return impl_->sequence.End(impl_->fed);
 }
 
-uint64_t SegmentChecker::bytes() const { return impl_->fed; }
-
 // ---------------------------------------------------------------------------------------
 // ScanSegment
 

@@ -85,7 +85,6 @@ class SegmentChecker {
   // Every byte fed: the summary, or the refusal (a record cut short, no cut at the end,
   // the wrong last seq).
   Result<SegmentSummary> Finish();
-  uint64_t bytes() const;  // fed so far
 
  private:
   struct Impl;

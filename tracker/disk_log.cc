@@ -59,7 +59,8 @@ Status RemoveFile(const fs::path& p) {
 }  // namespace
 
 DiskLog::DiskLog(Options options)
-    : opts_(std::move(options)), cow_budget_([&] {
+    : opts_(std::move(options)), cow_budget_([&]() -> std::shared_ptr<CowBudget> {
+        if (opts_.cow_limit == 0) return nullptr;  // unbounded: nothing to count
         auto budget = std::make_shared<CowBudget>();
         budget->limit = opts_.cow_limit;
         return budget;

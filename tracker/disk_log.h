@@ -290,7 +290,7 @@ class DiskLog {
   // lock. A released cut's copy-on-write is ended (saves nothing) and leaves the list at
   // the next cut.
   std::vector<std::shared_ptr<DiskSnapshot>> cows_;
-  // What the copy-on-writes of this disk hold, against opts_.cow_limit.
+  // What the copy-on-writes of this disk hold, against opts_.cow_limit (null: no limit).
   const std::shared_ptr<CowBudget> cow_budget_;
 
   // Protects everything below.

@@ -316,7 +316,7 @@ Status DiskSnapshot::SaveRun(uint64_t first, uint64_t count) {
   // back if the write fails; the destructor gives back what was saved.
   if (budget_ && data_bytes > 0) {
     const uint64_t before = budget_->used.fetch_add(data_bytes, std::memory_order_relaxed);
-    if (budget_->limit > 0 && before + data_bytes > budget_->limit) {
+    if (before + data_bytes > budget_->limit) {
       budget_->used.fetch_sub(data_bytes, std::memory_order_relaxed);
       return Status::Error(ENOSPC, "the copy-on-write of disk " + disk_name_ +
                                        " would pass its cow_limit of " +

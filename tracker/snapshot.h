@@ -72,7 +72,7 @@ Status RemoveLeftoverSnapshot(const std::filesystem::path& path);
 // save without space does (the disk falls back to a resync of its cuts' blocks and the
 // map's; the guest never sees it). A snapshot counts what it saved until it is destroyed.
 struct CowBudget {
-  uint64_t limit = 0;  // bytes; 0: no bound but the file system's space
+  uint64_t limit = 0;  // bytes, > 0 (an unbounded disk has no budget)
   std::atomic<uint64_t> used{0};
 };
 
